@@ -1,0 +1,299 @@
+// Package bench measures bs3 against MinIO on loopback, beside raw MinIO
+// throughput at the same object size and concurrency measured in the same
+// run (`make bench`). It reports ratios, never asserts speed.
+package bench
+
+import (
+	"context"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"runtime"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/rs/zerolog"
+
+	"github.com/bs3/bs3/internal/chunker"
+	"github.com/bs3/bs3/internal/extentmap"
+	"github.com/bs3/bs3/internal/mapproxy"
+	"github.com/bs3/bs3/internal/objproxy"
+	"github.com/bs3/bs3/internal/testutil/minio"
+	"github.com/bs3/bs3/internal/volume"
+)
+
+const (
+	kib = 1 << 10
+	mib = 1 << 20
+	gib = 1 << 30
+
+	uploaders   = 16
+	downloaders = 32
+)
+
+// scale shrinks every amount for a quick run (BS3_BENCH_SCALE=0.1).
+func scale() float64 {
+	if s, err := strconv.ParseFloat(os.Getenv("BS3_BENCH_SCALE"), 64); err == nil && s > 0 {
+		return s
+	}
+	return 1
+}
+
+func scaled(n int64) int64 { return max(int64(float64(n)*scale()), 16*mib) }
+
+func cpuSeconds() float64 {
+	var ru syscall.Rusage
+	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
+		return 0
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano()).Seconds()
+}
+
+type result struct {
+	name      string
+	mbps      float64
+	rawMBps   float64
+	cpuPerGiB float64
+}
+
+func (r result) String() string {
+	s := fmt.Sprintf("%-44s %9.1f MB/s   raw %9.1f MB/s   ratio %5.2f", r.name, r.mbps, r.rawMBps, r.mbps/r.rawMBps)
+	if r.cpuPerGiB > 0 {
+		s += fmt.Sprintf("   %.2f CPU-s/GiB", r.cpuPerGiB)
+	}
+	return s
+}
+
+// parallel runs fn(worker, i) for i in [0, n) over workers goroutines and
+// returns the elapsed time.
+func parallel(workers int, n int64, fn func(w int, i int64) error) (time.Duration, error) {
+	var next atomic.Int64
+	var firstErr atomic.Pointer[error]
+	start := time.Now()
+	var wg sync.WaitGroup
+	for w := 0; w < workers; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				i := next.Add(1) - 1
+				if i >= n || firstErr.Load() != nil {
+					return
+				}
+				if err := fn(w, i); err != nil {
+					firstErr.CompareAndSwap(nil, &err)
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	if p := firstErr.Load(); p != nil {
+		return 0, *p
+	}
+	return time.Since(start), nil
+}
+
+// timed runs fn over workers goroutines for d and returns operations done.
+func timed(workers int, d time.Duration, fn func(w int, rng *rand.Rand) error) (int64, time.Duration, error) {
+	var ops atomic.Int64
+	var firstErr atomic.Pointer[error]
+	deadline := time.Now().Add(d)
+	start := time.Now()
+	var wg sync.WaitGroup
+	for w := 0; w < workers; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			rng := rand.New(rand.NewPCG(uint64(w), 99))
+			for time.Now().Before(deadline) && firstErr.Load() == nil {
+				if err := fn(w, rng); err != nil {
+					firstErr.CompareAndSwap(nil, &err)
+					return
+				}
+				ops.Add(1)
+			}
+		}()
+	}
+	wg.Wait()
+	if p := firstErr.Load(); p != nil {
+		return 0, 0, *p
+	}
+	return ops.Load(), time.Since(start), nil
+}
+
+func mbps(bytes int64, d time.Duration) float64 { return float64(bytes) / 1e6 / d.Seconds() }
+
+// BenchmarkThroughput is the report of `make bench`.
+func BenchmarkThroughput(b *testing.B) {
+	ctx := context.Background()
+	srv := minio.Start(b)
+	raw := srv.Store(b, srv.Bucket(b))
+	var results []result
+
+	// Raw MinIO baselines.
+	body := make([]byte, 4*mib)
+	for i := range body {
+		body[i] = byte(i * 7)
+	}
+	rawObjects := scaled(1*gib) / (4 * mib)
+	d, err := parallel(uploaders, rawObjects, func(_ int, i int64) error {
+		return raw.Put(ctx, fmt.Sprintf("raw/%d", i), body, false)
+	})
+	if err != nil {
+		b.Fatal(err)
+	}
+	rawPut := mbps(rawObjects*4*mib, d)
+	rawGet1M := func() float64 {
+		n := rawObjects * 4
+		d, err := parallel(8, n, func(w int, i int64) error {
+			buf := make([]byte, mib)
+			_, err := raw.GetRange(ctx, fmt.Sprintf("raw/%d", i/4), (i%4)*mib, buf)
+			return err
+		})
+		if err != nil {
+			b.Fatal(err)
+		}
+		return mbps(n*mib, d)
+	}()
+	readDur := time.Duration(float64(20*time.Second) * scale())
+	ops, d, err := timed(32, readDur, func(w int, rng *rand.Rand) error {
+		buf := make([]byte, 4*kib)
+		_, err := raw.GetRange(ctx, fmt.Sprintf("raw/%d", rng.Int64N(rawObjects)), rng.Int64N(1024)*4*kib, buf)
+		return err
+	})
+	if err != nil {
+		b.Fatal(err)
+	}
+	rawGet4K := mbps(ops*4*kib, d)
+
+	// bs3 on its own bucket: an 8 GiB device, 4 MiB chunks.
+	st := srv.Store(b, srv.Bucket(b))
+	objs := objproxy.New(st, objproxy.Options{Uploaders: uploaders, Downloaders: downloaders, Logger: zerolog.Nop()})
+	defer objs.Close()
+	const devSize = 8 * gib
+	runtime.GC()
+	var ms0 runtime.MemStats
+	runtime.ReadMemStats(&ms0)
+	v, err := volume.Open(ctx, objs, volume.Options{
+		Size: devSize, BlockSize: 4096, ChunkSize: 4 * mib, ConditionalWrites: true,
+		CheckpointInterval: time.Hour, CheckpointObjects: 1 << 30, MaxInflight: uploaders + 2,
+		MapIdleTimeout: 200 * time.Millisecond, Logger: zerolog.Nop(),
+	})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer v.Close(ctx)
+	dev := chunker.New(v, chunker.Options{Buffers: uploaders + 2, CollisionArea: mib, Logger: zerolog.Nop()})
+	defer dev.Close()
+
+	// Sequential 128 KiB writes, one writer (like dd), until stored.
+	seqBytes := scaled(2 * gib)
+	buf := make([]byte, 128*kib)
+	for i := range buf {
+		buf[i] = byte(i)
+	}
+	cpu0 := cpuSeconds()
+	start := time.Now()
+	for off := int64(0); off < seqBytes; off += int64(len(buf)) {
+		if err := dev.WriteAt(ctx, buf, off, false); err != nil {
+			b.Fatal(err)
+		}
+	}
+	if err := drain(ctx, dev); err != nil {
+		b.Fatal(err)
+	}
+	d = time.Since(start)
+	results = append(results, result{name: fmt.Sprintf("seq write 128 KiB x %d MiB", seqBytes/mib), mbps: mbps(seqBytes, d), rawMBps: rawPut,
+		cpuPerGiB: (cpuSeconds() - cpu0) / (float64(seqBytes) / gib)})
+
+	seqRead := func(label string) {
+		n := scaled(1*gib) / mib
+		d, err := parallel(8, n, func(w int, i int64) error {
+			buf := make([]byte, mib)
+			return dev.ReadAt(ctx, buf, i*mib)
+		})
+		if err != nil {
+			b.Fatal(err)
+		}
+		results = append(results, result{name: fmt.Sprintf("seq read 1 MiB x %d MiB, 8 readers, %s", n, label), mbps: mbps(n*mib, d), rawMBps: rawGet1M})
+	}
+	seqRead("before random writes")
+
+	// Random 4 KiB writes over the whole device, 8 writers.
+	randBytes := scaled(512 * mib)
+	nBlocks := randBytes / (4 * kib)
+	written := make([]int64, nBlocks)
+	cpu0 = cpuSeconds()
+	d, err = parallel(8, nBlocks, func(w int, i int64) error {
+		blk := rand.Int64N(seqBytes / (4 * kib)) // inside the sequential region: the 1 MiB reads afterwards see fragmentation
+		if i%2 == 1 {
+			blk = rand.Int64N(devSize / (4 * kib)) // and all over the device
+		}
+		written[i] = blk
+		return dev.WriteAt(ctx, buf[:4*kib], blk*4*kib, false)
+	})
+	if err != nil {
+		b.Fatal(err)
+	}
+	if err := drain(ctx, dev); err != nil {
+		b.Fatal(err)
+	}
+	results = append(results, result{name: fmt.Sprintf("random write 4 KiB x %d MiB over 8 GiB", randBytes/mib), mbps: mbps(randBytes, d), rawMBps: rawPut,
+		cpuPerGiB: (cpuSeconds() - cpu0) / (float64(randBytes) / gib)})
+
+	// Random 4 KiB reads of written blocks, 32 readers.
+	ops, d, err = timed(32, readDur, func(w int, rng *rand.Rand) error {
+		buf := make([]byte, 4*kib)
+		return dev.ReadAt(ctx, buf, written[rng.Int64N(nBlocks)]*4*kib)
+	})
+	if err != nil {
+		b.Fatal(err)
+	}
+	results = append(results, result{name: "random read 4 KiB, 32 readers", mbps: mbps(ops*4*kib, d), rawMBps: rawGet4K})
+	seqRead("after random writes")
+
+	var heap, blocks int64
+	if err := v.Maps().Do(ctx, mapproxy.Low, func(m *extentmap.Map) { heap, blocks = m.HeapBytes(), m.WrittenBlocks() }); err != nil {
+		b.Fatal(err)
+	}
+	runtime.GC()
+	var ms1 runtime.MemStats
+	runtime.ReadMemStats(&ms1)
+
+	fmt.Println()
+	fmt.Printf("bs3 bench (MinIO on loopback, scale %.2f, %d uploaders, %d downloaders, %d CPUs)\n", scale(), uploaders, downloaders, runtime.NumCPU())
+	for _, r := range results {
+		fmt.Println(r)
+	}
+	fmt.Printf("extent map: %d written blocks, %d bytes (%.1f bytes per written block); Go heap growth %.1f MiB\n",
+		blocks, heap, float64(heap)/float64(max(blocks, 1)), float64(int64(ms1.HeapAlloc)-int64(ms0.HeapAlloc))/mib)
+	st2 := objs.Stats()
+	fmt.Printf("object proxy: puts %d (retries %d), gets %d (retries %d)\n", st2.Put.Attempts, st2.Put.Retries, st2.Get.Attempts, st2.Get.Retries)
+	for _, r := range results {
+		b.ReportMetric(r.mbps/r.rawMBps, "ratio:"+shortName(r.name))
+	}
+	b.ReportMetric(float64(heap)/float64(max(blocks, 1)), "map-bytes/block")
+}
+
+// drain waits until everything written so far is stored, whatever the
+// chunker's durability mode.
+func drain(ctx context.Context, dev *chunker.Chunker) error { return dev.Drain(ctx) }
+
+func shortName(s string) string {
+	out := []rune{}
+	for _, r := range s {
+		if r == ' ' || r == ',' {
+			r = '_'
+		}
+		out = append(out, r)
+	}
+	if len(out) > 24 {
+		out = out[:24]
+	}
+	return string(out)
+}

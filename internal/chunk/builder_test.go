@@ -1,0 +1,138 @@
+package chunk_test
+
+import (
+	"bytes"
+	"testing"
+
+	"github.com/bs3/bs3/internal/chunk"
+)
+
+func pattern(n int, seed byte) []byte {
+	b := make([]byte, n)
+	for i := range b {
+		b[i] = seed + byte(i*7)
+	}
+	return b
+}
+
+func TestBuilderLayoutWithDatalessItems(t *testing.T) {
+	// 64 KiB chunk of 4 KiB blocks: 16 item slots, a 512-byte metadata area.
+	l := chunk.Layout{ChunkSize: 64 << 10, BlockSize: 4096}
+	buf := bytes.Repeat([]byte{0xee}, 512+64<<10) // stale garbage everywhere
+	b := chunk.NewBuilder(l, buf)
+
+	a := pattern(8192, 1)
+	c := pattern(4096, 50)
+	items := []struct {
+		it      chunk.Item
+		data    []byte
+		wantOff int64
+	}{
+		{chunk.Item{Sector: 16, Length: 16, Seqno: 3, Flag: chunk.OpWrite}, a, 512},
+		{chunk.Item{Sector: 64, Length: 8, Seqno: 1, Flag: chunk.OpDiscard}, nil, -1},
+		{chunk.Item{Sector: 0, Length: 80, Seqno: 9, Flag: chunk.OpWriteZeroes}, nil, -1},
+		{chunk.Item{Sector: 8, Length: 8, Seqno: 4, Flag: chunk.OpWrite}, c, 512 + 8192},
+	}
+	for i, x := range items {
+		if got := b.Add(x.it, x.data); got != x.wantOff {
+			t.Fatalf("item %d: data offset %d, want %d", i, got, x.wantOff)
+		}
+	}
+	if b.Items() != 4 || b.Len() != 512+8192+4096 {
+		t.Fatalf("builder has %d items, length %d; want 4 and %d", b.Items(), b.Len(), 512+8192+4096)
+	}
+	body := b.Seal()
+	if int64(len(body)) != 512+8192+4096 || &body[0] != &buf[0] {
+		t.Fatalf("Seal returned %d bytes (not a prefix of the buffer?)", len(body))
+	}
+
+	// The object body alone, and the whole buffer, parse to the same list:
+	// the stale 0xee items after the fourth are gone.
+	for _, src := range [][]byte{body, buf} {
+		p, err := l.Parse(src, -1, 1<<20)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(p.Items) != 4 {
+			t.Fatalf("parsed %d items, want 4", len(p.Items))
+		}
+		for i, x := range items {
+			if p.Items[i] != x.it || p.DataOff[i] != x.wantOff {
+				t.Errorf("item %d parsed as %+v at %d, want %+v at %d", i, p.Items[i], p.DataOff[i], x.it, x.wantOff)
+			}
+			if x.data != nil && !bytes.Equal(src[p.DataOff[i]:p.DataOff[i]+int64(len(x.data))], x.data) {
+				t.Errorf("item %d: data differs", i)
+			}
+		}
+		if p.End != b.Len() {
+			t.Errorf("parsed end %d, builder length %d", p.End, b.Len())
+		}
+	}
+
+	// Reset reuses the buffer: a shorter list must not show the old items.
+	b.Reset()
+	if b.Items() != 0 || b.Len() != 512 {
+		t.Fatalf("after Reset: %d items, length %d", b.Items(), b.Len())
+	}
+	d := pattern(4096, 99)
+	if off := b.Add(chunk.Item{Sector: 120, Length: 8, Seqno: 2, Flag: chunk.OpWrite}, d); off != 512 {
+		t.Fatalf("first data after Reset at %d, want 512", off)
+	}
+	body = b.Seal()
+	p, err := l.Parse(body, -1, 1<<20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(p.Items) != 1 || p.Items[0].Sector != 120 || !bytes.Equal(body[512:], d) {
+		t.Fatalf("after Reset parsed %+v", p.Items)
+	}
+}
+
+func TestBuilderFits(t *testing.T) {
+	l := chunk.Layout{ChunkSize: 16 << 10, BlockSize: 4096} // 4 slots, 16 KiB of data
+	b := chunk.NewBuilder(l, make([]byte, 128+16<<10))
+	if !b.Fits(16<<10) || b.Fits(16<<10+4096) {
+		t.Fatal("empty builder: a whole chunk must fit, more must not")
+	}
+	b.Add(chunk.Item{Sector: 0, Length: 8, Seqno: 1, Flag: chunk.OpWrite}, make([]byte, 4096))
+	if !b.Fits(12<<10) || b.Fits(16<<10) {
+		t.Fatal("after 4 KiB: 12 KiB must fit, 16 KiB must not")
+	}
+	if b.Full() {
+		t.Fatal("Full with room left")
+	}
+	// Data-less items use slots only.
+	b.Add(chunk.Item{Sector: 8, Length: 800, Seqno: 1, Flag: chunk.OpDiscard}, nil)
+	b.Add(chunk.Item{Sector: 8, Length: 8, Seqno: 2, Flag: chunk.OpWriteZeroes}, nil)
+	if !b.Fits(12 << 10) {
+		t.Fatal("one slot and 12 KiB left: 12 KiB must fit")
+	}
+	b.Add(chunk.Item{Sector: 16, Length: 8, Seqno: 1, Flag: chunk.OpWrite}, make([]byte, 4096))
+	if b.Fits(0) || !b.Full() {
+		t.Fatal("all four slots used: nothing may fit")
+	}
+	if b.Len() != 128+8192 {
+		t.Fatalf("length %d, want %d", b.Len(), 128+8192)
+	}
+}
+
+func TestBuilderAddMisusePanics(t *testing.T) {
+	l := chunk.Layout{ChunkSize: 8192, BlockSize: 4096}
+	for name, add := range map[string]func(b *chunk.Builder){
+		"zero length":      func(b *chunk.Builder) { b.Add(chunk.Item{Flag: chunk.OpWrite}, nil) },
+		"short data":       func(b *chunk.Builder) { b.Add(chunk.Item{Length: 8, Flag: chunk.OpWrite}, make([]byte, 512)) },
+		"data on discard":  func(b *chunk.Builder) { b.Add(chunk.Item{Length: 8, Flag: chunk.OpDiscard}, make([]byte, 4096)) },
+		"does not fit":     func(b *chunk.Builder) { b.Add(chunk.Item{Length: 24, Flag: chunk.OpWrite}, make([]byte, 12288)) },
+		"short new buffer": func(*chunk.Builder) { chunk.NewBuilder(l, make([]byte, 8192)) },
+	} {
+		t.Run(name, func(t *testing.T) {
+			b := chunk.NewBuilder(l, make([]byte, l.BufferSize()))
+			defer func() {
+				if recover() == nil {
+					t.Fatal("no panic")
+				}
+			}()
+			add(b)
+		})
+	}
+}

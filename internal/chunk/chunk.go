@@ -1,0 +1,155 @@
+// Package chunk owns the on-object format of a write chunk — the layout the
+// BUSE kernel module hands to userspace and that every data object in the
+// bucket keeps: a metadata area of 32-byte items, then the data of the
+// items in order.
+//
+// It parses and builds chunks; it never does I/O and never touches the
+// extent map.
+package chunk
+
+import (
+	"encoding/binary"
+	"fmt"
+)
+
+// ItemSize is the size of one metadata item: {sector, length, seqno, flag},
+// four little-endian uint64.
+const ItemSize = 32
+
+// SectorSize is the unit of an item's sector and length, whatever the
+// device block size (Linux sectors).
+const SectorSize = 512
+
+// Request ops stored in an item's flag, as the Linux block layer numbers
+// them (REQ_OP_*). Only OpWrite items carry data in the chunk.
+const (
+	OpWrite       = 1
+	OpDiscard     = 3
+	OpSecureErase = 5
+	OpWriteZeroes = 9
+)
+
+// Item is one write recorded in a chunk.
+type Item struct {
+	Sector uint64 // first 512-byte sector written
+	Length uint64 // length in 512-byte sectors
+	Seqno  uint64 // orders writes to the same place; larger wins
+	Flag   uint64 // request op (OpWrite, OpDiscard, ...)
+}
+
+// HasData reports whether the item's bytes follow in the chunk's data area.
+// Discard and write-zeroes items carry none and read back as zeros.
+func (it Item) HasData() bool {
+	switch it.Flag {
+	case OpDiscard, OpSecureErase, OpWriteZeroes:
+		return false
+	}
+	return true
+}
+
+// Bytes is the item's length in bytes.
+func (it Item) Bytes() int64 { return int64(it.Length) * SectorSize }
+
+// Layout describes the fixed geometry of chunks of one volume.
+type Layout struct {
+	ChunkSize int64 // bytes of data a chunk can hold
+	BlockSize int64 // device block size, 512 or 4096
+}
+
+// MaxItems is the number of item slots in the metadata area: a chunk holds
+// at most one write per block.
+func (l Layout) MaxItems() int64 { return l.ChunkSize / l.BlockSize }
+
+// MetadataSize is the byte size of the metadata area; data starts there.
+func (l Layout) MetadataSize() int64 { return l.MaxItems() * ItemSize }
+
+// BufferSize is the size of a whole chunk buffer (metadata + data area).
+func (l Layout) BufferSize() int64 { return l.MetadataSize() + l.ChunkSize }
+
+// GetItem decodes item i of the metadata area md.
+func GetItem(md []byte, i int) Item {
+	b := md[i*ItemSize : (i+1)*ItemSize]
+	return Item{
+		Sector: binary.LittleEndian.Uint64(b[0:]),
+		Length: binary.LittleEndian.Uint64(b[8:]),
+		Seqno:  binary.LittleEndian.Uint64(b[16:]),
+		Flag:   binary.LittleEndian.Uint64(b[24:]),
+	}
+}
+
+// PutItem encodes it as item i of the metadata area md.
+func PutItem(md []byte, i int, it Item) {
+	b := md[i*ItemSize : (i+1)*ItemSize]
+	binary.LittleEndian.PutUint64(b[0:], it.Sector)
+	binary.LittleEndian.PutUint64(b[8:], it.Length)
+	binary.LittleEndian.PutUint64(b[16:], it.Seqno)
+	binary.LittleEndian.PutUint64(b[24:], it.Flag)
+}
+
+// SetSeqno rewrites the seqno of item i in place (used to fold the volume
+// generation into every seqno before upload).
+func SetSeqno(md []byte, i int, seq uint64) {
+	binary.LittleEndian.PutUint64(md[i*ItemSize+16:], seq)
+}
+
+// Parsed is a chunk's item list with each item's data offset resolved.
+type Parsed struct {
+	Items []Item
+	// DataOff[i] is the byte offset of item i's data from the start of
+	// the object (metadata area included); -1 for items without data.
+	DataOff []int64
+	// End is the byte length of the object: metadata area plus data.
+	End int64
+}
+
+// Parse reads n items from the metadata area of chunk (n < 0: until the
+// first zero-length item) and checks them against the layout and a device
+// of devSectors sectors. Items without data do not advance the data offset.
+// The chunk may be a whole buffer or just an object's metadata area; data
+// offsets are computed, not read.
+func (l Layout) Parse(chunk []byte, n int, devSectors uint64) (Parsed, error) {
+	md := l.MetadataSize()
+	if int64(len(chunk)) < md {
+		return Parsed{}, fmt.Errorf("chunk of %d bytes is shorter than its metadata area (%d bytes)", len(chunk), md)
+	}
+	max := int(l.MaxItems())
+	if n > max {
+		return Parsed{}, fmt.Errorf("chunk claims %d items, at most %d fit", n, max)
+	}
+	if n < 0 {
+		n = max
+	}
+	p := Parsed{Items: make([]Item, 0, min(n, 64)), DataOff: make([]int64, 0, min(n, 64))}
+	off := md
+	blockSectors := uint64(l.BlockSize / SectorSize)
+	for i := 0; i < n; i++ {
+		it := GetItem(chunk, i)
+		if it.Length == 0 {
+			break
+		}
+		if it.Sector%blockSectors != 0 || it.Length%blockSectors != 0 {
+			return Parsed{}, fmt.Errorf("item %d (sector %d, %d sectors) is not aligned to the %d-byte block size", i, it.Sector, it.Length, l.BlockSize)
+		}
+		if it.Sector+it.Length > devSectors || it.Sector+it.Length < it.Sector {
+			return Parsed{}, fmt.Errorf("item %d (sector %d, %d sectors) ends past the device (%d sectors)", i, it.Sector, it.Length, devSectors)
+		}
+		p.Items = append(p.Items, it)
+		if !it.HasData() {
+			p.DataOff = append(p.DataOff, -1)
+			continue
+		}
+		if off+it.Bytes() > md+l.ChunkSize {
+			return Parsed{}, fmt.Errorf("item %d (%d bytes at data offset %d) overruns the %d-byte chunk", i, it.Bytes(), off-md, l.ChunkSize)
+		}
+		p.DataOff = append(p.DataOff, off)
+		off += it.Bytes()
+	}
+	p.End = off
+	return p, nil
+}
+
+// ZeroTail zero-fills the metadata area after the first n items, so that a
+// reader of the object finds the end of the list (a zero length).
+func (l Layout) ZeroTail(chunk []byte, n int) {
+	clear(chunk[int64(n)*ItemSize : l.MetadataSize()])
+}

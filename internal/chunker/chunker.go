@@ -1,0 +1,539 @@
+// Package chunker is the userspace counterpart of the BUSE kernel module:
+// it turns the writes of the NBD and FUSE frontends into chunks in exactly
+// the BUSE layout (collision-area splitting, per-area sequence numbers,
+// 32-byte items) and hands each closed chunk to the volume engine, so every
+// frontend shares one write path.
+//
+// Writes are acknowledged once copied into the open chunk (FUA writes once
+// their chunk is committed). Until a chunk's map update is done, its writes
+// are served to readers from chunk memory (the overlay), so a read never
+// returns data older than an acknowledged write. The chunker never talks
+// to the object store or the map directly.
+package chunker
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sort"
+	"sync"
+	"time"
+
+	"github.com/rs/zerolog"
+
+	"github.com/bs3/bs3/internal/chunk"
+	"github.com/bs3/bs3/internal/frontend"
+)
+
+// Engine is what the chunker needs of the volume.
+type Engine interface {
+	Size() int64
+	BlockSize() int64
+	Layout() chunk.Layout
+	// NextKey hands out the next key; called when a chunk is closed.
+	NextKey() int64
+	// Commit uploads the chunk as the object of key and applies it to the
+	// map; buf may be reused once it returns.
+	Commit(ctx context.Context, key int64, buf []byte, items int) error
+	// Read fills buf with n blocks at block from the map and the store.
+	Read(ctx context.Context, block, n int64, buf []byte) error
+	// Mapped reports the runs of blocks that hold data in the map.
+	Mapped(ctx context.Context, block, n int64, fn func(block, n int64)) error
+}
+
+// Options configure a Chunker.
+type Options struct {
+	// Durable: Flush waits until every earlier chunk is committed
+	// (write.durable). Otherwise Flush only closes the open chunk, which
+	// orders it before every later write.
+	Durable bool
+	// Buffers is the number of chunk buffers: one open chunk plus those
+	// in flight. Writers wait when all are in flight.
+	Buffers int
+	// CollisionArea is the width in bytes of a sequence-number area
+	// (write.collision_chunk_size).
+	CollisionArea int64
+	// MaxAge closes an open chunk holding data after this long, bounding
+	// how long an acknowledged write stays only in memory.
+	MaxAge time.Duration
+	Logger zerolog.Logger
+}
+
+// pending is a chunk buffer from the moment it is opened until its commit
+// is done.
+type pending struct {
+	buf    []byte
+	b      *chunk.Builder
+	key    int64
+	opened time.Time
+	done   chan struct{}
+	err    error
+}
+
+// overlayEntry locates the newest not-yet-committed write of one block.
+type overlayEntry struct {
+	p   *pending
+	off int64 // byte offset of the block's data in p.buf; -1 reads as zeros
+	seq uint64
+}
+
+// Chunker implements frontend.Device over an Engine.
+type Chunker struct {
+	e      Engine
+	o      Options
+	layout chunk.Layout
+	bs     int64
+	size   int64
+	seq    *chunk.Sequencer
+	log    zerolog.Logger
+
+	mu       sync.Mutex
+	cond     *sync.Cond
+	open     *pending
+	free     [][]byte
+	inflight map[int64]*pending
+	overlay  map[int64]overlayEntry
+	err      error // first commit failure: the device stops taking writes
+	closed   bool
+
+	stop     chan struct{}
+	loopDone chan struct{}
+}
+
+var _ frontend.Device = (*Chunker)(nil)
+
+// ErrClosed is returned for requests after Close.
+var ErrClosed = errors.New("device is closed")
+
+// New returns a Chunker writing through e.
+func New(e Engine, o Options) *Chunker {
+	if o.Buffers < 2 {
+		o.Buffers = 2
+	}
+	if o.MaxAge <= 0 {
+		o.MaxAge = 500 * time.Millisecond
+	}
+	if o.CollisionArea <= 0 {
+		o.CollisionArea = 1 << 20
+	}
+	l := e.Layout()
+	c := &Chunker{
+		e:        e,
+		o:        o,
+		layout:   l,
+		bs:       e.BlockSize(),
+		size:     e.Size(),
+		seq:      chunk.NewSequencer(e.Size(), o.CollisionArea),
+		log:      o.Logger,
+		inflight: make(map[int64]*pending),
+		overlay:  make(map[int64]overlayEntry),
+		stop:     make(chan struct{}),
+		loopDone: make(chan struct{}),
+	}
+	c.cond = sync.NewCond(&c.mu)
+	for i := 0; i < o.Buffers; i++ {
+		c.free = append(c.free, make([]byte, l.BufferSize()))
+	}
+	go c.ageLoop()
+	return c
+}
+
+// Size implements frontend.Device.
+func (c *Chunker) Size() int64 { return c.size }
+
+// BlockSize implements frontend.Device.
+func (c *Chunker) BlockSize() int64 { return c.bs }
+
+func (c *Chunker) check(off, length int64) error {
+	if off < 0 || length < 0 || off%c.bs != 0 || length%c.bs != 0 || off+length > c.size {
+		return fmt.Errorf("%w: %d bytes at %d on a %d-byte device with %d-byte blocks", frontend.ErrInvalid, length, off, c.size, c.bs)
+	}
+	return nil
+}
+
+// usableLocked reports why the device cannot take writes, if it cannot.
+func (c *Chunker) usableLocked() error {
+	if c.closed {
+		return ErrClosed
+	}
+	if c.err != nil {
+		return fmt.Errorf("device failed earlier: %w", c.err)
+	}
+	return nil
+}
+
+// openLocked returns the open chunk, opening one when a buffer is free
+// and waiting (with c.mu released) when none is.
+func (c *Chunker) openLocked() (*pending, error) {
+	for c.open == nil {
+		if err := c.usableLocked(); err != nil {
+			return nil, err
+		}
+		if n := len(c.free); n > 0 {
+			buf := c.free[n-1]
+			c.free = c.free[:n-1]
+			c.open = &pending{buf: buf, b: chunk.NewBuilder(c.layout, buf), opened: time.Now(), done: make(chan struct{})}
+			break
+		}
+		c.cond.Wait()
+	}
+	return c.open, nil
+}
+
+// closeLocked closes the open chunk: it takes the next key (so keys follow
+// closing order) and starts the commit.
+func (c *Chunker) closeLocked() {
+	p := c.open
+	if p == nil {
+		return
+	}
+	c.open = nil
+	if p.b.Items() == 0 {
+		c.free = append(c.free, p.buf)
+		return
+	}
+	p.b.Seal()
+	p.key = c.e.NextKey()
+	c.inflight[p.key] = p
+	go c.commit(p, p.b.Items())
+}
+
+func (c *Chunker) commit(p *pending, items int) {
+	err := c.e.Commit(context.Background(), p.key, p.buf, items)
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	delete(c.inflight, p.key)
+	p.err = err
+	if err != nil {
+		// The writes were acknowledged: keep serving them from memory
+		// (the buffer is not reused) and refuse further writes.
+		if c.err == nil {
+			c.err = err
+		}
+		c.log.Error().Err(err).Int64("key", p.key).Msg("chunk commit failed; device stops taking writes")
+	} else {
+		c.dropOverlayLocked(p)
+		c.free = append(c.free, p.buf)
+	}
+	close(p.done)
+	c.cond.Broadcast()
+}
+
+// dropOverlayLocked removes the overlay entries that still point into p:
+// its writes are now in the map.
+func (c *Chunker) dropOverlayLocked(p *pending) {
+	spb := uint64(c.bs / chunk.SectorSize)
+	for i := 0; i < p.b.Items(); i++ {
+		it := chunk.GetItem(p.buf, i)
+		block, n := int64(it.Sector/spb), int64(it.Length/spb)
+		for b := block; b < block+n; b++ {
+			if e, ok := c.overlay[b]; ok && e.p == p {
+				delete(c.overlay, b)
+			}
+		}
+	}
+}
+
+// noteLocked records n blocks at block, written to p at data offset off
+// (-1: zeros), as the newest pending write unless a newer one is there.
+func (c *Chunker) noteLocked(p *pending, block, n, off int64, seq uint64) {
+	for i := int64(0); i < n; i++ {
+		if e, ok := c.overlay[block+i]; ok && e.seq > seq {
+			continue
+		}
+		o := int64(-1)
+		if off >= 0 {
+			o = off + i*c.bs
+		}
+		c.overlay[block+i] = overlayEntry{p: p, off: o, seq: seq}
+	}
+}
+
+// appendLocked adds one item of length bytes at off (data may be nil for
+// data-less ops) to open chunks, splitting it when a chunk fills up, and
+// records the chunks it went to.
+func (c *Chunker) appendLocked(off, length int64, data []byte, op uint64, seq uint64, touched *[]*pending) error {
+	for length > 0 {
+		p, err := c.openLocked()
+		if err != nil {
+			return err
+		}
+		n := length
+		if data != nil {
+			room := (c.layout.BufferSize() - p.b.Len()) / c.bs * c.bs
+			n = min(n, room)
+		}
+		if n == 0 || !p.b.Fits(n*boolInt(data != nil)) {
+			c.closeLocked()
+			continue
+		}
+		it := chunk.Item{Sector: uint64(off / chunk.SectorSize), Length: uint64(n / chunk.SectorSize), Seqno: seq, Flag: op}
+		var d []byte
+		if data != nil {
+			d = data[:n]
+			data = data[n:]
+		}
+		dataOff := p.b.Add(it, d)
+		c.noteLocked(p, off/c.bs, n/c.bs, dataOff, seq)
+		if len(*touched) == 0 || (*touched)[len(*touched)-1] != p {
+			*touched = append(*touched, p)
+		}
+		off += n
+		length -= n
+	}
+	return nil
+}
+
+func boolInt(b bool) int64 {
+	if b {
+		return 1
+	}
+	return 0
+}
+
+// waitCommitted closes the chunks in touched that are still open and
+// waits until all of them are committed (FUA).
+func (c *Chunker) waitCommittedLocked(touched []*pending) error {
+	for _, p := range touched {
+		if c.open == p {
+			c.closeLocked()
+		}
+	}
+	c.mu.Unlock()
+	defer c.mu.Lock()
+	for _, p := range touched {
+		<-p.done
+		if p.err != nil {
+			return p.err
+		}
+	}
+	return nil
+}
+
+// WriteAt implements frontend.Device.
+func (c *Chunker) WriteAt(ctx context.Context, data []byte, off int64, fua bool) error {
+	if err := c.check(off, int64(len(data))); err != nil {
+		return err
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if err := c.usableLocked(); err != nil {
+		return err
+	}
+	var touched []*pending
+	var err error
+	c.seq.Split(off, int64(len(data)), func(o, l int64, seq uint64) {
+		if err != nil {
+			return
+		}
+		start := o - off
+		err = c.appendLocked(o, l, data[start:start+l], chunk.OpWrite, seq, &touched)
+	})
+	if err != nil {
+		return err
+	}
+	if fua {
+		return c.waitCommittedLocked(touched)
+	}
+	return nil
+}
+
+// Zero implements frontend.Device. Only blocks that hold data (in the map
+// or in a pending chunk) get an item: zeroing never-written space would
+// only cost map memory and log space. The check happens under c.mu, so no
+// write to those blocks can be acknowledged in between.
+func (c *Chunker) Zero(ctx context.Context, off, length int64, discard, fua bool) error {
+	if err := c.check(off, length); err != nil {
+		return err
+	}
+	op := uint64(chunk.OpWriteZeroes)
+	if discard {
+		op = chunk.OpDiscard
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if err := c.usableLocked(); err != nil {
+		return err
+	}
+	block, n := off/c.bs, length/c.bs
+	var runs [][2]int64
+	if int64(len(c.overlay)) < n {
+		for b := range c.overlay {
+			if b >= block && b < block+n {
+				runs = append(runs, [2]int64{b, 1})
+			}
+		}
+	} else {
+		for b := block; b < block+n; b++ {
+			if _, ok := c.overlay[b]; ok {
+				runs = append(runs, [2]int64{b, 1})
+			}
+		}
+	}
+	if err := c.e.Mapped(ctx, block, n, func(b, n int64) { runs = append(runs, [2]int64{b, n}) }); err != nil {
+		return err
+	}
+	var touched []*pending
+	for _, r := range mergeRuns(runs) {
+		var err error
+		c.seq.Split(r[0]*c.bs, r[1]*c.bs, func(o, l int64, seq uint64) {
+			if err == nil {
+				err = c.appendLocked(o, l, nil, op, seq, &touched)
+			}
+		})
+		if err != nil {
+			return err
+		}
+	}
+	if fua {
+		return c.waitCommittedLocked(touched)
+	}
+	return nil
+}
+
+// mergeRuns sorts runs of blocks and merges the overlapping or adjacent.
+func mergeRuns(runs [][2]int64) [][2]int64 {
+	if len(runs) < 2 {
+		return runs
+	}
+	sort.Slice(runs, func(i, j int) bool { return runs[i][0] < runs[j][0] })
+	out := runs[:1]
+	for _, r := range runs[1:] {
+		last := &out[len(out)-1]
+		if r[0] <= last[0]+last[1] {
+			last[1] = max(last[1], r[0]+r[1]-last[0])
+			continue
+		}
+		out = append(out, r)
+	}
+	return out
+}
+
+// ReadAt implements frontend.Device: blocks with a pending write are
+// copied from chunk memory; the rest come from the engine. A block absent
+// from the overlay has its newest acknowledged write in the map already,
+// because entries leave the overlay only after the map update.
+func (c *Chunker) ReadAt(ctx context.Context, p []byte, off int64) error {
+	if err := c.check(off, int64(len(p))); err != nil {
+		return err
+	}
+	block, n := off/c.bs, int64(len(p))/c.bs
+	c.mu.Lock()
+	if len(c.overlay) == 0 {
+		c.mu.Unlock()
+		return c.e.Read(ctx, block, n, p)
+	}
+	var runs [][2]int64 // blocks to read from the engine
+	for i := int64(0); i < n; i++ {
+		dst := p[i*c.bs : (i+1)*c.bs]
+		if e, ok := c.overlay[block+i]; ok {
+			if e.off < 0 {
+				clear(dst)
+			} else {
+				copy(dst, e.p.buf[e.off:e.off+c.bs])
+			}
+			continue
+		}
+		if k := len(runs); k > 0 && runs[k-1][0]+runs[k-1][1] == block+i {
+			runs[k-1][1]++
+		} else {
+			runs = append(runs, [2]int64{block + i, 1})
+		}
+	}
+	c.mu.Unlock()
+	for _, r := range runs {
+		s := (r[0] - block) * c.bs
+		if err := c.e.Read(ctx, r[0], r[1], p[s:s+r[1]*c.bs]); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// Flush implements frontend.Device: it closes the open chunk, which gives
+// it a key below every later chunk (an ordering barrier), and with Durable
+// waits until it and every earlier chunk are committed.
+func (c *Chunker) Flush(ctx context.Context) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closed {
+		return ErrClosed
+	}
+	c.closeLocked()
+	if !c.o.Durable {
+		return c.err
+	}
+	return c.drainLocked()
+}
+
+// Drain closes the open chunk and waits until every chunk written so far
+// is committed, whatever the durability mode (a durable flush).
+func (c *Chunker) Drain(ctx context.Context) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closed {
+		return ErrClosed
+	}
+	c.closeLocked()
+	return c.drainLocked()
+}
+
+// drainLocked waits until every chunk in flight now is committed.
+func (c *Chunker) drainLocked() error {
+	var last int64 = -1
+	for k := range c.inflight {
+		last = max(last, k)
+	}
+	for {
+		if c.err != nil {
+			return c.err
+		}
+		busy := false
+		for k := range c.inflight {
+			if k <= last {
+				busy = true
+				break
+			}
+		}
+		if !busy {
+			return nil
+		}
+		c.cond.Wait()
+	}
+}
+
+// Close commits everything written so far and stops taking requests.
+func (c *Chunker) Close() error {
+	c.mu.Lock()
+	if c.closed {
+		c.mu.Unlock()
+		return nil
+	}
+	c.closeLocked()
+	err := c.drainLocked()
+	c.closed = true
+	c.cond.Broadcast()
+	c.mu.Unlock()
+	close(c.stop)
+	<-c.loopDone
+	return err
+}
+
+// ageLoop closes open chunks that have held data for MaxAge.
+func (c *Chunker) ageLoop() {
+	defer close(c.loopDone)
+	t := time.NewTicker(c.o.MaxAge / 4)
+	defer t.Stop()
+	for {
+		select {
+		case <-c.stop:
+			return
+		case <-t.C:
+		}
+		c.mu.Lock()
+		if c.open != nil && c.open.b.Items() > 0 && time.Since(c.open.opened) >= c.o.MaxAge {
+			c.closeLocked()
+		}
+		c.mu.Unlock()
+	}
+}

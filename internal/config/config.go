@@ -1,0 +1,584 @@
+// Package config owns bs3's configuration: the TOML file (`bs3 -c`), the
+// BS3_* environment overrides, the defaults, the validation of every value
+// and the `bs3 -h` text that documents them.
+//
+// Precedence is defaults < file < environment. The file is decoded with
+// BurntSushi/toml so that unknown keys can be refused (a typo must not
+// silently fall back to a default); the environment is applied with
+// cleanenv. Defaults live only in Default(), never in env-default tags:
+// cleanenv applies such tags to any field that holds its zero value, which
+// would turn an explicit `conditional_writes = false` in the file back into
+// true.
+//
+// Sizes are stored in the units the file uses (GiB, MiB, ms, s); callers use
+// the accessors (SizeBytes, ChunkBytes, GCWait, ...) instead of converting
+// by hand.
+//
+// This package must never print or return the S3 credentials: errors,
+// String, Redacted and MarshalZerologObject all mask them.
+package config
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"math/bits"
+	"net"
+	"net/url"
+	"os"
+	"reflect"
+	"runtime"
+	"strings"
+	"time"
+
+	"github.com/BurntSushi/toml"
+	"github.com/ilyakaznacheev/cleanenv"
+	"github.com/rs/zerolog"
+)
+
+// Allowed values of frontend and store.
+const (
+	FrontendBUSE = "buse"
+	FrontendNBD  = "nbd"
+	FrontendFUSE = "fuse"
+
+	StoreS3  = "s3"
+	StoreDir = "dir"
+)
+
+const (
+	mib = 1 << 20
+	gib = 1 << 30
+
+	// maxChunkBlocks bounds the blocks per chunk: the extent map stores a
+	// block's offset inside its object in 16 bits.
+	maxChunkBlocks = 1 << 16
+)
+
+var (
+	frontends = []string{FrontendBUSE, FrontendNBD, FrontendFUSE}
+	stores    = []string{StoreS3, StoreDir}
+	logLevels = []string{"trace", "debug", "info", "warn", "error", "fatal", "panic", "disabled"}
+)
+
+// redactedMark replaces a non-empty credential wherever it is rendered.
+const redactedMark = "<redacted>"
+
+// Config is the complete bs3 configuration. The toml tag is the key in the
+// file, env (with the section's env-prefix) the overriding variable, and
+// env-description the meaning printed by Usage.
+type Config struct {
+	Major          int    `toml:"major" env:"BS3_MAJOR" env-description:"BUSE device number: the device is /dev/buse<major>"`
+	Threads        int    `toml:"threads" env:"BS3_THREADS" env-description:"worker threads (BUSE hardware queues); 0 = number of CPUs"`
+	Size           int64  `toml:"size" env:"BS3_SIZE" env-description:"device size in GiB"`
+	BlockSize      int    `toml:"block_size" env:"BS3_BLOCK_SIZE" env-description:"logical block size in bytes: 512 or 4096"`
+	IOMin          int    `toml:"io_min" env:"BS3_IO_MIN" env-description:"minimum I/O size advertised to the kernel, bytes; 0 = block_size"`
+	IOOpt          int    `toml:"io_opt" env:"BS3_IO_OPT" env-description:"optimal I/O size advertised to the kernel, bytes; 0 = block_size"`
+	Scheduler      bool   `toml:"scheduler" env:"BS3_SCHEDULER" env-description:"let the kernel I/O scheduler merge and reorder requests (BUSE)"`
+	QueueDepth     int    `toml:"queue_depth" env:"BS3_QUEUE_DEPTH" env-description:"requests in flight per queue"`
+	Null           bool   `toml:"null" env:"BS3_NULL" env-description:"null backend: discard writes, read zeros, no object store (for benchmarks)"`
+	Profiler       bool   `toml:"profiler" env:"BS3_PROFILER" env-description:"serve Go pprof on localhost:profiler_port"`
+	ProfilerPort   int    `toml:"profiler_port" env:"BS3_PROFILER_PORT" env-description:"TCP port of the profiler, 1..65535"`
+	SkipCheckpoint bool   `toml:"skip_checkpoint" env:"BS3_SKIP_CHECKPOINT" env-description:"do not write a checkpoint at shutdown"`
+	Frontend       string `toml:"frontend" env:"BS3_FRONTEND" env-description:"how the device is exposed: buse, nbd or fuse (file + loop device)"`
+	Store          string `toml:"store" env:"BS3_STORE" env-description:"where objects live: s3, or dir (a local directory, for tests)"`
+
+	S3         S3Config         `toml:"s3" env-prefix:"BS3_S3_"`
+	Write      WriteConfig      `toml:"write" env-prefix:"BS3_WRITE_"`
+	Read       ReadConfig       `toml:"read" env-prefix:"BS3_READ_"`
+	GC         GCConfig         `toml:"gc" env-prefix:"BS3_GC_"`
+	Log        LogConfig        `toml:"log" env-prefix:"BS3_LOG_"`
+	Checkpoint CheckpointConfig `toml:"checkpoint" env-prefix:"BS3_CHECKPOINT_"`
+	NBD        NBDConfig        `toml:"nbd" env-prefix:"BS3_NBD_"`
+	FUSE       FUSEConfig       `toml:"fuse" env-prefix:"BS3_FUSE_"`
+	Dir        DirConfig        `toml:"dir" env-prefix:"BS3_DIR_"`
+}
+
+// S3Config is the [s3] section.
+type S3Config struct {
+	AccessKey         string `toml:"access_key" env:"ACCESS_KEY" env-description:"access key; empty (with secret_key) = AWS default credential chain"`
+	SecretKey         string `toml:"secret_key" env:"SECRET_KEY" env-description:"secret key; empty (with access_key) = AWS default credential chain"`
+	Bucket            string `toml:"bucket" env:"BUCKET" env-description:"bucket holding the volume; required when store = \"s3\""`
+	Remote            string `toml:"remote" env:"REMOTE" env-description:"endpoint URL (http:// or https://); empty = AWS"`
+	Region            string `toml:"region" env:"REGION" env-description:"region"`
+	Uploaders         int    `toml:"uploaders" env:"UPLOADERS" env-description:"concurrent uploads"`
+	Downloaders       int    `toml:"downloaders" env:"DOWNLOADERS" env-description:"concurrent downloads"`
+	Prefix            string `toml:"prefix" env:"PREFIX" env-description:"prefix of the volume's objects inside the bucket (several volumes may share a bucket)"`
+	ConditionalWrites bool   `toml:"conditional_writes" env:"CONDITIONAL_WRITES" env-description:"create objects with If-None-Match: * so a second writer is detected; disable for stores without conditional writes"`
+}
+
+// WriteConfig is the [write] section.
+type WriteConfig struct {
+	Durable            bool `toml:"durable" env:"DURABLE" env-description:"a flush returns only once every earlier chunk is in the store (false: flush is an ordering barrier)"`
+	SharedBufferSize   int  `toml:"shared_buffer_size" env:"SHARED_BUFFER_SIZE" env-description:"write buffer in MiB (BUSE: per queue); a multiple of chunk_size"`
+	ChunkSize          int  `toml:"chunk_size" env:"CHUNK_SIZE" env-description:"chunk (= object) size in MiB; fewer than 65536 blocks"`
+	CollisionChunkSize int  `toml:"collision_chunk_size" env:"COLLISION_CHUNK_SIZE" env-description:"width of a write-ordering (seqno) area in MiB"`
+}
+
+// ReadConfig is the [read] section.
+type ReadConfig struct {
+	SharedBufferSize int `toml:"shared_buffer_size" env:"SHARED_BUFFER_SIZE" env-description:"read buffer in MiB (BUSE: per queue)"`
+}
+
+// GCConfig is the [gc] section.
+type GCConfig struct {
+	Step        int64   `toml:"step" env:"STEP" env-description:"blocks scanned per threshold-GC step"`
+	LiveData    float64 `toml:"live_data" env:"LIVE_DATA" env-description:"threshold GC compacts objects whose live fraction is below this, in (0,1)"`
+	IdleTimeout int     `toml:"idle_timeout" env:"IDLE_TIMEOUT" env-description:"ms low-priority work waits for an idle moment before it runs anyway"`
+	Wait        int     `toml:"wait" env:"WAIT" env-description:"seconds between dead-GC passes"`
+}
+
+// LogConfig is the [log] section.
+type LogConfig struct {
+	Level  string `toml:"level" env:"LEVEL" env-description:"trace, debug, info, warn, error, fatal, panic or disabled"`
+	Pretty bool   `toml:"pretty" env:"PRETTY" env-description:"human-readable console logs instead of JSON"`
+}
+
+// CheckpointConfig is the [checkpoint] section: a checkpoint is written when
+// either bound is reached, so recovery never replays more than that.
+type CheckpointConfig struct {
+	Interval int `toml:"interval" env:"INTERVAL" env-description:"seconds between periodic checkpoints"`
+	Objects  int `toml:"objects" env:"OBJECTS" env-description:"objects written since the last checkpoint that trigger a new one"`
+}
+
+// NBDConfig is the [nbd] section.
+type NBDConfig struct {
+	Listen string `toml:"listen" env:"LISTEN" env-description:"NBD server address: host:port, or unix:/path for a Unix socket"`
+	Export string `toml:"export" env:"EXPORT" env-description:"NBD export name"`
+}
+
+// FUSEConfig is the [fuse] section.
+type FUSEConfig struct {
+	Mountpoint string `toml:"mountpoint" env:"MOUNTPOINT" env-description:"directory where the device file is mounted"`
+	Loop       bool   `toml:"loop" env:"LOOP" env-description:"attach a loop device to the file"`
+}
+
+// DirConfig is the [dir] section.
+type DirConfig struct {
+	Path string `toml:"path" env:"PATH" env-description:"directory holding the objects when store = \"dir\""`
+}
+
+// Default returns the configuration with every key at its default. The
+// bucket is empty, so with store = "s3" it does not validate by itself.
+func Default() Config {
+	return Config{
+		Size:         8,
+		BlockSize:    4096,
+		QueueDepth:   128,
+		ProfilerPort: 6060,
+		Frontend:     FrontendBUSE,
+		Store:        StoreS3,
+		S3: S3Config{
+			Region:            "us-east-1",
+			Uploaders:         16,
+			Downloaders:       16,
+			ConditionalWrites: true,
+		},
+		Write: WriteConfig{
+			SharedBufferSize:   32,
+			ChunkSize:          4,
+			CollisionChunkSize: 1,
+		},
+		Read:       ReadConfig{SharedBufferSize: 32},
+		GC:         GCConfig{Step: 1 << 20, LiveData: 0.3, IdleTimeout: 200, Wait: 600},
+		Log:        LogConfig{Level: "info"},
+		Checkpoint: CheckpointConfig{Interval: 300, Objects: 1024},
+		NBD:        NBDConfig{Listen: "127.0.0.1:10809", Export: "bs3"},
+		FUSE:       FUSEConfig{Mountpoint: "/run/bs3/fuse", Loop: true},
+		Dir:        DirConfig{Path: "/var/lib/bs3/objects"},
+	}
+}
+
+// Load returns the defaults, overridden by the file at path (skipped when
+// path is ""), overridden by the BS3_* environment, and validated.
+func Load(path string) (Config, error) {
+	c, err := read(path)
+	if err != nil {
+		return Config{}, err
+	}
+	if err := c.Validate(); err != nil {
+		where := "the defaults and environment"
+		if path != "" {
+			where = path + " and the environment"
+		}
+		// Belt and braces: no rule prints a credential, but a user may have
+		// pasted one into the wrong key.
+		return Config{}, errors.New(c.scrub(fmt.Sprintf("invalid configuration (from %s):\n%v", where, err)))
+	}
+	return c, nil
+}
+
+// read is Load without validation.
+func read(path string) (Config, error) {
+	c := Default()
+	if path != "" {
+		if err := decodeFile(path, &c); err != nil {
+			return Config{}, err
+		}
+	}
+	if err := cleanenv.ReadEnv(&c); err != nil {
+		return Config{}, fmt.Errorf("environment override: %v", c.scrub(err.Error()))
+	}
+	return c, nil
+}
+
+// decodeFile decodes the TOML file at path over c, refusing unknown keys.
+func decodeFile(path string, c *Config) error {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		var pe *fs.PathError
+		if errors.As(err, &pe) {
+			err = pe.Err // the path is said once, below
+		}
+		return fmt.Errorf("config file %s: %w", path, err)
+	}
+	md, err := toml.Decode(string(data), c)
+	if err != nil {
+		return fmt.Errorf("config file %s: %v", path, parseErrorText(err, string(data)))
+	}
+	if unknown := unknownKeys(md); len(unknown) > 0 {
+		return fmt.Errorf("config file %s: unknown key(s) %s (see bs3 -h for the valid keys)",
+			path, strings.Join(unknown, ", "))
+	}
+	return nil
+}
+
+// parseErrorText renders a TOML error without credential text: the parser
+// quotes the offending token, which on a credential line is the secret.
+func parseErrorText(err error, input string) string {
+	var pe toml.ParseError
+	if !errors.As(err, &pe) {
+		return err.Error() // decode type errors name types, not values
+	}
+	line := ""
+	if lines := strings.Split(input, "\n"); pe.Position.Line >= 1 && pe.Position.Line <= len(lines) {
+		line = lines[pe.Position.Line-1]
+	}
+	if isCredential(pe.LastKey) || isCredential(line) {
+		return fmt.Sprintf("line %d: malformed TOML near a credential (details not shown)", pe.Position.Line)
+	}
+	return err.Error()
+}
+
+func isCredential(s string) bool {
+	return strings.Contains(s, "access_key") || strings.Contains(s, "secret_key")
+}
+
+// unknownKeys lists the keys the file has but Config does not, leaving out
+// the children of a key already listed (an unknown table is named once).
+func unknownKeys(md toml.MetaData) []string {
+	var out []string
+	reported := map[string]bool{}
+	for _, k := range md.Undecoded() {
+		if len(k) > 1 && reported[k[:len(k)-1].String()] {
+			reported[k.String()] = true
+			continue
+		}
+		reported[k.String()] = true
+		out = append(out, k.String())
+	}
+	return out
+}
+
+// Validate checks every rule and returns all problems at once, one per
+// line, each naming the key as written in the file, its value and what is
+// allowed.
+func (c Config) Validate() error {
+	var errs []error
+	bad := func(key string, value any, format string, args ...any) {
+		if s, ok := value.(string); ok {
+			value = fmt.Sprintf("%q", s)
+		}
+		errs = append(errs, fmt.Errorf("%s = %v: %s", key, value, fmt.Sprintf(format, args...)))
+	}
+	atLeast := func(key string, v int64, min int64, unit string) {
+		if v < min {
+			bad(key, v, "must be at least %d%s", min, unit)
+		}
+	}
+	oneOf := func(key, v string, allowed []string) {
+		for _, a := range allowed {
+			if v == a {
+				return
+			}
+		}
+		bad(key, v, "must be one of %s", strings.Join(allowed, ", "))
+	}
+
+	// Device geometry.
+	blockOK := c.BlockSize == 512 || c.BlockSize == 4096
+	if !blockOK {
+		bad("block_size", c.BlockSize, "must be 512 or 4096")
+	}
+	atLeast("size", c.Size, 1, " (GiB)")
+	atLeast("major", int64(c.Major), 0, "")
+	atLeast("threads", int64(c.Threads), 0, " (0 = number of CPUs)")
+	for _, f := range []struct {
+		key string
+		v   int
+	}{{"io_min", c.IOMin}, {"io_opt", c.IOOpt}} {
+		if f.v != 0 && (f.v < c.BlockSize || bits.OnesCount(uint(f.v)) != 1) {
+			bad(f.key, f.v, "must be 0 (= block_size) or a power of two >= block_size (%d)", c.BlockSize)
+		}
+	}
+	atLeast("queue_depth", int64(c.QueueDepth), 1, "")
+	if c.ProfilerPort < 1 || c.ProfilerPort > 65535 {
+		bad("profiler_port", c.ProfilerPort, "must be in 1..65535")
+	}
+	oneOf("frontend", c.Frontend, frontends)
+	oneOf("store", c.Store, stores)
+
+	// Write path: chunks tile the shared buffer, and a chunk's blocks must
+	// be addressable by the extent map's 16-bit block offset.
+	w := c.Write
+	atLeast("write.shared_buffer_size", int64(w.SharedBufferSize), 1, " (MiB)")
+	if w.ChunkSize < 1 {
+		bad("write.chunk_size", w.ChunkSize, "must be at least 1 (MiB)")
+	} else {
+		if blockOK && c.ChunkBytes()%int64(c.BlockSize) != 0 {
+			bad("write.chunk_size", w.ChunkSize, "must be a multiple of block_size (%d bytes)", c.BlockSize)
+		}
+		if blockOK && c.ChunkBytes()/int64(c.BlockSize) >= maxChunkBlocks {
+			bad("write.chunk_size", w.ChunkSize,
+				"holds %d blocks of %d bytes; must hold fewer than %d (the extent map stores the block offset in an object in 16 bits), so at most %d MiB",
+				c.ChunkBytes()/int64(c.BlockSize), c.BlockSize, maxChunkBlocks, (maxChunkBlocks-1)*int64(c.BlockSize)/mib)
+		}
+		if w.SharedBufferSize >= 1 {
+			if w.ChunkSize > w.SharedBufferSize {
+				bad("write.chunk_size", w.ChunkSize, "must not exceed write.shared_buffer_size (%d MiB)", w.SharedBufferSize)
+			} else if w.SharedBufferSize%w.ChunkSize != 0 {
+				bad("write.shared_buffer_size", w.SharedBufferSize,
+					"must be a multiple of write.chunk_size (%d MiB): the buffer is split into whole chunks", w.ChunkSize)
+			}
+		}
+	}
+	if w.CollisionChunkSize < 1 {
+		bad("write.collision_chunk_size", w.CollisionChunkSize, "must be at least 1 (MiB)")
+	} else if blockOK && c.CollisionBytes()%int64(c.BlockSize) != 0 {
+		bad("write.collision_chunk_size", w.CollisionChunkSize, "must be a multiple of block_size (%d bytes)", c.BlockSize)
+	}
+	atLeast("read.shared_buffer_size", int64(c.Read.SharedBufferSize), 1, " (MiB)")
+
+	// Object store.
+	atLeast("s3.uploaders", int64(c.S3.Uploaders), 1, "")
+	atLeast("s3.downloaders", int64(c.S3.Downloaders), 1, "")
+	if c.Store == StoreS3 && !c.Null && c.S3.Bucket == "" {
+		bad("s3.bucket", c.S3.Bucket, "required when store = %q", StoreS3)
+	}
+	if r := c.S3.Remote; r != "" {
+		if u, err := url.Parse(r); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+			bad("s3.remote", r, "must be empty (AWS) or an http:// or https:// URL")
+		}
+	}
+	if c.Store == StoreDir && !c.Null && c.Dir.Path == "" {
+		bad("dir.path", c.Dir.Path, "required when store = %q", StoreDir)
+	}
+
+	// Garbage collection and checkpoints.
+	if lv := c.GC.LiveData; !(lv > 0 && lv < 1) {
+		bad("gc.live_data", lv, "must be a fraction strictly between 0 and 1")
+	}
+	atLeast("gc.step", c.GC.Step, 1, " (blocks)")
+	atLeast("gc.wait", int64(c.GC.Wait), 1, " (s)")
+	atLeast("gc.idle_timeout", int64(c.GC.IdleTimeout), 0, " (ms)")
+	atLeast("checkpoint.interval", int64(c.Checkpoint.Interval), 1, " (s)")
+	atLeast("checkpoint.objects", int64(c.Checkpoint.Objects), 1, "")
+
+	oneOf("log.level", c.Log.Level, logLevels)
+
+	// Frontends.
+	if c.Frontend == FrontendNBD {
+		l := c.NBD.Listen
+		switch {
+		case l == "":
+			bad("nbd.listen", l, "required when frontend = %q (host:port or unix:/path)", FrontendNBD)
+		case strings.HasPrefix(l, "unix:"):
+			if strings.TrimPrefix(l, "unix:") == "" {
+				bad("nbd.listen", l, "unix: needs a socket path, e.g. unix:/run/bs3/nbd.sock")
+			}
+		default:
+			if _, _, err := net.SplitHostPort(l); err != nil {
+				bad("nbd.listen", l, "must be host:port or unix:/path")
+			}
+		}
+	}
+	if c.Frontend == FrontendFUSE && c.FUSE.Mountpoint == "" {
+		bad("fuse.mountpoint", c.FUSE.Mountpoint, "required when frontend = %q", FrontendFUSE)
+	}
+
+	return errors.Join(errs...)
+}
+
+// SizeBytes is the device size in bytes.
+func (c Config) SizeBytes() int64 { return c.Size * gib }
+
+// Blocks is the device size in blocks.
+func (c Config) Blocks() int64 { return c.SizeBytes() / int64(c.BlockSize) }
+
+// ChunkBytes is the chunk (object) size in bytes.
+func (c Config) ChunkBytes() int64 { return int64(c.Write.ChunkSize) * mib }
+
+// ChunkBlocks is the number of blocks a chunk holds (< 65536 when valid).
+func (c Config) ChunkBlocks() int { return int(c.ChunkBytes() / int64(c.BlockSize)) }
+
+// WriteBufferBytes is the size of the shared write buffer in bytes.
+func (c Config) WriteBufferBytes() int64 { return int64(c.Write.SharedBufferSize) * mib }
+
+// ReadBufferBytes is the size of the shared read buffer in bytes.
+func (c Config) ReadBufferBytes() int64 { return int64(c.Read.SharedBufferSize) * mib }
+
+// CollisionBytes is the width of a seqno collision area in bytes.
+func (c Config) CollisionBytes() int64 { return int64(c.Write.CollisionChunkSize) * mib }
+
+// IOMinBytes is the advertised minimum I/O size (io_min, or the block size).
+func (c Config) IOMinBytes() int {
+	if c.IOMin == 0 {
+		return c.BlockSize
+	}
+	return c.IOMin
+}
+
+// IOOptBytes is the advertised optimal I/O size (io_opt, or the block size).
+func (c Config) IOOptBytes() int {
+	if c.IOOpt == 0 {
+		return c.BlockSize
+	}
+	return c.IOOpt
+}
+
+// ThreadCount is the number of worker threads (threads, or the CPU count).
+func (c Config) ThreadCount() int {
+	if c.Threads == 0 {
+		return runtime.NumCPU()
+	}
+	return c.Threads
+}
+
+// GCIdleTimeout is how long low-priority work waits for an idle moment.
+func (c Config) GCIdleTimeout() time.Duration {
+	return time.Duration(c.GC.IdleTimeout) * time.Millisecond
+}
+
+// GCWait is the period of dead GC.
+func (c Config) GCWait() time.Duration { return time.Duration(c.GC.Wait) * time.Second }
+
+// CheckpointInterval is the period of periodic checkpoints.
+func (c Config) CheckpointInterval() time.Duration {
+	return time.Duration(c.Checkpoint.Interval) * time.Second
+}
+
+// LogLevel is log.level as a zerolog level (info if it does not parse;
+// Validate refuses such values).
+func (c Config) LogLevel() zerolog.Level {
+	l, err := zerolog.ParseLevel(c.Log.Level)
+	if err != nil {
+		return zerolog.InfoLevel
+	}
+	return l
+}
+
+// Redacted returns a copy whose non-empty credentials are replaced by a
+// mark, for display. Empty ones stay empty: that shows the AWS default
+// credential chain is in use.
+func (c Config) Redacted() Config {
+	if c.S3.AccessKey != "" {
+		c.S3.AccessKey = redactedMark
+	}
+	if c.S3.SecretKey != "" {
+		c.S3.SecretKey = redactedMark
+	}
+	return c
+}
+
+// scrub removes the credentials from a text.
+func (c Config) scrub(s string) string {
+	for _, secret := range []string{c.S3.SecretKey, c.S3.AccessKey} {
+		if secret != "" {
+			s = strings.ReplaceAll(s, secret, redactedMark)
+		}
+	}
+	return s
+}
+
+// String renders the configuration as TOML with the credentials redacted,
+// so that printing a Config with %v never shows them.
+func (c Config) String() string {
+	var b strings.Builder
+	if err := toml.NewEncoder(&b).Encode(c.Redacted()); err != nil {
+		return "config: " + err.Error() // cannot happen for these field types
+	}
+	return b.String()
+}
+
+// MarshalZerologObject logs every key (e.g. "s3.bucket") with the
+// credentials redacted: log.Info().Object("config", cfg).
+func (c Config) MarshalZerologObject(e *zerolog.Event) {
+	for _, f := range fields(c.Redacted()) {
+		e.Interface(f.key, f.value.Interface())
+	}
+}
+
+// field is one key of Config, found by reflection.
+type field struct {
+	key, env, desc string
+	value          reflect.Value
+}
+
+// fields lists the keys of c in declaration order (top level, then each
+// section), with their environment variable as cleanenv builds it (the
+// section's env-prefix followed by the field's env tag).
+func fields(c Config) []field {
+	var out []field
+	var walk func(v reflect.Value, section, prefix string)
+	walk = func(v reflect.Value, section, prefix string) {
+		t := v.Type()
+		for i := 0; i < t.NumField(); i++ {
+			sf := t.Field(i)
+			key := sf.Tag.Get("toml")
+			if section != "" {
+				key = section + "." + key
+			}
+			if sf.Type.Kind() == reflect.Struct {
+				walk(v.Field(i), key, prefix+sf.Tag.Get("env-prefix"))
+				continue
+			}
+			out = append(out, field{
+				key:   key,
+				env:   prefix + sf.Tag.Get("env"),
+				desc:  sf.Tag.Get("env-description"),
+				value: v.Field(i),
+			})
+		}
+	}
+	walk(reflect.ValueOf(c), "", "")
+	return out
+}
+
+// Usage writes the text of `bs3 -h`: every key with its environment
+// variable, its default and its meaning.
+func Usage(w io.Writer) {
+	fmt.Fprintf(w, `Configuration: a TOML file (bs3 -c FILE, e.g. /etc/bs3/config.toml); every key
+can be overridden by its environment variable. Sizes: GiB for size, MiB for
+the buffer and chunk sizes. Unknown keys are refused.
+
+`)
+	section := ""
+	for _, f := range fields(Default()) {
+		if s, _, ok := strings.Cut(f.key, "."); ok && s != section {
+			section = s
+			fmt.Fprintf(w, "\n[%s]\n", section)
+		}
+		def := fmt.Sprint(f.value.Interface())
+		if f.value.Kind() == reflect.String {
+			def = fmt.Sprintf("%q", f.value.String())
+		}
+		fmt.Fprintf(w, "  %-26s  %-30s  default %s\n      %s\n", f.key, f.env, def, f.desc)
+	}
+}
+
+// GoString keeps %#v from showing the credentials.
+func (c Config) GoString() string {
+	type plain Config // no methods, so no recursion
+	return fmt.Sprintf("%#v", plain(c.Redacted()))
+}

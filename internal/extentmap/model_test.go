@@ -1,0 +1,407 @@
+package extentmap
+
+import (
+	"fmt"
+	"math/rand/v2"
+	"slices"
+	"testing"
+)
+
+// ref is the reference model's entry for one block.
+type ref struct {
+	key, off int64
+	seq      uint64
+	zero     bool
+}
+
+// model is a deliberately naive block map: a Go map per block and per
+// object, updated one block at a time.
+type model struct {
+	blocks int64
+	e      map[int64]ref
+	total  map[int64]int64 // tracked objects and their totals
+	forgot int
+	// liveCount is maintained per update; check() compares it with a
+	// recount from the entries.
+	liveCount map[int64]int64
+}
+
+func newModel(blocks int64) *model {
+	return &model{blocks: blocks, e: map[int64]ref{}, total: map[int64]int64{}, liveCount: map[int64]int64{}}
+}
+
+func (md *model) update(block, n, key, off int64, zero bool, seq uint64) int64 {
+	if _, ok := md.total[key]; !ok {
+		md.total[key] = 0
+	}
+	var applied int64
+	for i := int64(0); i < n; i++ {
+		cur, ok := md.e[block+i]
+		if ok && cur.seq > seq {
+			continue
+		}
+		if ok {
+			md.liveCount[cur.key]--
+		}
+		md.liveCount[key]++
+		r := ref{key: key, seq: seq, zero: zero}
+		if !zero {
+			r.off = off + i
+		}
+		md.e[block+i] = r
+		applied++
+	}
+	return applied
+}
+
+func (md *model) live() map[int64]int64 {
+	l := map[int64]int64{}
+	for _, r := range md.e {
+		l[r.key]++
+	}
+	return l
+}
+
+func (md *model) sortedBlocks() []int64 {
+	bs := make([]int64, 0, len(md.e))
+	for b := range md.e {
+		bs = append(bs, b)
+	}
+	slices.Sort(bs)
+	return bs
+}
+
+// check compares every observable of m with the model.
+func check(t *testing.T, m *Map, md *model) {
+	t.Helper()
+	if m.Blocks() != md.blocks {
+		t.Fatalf("Blocks() = %d, want %d", m.Blocks(), md.blocks)
+	}
+	if got, want := m.WrittenBlocks(), int64(len(md.e)); got != want {
+		t.Fatalf("WrittenBlocks() = %d, want %d", got, want)
+	}
+	checkInternals(t, m)
+	bs := md.sortedBlocks()
+	checkLookup(t, m, md, bs, 0, md.blocks)
+	checkScan(t, m, md, bs, 0, md.blocks)
+	checkObjects(t, m, md)
+}
+
+// checkLookup verifies that Lookup over [from, from+n) covers the range
+// exactly, agrees with the model on every block, and coalesces maximally.
+func checkLookup(t *testing.T, m *Map, md *model, bs []int64, from, n int64) {
+	t.Helper()
+	next := from
+	bi, _ := slices.BinarySearch(bs, from)
+	var prev *Extent
+	var bad string
+	m.Lookup(from, n, func(e Extent) {
+		if bad != "" {
+			return
+		}
+		if e.Block != next || e.N <= 0 {
+			bad = fmt.Sprintf("extent %+v does not continue at %d", e, next)
+			return
+		}
+		if prev != nil && prev.Key == e.Key && prev.Zero == e.Zero && (e.Key < 0 || e.Zero || prev.Off+prev.N == e.Off) {
+			bad = fmt.Sprintf("extents %+v and %+v should have been coalesced", *prev, e)
+			return
+		}
+		p := e
+		prev = &p
+		next = e.Block + e.N
+		if e.Key < 0 {
+			if e.Zero || e.Off != 0 {
+				bad = fmt.Sprintf("unmapped extent %+v has Zero/Off set", e)
+				return
+			}
+			if bi < len(bs) && bs[bi] < next {
+				bad = fmt.Sprintf("unmapped extent %+v hides written block %d (%+v)", e, bs[bi], md.e[bs[bi]])
+			}
+			return
+		}
+		for b := e.Block; b < next; b++ {
+			r, ok := md.e[b]
+			if !ok || bi >= len(bs) || bs[bi] != b {
+				bad = fmt.Sprintf("extent %+v maps unwritten block %d", e, b)
+				return
+			}
+			bi++
+			if r.key != e.Key || r.zero != e.Zero || (!r.zero && r.off != e.Off+b-e.Block) || (r.zero && e.Off != 0) {
+				bad = fmt.Sprintf("extent %+v disagrees at block %d with model %+v", e, b, r)
+				return
+			}
+		}
+	})
+	if bad != "" {
+		t.Fatal(bad)
+	}
+	if next != from+n {
+		t.Fatalf("Lookup(%d, %d) stopped at %d", from, n, next)
+	}
+}
+
+// checkScan walks the device like threshold GC, in steps of random size,
+// and verifies the extents reproduce exactly the model's entries.
+func checkScan(t *testing.T, m *Map, md *model, bs []int64, from, n int64) {
+	t.Helper()
+	rng := rand.New(rand.NewPCG(uint64(n), 7))
+	i := 0
+	last := from - 1
+	for b := from; b < from+n; {
+		step := 1 + rng.Int64N(3*pageLen)
+		var prev *Extent
+		var prevSeq uint64
+		m.Scan(b, step, func(e Extent, seq uint64) bool {
+			if e.Block <= last || e.N <= 0 || e.Block < b || e.Block+e.N > b+step {
+				t.Fatalf("Scan(%d, %d): extent %+v out of order or range (last %d)", b, step, e, last)
+			}
+			if prev != nil && prev.Block+prev.N == e.Block && prev.Key == e.Key && prevSeq == seq && prev.Zero == e.Zero && (e.Zero || prev.Off+prev.N == e.Off) {
+				t.Fatalf("Scan: extents %+v and %+v (seq %d) should have been coalesced", *prev, e, seq)
+			}
+			for k := e.Block; k < e.Block+e.N; k++ {
+				if i >= len(bs) || bs[i] != k {
+					t.Fatalf("Scan: extent %+v reports block %d, model's next written block is index %d", e, k, i)
+				}
+				r := md.e[k]
+				if r.key != e.Key || r.zero != e.Zero || r.seq != seq || (!r.zero && r.off != e.Off+k-e.Block) {
+					t.Fatalf("Scan: extent %+v seq %d disagrees at block %d with model %+v", e, seq, k, r)
+				}
+				i++
+			}
+			last = e.Block + e.N - 1
+			p := e
+			prev, prevSeq = &p, seq
+			return true
+		})
+		b += step
+	}
+	if i != len(bs) {
+		t.Fatalf("Scan reported %d blocks, model has %d", i, len(bs))
+	}
+}
+
+func checkObjects(t *testing.T, m *Map, md *model) {
+	t.Helper()
+	live := md.live()
+	keys := make([]int64, 0, len(md.total))
+	for k := range md.total {
+		keys = append(keys, k)
+	}
+	slices.Sort(keys)
+	var got []int64
+	m.Objects(func(key, l, total int64) bool {
+		got = append(got, key)
+		if l != live[key] || total != md.total[key] {
+			t.Fatalf("Objects: key %d live %d total %d, want %d %d", key, l, total, live[key], md.total[key])
+		}
+		return true
+	})
+	if !slices.Equal(got, keys) {
+		t.Fatalf("Objects keys = %v, want %v", got, keys)
+	}
+	if m.TrackedObjects() != int64(len(keys)) {
+		t.Fatalf("TrackedObjects = %d, want %d", m.TrackedObjects(), len(keys))
+	}
+	for _, k := range keys {
+		l, total, ok := m.Live(k)
+		if !ok || l != live[k] || total != md.total[k] {
+			t.Fatalf("Live(%d) = %d, %d, %v; want %d, %d, true", k, l, total, ok, live[k], md.total[k])
+		}
+	}
+	for k, l := range live {
+		if _, ok := md.total[k]; !ok || md.liveCount[k] != l {
+			t.Fatalf("model bug: key %d live %d, counted %d, tracked %v", k, l, md.liveCount[k], ok)
+		}
+	}
+	if len(keys) > 0 {
+		below := keys[len(keys)/2] + 1
+		var want []int64
+		for _, k := range keys {
+			if k < below && live[k] == 0 {
+				want = append(want, k)
+			}
+		}
+		if got := m.Dead(below); !slices.Equal(got, want) {
+			t.Fatalf("Dead(%d) = %v, want %v", below, got, want)
+		}
+	}
+}
+
+// geometry is a device size as a volume of a given block size would have.
+type geometry struct {
+	name   string
+	blocks int64
+}
+
+var geometries = []geometry{
+	{"odd-small", 3*pageLen + 777},
+	{"4GiB-512B", 4 << 30 / 512},
+	{"4GiB-4KiB", 4 << 30 / 4096},
+}
+
+// randomOps applies ops random operations to m and md. Writes cluster in a
+// few hot windows (so some pages turn dense) and scatter over the device.
+func randomOps(t testing.TB, rng *rand.Rand, m *Map, md *model, ops int, nextKey *int64) {
+	t.Helper()
+	hot := []int64{rng.Int64N(md.blocks), rng.Int64N(md.blocks), 0, md.blocks - 1}
+	for op := 0; op < ops; op++ {
+		var block, n int64
+		switch r := rng.IntN(32); {
+		case r < 20: // near a hot spot, mostly single blocks, sometimes runs
+			h := hot[rng.IntN(len(hot))]
+			block = max(0, min(md.blocks-1, h+rng.Int64N(2*pageLen)-pageLen))
+			n = 1
+			if rng.IntN(3) == 0 {
+				n = 1 + rng.Int64N(300)
+			}
+		case r < 31:
+			block = rng.Int64N(md.blocks)
+			n = 1 + rng.Int64N(8)
+		default: // long runs crossing pages
+			block = rng.Int64N(md.blocks)
+			n = 1 + rng.Int64N(2*pageLen+100)
+		}
+		n = min(n, md.blocks-block)
+		key := *nextKey
+		switch rng.IntN(8) {
+		case 0: // an older chunk's upload completing late
+			key = max(0, key-1-rng.Int64N(5))
+		default:
+			*nextKey++
+		}
+		// Seqnos from a small range: older, equal and newer all happen.
+		seq := uint64(rng.IntN(64))
+		var got, want int64
+		var err error
+		if rng.IntN(6) == 0 {
+			got, err = m.UpdateZero(block, n, key, seq)
+			want = md.update(block, n, key, 0, true, seq)
+		} else {
+			off := rng.Int64N(MaxOff + 2 - n)
+			got, err = m.Update(block, n, key, off, seq)
+			want = md.update(block, n, key, off, false, seq)
+		}
+		if err != nil {
+			t.Fatalf("op %d: %v", op, err)
+		}
+		if got != want {
+			t.Fatalf("op %d: [%d,+%d) key %d seq %d applied %d, model %d", op, block, n, key, seq, got, want)
+		}
+		switch rng.IntN(10) {
+		case 0:
+			total := rng.Int64N(1000)
+			if err := m.AddObject(key, total); err != nil {
+				t.Fatal(err)
+			}
+			md.total[key] = total
+		case 1:
+			live := md.liveCount
+			for k := range md.total {
+				if live[k] == 0 {
+					if err := m.Forget(k); err != nil {
+						t.Fatalf("Forget dead key %d: %v", k, err)
+					}
+					delete(md.total, k)
+					md.forgot++
+				} else if err := m.Forget(k); err == nil {
+					t.Fatalf("Forget(%d) with %d live blocks succeeded", k, live[k])
+				}
+				break
+			}
+		}
+	}
+}
+
+func TestRandomAgainstModel(t *testing.T) {
+	for _, g := range geometries {
+		t.Run(g.name, func(t *testing.T) {
+			seeds := 8
+			if testing.Short() || raceEnabled {
+				seeds = 2
+			}
+			var sawDense, sawSparse bool
+			for seed := 0; seed < seeds; seed++ {
+				rng := rand.New(rand.NewPCG(uint64(seed), uint64(g.blocks)))
+				m, err := New(g.blocks)
+				if err != nil {
+					t.Fatal(err)
+				}
+				md := newModel(g.blocks)
+				var nextKey int64
+				for round := 0; round < 4; round++ {
+					randomOps(t, rng, m, md, 400, &nextKey)
+					check(t, m, md)
+					bs := md.sortedBlocks()
+					for i := 0; i < 20; i++ {
+						b := rng.Int64N(g.blocks)
+						checkLookup(t, m, md, bs, b, 1+rng.Int64N(min(g.blocks-b, 2*pageLen)))
+						if got, want := m.Seq(b), md.e[b].seq; got != want {
+							t.Fatalf("Seq(%d) = %d, want %d", b, got, want)
+						}
+					}
+				}
+				sawDense = sawDense || m.dense > 0
+				sawSparse = sawSparse || m.pages > m.dense
+				// The serialized map must decode to the same observables.
+				data, err := m.MarshalBinary()
+				if err != nil {
+					t.Fatal(err)
+				}
+				m2, err := UnmarshalBinary(data)
+				if err != nil {
+					t.Fatalf("round trip: %v", err)
+				}
+				check(t, m2, md)
+				// And keep working after decoding.
+				randomOps(t, rng, m2, md, 200, &nextKey)
+				check(t, m2, md)
+			}
+			if !sawDense || !sawSparse {
+				t.Fatalf("test did not exercise both page forms (dense %v, sparse %v)", sawDense, sawSparse)
+			}
+		})
+	}
+}
+
+// checkInternals verifies the map's running counters against its pages.
+func checkInternals(t *testing.T, m *Map) {
+	t.Helper()
+	var pages, dense, sparseCap, written int64
+	for _, c := range m.dir {
+		if c == nil {
+			continue
+		}
+		for _, p := range c {
+			if p == nil {
+				continue
+			}
+			pages++
+			n := 0
+			if p.d != nil {
+				dense++
+				for _, e := range p.d {
+					if e.loc != 0 {
+						n++
+					}
+				}
+			} else {
+				sparseCap += int64(cap(p.sp))
+				n = len(p.sp)
+				for i := 1; i < len(p.sp); i++ {
+					if p.sp[i-1].idx >= p.sp[i].idx {
+						t.Fatalf("sparse page not sorted at %d", i)
+					}
+				}
+			}
+			if n != int(p.n) || n == 0 {
+				t.Fatalf("page holds %d entries, counts %d", n, p.n)
+			}
+			written += int64(n)
+		}
+	}
+	if pages != m.pages || dense != m.dense || sparseCap != m.sparseCap || written != m.written {
+		t.Fatalf("counters pages %d dense %d sparseCap %d written %d; pages hold %d %d %d %d",
+			m.pages, m.dense, m.sparseCap, m.written, pages, dense, sparseCap, written)
+	}
+}

@@ -1,0 +1,5 @@
+//go:build !race
+
+package extentmap
+
+const raceEnabled = false

@@ -1,0 +1,322 @@
+// Package nbd owns bs3's NBD server: it speaks the NBD protocol (fixed
+// newstyle handshake, simple replies) over TCP or a unix socket and serves
+// one export backed by a frontend.Device.
+//
+// Each connection has one goroutine reading requests and a bounded set of
+// worker goroutines executing them, so many requests are in flight at once
+// and replies go out in completion order, matched by their handle.
+//
+// Payload buffers are pooled: a Device must not keep the slice passed to
+// ReadAt or WriteAt after the call returns (as with io.ReaderAt/WriterAt).
+//
+// The package must never interpret the device's data, never acknowledge a
+// request the device has not completed, never apply a write whose payload
+// was not received in full, and never panic or stop serving other
+// connections because one client misbehaves.
+package nbd
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math/bits"
+	"net"
+	"net/url"
+	"os"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/rs/zerolog"
+
+	"github.com/bs3/bs3/internal/frontend"
+)
+
+// DefaultMaxRequest is the default largest READ/WRITE payload: 32 MiB, the
+// size the NBD specification asks servers to accept at least.
+const DefaultMaxRequest = 32 << 20
+
+// DefaultExport is the export name used when Options.Export is empty.
+const DefaultExport = "bs3"
+
+// maxInFlight bounds the requests one connection has dispatched to the
+// device at once; the reader stops reading (TCP backpressure) beyond it.
+const maxInFlight = 64
+
+// minInFlightBytes is the least payload budget of one connection; the
+// budget keeps 64 requests of up to MaxRequest each from pinning gigabytes.
+const minInFlightBytes = 256 << 20
+
+// closeWriteGrace bounds how long Close waits for a client that does not
+// read its replies, so a stuck peer cannot hang shutdown.
+const closeWriteGrace = 10 * time.Second
+
+// Options configure a Server.
+type Options struct {
+	// Listen is "host:port" for TCP or "unix:/path" for a unix socket.
+	Listen string
+	// Export is the export name; the empty name (the protocol's default
+	// export) is served too. Empty means DefaultExport.
+	Export string
+	// MaxRequest is the largest READ/WRITE payload accepted, advertised as
+	// the maximum block size. Zero means DefaultMaxRequest. It must be a
+	// multiple of the device block size and below 4 GiB.
+	MaxRequest int64
+	// Logger receives connection events and protocol violations.
+	Logger zerolog.Logger
+}
+
+// Server serves one frontend.Device over NBD.
+type Server struct {
+	dev       frontend.Device
+	export    string
+	size      int64
+	blockSize int64
+	maxReq    int64
+	log       zerolog.Logger
+
+	ln      net.Listener
+	network string // "tcp" or "unix"
+	// devCtx is passed to device calls. It is never cancelled: Close waits
+	// for in-flight requests rather than aborting them half-done.
+	devCtx context.Context
+
+	mu     sync.Mutex
+	closed bool
+	conns  map[*conn]struct{}
+
+	connWG    sync.WaitGroup // one per connection goroutine
+	closeOnce sync.Once
+	closeErr  error
+}
+
+// New validates the options against the device and starts listening; call
+// Serve to accept connections. A stale unix socket file (one nobody
+// listens on) is removed first; any other existing file is an error.
+func New(dev frontend.Device, o Options) (*Server, error) {
+	if dev == nil {
+		return nil, errors.New("nbd: nil device")
+	}
+	s := &Server{
+		dev:       dev,
+		export:    o.Export,
+		size:      dev.Size(),
+		blockSize: dev.BlockSize(),
+		maxReq:    o.MaxRequest,
+		log:       o.Logger.With().Str("component", "nbd").Logger(),
+		devCtx:    context.Background(),
+		conns:     make(map[*conn]struct{}),
+	}
+	if s.export == "" {
+		s.export = DefaultExport
+	}
+	if len(s.export) > maxNameLen {
+		return nil, fmt.Errorf("nbd: export name is %d bytes, at most %d allowed", len(s.export), maxNameLen)
+	}
+	if s.maxReq == 0 {
+		s.maxReq = DefaultMaxRequest
+	}
+	bs := s.blockSize
+	// The protocol's minimum block size must be a power of two ≤ 64 KiB.
+	if bs <= 0 || bs > 64<<10 || bits.OnesCount64(uint64(bs)) != 1 {
+		return nil, fmt.Errorf("nbd: device block size %d is not a power of two between 1 and 65536", bs)
+	}
+	if s.size < 0 || s.size%bs != 0 {
+		return nil, fmt.Errorf("nbd: device size %d is not a multiple of the block size %d", s.size, bs)
+	}
+	if s.maxReq < bs || s.maxReq%bs != 0 || s.maxReq > 0xffffffff {
+		return nil, fmt.Errorf("nbd: max request %d must be a multiple of the block size %d and below 4 GiB", s.maxReq, bs)
+	}
+	if s.maxReq > minInFlightBytes {
+		// One request must always fit the per-connection budget.
+		s.log.Warn().Int64("max_request", s.maxReq).Msg("max request above 256 MiB; each connection may pin that much memory")
+	}
+
+	ln, network, err := listen(o.Listen)
+	if err != nil {
+		return nil, err
+	}
+	s.ln, s.network = ln, network
+	s.log.Info().Str("listen", s.Addr()).Str("export", s.export).Int64("size", s.size).
+		Int64("block_size", bs).Int64("max_request", s.maxReq).Msg("nbd server listening")
+	return s, nil
+}
+
+// listen opens a TCP or unix listener for addr ("unix:/path" or host:port).
+func listen(addr string) (net.Listener, string, error) {
+	if addr == "" {
+		return nil, "", errors.New("nbd: empty listen address")
+	}
+	path, isUnix := strings.CutPrefix(addr, "unix:")
+	if !isUnix {
+		ln, err := net.Listen("tcp", addr)
+		if err != nil {
+			return nil, "", fmt.Errorf("nbd: listen on %s: %w", addr, err)
+		}
+		return ln, "tcp", nil
+	}
+	if path == "" {
+		return nil, "", errors.New("nbd: empty unix socket path")
+	}
+	if err := removeStaleSocket(path); err != nil {
+		return nil, "", err
+	}
+	ln, err := net.Listen("unix", path)
+	if err != nil {
+		return nil, "", fmt.Errorf("nbd: listen on unix socket %s: %w", path, err)
+	}
+	return ln, "unix", nil
+}
+
+// removeStaleSocket deletes path if it is a unix socket nobody accepts on
+// (left behind by a crashed daemon). A live socket or a non-socket file is
+// an error: deleting those would steal another server's address or lose a
+// user's file.
+func removeStaleSocket(path string) error {
+	fi, err := os.Lstat(path)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("nbd: stat unix socket %s: %w", path, err)
+	}
+	if fi.Mode()&os.ModeSocket == 0 {
+		return fmt.Errorf("nbd: %s exists and is not a socket", path)
+	}
+	if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
+		if cerr := c.Close(); cerr != nil {
+			return fmt.Errorf("nbd: unix socket %s is in use (closing probe: %v)", path, cerr)
+		}
+		return fmt.Errorf("nbd: unix socket %s is in use by another server", path)
+	}
+	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("nbd: remove stale unix socket %s: %w", path, err)
+	}
+	return nil
+}
+
+// Addr is the address the server listens on, in the form Options.Listen
+// takes ("127.0.0.1:10809" or "unix:/path"), with the real port when the
+// options asked for port 0.
+func (s *Server) Addr() string {
+	if s.network == "unix" {
+		return "unix:" + s.ln.Addr().String()
+	}
+	return s.ln.Addr().String()
+}
+
+// URI is the NBD URI of the export, as qemu and libnbd tools take it:
+// nbd://host:port/export or nbd+unix:///export?socket=/path.
+func (s *Server) URI() string {
+	if s.network == "unix" {
+		return "nbd+unix:///" + url.PathEscape(s.export) + "?socket=" + url.QueryEscape(s.ln.Addr().String())
+	}
+	return "nbd://" + s.ln.Addr().String() + "/" + url.PathEscape(s.export)
+}
+
+// Serve accepts connections until Close; it returns nil after Close and an
+// error if accepting fails otherwise. Call it once.
+func (s *Server) Serve() error {
+	var backoff time.Duration
+	for {
+		nc, err := s.ln.Accept()
+		if err != nil {
+			if s.isClosed() {
+				return nil
+			}
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() || isTemporaryAccept(err) {
+				// Out of file descriptors and the like: wait and retry
+				// rather than bring the whole frontend down.
+				backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
+				s.log.Warn().Err(err).Dur("retry_in", backoff).Msg("accept failed")
+				time.Sleep(backoff)
+				continue
+			}
+			return fmt.Errorf("nbd: accept on %s: %w", s.Addr(), err)
+		}
+		backoff = 0
+		c := s.newConn(nc)
+		if !s.track(c) {
+			c.log.Debug().Msg("connection refused: server closing")
+			if err := nc.Close(); err != nil {
+				c.log.Debug().Err(err).Msg("close refused connection")
+			}
+			continue
+		}
+		go c.serve()
+	}
+}
+
+// isTemporaryAccept reports accept errors worth retrying: resource
+// exhaustion and peers that gave up during the TCP handshake.
+func isTemporaryAccept(err error) bool {
+	for _, e := range []error{syscall.EMFILE, syscall.ENFILE, syscall.ENOBUFS, syscall.ENOMEM,
+		syscall.ECONNABORTED, syscall.ECONNRESET} {
+		if errors.Is(err, e) {
+			return true
+		}
+	}
+	return false
+}
+
+func (s *Server) isClosed() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.closed
+}
+
+// track registers c unless the server is closing; the caller then owns
+// one count of connWG until c.serve returns.
+func (s *Server) track(c *conn) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return false
+	}
+	s.conns[c] = struct{}{}
+	s.connWG.Add(1)
+	return true
+}
+
+func (s *Server) untrack(c *conn) {
+	s.mu.Lock()
+	delete(s.conns, c)
+	s.mu.Unlock()
+	s.connWG.Done()
+}
+
+// activeConns is the number of connections being served (tests wait on it).
+func (s *Server) activeConns() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.conns)
+}
+
+// Close stops accepting, stops reading new requests on every connection,
+// waits for the requests already dispatched to complete and their replies
+// to be sent, then closes the connections. No request is left half-done: a
+// write whose payload had not fully arrived is dropped, one that reached
+// the device completes. Close is idempotent.
+func (s *Server) Close() error {
+	s.closeOnce.Do(func() {
+		s.mu.Lock()
+		s.closed = true
+		conns := make([]*conn, 0, len(s.conns))
+		for c := range s.conns {
+			conns = append(conns, c)
+		}
+		s.mu.Unlock()
+
+		if err := s.ln.Close(); err != nil {
+			s.closeErr = fmt.Errorf("nbd: close listener %s: %w", s.Addr(), err)
+		}
+		for _, c := range conns {
+			c.stop()
+		}
+		s.connWG.Wait()
+		s.log.Info().Msg("nbd server closed")
+	})
+	return s.closeErr
+}

@@ -1,0 +1,90 @@
+// Package store defines the object store boundary of bs3: a flat namespace
+// of immutable objects addressed by name, and the naming of the objects a
+// volume keeps there (data objects by key, superblock, checkpoints).
+//
+// A store never knows about blocks, chunks or the extent map; it moves bytes.
+// Implementations live in sub-packages (s3, dir, mem) and wrappers (prefix,
+// faulty). Every implementation must pass the conformance suite in
+// store/storetest.
+package store
+
+import (
+	"context"
+	"errors"
+	"fmt"
+)
+
+// Errors every implementation maps its own conditions to, so callers can
+// decide with errors.Is whether to retry.
+var (
+	// ErrNotFound: the named object does not exist.
+	ErrNotFound = errors.New("object not found")
+	// ErrExists: a conditional Put (ifAbsent) found the name taken
+	// (HTTP 412). Another writer owns the name; retrying cannot help.
+	ErrExists = errors.New("object already exists")
+	// ErrConflict: a conditional Put raced with another request on the
+	// same name (HTTP 409). The caller may retry.
+	ErrConflict = errors.New("conflicting concurrent write")
+)
+
+// Store is a flat object namespace. All methods are safe for concurrent use.
+type Store interface {
+	// Put stores body under name, replacing any object of that name unless
+	// ifAbsent is set, in which case an existing object yields ErrExists.
+	// The store must not retain body after Put returns.
+	Put(ctx context.Context, name string, body []byte, ifAbsent bool) error
+
+	// GetRange reads up to len(buf) bytes of the object starting at off into
+	// buf and returns how many were read. Fewer than len(buf) bytes are
+	// returned only when the object ends first (0 when off is at or past the
+	// end); a missing object yields ErrNotFound.
+	GetRange(ctx context.Context, name string, off int64, buf []byte) (int, error)
+
+	// Size returns the object's length in bytes, or ErrNotFound.
+	Size(ctx context.Context, name string) (int64, error)
+
+	// List calls fn for every object whose name starts with prefix, in
+	// lexical order of names. An error from fn stops the listing and is
+	// returned.
+	List(ctx context.Context, prefix string, fn func(name string, size int64) error) error
+
+	// Delete removes the object. Deleting a missing object is not an error.
+	Delete(ctx context.Context, name string) error
+}
+
+// DataName is the object name of data key k: the low 32 bits first, so that
+// consecutive keys spread over many name prefixes (S3 rate limits are per
+// prefix), then the high 32 bits.
+func DataName(k int64) string {
+	u := uint64(k)
+	return fmt.Sprintf("%08x/%08x", u&0xffffffff, u>>32)
+}
+
+// ParseDataName is the inverse of DataName; ok is false for names that are
+// not data object names (superblock, checkpoints).
+func ParseDataName(name string) (k int64, ok bool) {
+	if len(name) != 17 || name[8] != '/' {
+		return 0, false
+	}
+	var lo, hi uint64
+	if _, err := fmt.Sscanf(name, "%08x/%08x", &lo, &hi); err != nil {
+		return 0, false
+	}
+	if DataName(int64(hi<<32|lo)) != name {
+		return 0, false
+	}
+	return int64(hi<<32 | lo), true
+}
+
+// Names of the volume's metadata objects. They cannot collide with data
+// names, which always have a '/' at position 8.
+const (
+	SuperblockName   = "superblock"
+	CheckpointPrefix = "checkpoint/"
+)
+
+// CheckpointName names the checkpoint that covers every key below
+// watermark. Names sort by watermark, so the newest is listed last.
+func CheckpointName(watermark int64) string {
+	return fmt.Sprintf("%s%016x", CheckpointPrefix, uint64(watermark))
+}

@@ -1,0 +1,222 @@
+// Package volume is the engine of bs3: it owns the write path (chunk →
+// key → upload → map update), the read path (map lookup → parallel ranged
+// GETs), the superblock, checkpoints and recovery of one volume.
+//
+// It talks to the object store only through the object proxy and to the
+// extent map only through the map proxy; it never knows which frontend
+// feeds it. The BUSE frontend calls BuseWrite/BuseRead directly; the
+// userspace frontends go through the chunker, which calls NextKey/Commit.
+package volume
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/rs/zerolog"
+
+	"github.com/bs3/bs3/internal/chunk"
+	"github.com/bs3/bs3/internal/mapproxy"
+	"github.com/bs3/bs3/internal/objproxy"
+)
+
+// Options are the volume's settings, taken from the configuration by main.
+type Options struct {
+	Size      int64 // device size in bytes (multiple of BlockSize)
+	BlockSize int64 // 512 or 4096
+	ChunkSize int64 // data bytes per chunk
+	// Shrink allows attaching with a Size smaller than the volume's.
+	Shrink bool
+	// ConditionalWrites writes new keys with If-None-Match: * so that a
+	// second writer on the volume is refused instead of interleaving.
+	ConditionalWrites bool
+	// SkipCheckpoint neither loads nor writes checkpoints (the map is
+	// rebuilt from every object at attach).
+	SkipCheckpoint bool
+	// CheckpointInterval and CheckpointObjects bound how much recovery has
+	// to replay: a checkpoint is written when either is reached.
+	CheckpointInterval time.Duration
+	CheckpointObjects  int64
+	// MaxInflight is the most chunks the frontend keeps in flight; it
+	// bounds how far past a gap a crashed attach may have left keys.
+	MaxInflight int64
+	// MapIdleTimeout bounds how long low-priority map work waits for an
+	// idle moment (gc.idle_timeout).
+	MapIdleTimeout time.Duration
+	// RecoveryConcurrency is how many object headers are fetched at once
+	// during roll-forward.
+	RecoveryConcurrency int
+	Logger              zerolog.Logger
+}
+
+// ErrFenced is returned by writes after another writer took the volume.
+var ErrFenced = errors.New("volume is owned by another writer")
+
+// Volume is one attached volume.
+type Volume struct {
+	o      Options
+	layout chunk.Layout
+	objs   *objproxy.Proxy
+	maps   *mapproxy.Proxy
+	log    zerolog.Logger
+	sb     Superblock
+
+	nextKey  atomic.Int64 // next key to hand out
+	inflight sync.WaitGroup
+
+	// applied tracks which keys are in the map, so a checkpoint knows the
+	// watermark below which every key is applied.
+	appliedMu sync.Mutex
+	applied   map[int64]struct{}
+	watermark int64 // every key < watermark is applied
+	sinceCkpt atomic.Int64
+
+	failed atomic.Pointer[error]
+
+	ckptMu      sync.Mutex // one checkpoint at a time
+	ckptDone    chan struct{}
+	ckptStop    chan struct{}
+	lastCkptKey int64
+
+	closeOnce sync.Once
+	closeErr  error
+}
+
+// Open attaches the volume stored behind objs: superblock, newest valid
+// checkpoint, roll-forward, then it accepts I/O.
+func Open(ctx context.Context, objs *objproxy.Proxy, o Options) (*Volume, error) {
+	if o.BlockSize != 512 && o.BlockSize != 4096 {
+		return nil, fmt.Errorf("block size %d: must be 512 or 4096", o.BlockSize)
+	}
+	if o.Size <= 0 || o.Size%o.BlockSize != 0 {
+		return nil, fmt.Errorf("size %d: must be a positive multiple of the block size %d", o.Size, o.BlockSize)
+	}
+	if o.ChunkSize <= 0 || o.ChunkSize%o.BlockSize != 0 {
+		return nil, fmt.Errorf("chunk size %d: must be a positive multiple of the block size %d", o.ChunkSize, o.BlockSize)
+	}
+	if o.RecoveryConcurrency <= 0 {
+		o.RecoveryConcurrency = 32
+	}
+	if o.MaxInflight <= 0 {
+		o.MaxInflight = 64
+	}
+	if o.CheckpointObjects <= 0 {
+		o.CheckpointObjects = 1024
+	}
+	if o.CheckpointInterval <= 0 {
+		o.CheckpointInterval = 5 * time.Minute
+	}
+	v := &Volume{
+		o:        o,
+		layout:   chunk.Layout{ChunkSize: o.ChunkSize, BlockSize: o.BlockSize},
+		objs:     objs,
+		log:      o.Logger,
+		applied:  make(map[int64]struct{}),
+		ckptStop: make(chan struct{}),
+		ckptDone: make(chan struct{}),
+	}
+	sb, created, err := attachSuperblock(ctx, objs, o)
+	if err != nil {
+		return nil, err
+	}
+	v.sb = sb
+	v.log = v.log.With().Str("volume", sb.VolumeID).Uint64("generation", sb.Generation).Logger()
+	if created {
+		v.log.Info().Int64("size", sb.Size).Int64("block_size", sb.BlockSize).Msg("created new volume")
+	}
+	m, err := v.recover(ctx)
+	if err != nil {
+		return nil, err
+	}
+	v.maps = mapproxy.New(m, o.MapIdleTimeout)
+	go v.checkpointLoop()
+	return v, nil
+}
+
+// Size is the device size in bytes.
+func (v *Volume) Size() int64 { return v.sb.Size }
+
+// BlockSize is the device block size in bytes.
+func (v *Volume) BlockSize() int64 { return v.o.BlockSize }
+
+// Layout is the chunk geometry of the volume.
+func (v *Volume) Layout() chunk.Layout { return v.layout }
+
+// Generation is this attach's generation.
+func (v *Volume) Generation() uint64 { return v.sb.Generation }
+
+// Superblock returns the attached superblock.
+func (v *Volume) Superblock() Superblock { return v.sb }
+
+// Maps exposes the map proxy for the collectors and tests.
+func (v *Volume) Maps() *mapproxy.Proxy { return v.maps }
+
+// Err is the error that stopped the volume from accepting writes, or nil.
+func (v *Volume) Err() error {
+	if p := v.failed.Load(); p != nil {
+		return *p
+	}
+	return nil
+}
+
+func (v *Volume) fail(err error) {
+	if v.failed.CompareAndSwap(nil, &err) {
+		v.log.Error().Err(err).Msg("volume stops accepting writes")
+	}
+}
+
+// Close waits for in-flight writes, writes a final checkpoint and stops
+// the map owner. It does not close the object proxy (main owns it).
+func (v *Volume) Close(ctx context.Context) error {
+	v.closeOnce.Do(func() {
+		close(v.ckptStop)
+		<-v.ckptDone
+		v.inflight.Wait()
+		if v.Err() == nil && !v.o.SkipCheckpoint {
+			if err := v.Checkpoint(ctx); err != nil {
+				v.closeErr = fmt.Errorf("final checkpoint: %w", err)
+			}
+		}
+		v.maps.Close()
+	})
+	return v.closeErr
+}
+
+// blocksOf converts an item's sector range into device blocks.
+func (v *Volume) blocksOf(it chunk.Item) (block, n int64) {
+	spb := uint64(v.o.BlockSize / chunk.SectorSize)
+	return int64(it.Sector / spb), int64(it.Length / spb)
+}
+
+// devSectors is the device size in 512-byte sectors.
+func (v *Volume) devSectors() uint64 { return uint64(v.sb.Size / chunk.SectorSize) }
+
+// markApplied records that key is in the map and advances the watermark
+// over the contiguous prefix of applied keys.
+func (v *Volume) markApplied(key int64) {
+	v.appliedMu.Lock()
+	v.applied[key] = struct{}{}
+	for {
+		if _, ok := v.applied[v.watermark]; !ok {
+			break
+		}
+		delete(v.applied, v.watermark)
+		v.watermark++
+	}
+	v.appliedMu.Unlock()
+}
+
+// Watermark returns the key below which every key is applied to the map.
+func (v *Volume) Watermark() int64 {
+	v.appliedMu.Lock()
+	defer v.appliedMu.Unlock()
+	return v.watermark
+}
+
+// NextKey hands out the next data key. Callers take keys when a chunk is
+// closed, so every chunk closed before a flush has a lower key than every
+// chunk closed after it.
+func (v *Volume) NextKey() int64 { return v.nextKey.Add(1) - 1 }

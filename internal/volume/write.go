@@ -1,0 +1,105 @@
+package volume
+
+import (
+	"context"
+	"errors"
+	"fmt"
+
+	"github.com/bs3/bs3/internal/chunk"
+	"github.com/bs3/bs3/internal/extentmap"
+	"github.com/bs3/bs3/internal/mapproxy"
+	"github.com/bs3/bs3/internal/objproxy"
+	"github.com/bs3/bs3/internal/store"
+)
+
+// Commit stores the chunk in buf (BUSE layout, items items; items < 0: up
+// to the first zero-length item) as the object of key, then applies it to
+// the map. It returns only after both, so the caller may acknowledge the
+// writes and reuse buf.
+//
+// Before the upload, every item's seqno gets the attach generation in its
+// high bits (DESIGN §4.2) and the metadata after the last item is zeroed;
+// buf is modified in place.
+func (v *Volume) Commit(ctx context.Context, key int64, buf []byte, items int) error {
+	v.inflight.Add(1)
+	defer v.inflight.Done()
+	if err := v.Err(); err != nil {
+		return err
+	}
+	p, err := v.layout.Parse(buf, items, v.devSectors())
+	if err != nil {
+		v.fail(fmt.Errorf("chunk for key %d is malformed: %w", key, err))
+		return fmt.Errorf("commit key %d: %w", key, err)
+	}
+	gen := v.sb.Generation << GenerationBits
+	for i := range p.Items {
+		seq := p.Items[i].Seqno & (1<<GenerationBits - 1)
+		p.Items[i].Seqno = gen | seq
+		chunk.SetSeqno(buf, i, gen|seq)
+	}
+	v.layout.ZeroTail(buf, len(p.Items))
+	body := buf[:p.End]
+	name := store.DataName(key)
+	if err := v.objs.Put(ctx, objproxy.High, name, body, v.o.ConditionalWrites); err != nil {
+		if errors.Is(err, store.ErrExists) {
+			err = fmt.Errorf("%w: key %d was written by someone else (is a second bs3 attached to this volume?): %v", ErrFenced, key, err)
+			v.fail(err)
+			return err
+		}
+		return fmt.Errorf("upload key %d: %w", key, err)
+	}
+	if err := v.apply(ctx, mapproxy.High, key, p); err != nil {
+		return err
+	}
+	v.markApplied(key)
+	v.sinceCkpt.Add(1)
+	return nil
+}
+
+// apply updates the map with the items of object key.
+func (v *Volume) apply(ctx context.Context, prio mapproxy.Priority, key int64, p chunk.Parsed) error {
+	var aerr error
+	err := v.maps.Do(ctx, prio, func(m *extentmap.Map) {
+		aerr = v.applyItems(m, key, p)
+	})
+	if err == nil {
+		err = aerr
+	}
+	if err != nil {
+		return fmt.Errorf("apply key %d to the map: %w", key, err)
+	}
+	return nil
+}
+
+// applyItems records object key and its items in m. Recovery calls it
+// directly (it owns the map before the proxy starts). An empty object (a
+// placeholder for a collected one) is tracked with no blocks.
+func (v *Volume) applyItems(m *extentmap.Map, key int64, p chunk.Parsed) error {
+	md := v.layout.MetadataSize()
+	total := int64(0)
+	if p.End > md {
+		total = (p.End - md) / v.o.BlockSize
+	}
+	if err := m.AddObject(key, total); err != nil {
+		return err
+	}
+	for i, it := range p.Items {
+		block, n := v.blocksOf(it)
+		var err error
+		if p.DataOff[i] < 0 {
+			_, err = m.UpdateZero(block, n, key, it.Seqno)
+		} else {
+			_, err = m.Update(block, n, key, (p.DataOff[i]-md)/v.o.BlockSize, it.Seqno)
+		}
+		if err != nil {
+			return fmt.Errorf("item %d: %w", i, err)
+		}
+	}
+	return nil
+}
+
+// BuseWrite implements the BUSE write callback: one chunk, as the kernel
+// module built it, becomes the object of the next key.
+func (v *Volume) BuseWrite(writes int64, buf []byte) error {
+	return v.Commit(context.Background(), v.NextKey(), buf, int(writes))
+}
