@@ -45,25 +45,39 @@ func scale() float64 {
 
 func scaled(n int64) int64 { return max(int64(float64(n)*scale()), 16*mib) }
 
-func cpuSeconds() float64 {
+// cpuSeconds is the user and system CPU time of this process so far.
+func cpuSeconds() (user, sys float64) {
 	var ru syscall.Rusage
 	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
-		return 0
+		return 0, 0
 	}
-	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano()).Seconds()
+	return time.Duration(ru.Utime.Nano()).Seconds(), time.Duration(ru.Stime.Nano()).Seconds()
+}
+
+// cpuMeter measures CPU seconds per GiB over a phase.
+type cpuMeter struct{ u0, s0 float64 }
+
+func startCPU() cpuMeter { u, s := cpuSeconds(); return cpuMeter{u, s} }
+
+// perGiB returns user and system CPU seconds per GiB of bytes.
+func (m cpuMeter) perGiB(bytes int64) [2]float64 {
+	u, s := cpuSeconds()
+	g := float64(bytes) / gib
+	return [2]float64{(u - m.u0) / g, (s - m.s0) / g}
 }
 
 type result struct {
 	name      string
 	mbps      float64
 	rawMBps   float64
-	cpuPerGiB float64
+	cpuPerGiB [2]float64 // user, system
+	rawCPU    [2]float64 // the raw client's, same object size and concurrency
 }
 
 func (r result) String() string {
 	s := fmt.Sprintf("%-44s %9.1f MB/s   raw %9.1f MB/s   ratio %5.2f", r.name, r.mbps, r.rawMBps, r.mbps/r.rawMBps)
-	if r.cpuPerGiB > 0 {
-		s += fmt.Sprintf("   %.2f CPU-s/GiB", r.cpuPerGiB)
+	if r.cpuPerGiB[0] > 0 {
+		s += fmt.Sprintf("   CPU-s/GiB user %.2f sys %.2f (raw client: user %.2f sys %.2f)", r.cpuPerGiB[0], r.cpuPerGiB[1], r.rawCPU[0], r.rawCPU[1])
 	}
 	return s
 }
@@ -141,6 +155,7 @@ func BenchmarkThroughput(b *testing.B) {
 		body[i] = byte(i * 7)
 	}
 	rawObjects := scaled(1*gib) / (4 * mib)
+	cpu := startCPU()
 	d, err := parallel(uploaders, rawObjects, func(_ int, i int64) error {
 		return raw.Put(ctx, fmt.Sprintf("raw/%d", i), body, false)
 	})
@@ -148,6 +163,7 @@ func BenchmarkThroughput(b *testing.B) {
 		b.Fatal(err)
 	}
 	rawPut := mbps(rawObjects*4*mib, d)
+	rawPutCPU := cpu.perGiB(rawObjects * 4 * mib)
 	rawGet1M := func() float64 {
 		n := rawObjects * 4
 		d, err := parallel(8, n, func(w int, i int64) error {
@@ -197,7 +213,7 @@ func BenchmarkThroughput(b *testing.B) {
 	for i := range buf {
 		buf[i] = byte(i)
 	}
-	cpu0 := cpuSeconds()
+	cpu = startCPU()
 	start := time.Now()
 	for off := int64(0); off < seqBytes; off += int64(len(buf)) {
 		if err := dev.WriteAt(ctx, buf, off, false); err != nil {
@@ -209,7 +225,7 @@ func BenchmarkThroughput(b *testing.B) {
 	}
 	d = time.Since(start)
 	results = append(results, result{name: fmt.Sprintf("seq write 128 KiB x %d MiB", seqBytes/mib), mbps: mbps(seqBytes, d), rawMBps: rawPut,
-		cpuPerGiB: (cpuSeconds() - cpu0) / (float64(seqBytes) / gib)})
+		cpuPerGiB: cpu.perGiB(seqBytes), rawCPU: rawPutCPU})
 
 	seqRead := func(label string) {
 		n := scaled(1*gib) / mib
@@ -228,7 +244,7 @@ func BenchmarkThroughput(b *testing.B) {
 	randBytes := scaled(512 * mib)
 	nBlocks := randBytes / (4 * kib)
 	written := make([]int64, nBlocks)
-	cpu0 = cpuSeconds()
+	cpu = startCPU()
 	d, err = parallel(8, nBlocks, func(w int, i int64) error {
 		blk := rand.Int64N(seqBytes / (4 * kib)) // inside the sequential region: the 1 MiB reads afterwards see fragmentation
 		if i%2 == 1 {
@@ -244,7 +260,7 @@ func BenchmarkThroughput(b *testing.B) {
 		b.Fatal(err)
 	}
 	results = append(results, result{name: fmt.Sprintf("random write 4 KiB x %d MiB over 8 GiB", randBytes/mib), mbps: mbps(randBytes, d), rawMBps: rawPut,
-		cpuPerGiB: (cpuSeconds() - cpu0) / (float64(randBytes) / gib)})
+		cpuPerGiB: cpu.perGiB(randBytes), rawCPU: rawPutCPU})
 
 	// Random 4 KiB reads of written blocks, 32 readers.
 	ops, d, err = timed(32, readDur, func(w int, rng *rand.Rand) error {

@@ -82,14 +82,14 @@ func (v *Volume) Checkpoint(ctx context.Context) error {
 	v.ckptMu.Lock()
 	defer v.ckptMu.Unlock()
 	start := time.Now()
-	// The watermark is read before the map is serialized, so every key
-	// below it is in the serialized map; keys above it that are also in
-	// it are replayed again at recovery, which is idempotent.
-	wm := v.Watermark()
-	applied := v.sinceCkpt.Load()
+	// Keys are applied in order on the map owner goroutine, so the
+	// watermark read there is exactly the prefix the serialized map holds.
+	var wm, applied int64
 	var mapBytes []byte
 	var merr error
 	err := v.maps.Do(ctx, mapproxy.Low, func(m *extentmap.Map) {
+		wm = v.watermark.Load()
+		applied = v.sinceCkpt.Load()
 		mapBytes, merr = m.MarshalBinary()
 	})
 	if err == nil {
@@ -133,8 +133,28 @@ func (v *Volume) pruneCheckpoints(ctx context.Context) error {
 		}
 		names = names[1:]
 	}
+	v.setDeleteFloor(names)
 	return nil
 }
+
+// setDeleteFloor records the watermark of the oldest checkpoint kept:
+// recovery may start from it, so every key at or above it must exist (as
+// data or an empty placeholder) to keep the roll-forward contiguous.
+func (v *Volume) setDeleteFloor(names []string) {
+	floor := int64(0)
+	if len(names) > 0 {
+		var wm uint64
+		if _, err := fmt.Sscanf(names[0], store.CheckpointPrefix+"%016x", &wm); err == nil {
+			floor = int64(wm)
+		}
+	}
+	v.deleteFloor.Store(floor)
+}
+
+// DeleteFloor is the key below which a dead object may be deleted
+// outright; at or above it, dead GC replaces it with an empty placeholder
+// (DESIGN §3).
+func (v *Volume) DeleteFloor() int64 { return v.deleteFloor.Load() }
 
 // loadCheckpoint returns the map and watermark of the newest valid
 // checkpoint, or (nil, 0) when there is none.
@@ -143,6 +163,7 @@ func (v *Volume) loadCheckpoint(ctx context.Context) (*extentmap.Map, int64, err
 	if err != nil {
 		return nil, 0, err
 	}
+	v.setDeleteFloor(names)
 	for i := len(names) - 1; i >= 0; i-- {
 		raw, err := readWhole(ctx, v.objs, names[i])
 		if err != nil {

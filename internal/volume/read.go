@@ -30,8 +30,12 @@ func (v *Volume) Read(ctx context.Context, block, n int64, buf []byte) error {
 		length   int64
 	}
 	var pieces []piece
+	var pinned []int64
+	defer func() { v.unpin(pinned) }()
 	md := v.layout.MetadataSize()
 	err := v.maps.Do(ctx, mapproxy.High, func(m *extentmap.Map) {
+		// Pinned on the map owner goroutine: dead GC decides there too,
+		// so an object found here cannot be collected before unpin.
 		m.Lookup(block, n, func(e extentmap.Extent) {
 			start := (e.Block - block) * bs
 			length := e.N * bs
@@ -40,6 +44,10 @@ func (v *Volume) Read(ctx context.Context, block, n int64, buf []byte) error {
 				return
 			}
 			objOff := md + e.Off*bs
+			if k := len(pinned); k == 0 || pinned[k-1] != e.Key {
+				pinned = append(pinned, e.Key)
+				v.pin(e.Key)
+			}
 			for length > 0 {
 				l := min(length, maxReadPiece)
 				pieces = append(pieces, piece{e.Key, objOff, start, l})
@@ -117,4 +125,33 @@ func (v *Volume) Mapped(ctx context.Context, block, n int64, fn func(block, n in
 		fn(r[0], r[1])
 	}
 	return nil
+}
+
+// pin marks key as referenced by a read in flight.
+func (v *Volume) pin(key int64) {
+	v.pinMu.Lock()
+	v.pins[key]++
+	v.pinMu.Unlock()
+}
+
+func (v *Volume) unpin(keys []int64) {
+	if len(keys) == 0 {
+		return
+	}
+	v.pinMu.Lock()
+	for _, k := range keys {
+		if v.pins[k]--; v.pins[k] <= 0 {
+			delete(v.pins, k)
+		}
+	}
+	v.pinMu.Unlock()
+}
+
+// Pinned reports whether a read in flight references key. Dead GC must
+// call it from inside a map proxy request (where reads pin), and skip
+// pinned objects until a later round.
+func (v *Volume) Pinned(key int64) bool {
+	v.pinMu.Lock()
+	defer v.pinMu.Unlock()
+	return v.pins[key] > 0
 }

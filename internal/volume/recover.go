@@ -45,7 +45,7 @@ func (v *Volume) recover(ctx context.Context) (*extentmap.Map, error) {
 		return nil, err
 	}
 	v.nextKey.Store(gap)
-	v.watermark = gap
+	v.watermark.Store(gap)
 	v.lastCkptKey = wm
 	v.sinceCkpt.Store(gap - wm)
 	return m, nil

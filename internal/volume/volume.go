@@ -67,14 +67,24 @@ type Volume struct {
 	nextKey  atomic.Int64 // next key to hand out
 	inflight sync.WaitGroup
 
-	// applied tracks which keys are in the map, so a checkpoint knows the
-	// watermark below which every key is applied.
-	appliedMu sync.Mutex
-	applied   map[int64]struct{}
-	watermark int64 // every key < watermark is applied
+	// Objects are applied to the map strictly in key order, so the map is
+	// always the state after a prefix of the keys: a checkpoint taken at
+	// any moment is exactly the prefix below its watermark, and an object
+	// that died in the map stays dead after any recovery (DESIGN §4.3).
+	// applyMu/applyCond let a commit wait for its predecessors; watermark
+	// (the next key to apply) is written only on the map owner goroutine.
+	applyMu   sync.Mutex
+	applyCond *sync.Cond
+	watermark atomic.Int64
 	sinceCkpt atomic.Int64
+	// deleteFloor: see DeleteFloor.
+	deleteFloor atomic.Int64
 
 	failed atomic.Pointer[error]
+
+	// pins counts the reads in flight per object key (see Pinned).
+	pinMu sync.Mutex
+	pins  map[int64]int
 
 	ckptMu      sync.Mutex // one checkpoint at a time
 	ckptDone    chan struct{}
@@ -114,7 +124,7 @@ func Open(ctx context.Context, objs *objproxy.Proxy, o Options) (*Volume, error)
 		layout:   chunk.Layout{ChunkSize: o.ChunkSize, BlockSize: o.BlockSize},
 		objs:     objs,
 		log:      o.Logger,
-		applied:  make(map[int64]struct{}),
+		pins:     make(map[int64]int),
 		ckptStop: make(chan struct{}),
 		ckptDone: make(chan struct{}),
 	}
@@ -123,6 +133,7 @@ func Open(ctx context.Context, objs *objproxy.Proxy, o Options) (*Volume, error)
 		return nil, err
 	}
 	v.sb = sb
+	v.applyCond = sync.NewCond(&v.applyMu)
 	v.log = v.log.With().Str("volume", sb.VolumeID).Uint64("generation", sb.Generation).Logger()
 	if created {
 		v.log.Info().Int64("size", sb.Size).Int64("block_size", sb.BlockSize).Msg("created new volume")
@@ -154,6 +165,9 @@ func (v *Volume) Superblock() Superblock { return v.sb }
 // Maps exposes the map proxy for the collectors and tests.
 func (v *Volume) Maps() *mapproxy.Proxy { return v.maps }
 
+// Objects exposes the object proxy for the collectors.
+func (v *Volume) Objects() *objproxy.Proxy { return v.objs }
+
 // Err is the error that stopped the volume from accepting writes, or nil.
 func (v *Volume) Err() error {
 	if p := v.failed.Load(); p != nil {
@@ -166,6 +180,9 @@ func (v *Volume) fail(err error) {
 	if v.failed.CompareAndSwap(nil, &err) {
 		v.log.Error().Err(err).Msg("volume stops accepting writes")
 	}
+	v.applyMu.Lock()
+	v.applyCond.Broadcast() // commits waiting for a predecessor give up
+	v.applyMu.Unlock()
 }
 
 // Close waits for in-flight writes, writes a final checkpoint and stops
@@ -194,27 +211,9 @@ func (v *Volume) blocksOf(it chunk.Item) (block, n int64) {
 // devSectors is the device size in 512-byte sectors.
 func (v *Volume) devSectors() uint64 { return uint64(v.sb.Size / chunk.SectorSize) }
 
-// markApplied records that key is in the map and advances the watermark
-// over the contiguous prefix of applied keys.
-func (v *Volume) markApplied(key int64) {
-	v.appliedMu.Lock()
-	v.applied[key] = struct{}{}
-	for {
-		if _, ok := v.applied[v.watermark]; !ok {
-			break
-		}
-		delete(v.applied, v.watermark)
-		v.watermark++
-	}
-	v.appliedMu.Unlock()
-}
-
-// Watermark returns the key below which every key is applied to the map.
-func (v *Volume) Watermark() int64 {
-	v.appliedMu.Lock()
-	defer v.appliedMu.Unlock()
-	return v.watermark
-}
+// Watermark returns the next key to apply: every key below it is in the
+// map, no key at or above it is.
+func (v *Volume) Watermark() int64 { return v.watermark.Load() }
 
 // NextKey hands out the next data key. Callers take keys when a chunk is
 // closed, so every chunk closed before a flush has a lower key than every

@@ -21,6 +21,17 @@ import (
 // high bits (DESIGN §4.2) and the metadata after the last item is zeroed;
 // buf is modified in place.
 func (v *Volume) Commit(ctx context.Context, key int64, buf []byte, items int) error {
+	return v.commit(ctx, key, buf, items, true)
+}
+
+// CommitCopies is Commit for chunks of copied writes (threshold GC): the
+// items keep their original seqnos, generation included, so a copy never
+// wins over a write made after the original (DESIGN §4.5).
+func (v *Volume) CommitCopies(ctx context.Context, key int64, buf []byte, items int) error {
+	return v.commit(ctx, key, buf, items, false)
+}
+
+func (v *Volume) commit(ctx context.Context, key int64, buf []byte, items int, user bool) error {
 	v.inflight.Add(1)
 	defer v.inflight.Done()
 	if err := v.Err(); err != nil {
@@ -31,28 +42,52 @@ func (v *Volume) Commit(ctx context.Context, key int64, buf []byte, items int) e
 		v.fail(fmt.Errorf("chunk for key %d is malformed: %w", key, err))
 		return fmt.Errorf("commit key %d: %w", key, err)
 	}
-	gen := v.sb.Generation << GenerationBits
-	for i := range p.Items {
-		seq := p.Items[i].Seqno & (1<<GenerationBits - 1)
-		p.Items[i].Seqno = gen | seq
-		chunk.SetSeqno(buf, i, gen|seq)
+	if user {
+		gen := v.sb.Generation << GenerationBits
+		for i := range p.Items {
+			seq := gen | p.Items[i].Seqno&(1<<GenerationBits-1)
+			p.Items[i].Seqno = seq
+			chunk.SetSeqno(buf, i, seq)
+		}
+	}
+	prio := objproxy.High
+	if !user {
+		prio = objproxy.Low
 	}
 	v.layout.ZeroTail(buf, len(p.Items))
 	body := buf[:p.End]
 	name := store.DataName(key)
-	if err := v.objs.Put(ctx, objproxy.High, name, body, v.o.ConditionalWrites); err != nil {
+	if err := v.objs.Put(ctx, prio, name, body, v.o.ConditionalWrites); err != nil {
 		if errors.Is(err, store.ErrExists) {
 			err = fmt.Errorf("%w: key %d was written by someone else (is a second bs3 attached to this volume?): %v", ErrFenced, key, err)
 			v.fail(err)
 			return err
 		}
-		return fmt.Errorf("upload key %d: %w", key, err)
-	}
-	if err := v.apply(ctx, mapproxy.High, key, p); err != nil {
+		// Later keys wait for this one; without it they can never be
+		// applied in order.
+		err = fmt.Errorf("upload key %d: %w", key, err)
+		v.fail(err)
 		return err
 	}
-	v.markApplied(key)
+	// Wait for every earlier key to be applied (they may still be
+	// uploading), then apply this one.
+	v.applyMu.Lock()
+	for v.watermark.Load() != key && v.Err() == nil {
+		v.applyCond.Wait()
+	}
+	v.applyMu.Unlock()
+	if err := v.Err(); err != nil {
+		return fmt.Errorf("commit key %d: %w", key, err)
+	}
+	if err := v.apply(ctx, mapproxy.High, key, p); err != nil {
+		// The map and the bucket disagree now; nothing later may apply.
+		v.fail(err)
+		return err
+	}
 	v.sinceCkpt.Add(1)
+	v.applyMu.Lock()
+	v.applyCond.Broadcast()
+	v.applyMu.Unlock()
 	return nil
 }
 
@@ -60,7 +95,9 @@ func (v *Volume) Commit(ctx context.Context, key int64, buf []byte, items int) e
 func (v *Volume) apply(ctx context.Context, prio mapproxy.Priority, key int64, p chunk.Parsed) error {
 	var aerr error
 	err := v.maps.Do(ctx, prio, func(m *extentmap.Map) {
-		aerr = v.applyItems(m, key, p)
+		if aerr = v.applyItems(m, key, p); aerr == nil {
+			v.watermark.Store(key + 1)
+		}
 	})
 	if err == nil {
 		err = aerr
