@@ -46,6 +46,10 @@ type Options struct {
 	// MapIdleTimeout bounds how long low-priority map work waits for an
 	// idle moment (gc.idle_timeout).
 	MapIdleTimeout time.Duration
+	// LeaseInterval is how often the attached daemon renews the volume's
+	// lease; a second daemon waits 2.5 intervals to tell a live holder
+	// from a crashed one. 0 disables the lease (tests of one engine).
+	LeaseInterval time.Duration
 	// RecoveryConcurrency is how many object headers are fetched at once
 	// during roll-forward.
 	RecoveryConcurrency int
@@ -88,6 +92,7 @@ type Volume struct {
 
 	ckptMu      sync.Mutex // one checkpoint at a time
 	ckptDone    chan struct{}
+	leaseDone   chan struct{}
 	ckptStop    chan struct{}
 	lastCkptKey int64
 
@@ -120,13 +125,19 @@ func Open(ctx context.Context, objs *objproxy.Proxy, o Options) (*Volume, error)
 		o.CheckpointInterval = 5 * time.Minute
 	}
 	v := &Volume{
-		o:        o,
-		layout:   chunk.Layout{ChunkSize: o.ChunkSize, BlockSize: o.BlockSize},
-		objs:     objs,
-		log:      o.Logger,
-		pins:     make(map[int64]int),
-		ckptStop: make(chan struct{}),
-		ckptDone: make(chan struct{}),
+		o:         o,
+		layout:    chunk.Layout{ChunkSize: o.ChunkSize, BlockSize: o.BlockSize},
+		objs:      objs,
+		log:       o.Logger,
+		pins:      make(map[int64]int),
+		ckptStop:  make(chan struct{}),
+		ckptDone:  make(chan struct{}),
+		leaseDone: make(chan struct{}),
+	}
+	if o.LeaseInterval > 0 {
+		if err := v.checkLease(ctx); err != nil {
+			return nil, err
+		}
 	}
 	sb, created, err := attachSuperblock(ctx, objs, o)
 	if err != nil {
@@ -143,6 +154,15 @@ func Open(ctx context.Context, objs *objproxy.Proxy, o Options) (*Volume, error)
 		return nil, err
 	}
 	v.maps = mapproxy.New(m, o.MapIdleTimeout)
+	if o.LeaseInterval > 0 {
+		if err := v.putLease(ctx, 0, false); err != nil {
+			v.maps.Close()
+			return nil, err
+		}
+		go v.leaseLoop()
+	} else {
+		close(v.leaseDone)
+	}
 	go v.checkpointLoop()
 	return v, nil
 }
@@ -191,10 +211,16 @@ func (v *Volume) Close(ctx context.Context) error {
 	v.closeOnce.Do(func() {
 		close(v.ckptStop)
 		<-v.ckptDone
+		<-v.leaseDone
 		v.inflight.Wait()
 		if v.Err() == nil && !v.o.SkipCheckpoint {
 			if err := v.Checkpoint(ctx); err != nil {
 				v.closeErr = fmt.Errorf("final checkpoint: %w", err)
+			}
+		}
+		if v.Err() == nil && v.o.LeaseInterval > 0 {
+			if err := v.putLease(ctx, 0, true); err != nil && v.closeErr == nil {
+				v.closeErr = fmt.Errorf("release lease: %w", err)
 			}
 		}
 		v.maps.Close()

@@ -8,6 +8,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/bs3/bs3/internal/chunk"
 	"github.com/bs3/bs3/internal/store"
@@ -352,5 +353,44 @@ func TestSuperblockGeometry(t *testing.T) {
 	var sb Superblock
 	if err := json.Unmarshal(raw, &sb); err != nil || sb.Size != 128*mib || sb.Generation != 2 {
 		t.Fatalf("stored superblock %+v (err %v): want size %d generation 2", sb, err, 128*mib)
+	}
+}
+
+// A second daemon is told that the volume is attached elsewhere while the
+// first renews its lease; it attaches once the first released the lease,
+// or once a crashed holder stopped renewing it.
+func TestLeaseRefusesSecondAttach(t *testing.T) {
+	t.Run("mem", func(t *testing.T) { testLease(t, mem.New()) })
+	t.Run("minio", func(t *testing.T) {
+		srv := minio.Start(t)
+		testLease(t, srv.Store(t, srv.Bucket(t)))
+	})
+}
+
+func testLease(t *testing.T, st store.Store) {
+	o := testOptions(64*mib, 4096)
+	o.LeaseInterval = 100 * time.Millisecond
+	a, objsA := open(t, st, o)
+
+	objs := newProxy(st)
+	defer objs.Close()
+	_, err := Open(context.Background(), objs, o)
+	if !errors.Is(err, ErrAttachedElsewhere) || !strings.Contains(err.Error(), "stop that daemon first") {
+		t.Fatalf("second attach while the first is alive: %v, want ErrAttachedElsewhere with advice", err)
+	}
+	if err := a.Close(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	objsA.Close()
+
+	_, objsB := open(t, st, o) // released lease: attaches at once
+	// Crash b: its renewals stop reaching the store.
+	objsB.Close()
+	start := time.Now()
+	c, objsC := open(t, st, o)
+	defer objsC.Close()
+	defer c.Close(context.Background())
+	if waited := time.Since(start); waited < 2*o.LeaseInterval {
+		t.Fatalf("attach over a crashed holder's lease took %v; it must wait for the lease to go stale", waited)
 	}
 }

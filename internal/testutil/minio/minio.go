@@ -337,9 +337,13 @@ func (s *Server) Bucket(tb testing.TB) string {
 // with 64 connections; its idle connections are closed when the test ends.
 func (s *Server) Store(tb testing.TB, bucket string) *s3.Store {
 	tb.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	st, err := s3.New(ctx, s3.Options{
+	return s.StoreWith(tb, s.Options(tb, bucket))
+}
+
+// Options are the s3 store options Store uses for bucket, for callers that
+// change one (UnsignedPayload, MaxConns) before StoreWith.
+func (s *Server) Options(tb testing.TB, bucket string) s3.Options {
+	return s3.Options{
 		Endpoint:     s.Endpoint,
 		Region:       s.Region,
 		Bucket:       bucket,
@@ -348,7 +352,15 @@ func (s *Server) Store(tb testing.TB, bucket string) *s3.Store {
 		MaxConns:     64,
 		CreateBucket: true,
 		Logger:       zerolog.New(zerolog.NewTestWriter(tb)).Level(zerolog.WarnLevel),
-	})
+	}
+}
+
+// StoreWith opens an s3 store with o and closes it at the end of the test.
+func (s *Server) StoreWith(tb testing.TB, o s3.Options) *s3.Store {
+	tb.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	st, err := s3.New(ctx, o)
 	if err != nil {
 		tb.Fatalf("open s3 store on MinIO: %v", err)
 	}
