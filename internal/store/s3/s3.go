@@ -14,6 +14,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/aws/smithy-go/logging"
 	"io"
 	"net"
 	"net/http"
@@ -91,6 +92,8 @@ func New(ctx context.Context, o Options) (*Store, error) {
 	loadOpts := []func(*config.LoadOptions) error{
 		// Retries belong to the object proxy.
 		config.WithRetryer(func() aws.Retryer { return aws.NopRetryer{} }),
+		// The SDK's own logger prints to stderr outside our structured log.
+		config.WithLogger(logging.Nop{}),
 		// Since service/s3 v1.73 the SDK adds CRC32 checksums by default,
 		// which several S3-compatible stores reject.
 		config.WithRequestChecksumCalculation(aws.RequestChecksumCalculationWhenRequired),
@@ -212,6 +215,10 @@ func (s *Store) checkBucket(ctx context.Context, create bool, region string) err
 func (s *Store) describe(what string, status int, err error) error {
 	var sendErr *smithyhttp.RequestSendError
 	switch {
+	case strings.Contains(err.Error(), "get credentials"):
+		// The SDK reports a failed credential chain only as text; its
+		// HTTP status is the instance metadata service's, not S3's.
+		return fmt.Errorf("s3: no credentials for bucket %q at %s: s3.access_key and s3.secret_key are empty and the AWS default chain (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, ~/.aws/credentials, instance role) found none: %w", s.bucket, s.endpoint, err)
 	case status == http.StatusNotFound:
 		return fmt.Errorf("s3: bucket %q does not exist at %s: %w", s.bucket, s.endpoint, err)
 	case status == http.StatusForbidden:
