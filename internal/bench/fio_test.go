@@ -50,8 +50,12 @@ func runFio(b *testing.B, args []string, job fioJob, size int64, d time.Duration
 	s := string(out)
 	var res struct {
 		Jobs []struct {
-			Read  struct{ BW int64 `json:"bw_bytes"` } `json:"read"`
-			Write struct{ BW int64 `json:"bw_bytes"` } `json:"write"`
+			Read struct {
+				BW int64 `json:"bw_bytes"`
+			} `json:"read"`
+			Write struct {
+				BW int64 `json:"bw_bytes"`
+			} `json:"write"`
 		} `json:"jobs"`
 	}
 	if i := strings.Index(s, "{"); i < 0 || json.Unmarshal([]byte(s[i:]), &res) != nil || len(res.Jobs) == 0 {
