@@ -1,0 +1,136 @@
+package bench
+
+import (
+	"context"
+	"fmt"
+	"math/rand/v2"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/rs/zerolog"
+
+	"github.com/bs3/bs3/internal/chunk"
+	"github.com/bs3/bs3/internal/objproxy"
+	"github.com/bs3/bs3/internal/store"
+	"github.com/bs3/bs3/internal/testutil/minio"
+	"github.com/bs3/bs3/internal/volume"
+)
+
+func recoveryOptions(size int64) volume.Options {
+	return volume.Options{
+		Size: size, BlockSize: 4096, ChunkSize: 4 * mib, ConditionalWrites: true,
+		CheckpointInterval: time.Hour, CheckpointObjects: 1 << 40, MaxInflight: 32,
+		MapIdleTimeout: 200 * time.Millisecond, Logger: zerolog.Nop(),
+	}
+}
+
+// commitSmall commits n objects of one 4 KiB write each, 16 at a time.
+func commitSmall(b *testing.B, v *volume.Volume, n int) {
+	l := v.Layout()
+	var wg sync.WaitGroup
+	sem := make(chan struct{}, 16)
+	data := make([]byte, 4096)
+	for i := 0; i < n; i++ {
+		buf := make([]byte, l.BufferSize())
+		bl := chunk.NewBuilder(l, buf)
+		blk := rand.Int64N(v.Size() / 4096)
+		bl.Add(chunk.Item{Sector: uint64(blk * 8), Length: 8, Seqno: uint64(i + 1), Flag: chunk.OpWrite}, data)
+		key := v.NextKey()
+		wg.Add(1)
+		sem <- struct{}{}
+		go func() {
+			defer wg.Done()
+			defer func() { <-sem }()
+			if err := v.Commit(context.Background(), key, buf, 1); err != nil {
+				b.Error(err)
+			}
+		}()
+	}
+	wg.Wait()
+}
+
+// BenchmarkRecovery reports the attach time after a crash with 1, 1,000
+// and 10,000 objects after the newest checkpoint, and the checkpoint size
+// and write time for 1 GiB of random 4 KiB writes.
+func BenchmarkRecovery(b *testing.B) {
+	ctx := context.Background()
+	srv := minio.Start(b)
+	fmt.Println()
+	for _, n := range []int{1, 1000, 10000} {
+		st := srv.Store(b, srv.Bucket(b))
+		objs := objproxy.New(st, objproxy.Options{Uploaders: 16, Downloaders: 32, Logger: zerolog.Nop()})
+		o := recoveryOptions(8 * gib)
+		v, err := volume.Open(ctx, objs, o)
+		if err != nil {
+			b.Fatal(err)
+		}
+		commitSmall(b, v, 100)
+		if err := v.Checkpoint(ctx); err != nil {
+			b.Fatal(err)
+		}
+		commitSmall(b, v, n)
+		objs.Close() // crash: no final checkpoint
+
+		objs = objproxy.New(st, objproxy.Options{Uploaders: 16, Downloaders: 32, Logger: zerolog.Nop()})
+		start := time.Now()
+		v2, err := volume.Open(ctx, objs, o)
+		if err != nil {
+			b.Fatal(err)
+		}
+		took := time.Since(start)
+		s := objs.Stats()
+		fmt.Printf("recovery with %5d objects after the checkpoint: %8v  (GETs %d, HEADs %d)\n", n, took.Round(time.Millisecond), s.Get.Attempts, s.Size.Attempts)
+		b.ReportMetric(took.Seconds(), fmt.Sprintf("s/recovery-%d", n))
+		v2.Close(ctx)
+		objs.Close()
+	}
+
+	// Checkpoint size for 1 GiB of random 4 KiB writes over an 8 GiB device.
+	st := srv.Store(b, srv.Bucket(b))
+	objs := objproxy.New(st, objproxy.Options{Uploaders: 16, Downloaders: 32, Logger: zerolog.Nop()})
+	defer objs.Close()
+	v, err := volume.Open(ctx, objs, recoveryOptions(8*gib))
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer v.Close(ctx)
+	total := scaled(1 * gib)
+	perChunk := int64(1024)
+	l := v.Layout()
+	var wg sync.WaitGroup
+	sem := make(chan struct{}, 16)
+	data := make([]byte, 4096)
+	for c := int64(0); c < total/4096/perChunk; c++ {
+		buf := make([]byte, l.BufferSize())
+		bl := chunk.NewBuilder(l, buf)
+		for i := int64(0); i < perChunk; i++ {
+			blk := rand.Int64N(v.Size() / 4096)
+			bl.Add(chunk.Item{Sector: uint64(blk * 8), Length: 8, Seqno: uint64(c*perChunk + i + 1), Flag: chunk.OpWrite}, data)
+		}
+		key := v.NextKey()
+		wg.Add(1)
+		sem <- struct{}{}
+		go func() {
+			defer wg.Done()
+			defer func() { <-sem }()
+			if err := v.Commit(ctx, key, buf, int(perChunk)); err != nil {
+				b.Error(err)
+			}
+		}()
+	}
+	wg.Wait()
+	start := time.Now()
+	if err := v.Checkpoint(ctx); err != nil {
+		b.Fatal(err)
+	}
+	took := time.Since(start)
+	var size int64
+	if err := st.List(ctx, store.CheckpointPrefix, func(_ string, sz int64) error { size = max(size, sz); return nil }); err != nil {
+		b.Fatal(err)
+	}
+	blocks := total / 4096
+	fmt.Printf("checkpoint for %d MiB of random 4 KiB writes: %d bytes (%.2f bytes per written block), written in %v\n",
+		total/mib, size, float64(size)/float64(blocks), took.Round(time.Millisecond))
+	b.ReportMetric(float64(size)/float64(blocks), "ckpt-bytes/block")
+}
