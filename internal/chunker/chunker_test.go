@@ -36,7 +36,7 @@ func volOptions() volume.Options {
 	}
 }
 
-func newRig(t *testing.T, st store.Store, durable bool) *rig {
+func newRig(t testing.TB, st store.Store, durable bool) *rig {
 	t.Helper()
 	objs := objproxy.New(st, objproxy.Options{Uploaders: 8, Downloaders: 8, Logger: zerolog.Nop()})
 	v, err := volume.Open(context.Background(), objs, volOptions())
