@@ -37,19 +37,39 @@ func (v *Volume) recover(ctx context.Context) (*extentmap.Map, error) {
 			return nil, fmt.Errorf("grow extent map to %d blocks: %w", blocks, err)
 		}
 	}
-	gap, err := v.rollForward(ctx, m, wm)
-	if err != nil {
-		return nil, err
+	from := wm
+	for attempt := 0; ; attempt++ {
+		gap, err := v.rollForward(ctx, m, from)
+		if err != nil {
+			return nil, err
+		}
+		next, err := v.claimFrom(ctx, m, gap)
+		if errors.Is(err, errGapTaken) {
+			if attempt < maxClaimAttempts {
+				// A writer that is still running stored the gap key
+				// meanwhile: replay it too and try again.
+				from = gap
+				continue
+			}
+			return nil, fmt.Errorf("%w (%w): another writer kept storing new keys while this one attached; stop the other bs3 first", ErrAttachedElsewhere, ErrFenced)
+		}
+		if err != nil {
+			return nil, err
+		}
+		v.nextKey.Store(next)
+		v.watermark.Store(next)
+		v.lastCkptKey = wm
+		v.sinceCkpt.Store(next - wm)
+		return m, nil
 	}
-	if err := v.dropPastGap(ctx, gap); err != nil {
-		return nil, err
-	}
-	v.nextKey.Store(gap)
-	v.watermark.Store(gap)
-	v.lastCkptKey = wm
-	v.sinceCkpt.Store(gap - wm)
-	return m, nil
 }
+
+// maxClaimAttempts bounds how often an attach chases a writer that keeps
+// storing the key it tries to claim.
+const maxClaimAttempts = 8
+
+// errGapTaken: the first missing key appeared while the attach claimed it.
+var errGapTaken = errors.New("the first missing key was stored meanwhile")
 
 // header is one fetched object header during roll-forward.
 type header struct {
@@ -132,17 +152,100 @@ func (v *Volume) fetchHeader(ctx context.Context, key, md int64) header {
 	return header{parsed: p}
 }
 
-// dropPastGap deletes keys that a crashed attach uploaded after the first
-// missing key. At most MaxInflight chunks were in flight, so no such key
-// lies further than that past the gap.
-func (v *Volume) dropPastGap(ctx context.Context, gap int64) error {
-	window := max(v.sb.MaxInflight, v.o.MaxInflight)
+// claimWindow is how many keys an attach claims from the gap on: more than
+// a previous writer can have in flight past its applied prefix (its chunk
+// buffers and GC chunks).
+func (v *Volume) claimWindow() int64 {
+	return 2*max(v.sb.MaxInflight, v.o.MaxInflight) + 16
+}
+
+// claimFrom makes the keys [gap, gap+window) this attach's own and returns
+// the first key it will write. Keys a crashed writer left past the gap are
+// not part of the consistent prefix and are deleted.
+//
+// With conditional writes, the gap key is claimed first with an empty
+// placeholder (If-None-Match). From then on a previous writer that is
+// still alive (two daemons on one volume) fails its upload of the gap key
+// with 412 and, since it applies keys in order, can never apply anything
+// after it: its later keys are orphans, deleted here, and every key of the
+// window is claimed so that none of its in-flight uploads can land among
+// this attach's keys (DESIGN §4.6). The placeholders are tracked in the map
+// like any collected object and reclaimed by dead GC.
+//
+// Without conditional writes nothing can be claimed: keys past the gap
+// are deleted and writing starts at the gap.
+func (v *Volume) claimFrom(ctx context.Context, m *extentmap.Map, gap int64) (int64, error) {
+	window := v.claimWindow()
+	if !v.o.ConditionalWrites {
+		return gap, v.dropKeys(ctx, gap+1, gap+window)
+	}
+	if err := v.objs.Put(ctx, objproxy.High, store.DataName(gap), nil, true); err != nil {
+		if errors.Is(err, store.ErrExists) {
+			return 0, errGapTaken
+		}
+		return 0, fmt.Errorf("claim key %d: %w", gap, err)
+	}
+	if err := v.dropKeys(ctx, gap+1, gap+window); err != nil {
+		return 0, err
+	}
+	var mu sync.Mutex
+	var firstErr error
+	var wg sync.WaitGroup
+	sem := make(chan struct{}, v.o.RecoveryConcurrency)
+	for k := gap + 1; k < gap+window; k++ {
+		wg.Add(1)
+		sem <- struct{}{}
+		go func() {
+			defer wg.Done()
+			defer func() { <-sem }()
+			err := v.claimKey(ctx, k)
+			mu.Lock()
+			if err != nil && firstErr == nil {
+				firstErr = err
+			}
+			mu.Unlock()
+		}()
+	}
+	wg.Wait()
+	if firstErr != nil {
+		return 0, firstErr
+	}
+	for k := gap; k < gap+window; k++ {
+		if err := m.AddObject(k, 0); err != nil {
+			return 0, fmt.Errorf("track placeholder %d: %w", k, err)
+		}
+	}
+	return gap + window, nil
+}
+
+// claimKey stores an empty placeholder under k, deleting an orphan that a
+// previous writer's upload landed there first.
+func (v *Volume) claimKey(ctx context.Context, k int64) error {
+	name := store.DataName(k)
+	for attempt := 0; attempt < maxClaimAttempts; attempt++ {
+		err := v.objs.Put(ctx, objproxy.High, name, nil, true)
+		if err == nil {
+			return nil
+		}
+		if !errors.Is(err, store.ErrExists) {
+			return fmt.Errorf("claim key %d: %w", k, err)
+		}
+		if err := v.objs.Delete(ctx, objproxy.High, name); err != nil {
+			return fmt.Errorf("drop orphan key %d: %w", k, err)
+		}
+	}
+	return fmt.Errorf("claim key %d: another writer keeps storing it; is a second bs3 attached to this volume?", k)
+}
+
+// dropKeys deletes the keys in [from, to) that exist; they lie past the
+// first missing key, so no recovery can ever apply them.
+func (v *Volume) dropKeys(ctx context.Context, from, to int64) error {
 	var mu sync.Mutex
 	var dropped []int64
 	var firstErr error
 	var wg sync.WaitGroup
 	sem := make(chan struct{}, v.o.RecoveryConcurrency)
-	for k := gap + 1; k <= gap+window; k++ {
+	for k := from; k < to; k++ {
 		wg.Add(1)
 		sem <- struct{}{}
 		go func() {
@@ -158,7 +261,7 @@ func (v *Volume) dropPastGap(ctx context.Context, gap int64) error {
 			mu.Lock()
 			defer mu.Unlock()
 			if err != nil && firstErr == nil {
-				firstErr = fmt.Errorf("drop key %d past the gap at %d: %w", k, gap, err)
+				firstErr = fmt.Errorf("drop key %d past the first missing key: %w", k, err)
 			}
 			if err == nil {
 				dropped = append(dropped, k)
@@ -167,7 +270,7 @@ func (v *Volume) dropPastGap(ctx context.Context, gap int64) error {
 	}
 	wg.Wait()
 	if len(dropped) > 0 {
-		v.log.Warn().Int64("gap", gap).Ints64("dropped_keys", dropped).Msg("dropped objects past the first missing key (writes not covered by a completed flush)")
+		v.log.Warn().Int64("gap", from-1).Ints64("dropped_keys", dropped).Msg("dropped objects past the first missing key (writes not covered by a completed flush)")
 	}
 	return firstErr
 }
