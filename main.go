@@ -27,6 +27,7 @@ import (
 	"github.com/bs3/bs3/internal/frontend/buse"
 	"github.com/bs3/bs3/internal/frontend/fuse"
 	"github.com/bs3/bs3/internal/frontend/nbd"
+	"github.com/bs3/bs3/internal/gc"
 	"github.com/bs3/bs3/internal/null"
 	"github.com/bs3/bs3/internal/objproxy"
 	"github.com/bs3/bs3/internal/store"
@@ -116,6 +117,7 @@ func serve(cfg config.Config, shrink bool, log zerolog.Logger) error {
 	}()
 
 	var dev frontend.Device
+	var collector *gc.Collector
 	var rw interface {
 		BuseRead(int64, int64, []byte) error
 		BuseWrite(int64, []byte) error
@@ -157,6 +159,14 @@ func serve(cfg config.Config, shrink bool, log zerolog.Logger) error {
 		}
 		stops = append(stops, func() error { return vol.Close(context.Background()) })
 		rw = vol
+		collector = gc.New(vol, gc.Options{
+			Step:     cfg.GC.Step,
+			LiveData: cfg.GC.LiveData,
+			Wait:     cfg.GCWait(),
+			Logger:   log,
+		})
+		collector.Start()
+		stops = append(stops, func() error { collector.Stop(); return nil })
 		if cfg.Frontend != config.FrontendBUSE {
 			ch := chunker.New(vol, chunker.Options{
 				Durable:       cfg.Write.Durable,
@@ -219,7 +229,13 @@ func serve(cfg config.Config, shrink bool, log zerolog.Logger) error {
 
 	for sig := range signals {
 		if sig == syscall.SIGUSR1 {
-			log.Warn().Msg("SIGUSR1: threshold GC is not built yet; ignoring")
+			if collector == nil {
+				log.Warn().Msg("SIGUSR1: no garbage collection with the null backend")
+				continue
+			}
+			if collector.Trigger() {
+				log.Info().Msg("SIGUSR1: threshold GC started")
+			}
 			continue
 		}
 		log.Info().Str("signal", sig.String()).Msg("stopping")

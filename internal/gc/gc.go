@@ -10,7 +10,16 @@
 //     live data fraction is below gc.live_data are compacted: their live
 //     extents are copied, with their original seqnos, into new chunks that
 //     the volume commits under new keys; the sources then die and dead GC
-//     reclaims them.
+//     reclaims them. The live fraction counts data blocks only (a first
+//     map scan counts them): discard tombstones hold no data, so they do
+//     not keep an object of dead data from being compacted; they are
+//     copied along as discards, as recovery must still replay them. Live
+//     data is read with ranged GETs that read through up to coalesceGap of
+//     dead data rather than issue another request.
+//
+// Objects that hold only discards (no data blocks) are never compacted;
+// they cost one metadata area each and die when their discards are
+// overwritten.
 //
 // Both run at low priority on the map proxy and the object proxy, so user
 // I/O overtakes them. The collector must never delete or empty an object
@@ -68,6 +77,9 @@ type Stats struct {
 	// Placeholders: dead objects at or above the delete floor replaced by
 	// an empty placeholder (their data is gone; the object goes later).
 	Placeholders int64
+	// InUse: dead objects left for a later pass because a read in
+	// flight or a threshold run uses them.
+	InUse int64
 	// BytesRead and BytesWritten: data GC read from and uploaded to the
 	// store for compaction.
 	BytesRead, BytesWritten int64
@@ -81,6 +93,7 @@ func (s *Stats) add(o Stats) {
 	s.Compacted += o.Compacted
 	s.Reclaimed += o.Reclaimed
 	s.Placeholders += o.Placeholders
+	s.InUse += o.InUse
 	s.BytesRead += o.BytesRead
 	s.BytesWritten += o.BytesWritten
 	s.BytesFreed += o.BytesFreed
@@ -119,6 +132,12 @@ type Collector struct {
 	// reading: dead GC leaves them alone until the run is over.
 	compacting atomic.Pointer[[]int64]
 
+	// gets bounds the ranged GETs of a threshold run in flight at once.
+	gets int
+	// gap is how many bytes of dead data one GET may span to read two
+	// live pieces of an object at once.
+	gap int64
+
 	// hook, if set (tests only), is called at named points of a
 	// threshold run: "read" once a chunk's data is read (no key taken
 	// yet), "key" once its key is taken (before CommitCopies).
@@ -144,6 +163,8 @@ func New(v *volume.Volume, o Options) *Collector {
 		ctx:    ctx,
 		cancel: cancel,
 		empty:  make(map[int64]struct{}),
+		gets:   getConcurrency,
+		gap:    coalesceGap,
 	}
 }
 
