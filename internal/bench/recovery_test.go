@@ -25,24 +25,27 @@ func recoveryOptions(size int64) volume.Options {
 	}
 }
 
-// commitSmall commits n objects of one 4 KiB write each, 16 at a time.
-func commitSmall(b *testing.B, v *volume.Volume, n int) {
+// commitRandom commits n objects of perChunk random 4 KiB writes each,
+// 16 at a time.
+func commitRandom(b *testing.B, v *volume.Volume, n int, perChunk int64) {
 	l := v.Layout()
 	var wg sync.WaitGroup
 	sem := make(chan struct{}, 16)
 	data := make([]byte, 4096)
-	for i := 0; i < n; i++ {
+	for c := 0; c < n; c++ {
 		buf := make([]byte, l.BufferSize())
 		bl := chunk.NewBuilder(l, buf)
-		blk := rand.Int64N(v.Size() / 4096)
-		bl.Add(chunk.Item{Sector: uint64(blk * 8), Length: 8, Seqno: uint64(i + 1), Flag: chunk.OpWrite}, data)
+		for i := int64(0); i < perChunk; i++ {
+			blk := rand.Int64N(v.Size() / 4096)
+			bl.Add(chunk.Item{Sector: uint64(blk * 8), Length: 8, Seqno: uint64(c)*uint64(perChunk) + uint64(i) + 1, Flag: chunk.OpWrite}, data)
+		}
 		key := v.NextKey()
 		wg.Add(1)
 		sem <- struct{}{}
 		go func() {
 			defer wg.Done()
 			defer func() { <-sem }()
-			if err := v.Commit(context.Background(), key, buf, 1); err != nil {
+			if err := v.Commit(context.Background(), key, buf, int(perChunk)); err != nil {
 				b.Error(err)
 			}
 		}()
@@ -65,11 +68,11 @@ func BenchmarkRecovery(b *testing.B) {
 		if err != nil {
 			b.Fatal(err)
 		}
-		commitSmall(b, v, 100)
+		commitRandom(b, v, 100, 1)
 		if err := v.Checkpoint(ctx); err != nil {
 			b.Fatal(err)
 		}
-		commitSmall(b, v, n)
+		commitRandom(b, v, n, 1)
 		objs.Close() // crash: no final checkpoint
 
 		objs = objproxy.New(st, objproxy.Options{Uploaders: 16, Downloaders: 32, Logger: zerolog.Nop()})
@@ -96,30 +99,8 @@ func BenchmarkRecovery(b *testing.B) {
 	}
 	defer v.Close(ctx)
 	total := scaled(1 * gib)
-	perChunk := int64(1024)
-	l := v.Layout()
-	var wg sync.WaitGroup
-	sem := make(chan struct{}, 16)
-	data := make([]byte, 4096)
-	for c := int64(0); c < total/4096/perChunk; c++ {
-		buf := make([]byte, l.BufferSize())
-		bl := chunk.NewBuilder(l, buf)
-		for i := int64(0); i < perChunk; i++ {
-			blk := rand.Int64N(v.Size() / 4096)
-			bl.Add(chunk.Item{Sector: uint64(blk * 8), Length: 8, Seqno: uint64(c*perChunk + i + 1), Flag: chunk.OpWrite}, data)
-		}
-		key := v.NextKey()
-		wg.Add(1)
-		sem <- struct{}{}
-		go func() {
-			defer wg.Done()
-			defer func() { <-sem }()
-			if err := v.Commit(ctx, key, buf, int(perChunk)); err != nil {
-				b.Error(err)
-			}
-		}()
-	}
-	wg.Wait()
+	const perChunk = 1024
+	commitRandom(b, v, int(total/4096/perChunk), perChunk)
 	start := time.Now()
 	if err := v.Checkpoint(ctx); err != nil {
 		b.Fatal(err)
