@@ -258,12 +258,13 @@ func (c *Chunker) appendLocked(off, length int64, data []byte, op uint64, seq ui
 		if err != nil {
 			return err
 		}
-		n := length
+		n, need := length, int64(0) // need: data bytes the item takes
 		if data != nil {
 			room := (c.layout.BufferSize() - p.b.Len()) / c.bs * c.bs
 			n = min(n, room)
+			need = n
 		}
-		if n == 0 || !p.b.Fits(n*boolInt(data != nil)) {
+		if n == 0 || !p.b.Fits(need) {
 			c.closeLocked()
 			continue
 		}
@@ -282,13 +283,6 @@ func (c *Chunker) appendLocked(off, length int64, data []byte, op uint64, seq ui
 		length -= n
 	}
 	return nil
-}
-
-func boolInt(b bool) int64 {
-	if b {
-		return 1
-	}
-	return 0
 }
 
 // waitCommitted closes the chunks in touched that are still open and

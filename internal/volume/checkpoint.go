@@ -104,7 +104,6 @@ func (v *Volume) Checkpoint(ctx context.Context) error {
 		return fmt.Errorf("upload checkpoint %s: %w", name, err)
 	}
 	v.sinceCkpt.Add(-applied)
-	v.lastCkptKey = wm
 	v.log.Info().Int64("watermark", wm).Int("bytes", len(body)).Dur("took", time.Since(start)).Msg("checkpoint written")
 	return v.pruneCheckpoints(ctx)
 }

@@ -58,7 +58,6 @@ func (v *Volume) recover(ctx context.Context) (*extentmap.Map, error) {
 		}
 		v.nextKey.Store(next)
 		v.watermark.Store(next)
-		v.lastCkptKey = wm
 		v.sinceCkpt.Store(next - wm)
 		return m, nil
 	}

@@ -98,9 +98,10 @@ func attachSuperblock(ctx context.Context, objs *objproxy.Proxy, o Options) (Sup
 	if sb.Generation >= maxGeneration {
 		return sb, false, fmt.Errorf("volume generation %d is exhausted", sb.Generation)
 	}
-	prevInflight := sb.MaxInflight
 	sb.Generation++
-	sb.MaxInflight = max(o.MaxInflight, prevInflight)
+	// The largest in-flight window any attach used: the next attach
+	// claims past it (see claimFrom).
+	sb.MaxInflight = max(o.MaxInflight, sb.MaxInflight)
 	body, err := json.MarshalIndent(sb, "", "  ")
 	if err != nil {
 		return sb, false, fmt.Errorf("encode superblock: %w", err)
@@ -111,7 +112,6 @@ func attachSuperblock(ctx context.Context, objs *objproxy.Proxy, o Options) (Sup
 		}
 		return sb, false, fmt.Errorf("write superblock: %w", err)
 	}
-	sb.MaxInflight = max(prevInflight, o.MaxInflight)
 	return sb, created, nil
 }
 

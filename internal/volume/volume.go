@@ -90,11 +90,10 @@ type Volume struct {
 	pinMu sync.Mutex
 	pins  map[int64]int
 
-	ckptMu      sync.Mutex // one checkpoint at a time
-	ckptDone    chan struct{}
-	leaseDone   chan struct{}
-	ckptStop    chan struct{}
-	lastCkptKey int64
+	ckptMu    sync.Mutex // one checkpoint at a time
+	ckptDone  chan struct{}
+	leaseDone chan struct{}
+	ckptStop  chan struct{}
 
 	closeOnce sync.Once
 	closeErr  error
