@@ -31,6 +31,6 @@ fi
 if [ ! -x "$BIN_DIR/minio" ]; then
   echo "deps: building MinIO $MINIO_VERSION into $BIN_DIR (2-3 minutes the first time)"
   mkdir -p "$BIN_DIR"
-  GOBIN="$BIN_DIR" GOFLAGS=-mod=mod go install "github.com/minio/minio@$MINIO_VERSION"
+  GOBIN="$BIN_DIR" go install "github.com/minio/minio@$MINIO_VERSION"
 fi
 echo "deps: ready (minio: $BIN_DIR/minio)"
