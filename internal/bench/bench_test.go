@@ -206,14 +206,18 @@ func BenchmarkThroughput(b *testing.B) {
 	runtime.ReadMemStats(&ms0)
 	v, err := volume.Open(ctx, objs, volume.Options{
 		Size: devSize, BlockSize: 4096, ChunkSize: 4 * mib, ConditionalWrites: true,
-		CheckpointInterval: time.Hour, CheckpointObjects: 1 << 30, MaxInflight: uploaders + 2,
+		CheckpointInterval: time.Hour, CheckpointObjects: 1 << 30, MaxInflight: 64,
 		MapIdleTimeout: 200 * time.Millisecond, Logger: zerolog.Nop(),
 	})
 	if err != nil {
 		b.Fatal(err)
 	}
 	defer v.Close(ctx)
-	dev := chunker.New(v, chunker.Options{Buffers: uploaders + 2, CollisionArea: mib, Logger: zerolog.Nop()})
+	buffers := uploaders + 2
+	if n, err := strconv.Atoi(os.Getenv("BS3_BENCH_BUFFERS")); err == nil && n > 1 {
+		buffers = n // chunk buffers of the chunker (open + in flight)
+	}
+	dev := chunker.New(v, chunker.Options{Buffers: buffers, CollisionArea: mib, Logger: zerolog.Nop()})
 	defer dev.Close()
 
 	// Sequential 128 KiB writes, one writer (like dd), until stored.
@@ -291,7 +295,7 @@ func BenchmarkThroughput(b *testing.B) {
 	runtime.ReadMemStats(&ms1)
 
 	fmt.Println()
-	fmt.Printf("bs3 bench (MinIO on loopback, scale %.2f, %d uploaders, %d downloaders, %d CPUs, unsigned payload %t)\n", scale(), uploaders, downloaders, runtime.NumCPU(), unsigned)
+	fmt.Printf("bs3 bench (MinIO on loopback, scale %.2f, %d uploaders, %d downloaders, %d CPUs, unsigned payload %t, %d chunk buffers)\n", scale(), uploaders, downloaders, runtime.NumCPU(), unsigned, buffers)
 	for _, r := range results {
 		fmt.Println(r)
 	}
