@@ -8,16 +8,12 @@ import (
 	"sync"
 	"sync/atomic"
 	"testing"
-	"time"
 
 	"github.com/rs/zerolog"
 
-	"github.com/bs3/bs3/internal/chunker"
-	"github.com/bs3/bs3/internal/objproxy"
 	"github.com/bs3/bs3/internal/store"
 	"github.com/bs3/bs3/internal/testutil/enginetest"
 	"github.com/bs3/bs3/internal/testutil/minio"
-	"github.com/bs3/bs3/internal/volume"
 )
 
 var errCrashed = errors.New("store is gone (simulated crash)")
@@ -92,37 +88,26 @@ func (s *crashStore) List(ctx context.Context, prefix string, fn func(string, in
 
 // crashable is an engine wired like enginetest's, whose teardown the test
 // controls: it is abandoned, not closed.
-type crashable struct {
-	objs *objproxy.Proxy
-	v    *volume.Volume
-	dev  *chunker.Chunker
-}
+type crashable struct{ *enginetest.Engine }
 
 func openCrashable(t *testing.T, st store.Store, o enginetest.Options) *crashable {
 	t.Helper()
-	objs := objproxy.New(st, objproxy.Options{Uploaders: 16, Downloaders: 16, Logger: zerolog.Nop()})
-	v, err := volume.Open(context.Background(), objs, volume.Options{
-		Size: o.Size, BlockSize: o.BlockSize, ChunkSize: o.ChunkSize, ConditionalWrites: true,
-		CheckpointInterval: time.Minute, CheckpointObjects: 256, MaxInflight: 18,
-		MapIdleTimeout: 100 * time.Millisecond, Logger: zerolog.Nop(),
-	})
+	e, err := enginetest.New(st, o)
 	if err != nil {
-		objs.Close()
-		t.Fatalf("attach volume: %v", err)
+		t.Fatal(err)
 	}
-	dev := chunker.New(v, chunker.Options{Buffers: 18, CollisionArea: 1 << 20, Logger: zerolog.Nop()})
-	return &crashable{objs: objs, v: v, dev: dev}
+	return &crashable{e}
 }
 
 // abandon stops the engine's goroutines after its store died. Their
 // errors are the crash itself (nothing can reach the bucket any more),
 // so they are logged, not checked.
 func (e *crashable) abandon(t *testing.T) {
-	e.objs.Close()
-	if err := e.dev.Close(); err != nil {
+	e.Objs.Close()
+	if err := e.Dev.Close(); err != nil {
 		t.Logf("abandoned chunker: %v", err)
 	}
-	if err := e.v.Close(context.Background()); err != nil {
+	if err := e.Volume.Close(context.Background()); err != nil {
 		t.Logf("abandoned volume: %v", err)
 	}
 }
@@ -155,20 +140,20 @@ func crashDuringThreshold(t *testing.T, srv *minio.Server, seed uint64, budget i
 	e := openCrashable(t, cs, eo)
 	m := newModel(bs)
 	rng := rand.New(rand.NewPCG(seed, 5))
-	ee := &enginetest.Engine{Objs: e.objs, Volume: e.v, Dev: e.dev}
+	ee := e.Engine
 	const ws = 2 * mib / bs
 	fill(t, ee, m, 4*mib/bs)
 	// Checkpoints between the churn: the delete floor ends up inside the
 	// keys GC reclaims, so the run both deletes and writes placeholders.
 	for range 2 {
 		workload(t, ee, m, rng, 0, ws, 4*mib)
-		if err := e.v.Checkpoint(ctx); err != nil {
+		if err := e.Volume.Checkpoint(ctx); err != nil {
 			t.Fatalf("checkpoint: %v", err)
 		}
 	}
 	workload(t, ee, m, rng, 0, ws, 4*mib)
 
-	c := New(e.v, Options{Step: 256, LiveData: 0.7, Logger: zerolog.Nop()})
+	c := New(e.Volume, Options{Step: 256, LiveData: 0.7, Logger: zerolog.Nop()})
 	cs.arm(budget)
 	res := make(chan error, 1)
 	var st Stats
@@ -181,7 +166,7 @@ func crashDuringThreshold(t *testing.T, srv *minio.Server, seed uint64, budget i
 	select {
 	case <-cs.crashed:
 		midRun = true
-		e.objs.Close() // stuck retries end now
+		e.Objs.Close() // stuck retries end now
 		err = <-res
 	case err = <-res:
 	}

@@ -5,6 +5,7 @@ package enginetest
 
 import (
 	"context"
+	"fmt"
 	"testing"
 	"time"
 
@@ -31,10 +32,9 @@ type Options struct {
 	Durable         bool
 }
 
-// Open attaches the volume in st (creating it when new); the engine is
-// stopped cleanly at the end of the test unless Close or Crash came first.
-func Open(tb testing.TB, st store.Store, o Options) *Engine {
-	tb.Helper()
+// New attaches the volume in st (creating it when new). Nothing stops it
+// by itself: for tests that crash it; others use Open.
+func New(st store.Store, o Options) (*Engine, error) {
 	if o.ChunkSize == 0 {
 		o.ChunkSize = 4 << 20
 	}
@@ -46,10 +46,20 @@ func Open(tb testing.TB, st store.Store, o Options) *Engine {
 	})
 	if err != nil {
 		objs.Close()
-		tb.Fatalf("attach volume: %v", err)
+		return nil, fmt.Errorf("attach volume: %w", err)
 	}
 	dev := chunker.New(v, chunker.Options{Durable: o.Durable, Buffers: 18, CollisionArea: 1 << 20, Logger: zerolog.Nop()})
-	e := &Engine{Objs: objs, Volume: v, Dev: dev}
+	return &Engine{Objs: objs, Volume: v, Dev: dev}, nil
+}
+
+// Open is New that fails the test on error and stops the engine cleanly
+// at the end of the test unless Close came first.
+func Open(tb testing.TB, st store.Store, o Options) *Engine {
+	tb.Helper()
+	e, err := New(st, o)
+	if err != nil {
+		tb.Fatal(err)
+	}
 	tb.Cleanup(func() {
 		if !e.closed {
 			e.Close(tb)
