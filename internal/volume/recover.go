@@ -166,17 +166,18 @@ func (v *Volume) claimWindow() int64 {
 // placeholder (If-None-Match). From then on a previous writer that is
 // still alive (two daemons on one volume) fails its upload of the gap key
 // with 412 and, since it applies keys in order, can never apply anything
-// after it: its later keys are orphans, deleted here, and every key of the
-// window is claimed so that none of its in-flight uploads can land among
-// this attach's keys (DESIGN §4.6). The placeholders are tracked in the map
-// like any collected object and reclaimed by dead GC.
+// after it: its later keys are orphans. Every other key of the window is
+// then claimed too, deleting an orphan found there, so that none of its
+// in-flight uploads can land among this attach's keys (DESIGN §4.6). The
+// placeholders are tracked in the map like any collected object and
+// reclaimed by dead GC.
 //
 // Without conditional writes nothing can be claimed: keys past the gap
 // are deleted and writing starts at the gap.
 func (v *Volume) claimFrom(ctx context.Context, m *extentmap.Map, gap int64) (int64, error) {
 	window := v.claimWindow()
 	if !v.o.ConditionalWrites {
-		return gap, v.dropKeys(ctx, gap+1, gap+window)
+		return gap, v.eachKey(ctx, gap+1, gap+window, v.dropKey)
 	}
 	if err := v.objs.Put(ctx, objproxy.High, store.DataName(gap), nil, true); err != nil {
 		if errors.Is(err, store.ErrExists) {
@@ -184,30 +185,8 @@ func (v *Volume) claimFrom(ctx context.Context, m *extentmap.Map, gap int64) (in
 		}
 		return 0, fmt.Errorf("claim key %d: %w", gap, err)
 	}
-	if err := v.dropKeys(ctx, gap+1, gap+window); err != nil {
+	if err := v.eachKey(ctx, gap+1, gap+window, v.claimKey); err != nil {
 		return 0, err
-	}
-	var mu sync.Mutex
-	var firstErr error
-	var wg sync.WaitGroup
-	sem := make(chan struct{}, v.o.RecoveryConcurrency)
-	for k := gap + 1; k < gap+window; k++ {
-		wg.Add(1)
-		sem <- struct{}{}
-		go func() {
-			defer wg.Done()
-			defer func() { <-sem }()
-			err := v.claimKey(ctx, k)
-			mu.Lock()
-			if err != nil && firstErr == nil {
-				firstErr = err
-			}
-			mu.Unlock()
-		}()
-	}
-	wg.Wait()
-	if firstErr != nil {
-		return 0, firstErr
 	}
 	for k := gap; k < gap+window; k++ {
 		if err := m.AddObject(k, 0); err != nil {
@@ -218,27 +197,44 @@ func (v *Volume) claimFrom(ctx context.Context, m *extentmap.Map, gap int64) (in
 }
 
 // claimKey stores an empty placeholder under k, deleting an orphan that a
-// previous writer's upload landed there first.
-func (v *Volume) claimKey(ctx context.Context, k int64) error {
+// previous writer's upload landed there first (reported as dropped).
+func (v *Volume) claimKey(ctx context.Context, k int64) (dropped bool, err error) {
 	name := store.DataName(k)
 	for attempt := 0; attempt < maxClaimAttempts; attempt++ {
 		err := v.objs.Put(ctx, objproxy.High, name, nil, true)
 		if err == nil {
-			return nil
+			return dropped, nil
 		}
 		if !errors.Is(err, store.ErrExists) {
-			return fmt.Errorf("claim key %d: %w", k, err)
+			return dropped, fmt.Errorf("claim key %d: %w", k, err)
 		}
 		if err := v.objs.Delete(ctx, objproxy.High, name); err != nil {
-			return fmt.Errorf("drop orphan key %d: %w", k, err)
+			return dropped, fmt.Errorf("drop orphan key %d: %w", k, err)
 		}
+		dropped = true
 	}
-	return fmt.Errorf("claim key %d: another writer keeps storing it; is a second bs3 attached to this volume?", k)
+	return dropped, fmt.Errorf("claim key %d: another writer keeps storing it; is a second bs3 attached to this volume?", k)
 }
 
-// dropKeys deletes the keys in [from, to) that exist; they lie past the
-// first missing key, so no recovery can ever apply them.
-func (v *Volume) dropKeys(ctx context.Context, from, to int64) error {
+// dropKey deletes k if it exists.
+func (v *Volume) dropKey(ctx context.Context, k int64) (bool, error) {
+	_, err := v.objs.Size(ctx, objproxy.High, store.DataName(k))
+	if errors.Is(err, store.ErrNotFound) {
+		return false, nil
+	}
+	if err == nil {
+		err = v.objs.Delete(ctx, objproxy.High, store.DataName(k))
+	}
+	if err != nil {
+		return false, fmt.Errorf("drop key %d: %w", k, err)
+	}
+	return true, nil
+}
+
+// eachKey runs fn for the keys in [from, to), RecoveryConcurrency at a
+// time, all past the first missing key (from-1), and logs the keys whose
+// objects fn dropped: no recovery could ever apply them.
+func (v *Volume) eachKey(ctx context.Context, from, to int64, fn func(context.Context, int64) (bool, error)) error {
 	var mu sync.Mutex
 	var dropped []int64
 	var firstErr error
@@ -250,19 +246,13 @@ func (v *Volume) dropKeys(ctx context.Context, from, to int64) error {
 		go func() {
 			defer wg.Done()
 			defer func() { <-sem }()
-			_, err := v.objs.Size(ctx, objproxy.High, store.DataName(k))
-			if errors.Is(err, store.ErrNotFound) {
-				return
-			}
-			if err == nil {
-				err = v.objs.Delete(ctx, objproxy.High, store.DataName(k))
-			}
+			d, err := fn(ctx, k)
 			mu.Lock()
 			defer mu.Unlock()
 			if err != nil && firstErr == nil {
-				firstErr = fmt.Errorf("drop key %d past the first missing key: %w", k, err)
+				firstErr = err
 			}
-			if err == nil {
+			if d {
 				dropped = append(dropped, k)
 			}
 		}()
