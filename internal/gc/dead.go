@@ -11,6 +11,7 @@ import (
 	"github.com/bs3/bs3/internal/mapproxy"
 	"github.com/bs3/bs3/internal/objproxy"
 	"github.com/bs3/bs3/internal/store"
+	"github.com/bs3/bs3/internal/volume"
 )
 
 // deadConcurrency bounds the deletes and placeholder uploads of a dead
@@ -207,6 +208,22 @@ func (c *Collector) reclaim(ctx context.Context, a *deadAction) {
 			a.empty = true
 			a.done = true
 			return
+		case err == nil && size < c.v.Layout().MetadataSize():
+			// Shorter than any chunk: a claim record, which must stay
+			// while recovery can still pass its window (above the
+			// floor); below it, it is deleted like any dead object.
+			head := make([]byte, volume.ClaimMagicLen)
+			n, err := objs.GetRange(ctx, objproxy.Low, name, 0, head)
+			if err != nil {
+				a.err = fmt.Errorf("read dead key %d: %w", a.key, err)
+				return
+			}
+			if volume.IsClaimRecord(head[:n]) {
+				a.empty = true
+				a.done = true
+				return
+			}
+			a.bytes = size
 		case err == nil:
 			a.bytes = size
 		case errors.Is(err, store.ErrNotFound):

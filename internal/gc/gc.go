@@ -1,4 +1,4 @@
-// Package gc owns the two garbage collectors of a volume (DESIGN §6):
+// Package gc owns the two garbage collectors of a volume (docs/ARCHITECTURE.md §7):
 //
 //   - dead GC, every gc.wait: objects that no map entry references any more
 //     are deleted outright below the delete floor (the oldest retained

@@ -81,7 +81,26 @@ func ParseDataName(name string) (k int64, ok bool) {
 const (
 	SuperblockName   = "superblock"
 	CheckpointPrefix = "checkpoint/"
+	AttachPrefix     = "attach/"
 )
+
+// AttachName names the record that claims generation g for one attach.
+// It is created with ifAbsent, so of two daemons attaching at once only
+// one gets a generation; names sort by generation.
+func AttachName(g uint64) string {
+	return fmt.Sprintf("%s%016x", AttachPrefix, g)
+}
+
+// ParseAttachName is the inverse of AttachName.
+func ParseAttachName(name string) (g uint64, ok bool) {
+	if len(name) != len(AttachPrefix)+16 {
+		return 0, false
+	}
+	if _, err := fmt.Sscanf(name, AttachPrefix+"%016x", &g); err != nil || AttachName(g) != name {
+		return 0, false
+	}
+	return g, true
+}
 
 // CheckpointName names the checkpoint that covers every key below
 // watermark. Names sort by watermark, so the newest is listed last.

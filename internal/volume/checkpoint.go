@@ -152,41 +152,47 @@ func (v *Volume) setDeleteFloor(names []string) {
 
 // DeleteFloor is the key below which a dead object may be deleted
 // outright; at or above it, dead GC replaces it with an empty placeholder
-// (DESIGN §3).
+// (docs/ARCHITECTURE.md §7).
 func (v *Volume) DeleteFloor() int64 { return v.deleteFloor.Load() }
 
-// loadCheckpoint returns the map and watermark of the newest valid
-// checkpoint, or (nil, 0) when there is none.
-func (v *Volume) loadCheckpoint(ctx context.Context) (*extentmap.Map, int64, error) {
-	names, err := v.listCheckpoints(ctx)
-	if err != nil {
-		return nil, 0, err
-	}
-	v.setDeleteFloor(names)
+// loadCheckpoint returns the map and watermark of the newest usable
+// checkpoint among names, or a nil map and why each one was unusable.
+// A checkpoint written by this or a newer generation means another attach
+// took the volume after this one started: that is refused, not skipped.
+func (v *Volume) loadCheckpoint(ctx context.Context, names []string) (*extentmap.Map, int64, []error, error) {
+	var failures []error
 	for i := len(names) - 1; i >= 0; i-- {
 		raw, err := readWhole(ctx, v.objs, names[i])
 		if err != nil {
 			if errors.Is(err, store.ErrNotFound) {
+				failures = append(failures, fmt.Errorf("%s: deleted while listed", names[i]))
 				continue
 			}
-			return nil, 0, fmt.Errorf("read checkpoint %s: %w", names[i], err)
+			return nil, 0, nil, fmt.Errorf("read checkpoint %s: %w", names[i], err)
 		}
 		h, mapBytes, err := decodeCheckpoint(raw)
+		if err == nil && h.generation >= v.sb.Generation {
+			return nil, 0, nil, fmt.Errorf("%w (%w): checkpoint %s was written by generation %d, not older than this attach's %d", ErrAttachedElsewhere, ErrFenced, names[i], h.generation, v.sb.Generation)
+		}
 		if err == nil && h.blockSize != v.o.BlockSize {
 			err = fmt.Errorf("checkpoint is for block size %d, volume has %d", h.blockSize, v.o.BlockSize)
+		}
+		if err == nil && store.CheckpointName(h.watermark) != names[i] {
+			err = fmt.Errorf("checkpoint holds watermark %d, its name says otherwise", h.watermark)
 		}
 		var m *extentmap.Map
 		if err == nil {
 			m, err = extentmap.UnmarshalBinary(mapBytes)
 		}
 		if err != nil {
+			failures = append(failures, fmt.Errorf("%s: %w", names[i], err))
 			v.log.Warn().Str("checkpoint", names[i]).Err(err).Msg("checkpoint unusable, falling back to the previous one")
 			continue
 		}
 		v.log.Info().Str("checkpoint", names[i]).Int64("watermark", h.watermark).Msg("loaded checkpoint")
-		return m, h.watermark, nil
+		return m, h.watermark, nil, nil
 	}
-	return nil, 0, nil
+	return nil, 0, failures, nil
 }
 
 // checkpointLoop writes a checkpoint every CheckpointInterval or after
@@ -216,7 +222,7 @@ func (v *Volume) checkpointLoop() {
 		if v.Err() != nil {
 			continue
 		}
-		if err := v.Checkpoint(context.Background()); err != nil {
+		if err := v.Checkpoint(v.bgCtx); err != nil {
 			v.log.Warn().Err(err).Msg("periodic checkpoint failed; will retry")
 			continue
 		}

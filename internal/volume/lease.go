@@ -32,6 +32,8 @@ type lease struct {
 	Renewed    time.Time `json:"renewed"`
 }
 
+// readLease returns the lease; ok is false when there is none or it is
+// unreadable (a damaged lease proves nothing either way).
 func (v *Volume) readLease(ctx context.Context) (lease, bool, error) {
 	raw, err := readWhole(ctx, v.objs, LeaseName)
 	if errors.Is(err, store.ErrNotFound) {
@@ -42,24 +44,32 @@ func (v *Volume) readLease(ctx context.Context) (lease, bool, error) {
 	}
 	var l lease
 	if err := json.Unmarshal(raw, &l); err != nil {
-		// A damaged lease says nothing about a live holder.
-		v.log.Warn().Err(err).Msg("lease object is unreadable; treating the volume as free")
+		v.log.Warn().Err(err).Msg("lease object is unreadable")
 		return lease{}, false, nil
 	}
 	return l, true, nil
 }
 
-// checkLease refuses to attach while another daemon renews the lease. A
-// lease that is neither released nor renewed for 2.5 intervals belongs to
-// a daemon that died (crash); the attach then goes on.
-func (v *Volume) checkLease(ctx context.Context) error {
+// checkLease refuses to attach while the holder of the newest generation
+// (latest) may be alive. The volume is free at once when the lease of
+// that generation was released (a clean stop). Otherwise the lease is
+// watched for 2.5 intervals: a holder that renews it is alive; a lease
+// that neither changes nor disappears belongs to a daemon that died. A
+// lease older than latest (or none at all, on a volume that has been
+// attached) is watched the same way: the attach that claimed latest may
+// still be starting and about to write its lease.
+func (v *Volume) checkLease(ctx context.Context, latest uint64) error {
 	l, ok, err := v.readLease(ctx)
-	if err != nil || !ok || l.Released {
+	if err != nil {
 		return err
+	}
+	if (ok && l.Released && l.Generation >= latest) || (!ok && latest == 0) {
+		return nil
 	}
 	wait := v.o.LeaseInterval * 5 / 2
 	v.log.Warn().Str("holder_host", l.Host).Int("holder_pid", l.PID).Uint64("holder_generation", l.Generation).
-		Dur("wait", wait).Msg("volume lease was not released (crash, or attached elsewhere); checking whether its holder is alive")
+		Uint64("latest_generation", latest).Dur("wait", wait).
+		Msg("volume lease was not released (crash, or attached elsewhere); checking whether its holder is alive")
 	deadline := time.Now().Add(wait)
 	for time.Now().Before(deadline) {
 		select {
@@ -67,14 +77,14 @@ func (v *Volume) checkLease(ctx context.Context) error {
 			return ctx.Err()
 		case <-time.After(v.o.LeaseInterval / 2):
 		}
-		l2, ok, err := v.readLease(ctx)
+		l2, ok2, err := v.readLease(ctx)
 		if err != nil {
 			return err
 		}
-		if !ok || l2.Released {
+		if ok2 && l2.Released && l2.Generation >= latest {
 			return nil
 		}
-		if l2.Counter != l.Counter || l2.Generation != l.Generation {
+		if ok2 != ok || l2.Counter != l.Counter || l2.Generation != l.Generation {
 			return fmt.Errorf("%w: host %s pid %d (generation %d) renewed its lease %s ago; stop that daemon first (systemctl stop bs3 there), or point this one at another bucket/prefix",
 				ErrAttachedElsewhere, l2.Host, l2.PID, l2.Generation, time.Since(l2.Renewed).Round(time.Second))
 		}
@@ -111,7 +121,7 @@ func (v *Volume) leaseLoop() {
 			return
 		case <-t.C:
 		}
-		ctx, cancel := context.WithTimeout(context.Background(), v.o.LeaseInterval)
+		ctx, cancel := context.WithTimeout(v.bgCtx, v.o.LeaseInterval)
 		l, ok, err := v.readLease(ctx)
 		if err == nil && ok && l.Generation > v.sb.Generation {
 			cancel()

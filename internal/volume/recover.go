@@ -1,7 +1,9 @@
 package volume
 
 import (
+	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"sync"
@@ -13,18 +15,41 @@ import (
 	"github.com/bs3/bs3/internal/store"
 )
 
-// recover rebuilds the map: newest valid checkpoint, then roll-forward of
-// the objects after its watermark in key order up to the first missing
-// key, then deletion of the keys a crashed attach left past that gap
-// (they are not part of the consistent prefix, DESIGN §4.3).
+// ErrNoState is returned by Open when the volume's state cannot be
+// established from the bucket (no usable checkpoint where keys were
+// collected). Nothing was changed; the message says what is missing.
+var ErrNoState = errors.New("volume state cannot be established")
+
+// recover rebuilds the map (docs/ARCHITECTURE.md §6): newest usable
+// checkpoint, then roll-forward of the objects after its watermark in key
+// order up to the first missing key outside a claimed window, then a claim
+// of that key for this attach. Recovery never deletes or overwrites an
+// object: keys a crashed writer left past the gap are neutralized by the
+// claim record's window instead.
 func (v *Volume) recover(ctx context.Context) (*extentmap.Map, error) {
 	blocks := v.sb.Size / v.o.BlockSize
+	names, err := v.listCheckpoints(ctx)
+	if err != nil {
+		return nil, err
+	}
+	// Dead GC deletes keys only below the oldest checkpoint kept, and only
+	// after that checkpoint exists, so its name alone says how far keys
+	// may be missing, whether or not its content is readable.
+	v.setDeleteFloor(names)
+	floor := v.DeleteFloor()
 	var m *extentmap.Map
 	var wm int64
-	var err error
-	if !v.o.SkipCheckpoint {
-		if m, wm, err = v.loadCheckpoint(ctx); err != nil {
+	switch {
+	case v.o.SkipCheckpoint && floor > 0:
+		return nil, fmt.Errorf("%w: skip_checkpoint = true, but this volume has checkpoints and keys below %d may have been deleted by garbage collection, so a replay from key 0 cannot rebuild it; nothing was changed. Set skip_checkpoint = false", ErrNoState, floor)
+	case !v.o.SkipCheckpoint:
+		var failures []error
+		if m, wm, failures, err = v.loadCheckpoint(ctx, names); err != nil {
 			return nil, err
+		}
+		if m == nil && floor > 0 {
+			return nil, fmt.Errorf("%w: no usable checkpoint (%w), and keys below %d may have been deleted by garbage collection, so the volume cannot be rebuilt from its objects; nothing was changed. Restore a checkpoint object (e.g. from an older object version) and start again",
+				ErrNoState, errors.Join(failures...), floor)
 		}
 	}
 	if m == nil {
@@ -41,6 +66,10 @@ func (v *Volume) recover(ctx context.Context) (*extentmap.Map, error) {
 	for attempt := 0; ; attempt++ {
 		gap, err := v.rollForward(ctx, m, from)
 		if err != nil {
+			return nil, err
+		}
+		if err := v.Err(); err != nil {
+			// The lease showed a newer attach while we recovered.
 			return nil, err
 		}
 		next, err := v.claimFrom(ctx, m, gap)
@@ -70,23 +99,81 @@ const maxClaimAttempts = 8
 // errGapTaken: the first missing key appeared while the attach claimed it.
 var errGapTaken = errors.New("the first missing key was stored meanwhile")
 
+// A claim record is what an attach stores at the first missing key: the
+// magic, then JSON. It says that the keys after it up to End belong to
+// the attach of Generation, which writes nothing there but placeholders,
+// so whatever else is found there (uploads of a crashed or fenced writer
+// that never became part of the consistent prefix) counts as a
+// placeholder, and a missing key there is no gap. It is never mistaken
+// for a chunk: read as an item, the magic is a sector far past any
+// device's end.
+const claimMagic = "BS3CLAIM"
+
+type claimRecord struct {
+	Generation uint64 `json:"generation"`
+	End        int64  `json:"end"`
+}
+
+func encodeClaim(c claimRecord) ([]byte, error) {
+	j, err := json.Marshal(c)
+	if err != nil {
+		return nil, fmt.Errorf("encode claim record: %w", err)
+	}
+	return append([]byte(claimMagic), j...), nil
+}
+
+// IsClaimRecord reports whether head, the first bytes of an object,
+// starts a claim record. Dead GC leaves claim records alone above the
+// delete floor: replacing one with an empty placeholder would expose the
+// orphans in its window to the next roll-forward.
+func IsClaimRecord(head []byte) bool { return bytes.HasPrefix(head, []byte(claimMagic)) }
+
+// ClaimMagicLen is how many leading bytes IsClaimRecord needs.
+const ClaimMagicLen = len(claimMagic)
+
+func decodeClaim(key int64, b []byte) (claimRecord, error) {
+	var c claimRecord
+	if err := json.Unmarshal(b[len(claimMagic):], &c); err != nil {
+		return c, fmt.Errorf("claim record at key %d is corrupt: %w", key, err)
+	}
+	if c.End <= key || c.End-key > maxClaimWindow {
+		return c, fmt.Errorf("claim record at key %d has a window ending at %d", key, c.End)
+	}
+	return c, nil
+}
+
+// maxClaimWindow bounds the window a claim record may declare, so that a
+// damaged record cannot make recovery skip the rest of the volume.
+const maxClaimWindow = 1 << 20
+
 // header is one fetched object header during roll-forward.
 type header struct {
 	missing bool
+	claim   *claimRecord
 	parsed  chunk.Parsed
 	err     error
 }
 
 // rollForward applies objects wm, wm+1, ... to m until the first missing
-// key, which it returns. Headers (the metadata areas) are fetched
-// concurrently in batches; they are applied strictly in key order.
+// key outside a claimed window, which it returns. Headers (the metadata
+// areas) are fetched concurrently in batches; they are applied strictly
+// in key order.
 func (v *Volume) rollForward(ctx context.Context, m *extentmap.Map, wm int64) (int64, error) {
 	md := v.layout.MetadataSize()
 	batch := int64(v.o.RecoveryConcurrency)
 	start := time.Now()
 	lastLog := start
 	key := wm
+	window := int64(-1) // keys below window are in a claimed window
 	for {
+		// Keys inside a window need no fetch: whatever is there counts
+		// as a placeholder.
+		for key < window {
+			if err := m.AddObject(key, 0); err != nil {
+				return 0, fmt.Errorf("roll-forward: track key %d of a claimed window: %w", key, err)
+			}
+			key++
+		}
 		hdrs := make([]header, batch)
 		var wg sync.WaitGroup
 		for i := range hdrs {
@@ -98,12 +185,27 @@ func (v *Volume) rollForward(ctx context.Context, m *extentmap.Map, wm int64) (i
 		}
 		wg.Wait()
 		for _, h := range hdrs {
+			if key < window {
+				if err := m.AddObject(key, 0); err != nil {
+					return 0, fmt.Errorf("roll-forward: track key %d of a claimed window: %w", key, err)
+				}
+				key++
+				continue
+			}
 			if h.err != nil {
 				return 0, h.err
 			}
 			if h.missing {
 				v.logReplay(key-wm, start, true)
 				return key, nil
+			}
+			if h.claim != nil {
+				if h.claim.Generation >= v.sb.Generation {
+					return 0, fmt.Errorf("%w (%w): key %d was claimed by generation %d, not older than this attach's %d", ErrAttachedElsewhere, ErrFenced, key, h.claim.Generation, v.sb.Generation)
+				}
+				window = h.claim.End
+			} else if g := itemsGeneration(h.parsed); g >= v.sb.Generation {
+				return 0, fmt.Errorf("%w (%w): key %d holds writes of generation %d, not older than this attach's %d", ErrAttachedElsewhere, ErrFenced, key, g, v.sb.Generation)
 			}
 			if err := v.applyItems(m, key, h.parsed); err != nil {
 				return 0, fmt.Errorf("roll-forward: apply key %d: %w", key, err)
@@ -117,6 +219,15 @@ func (v *Volume) rollForward(ctx context.Context, m *extentmap.Map, wm int64) (i
 	}
 }
 
+// itemsGeneration is the highest generation among the items of p.
+func itemsGeneration(p chunk.Parsed) uint64 {
+	var g uint64
+	for _, it := range p.Items {
+		g = max(g, it.Seqno>>GenerationBits)
+	}
+	return g
+}
+
 func (v *Volume) logReplay(n int64, start time.Time, done bool) {
 	el := time.Since(start)
 	ev := v.log.Info()
@@ -128,7 +239,8 @@ func (v *Volume) logReplay(n int64, start time.Time, done bool) {
 }
 
 // fetchHeader reads and parses the metadata area of key. An empty object
-// is a placeholder for a collected object and parses as no items.
+// is a placeholder for a collected object and parses as no items; a
+// short object starting with the claim magic is a claim record.
 func (v *Volume) fetchHeader(ctx context.Context, key, md int64) header {
 	buf := make([]byte, md)
 	n, err := v.objs.GetRange(ctx, objproxy.High, store.DataName(key), 0, buf)
@@ -140,6 +252,13 @@ func (v *Volume) fetchHeader(ctx context.Context, key, md int64) header {
 	}
 	if n == 0 {
 		return header{}
+	}
+	if int64(n) < md && IsClaimRecord(buf[:n]) {
+		c, err := decodeClaim(key, buf[:n])
+		if err != nil {
+			return header{err: fmt.Errorf("roll-forward: %w; refusing to attach so that no later data is dropped (inspect object %s)", err, store.DataName(key))}
+		}
+		return header{claim: &c}
 	}
 	if int64(n) < md {
 		return header{err: fmt.Errorf("roll-forward: object %s (key %d) is %d bytes, shorter than its %d-byte metadata area: the object is corrupt; refusing to attach so that no later data is dropped (inspect or remove it by hand)", store.DataName(key), key, n, md)}
@@ -159,84 +278,50 @@ func (v *Volume) claimWindow() int64 {
 }
 
 // claimFrom makes the keys [gap, gap+window) this attach's own and returns
-// the first key it will write. Keys a crashed writer left past the gap are
-// not part of the consistent prefix and are deleted.
+// the first key it will write.
 //
-// With conditional writes, the gap key is claimed first with an empty
-// placeholder (If-None-Match). From then on a previous writer that is
-// still alive (two daemons on one volume) fails its upload of the gap key
-// with 412 and, since it applies keys in order, can never apply anything
-// after it: its later keys are orphans. Every other key of the window is
-// then claimed too, deleting an orphan found there, so that none of its
-// in-flight uploads can land among this attach's keys (DESIGN §4.6). The
-// placeholders are tracked in the map like any collected object and
-// reclaimed by dead GC.
-//
-// Without conditional writes nothing can be claimed: keys past the gap
-// are deleted and writing starts at the gap.
+// The claim record goes to the gap key with ifAbsent: that create is the
+// moment this attach's prefix is decided. A previous writer that is still
+// alive either stored the gap key first (then the attach replays it and
+// looks again) or fails its upload with ErrExists and, since it applies
+// keys in order, can never apply anything after it. Its later uploads
+// may still land in the window; the record makes every later recovery
+// treat them as placeholders, so the attach needs to delete nothing, and
+// a crash at any step of the claim leaves a volume the next attach reads
+// the same way. Empty placeholders are then created where window keys do
+// not exist yet, which makes a late upload of the old writer fail too;
+// an object already there is left for dead GC (it is tracked as an empty
+// object, and GC replaces it with a placeholder).
 func (v *Volume) claimFrom(ctx context.Context, m *extentmap.Map, gap int64) (int64, error) {
-	window := v.claimWindow()
-	if !v.o.ConditionalWrites {
-		return gap, v.eachKey(ctx, gap+1, gap+window, v.dropKey)
+	end := gap + v.claimWindow()
+	rec, err := encodeClaim(claimRecord{Generation: v.sb.Generation, End: end})
+	if err != nil {
+		return 0, err
 	}
-	if err := v.objs.Put(ctx, objproxy.High, store.DataName(gap), nil, true); err != nil {
+	if err := v.objs.Put(ctx, objproxy.High, store.DataName(gap), rec, v.o.ConditionalWrites); err != nil {
 		if errors.Is(err, store.ErrExists) {
 			return 0, errGapTaken
 		}
 		return 0, fmt.Errorf("claim key %d: %w", gap, err)
 	}
-	if err := v.eachKey(ctx, gap+1, gap+window, v.claimKey); err != nil {
-		return 0, err
+	if v.o.ConditionalWrites {
+		v.placeholders(ctx, gap+1, end)
 	}
-	for k := gap; k < gap+window; k++ {
+	for k := gap; k < end; k++ {
 		if err := m.AddObject(k, 0); err != nil {
-			return 0, fmt.Errorf("track placeholder %d: %w", k, err)
+			return 0, fmt.Errorf("track claimed key %d: %w", k, err)
 		}
 	}
-	return gap + window, nil
+	v.log.Info().Int64("gap", gap).Int64("first_key", end).Msg("claimed keys for this attach")
+	return end, nil
 }
 
-// claimKey stores an empty placeholder under k, deleting an orphan that a
-// previous writer's upload landed there first (reported as dropped).
-func (v *Volume) claimKey(ctx context.Context, k int64) (dropped bool, err error) {
-	name := store.DataName(k)
-	for attempt := 0; attempt < maxClaimAttempts; attempt++ {
-		err := v.objs.Put(ctx, objproxy.High, name, nil, true)
-		if err == nil {
-			return dropped, nil
-		}
-		if !errors.Is(err, store.ErrExists) {
-			return dropped, fmt.Errorf("claim key %d: %w", k, err)
-		}
-		if err := v.objs.Delete(ctx, objproxy.High, name); err != nil {
-			return dropped, fmt.Errorf("drop orphan key %d: %w", k, err)
-		}
-		dropped = true
-	}
-	return dropped, fmt.Errorf("claim key %d: another writer keeps storing it; is a second bs3 attached to this volume?", k)
-}
-
-// dropKey deletes k if it exists.
-func (v *Volume) dropKey(ctx context.Context, k int64) (bool, error) {
-	_, err := v.objs.Size(ctx, objproxy.High, store.DataName(k))
-	if errors.Is(err, store.ErrNotFound) {
-		return false, nil
-	}
-	if err == nil {
-		err = v.objs.Delete(ctx, objproxy.High, store.DataName(k))
-	}
-	if err != nil {
-		return false, fmt.Errorf("drop key %d: %w", k, err)
-	}
-	return true, nil
-}
-
-// eachKey runs fn for the keys in [from, to), RecoveryConcurrency at a
-// time, all past the first missing key (from-1), and logs the keys whose
-// objects fn dropped: no recovery could ever apply them.
-func (v *Volume) eachKey(ctx context.Context, from, to int64, fn func(context.Context, int64) (bool, error)) error {
+// placeholders creates empty objects under the keys of [from, to) that
+// do not exist, RecoveryConcurrency at a time. Failures are logged only:
+// the claim record already protects the window.
+func (v *Volume) placeholders(ctx context.Context, from, to int64) {
 	var mu sync.Mutex
-	var dropped []int64
+	var orphans []int64
 	var firstErr error
 	var wg sync.WaitGroup
 	sem := make(chan struct{}, v.o.RecoveryConcurrency)
@@ -246,20 +331,22 @@ func (v *Volume) eachKey(ctx context.Context, from, to int64, fn func(context.Co
 		go func() {
 			defer wg.Done()
 			defer func() { <-sem }()
-			d, err := fn(ctx, k)
+			err := v.objs.Put(ctx, objproxy.High, store.DataName(k), nil, true)
 			mu.Lock()
 			defer mu.Unlock()
-			if err != nil && firstErr == nil {
+			switch {
+			case errors.Is(err, store.ErrExists):
+				orphans = append(orphans, k)
+			case err != nil && firstErr == nil:
 				firstErr = err
-			}
-			if d {
-				dropped = append(dropped, k)
 			}
 		}()
 	}
 	wg.Wait()
-	if len(dropped) > 0 {
-		v.log.Warn().Int64("gap", from-1).Ints64("dropped_keys", dropped).Msg("dropped objects past the first missing key (writes not covered by a completed flush)")
+	if len(orphans) > 0 {
+		v.log.Warn().Int64("gap", from-1).Ints64("keys", orphans).Msg("objects past the first missing key are not part of the volume (writes not covered by a completed flush); ignored, and reclaimed by dead GC")
 	}
-	return firstErr
+	if firstErr != nil {
+		v.log.Warn().Err(firstErr).Msg("could not create every placeholder of the claimed window; the claim record protects it")
+	}
 }

@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"strings"
 	"time"
 
 	"github.com/bs3/bs3/internal/objproxy"
@@ -19,7 +20,9 @@ const FormatVersion = 1
 // Superblock is the volume's identity and geometry, one small JSON object
 // per volume. Generation is bumped at every attach and folded into the high
 // bits of every seqno written during that attach, so that writes of a later
-// attach win over writes of an earlier one (DESIGN §4.2).
+// attach win over writes of an earlier one (docs/ARCHITECTURE.md §4). The
+// attach records (store.AttachName) are the authority on generations; the
+// superblock copy is for people and tools.
 type Superblock struct {
 	Format     int       `json:"format"`
 	VolumeID   string    `json:"volume_id"`
@@ -51,68 +54,95 @@ func newVolumeID() string {
 	return hex.EncodeToString(b[:])
 }
 
-// attachSuperblock reads the superblock (creating it for a new volume),
-// checks the geometry against the options, grows the volume when asked,
-// bumps the generation and writes it back.
-func attachSuperblock(ctx context.Context, objs *objproxy.Proxy, o Options) (Superblock, bool, error) {
+// readSuperblock reads the superblock and checks it against the options
+// (growing or shrinking the size when asked), or builds a new one when
+// there is none and the bucket holds no volume data. Nothing is written.
+func readSuperblock(ctx context.Context, objs *objproxy.Proxy, o Options) (Superblock, bool, error) {
 	var sb Superblock
-	created := false
 	raw, err := readWhole(ctx, objs, store.SuperblockName)
 	switch {
 	case errors.Is(err, store.ErrNotFound):
-		sb = Superblock{
+		if err := refuseDataWithoutSuperblock(ctx, objs); err != nil {
+			return sb, false, err
+		}
+		return Superblock{
 			Format:    FormatVersion,
 			VolumeID:  newVolumeID(),
 			Size:      o.Size,
 			BlockSize: o.BlockSize,
 			ChunkSize: o.ChunkSize,
 			Created:   time.Now().UTC(),
-		}
-		created = true
+		}, true, nil
 	case err != nil:
 		return sb, false, fmt.Errorf("read superblock: %w", err)
-	default:
-		if err := json.Unmarshal(raw, &sb); err != nil {
-			return sb, false, fmt.Errorf("superblock is corrupt (%v): refusing to attach; inspect the %q object", err, store.SuperblockName)
-		}
-		if sb.Format != FormatVersion {
-			return sb, false, fmt.Errorf("superblock format version %d is not supported (this bs3 reads version %d)", sb.Format, FormatVersion)
-		}
-		if sb.BlockSize != o.BlockSize {
-			return sb, false, fmt.Errorf("volume has block_size %d but the configuration says %d: set block_size = %d", sb.BlockSize, o.BlockSize, sb.BlockSize)
-		}
-		if sb.ChunkSize != o.ChunkSize {
-			return sb, false, fmt.Errorf("volume has write.chunk_size %d MiB but the configuration says %d MiB: set write.chunk_size = %d", sb.ChunkSize>>20, o.ChunkSize>>20, sb.ChunkSize>>20)
-		}
-		switch {
-		case o.Size > sb.Size:
-			o.Logger.Info().Int64("old_size", sb.Size).Int64("new_size", o.Size).Msg("growing volume")
-			sb.Size = o.Size
-		case o.Size < sb.Size && !o.Shrink:
-			return sb, false, fmt.Errorf("volume is %d bytes but size asks for %d: shrinking loses the data past the new end; pass --shrink to do it anyway, or set size back", sb.Size, o.Size)
-		case o.Size < sb.Size:
-			o.Logger.Warn().Int64("old_size", sb.Size).Int64("new_size", o.Size).Msg("shrinking volume (--shrink)")
-			sb.Size = o.Size
-		}
 	}
-	if sb.Generation >= maxGeneration {
-		return sb, false, fmt.Errorf("volume generation %d is exhausted", sb.Generation)
+	if err := json.Unmarshal(raw, &sb); err != nil {
+		return sb, false, fmt.Errorf("superblock is corrupt (%v): refusing to attach; inspect the %q object", err, store.SuperblockName)
 	}
-	sb.Generation++
-	// The largest in-flight window any attach used: the next attach
-	// claims past it (see claimFrom).
-	sb.MaxInflight = max(o.MaxInflight, sb.MaxInflight)
+	if sb.Format != FormatVersion {
+		return sb, false, fmt.Errorf("superblock format version %d is not supported (this bs3 reads version %d)", sb.Format, FormatVersion)
+	}
+	if sb.BlockSize != o.BlockSize {
+		return sb, false, fmt.Errorf("volume has block_size %d but the configuration says %d: set block_size = %d", sb.BlockSize, o.BlockSize, sb.BlockSize)
+	}
+	if sb.ChunkSize != o.ChunkSize {
+		return sb, false, fmt.Errorf("volume has write.chunk_size %d MiB but the configuration says %d MiB: set write.chunk_size = %d", sb.ChunkSize>>20, o.ChunkSize>>20, sb.ChunkSize>>20)
+	}
+	switch {
+	case o.Size > sb.Size:
+		o.Logger.Info().Int64("old_size", sb.Size).Int64("new_size", o.Size).Msg("growing volume")
+		sb.Size = o.Size
+	case o.Size < sb.Size && !o.Shrink:
+		return sb, false, fmt.Errorf("volume is %d bytes but size asks for %d: shrinking loses the data past the new end; pass --shrink to do it anyway, or set size back", sb.Size, o.Size)
+	case o.Size < sb.Size:
+		o.Logger.Warn().Int64("old_size", sb.Size).Int64("new_size", o.Size).Msg("shrinking volume (--shrink)")
+		sb.Size = o.Size
+	}
+	return sb, false, nil
+}
+
+// errStopListing ends a listing early; it never leaves this file.
+var errStopListing = errors.New("stop listing")
+
+// refuseDataWithoutSuperblock fails when the bucket holds data objects or
+// checkpoints but no superblock (deleted by hand or by a lifecycle rule).
+// Creating a new volume there would start again at generation 1 under
+// the old objects, and old writes could win over new ones. Attach
+// records, the lease and the write probe alone do not count: a first
+// attach that crashed before writing the superblock leaves only those.
+func refuseDataWithoutSuperblock(ctx context.Context, objs *objproxy.Proxy) error {
+	var found string
+	err := objs.List(ctx, objproxy.High, "", func(name string, _ int64) error {
+		if _, ok := store.ParseDataName(name); ok || strings.HasPrefix(name, store.CheckpointPrefix) {
+			found = name
+			return errStopListing
+		}
+		return nil
+	})
+	if err != nil && !errors.Is(err, errStopListing) {
+		return fmt.Errorf("superblock is missing; listing the bucket to see whether it holds volume data: %w", err)
+	}
+	if found != "" {
+		return fmt.Errorf("the superblock is missing but the bucket holds volume data (e.g. %q): refusing to create a new volume over it, nothing was changed; restore the %q object (from a backup or an older object version), or point s3.bucket/s3.prefix at an empty location for a new volume", found, store.SuperblockName)
+	}
+	return nil
+}
+
+// writeSuperblock stores sb. A new volume's superblock is created with
+// ifAbsent (when the store has conditional writes), so two daemons
+// creating one volume at once cannot both succeed.
+func writeSuperblock(ctx context.Context, objs *objproxy.Proxy, sb Superblock, created, conditional bool) error {
 	body, err := json.MarshalIndent(sb, "", "  ")
 	if err != nil {
-		return sb, false, fmt.Errorf("encode superblock: %w", err)
+		return fmt.Errorf("encode superblock: %w", err)
 	}
-	if err := objs.Put(ctx, objproxy.High, store.SuperblockName, body, created && o.ConditionalWrites); err != nil {
+	if err := objs.Put(ctx, objproxy.High, store.SuperblockName, body, created && conditional); err != nil {
 		if errors.Is(err, store.ErrExists) {
-			return sb, false, fmt.Errorf("another bs3 created this volume at the same moment: %w", err)
+			return fmt.Errorf("%w: another bs3 created this volume at the same moment (%v)", ErrAttachedElsewhere, err)
 		}
-		return sb, false, fmt.Errorf("write superblock: %w", err)
+		return fmt.Errorf("write superblock: %w", err)
 	}
-	return sb, created, nil
+	return nil
 }
 
 // readWhole reads a small object completely.

@@ -19,6 +19,7 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/bs3/bs3/internal/chunk"
+	"github.com/bs3/bs3/internal/extentmap"
 	"github.com/bs3/bs3/internal/mapproxy"
 	"github.com/bs3/bs3/internal/objproxy"
 )
@@ -74,7 +75,7 @@ type Volume struct {
 	// Objects are applied to the map strictly in key order, so the map is
 	// always the state after a prefix of the keys: a checkpoint taken at
 	// any moment is exactly the prefix below its watermark, and an object
-	// that died in the map stays dead after any recovery (DESIGN §4.3).
+	// that died in the map stays dead after any recovery (docs/ARCHITECTURE.md §4).
 	// applyMu/applyCond let a commit wait for its predecessors; watermark
 	// (the next key to apply) is written only on the map owner goroutine.
 	applyMu   sync.Mutex
@@ -94,6 +95,11 @@ type Volume struct {
 	ckptDone  chan struct{}
 	leaseDone chan struct{}
 	ckptStop  chan struct{}
+	// bgCtx is the context of the background loops (lease, periodic
+	// checkpoints); Close cancels it so that none of them outlives a
+	// bounded shutdown.
+	bgCtx    context.Context
+	bgCancel context.CancelFunc
 
 	closeOnce sync.Once
 	closeErr  error
@@ -133,37 +139,82 @@ func Open(ctx context.Context, objs *objproxy.Proxy, o Options) (*Volume, error)
 		ckptDone:  make(chan struct{}),
 		leaseDone: make(chan struct{}),
 	}
-	if o.LeaseInterval > 0 {
-		if err := v.checkLease(ctx); err != nil {
-			return nil, err
-		}
-	}
-	sb, created, err := attachSuperblock(ctx, objs, o)
-	if err != nil {
+	v.applyCond = sync.NewCond(&v.applyMu)
+	v.bgCtx, v.bgCancel = context.WithCancel(context.Background())
+	if err := v.attach(ctx); err != nil {
+		v.bgCancel()
 		return nil, err
+	}
+	go v.checkpointLoop()
+	return v, nil
+}
+
+// attach claims the volume (docs/ARCHITECTURE.md §6): superblock, an
+// exclusive generation, the lease, then recovery. Nothing is deleted or
+// overwritten before the generation is ours and the volume's state is
+// established; a failure after the lease was taken releases it.
+func (v *Volume) attach(ctx context.Context) error {
+	o := v.o
+	sb, created, err := readSuperblock(ctx, v.objs, o)
+	if err != nil {
+		return err
+	}
+	latest, records, err := latestGeneration(ctx, v.objs, sb)
+	if err != nil {
+		return err
+	}
+	if latest >= maxGeneration {
+		return fmt.Errorf("volume generation %d is exhausted", latest)
 	}
 	v.sb = sb
-	v.applyCond = sync.NewCond(&v.applyMu)
-	v.log = v.log.With().Str("volume", sb.VolumeID).Uint64("generation", sb.Generation).Logger()
-	if created {
-		v.log.Info().Int64("size", sb.Size).Int64("block_size", sb.BlockSize).Msg("created new volume")
-	}
-	m, err := v.recover(ctx)
-	if err != nil {
-		return nil, err
-	}
-	v.maps = mapproxy.New(m, o.MapIdleTimeout)
 	if o.LeaseInterval > 0 {
+		if err := v.checkLease(ctx, latest); err != nil {
+			return err
+		}
+	}
+	v.sb.Generation = latest + 1
+	// The largest in-flight window any attach used: the next attach
+	// claims past it (see claimWindow).
+	v.sb.MaxInflight = max(o.MaxInflight, sb.MaxInflight)
+	v.log = v.log.With().Str("volume", v.sb.VolumeID).Uint64("generation", v.sb.Generation).Logger()
+	if err := v.claimGeneration(ctx, v.sb.Generation); err != nil {
+		return err
+	}
+	if o.LeaseInterval > 0 {
+		// Taken before recovery and renewed during it, so a daemon that
+		// starts meanwhile sees a live holder.
 		if err := v.putLease(ctx, 0, false); err != nil {
-			v.maps.Close()
-			return nil, err
+			return err
 		}
 		go v.leaseLoop()
 	} else {
 		close(v.leaseDone)
 	}
-	go v.checkpointLoop()
-	return v, nil
+	m, err := v.establish(ctx, created)
+	if err != nil {
+		close(v.ckptStop)
+		<-v.leaseDone
+		if o.LeaseInterval > 0 && !errors.Is(err, ErrFenced) {
+			if lerr := v.putLease(context.WithoutCancel(ctx), 0, true); lerr != nil {
+				v.log.Warn().Err(lerr).Msg("could not release the lease after a failed attach; the next start waits for it to go stale")
+			}
+		}
+		return err
+	}
+	v.maps = mapproxy.New(m, o.MapIdleTimeout)
+	v.pruneAttachRecords(ctx, records)
+	return nil
+}
+
+// establish writes the superblock of this attach and recovers the map.
+func (v *Volume) establish(ctx context.Context, created bool) (*extentmap.Map, error) {
+	if err := writeSuperblock(ctx, v.objs, v.sb, created, v.o.ConditionalWrites); err != nil {
+		return nil, err
+	}
+	if created {
+		v.log.Info().Int64("size", v.sb.Size).Int64("block_size", v.sb.BlockSize).Msg("created new volume")
+	}
+	return v.recover(ctx)
 }
 
 // Size is the device size in bytes.
@@ -204,14 +255,25 @@ func (v *Volume) fail(err error) {
 	v.applyMu.Unlock()
 }
 
-// Close waits for in-flight writes, writes a final checkpoint and stops
-// the map owner. It does not close the object proxy (main owns it).
+// Close waits for in-flight writes, writes a final checkpoint, releases
+// the lease and stops the map owner. It gives up when ctx ends (a bounded
+// shutdown during an outage) and then says what was not done; the volume
+// is left as a crash would leave it, which recovery handles. It does not
+// close the object proxy (main owns it).
 func (v *Volume) Close(ctx context.Context) error {
 	v.closeOnce.Do(func() {
 		close(v.ckptStop)
+		v.bgCancel()
 		<-v.ckptDone
 		<-v.leaseDone
-		v.inflight.Wait()
+		idle := make(chan struct{})
+		go func() { v.inflight.Wait(); close(idle) }()
+		select {
+		case <-idle:
+		case <-ctx.Done():
+			v.closeErr = fmt.Errorf("close: writes still being stored when the shutdown timeout ended (no final checkpoint, lease not released; the next start recovers them): %w", ctx.Err())
+			return // commits in flight still use the map owner
+		}
 		if v.Err() == nil && !v.o.SkipCheckpoint {
 			if err := v.Checkpoint(ctx); err != nil {
 				v.closeErr = fmt.Errorf("final checkpoint: %w", err)

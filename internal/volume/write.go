@@ -18,7 +18,7 @@ import (
 // writes and reuse buf.
 //
 // Before the upload, every item's seqno gets the attach generation in its
-// high bits (DESIGN §4.2) and the metadata after the last item is zeroed;
+// high bits (docs/ARCHITECTURE.md §4) and the metadata after the last item is zeroed;
 // buf is modified in place.
 func (v *Volume) Commit(ctx context.Context, key int64, buf []byte, items int) error {
 	return v.commit(ctx, key, buf, items, true)
@@ -26,10 +26,18 @@ func (v *Volume) Commit(ctx context.Context, key int64, buf []byte, items int) e
 
 // CommitCopies is Commit for chunks of copied writes (threshold GC): the
 // items keep their original seqnos, generation included, so a copy never
-// wins over a write made after the original (DESIGN §4.5).
+// wins over a write made after the original (docs/ARCHITECTURE.md §4).
 func (v *Volume) CommitCopies(ctx context.Context, key int64, buf []byte, items int) error {
 	return v.commit(ctx, key, buf, items, false)
 }
+
+// maxSeqno is the largest per-attach seqno: the low GenerationBits of a
+// stored seqno.
+const maxSeqno = 1<<GenerationBits - 1
+
+// ErrSeqnoExhausted is returned once a collision area of this attach has
+// used every seqno it can order.
+var ErrSeqnoExhausted = errors.New("sequence numbers of this attach are exhausted")
 
 func (v *Volume) commit(ctx context.Context, key int64, buf []byte, items int, user bool) error {
 	v.inflight.Add(1)
@@ -45,7 +53,14 @@ func (v *Volume) commit(ctx context.Context, key int64, buf []byte, items int, u
 	if user {
 		gen := v.sb.Generation << GenerationBits
 		for i := range p.Items {
-			seq := gen | p.Items[i].Seqno&(1<<GenerationBits-1)
+			if p.Items[i].Seqno > maxSeqno {
+				// Masking it would wrap it below older writes of this
+				// attach to the same collision area, and they would win.
+				err := fmt.Errorf("%w: chunk for key %d has seqno %d, past the %d this attach can order; restart bs3 to move the volume to a new generation", ErrSeqnoExhausted, key, p.Items[i].Seqno, uint64(maxSeqno))
+				v.fail(err)
+				return err
+			}
+			seq := gen | p.Items[i].Seqno
 			p.Items[i].Seqno = seq
 			chunk.SetSeqno(buf, i, seq)
 		}
