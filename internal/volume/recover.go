@@ -34,24 +34,20 @@ func (v *Volume) recover(ctx context.Context) (*extentmap.Map, error) {
 	}
 	// Dead GC deletes keys only below the oldest checkpoint kept, and only
 	// after that checkpoint exists, so its name alone says how far keys
-	// may be missing, whether or not its content is readable.
+	// may be missing, whether or not its content is readable. Without a
+	// usable checkpoint, a replay from key 0 is the volume only if it gets
+	// past that floor without a gap.
 	v.setDeleteFloor(names)
 	floor := v.DeleteFloor()
 	var m *extentmap.Map
 	var wm int64
-	switch {
-	case v.o.SkipCheckpoint && floor > 0:
-		return nil, fmt.Errorf("%w: skip_checkpoint = true, but this volume has checkpoints and keys below %d may have been deleted by garbage collection, so a replay from key 0 cannot rebuild it; nothing was changed. Set skip_checkpoint = false", ErrNoState, floor)
-	case !v.o.SkipCheckpoint:
-		var failures []error
+	var failures []error
+	if !v.o.SkipCheckpoint {
 		if m, wm, failures, err = v.loadCheckpoint(ctx, names); err != nil {
 			return nil, err
 		}
-		if m == nil && floor > 0 {
-			return nil, fmt.Errorf("%w: no usable checkpoint (%w), and keys below %d may have been deleted by garbage collection, so the volume cannot be rebuilt from its objects; nothing was changed. Restore a checkpoint object (e.g. from an older object version) and start again",
-				ErrNoState, errors.Join(failures...), floor)
-		}
 	}
+	fullReplay := m == nil
 	if m == nil {
 		wm = 0
 		if m, err = extentmap.New(blocks); err != nil {
@@ -67,6 +63,9 @@ func (v *Volume) recover(ctx context.Context) (*extentmap.Map, error) {
 		gap, err := v.rollForward(ctx, m, from)
 		if err != nil {
 			return nil, err
+		}
+		if fullReplay && gap < floor {
+			return nil, v.noState(gap, floor, failures)
 		}
 		if err := v.Err(); err != nil {
 			// The lease showed a newer attach while we recovered.
@@ -90,6 +89,24 @@ func (v *Volume) recover(ctx context.Context) (*extentmap.Map, error) {
 		v.sinceCkpt.Store(next - wm)
 		return m, nil
 	}
+}
+
+// noState explains why a replay from key 0 cannot be trusted: it stopped
+// at a missing key below the delete floor, where dead GC may have deleted
+// objects that only a checkpoint still accounts for.
+func (v *Volume) noState(gap, floor int64, failures []error) error {
+	why := "no usable checkpoint"
+	if v.o.SkipCheckpoint {
+		why = "skip_checkpoint = true"
+	} else if len(failures) > 0 {
+		why = fmt.Sprintf("no usable checkpoint (%v)", errors.Join(failures...))
+	}
+	hint := "Restore a checkpoint object (e.g. from an older object version) and start again"
+	if v.o.SkipCheckpoint {
+		hint = "Set skip_checkpoint = false"
+	}
+	return fmt.Errorf("%w: %s, and a replay from key 0 stops at missing key %d, below %d, the watermark of the oldest checkpoint: garbage collection may have deleted keys there that only a checkpoint accounts for, so the volume cannot be rebuilt from its objects; no data object or checkpoint was changed. %s",
+		ErrNoState, why, gap, floor, hint)
 }
 
 // maxClaimAttempts bounds how often an attach chases a writer that keeps
