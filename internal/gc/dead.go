@@ -95,8 +95,9 @@ func (c *Collector) collectDead(ctx context.Context) (Stats, error) {
 			switch {
 			case k < floor:
 				actions = append(actions, &deadAction{op: opDelete, key: k, bytes: size})
-			case isEmpty:
-				// Already a placeholder; it waits for the floor.
+			case isEmpty || v.IsClaim(k):
+				// Already a placeholder, or a claim record: it waits
+				// for the floor.
 			case total > 0:
 				actions = append(actions, &deadAction{op: opPlaceholder, key: k, bytes: size})
 			default:

@@ -15,6 +15,7 @@ import (
 	"github.com/bs3/bs3/internal/store/mem"
 	"github.com/bs3/bs3/internal/testutil/enginetest"
 	"github.com/bs3/bs3/internal/testutil/minio"
+	"github.com/bs3/bs3/internal/volume"
 )
 
 // newestKey is the key of the object the last drain committed.
@@ -434,4 +435,77 @@ func deadGCUnderReads(t *testing.T, seed uint64) {
 	checkBucket(t, c, raw)
 	m.verify(t, e.Dev, ws)
 	t.Logf("%d reads, %d objects reclaimed during them, %d times a dead object was left for a read in flight", reads.Load(), reclaimed.Load(), inUse.Load())
+}
+
+// isClaimRecord reads whether key holds a claim record.
+func isClaimRecord(t *testing.T, st store.Store, key int64) bool {
+	t.Helper()
+	head := make([]byte, volume.ClaimMagicLen)
+	n, err := st.GetRange(context.Background(), store.DataName(key), 0, head)
+	if err != nil {
+		t.Fatalf("read key %d: %v", key, err)
+	}
+	return volume.IsClaimRecord(head[:n])
+}
+
+// TestDeadGCKeepsClaimRecords: a claim record at or above the delete
+// floor is what keeps the orphans in its window out of a roll-forward from
+// the oldest checkpoint. A later attach that loaded a newer checkpoint has
+// never read it, sees a dead object without blocks, and must leave it
+// alone until the floor passes it; then it is deleted.
+func TestDeadGCKeepsClaimRecords(t *testing.T) {
+	st := mem.New()
+	ctx := context.Background()
+	o := enginetest.Options{Size: 16 * mib, BlockSize: 4096, ChunkSize: 1 * mib}
+	m := newModel(4096)
+	e := enginetest.Open(t, st, o)
+	fill(t, e, m, 8)
+	e.Close(t) // checkpoint C1
+	e, err := enginetest.New(st, o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	claim := e.Volume.Watermark() - 2*18 - 16 // the gap this attach claimed
+	if !isClaimRecord(t, st, claim) {
+		t.Fatalf("key %d: no claim record", claim)
+	}
+	fill(t, e, m, 8)
+	drain(t, e)
+	if err := e.Volume.Checkpoint(ctx); err != nil { // C2 above the claim
+		t.Fatal(err)
+	}
+	if floor := e.Volume.DeleteFloor(); floor > claim {
+		t.Fatalf("delete floor %d above the claim %d: the test needs it below", floor, claim)
+	}
+	e.Objs.Close() // crash
+
+	e = enginetest.Open(t, st, o) // loads C2: never reads the claim record
+	c := New(e.Volume, Options{Logger: testLogger(t)})
+	if e.Volume.IsClaim(claim) {
+		t.Fatal("the attach read the claim record; the test needs one it did not")
+	}
+	if _, err := c.CollectDead(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if !isClaimRecord(t, st, claim) {
+		t.Fatalf("dead GC replaced the claim record at key %d above the floor %d", claim, e.Volume.DeleteFloor())
+	}
+	// Two more checkpoints raise the floor past the claim.
+	for range 2 {
+		fill(t, e, m, 8)
+		drain(t, e)
+		if err := e.Volume.Checkpoint(ctx); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if floor := e.Volume.DeleteFloor(); floor <= claim {
+		t.Fatalf("floor %d still at or below the claim %d", floor, claim)
+	}
+	if _, err := c.CollectDead(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := objectSize(t, st, claim); ok {
+		t.Fatalf("claim record at key %d below the floor was not deleted", claim)
+	}
+	m.verify(t, e.Dev, 8)
 }

@@ -145,6 +145,14 @@ func encodeClaim(c claimRecord) ([]byte, error) {
 // orphans in its window to the next roll-forward.
 func IsClaimRecord(head []byte) bool { return bytes.HasPrefix(head, []byte(claimMagic)) }
 
+// IsClaim reports whether key holds a claim record that this attach
+// wrote or read during recovery; others (below the checkpoint it loaded)
+// are found by reading their first bytes (IsClaimRecord).
+func (v *Volume) IsClaim(key int64) bool {
+	_, ok := v.claims[key]
+	return ok
+}
+
 // ClaimMagicLen is how many leading bytes IsClaimRecord needs.
 const ClaimMagicLen = len(claimMagic)
 
@@ -221,6 +229,7 @@ func (v *Volume) rollForward(ctx context.Context, m *extentmap.Map, wm int64) (i
 					return 0, fmt.Errorf("%w (%w): key %d was claimed by generation %d, not older than this attach's %d", ErrAttachedElsewhere, ErrFenced, key, h.claim.Generation, v.sb.Generation)
 				}
 				window = h.claim.End
+				v.claims[key] = struct{}{}
 			} else if g := itemsGeneration(h.parsed); g >= v.sb.Generation {
 				return 0, fmt.Errorf("%w (%w): key %d holds writes of generation %d, not older than this attach's %d", ErrAttachedElsewhere, ErrFenced, key, g, v.sb.Generation)
 			}
@@ -321,6 +330,7 @@ func (v *Volume) claimFrom(ctx context.Context, m *extentmap.Map, gap int64) (in
 		}
 		return 0, fmt.Errorf("claim key %d: %w", gap, err)
 	}
+	v.claims[gap] = struct{}{}
 	if v.o.ConditionalWrites {
 		v.placeholders(ctx, gap+1, end)
 	}

@@ -87,6 +87,10 @@ type Volume struct {
 
 	failed atomic.Pointer[error]
 
+	// claims are the keys of the claim records this attach wrote or
+	// replayed; filled during attach, read-only afterwards.
+	claims map[int64]struct{}
+
 	// pins counts the reads in flight per object key (see Pinned).
 	pinMu sync.Mutex
 	pins  map[int64]int
@@ -135,6 +139,7 @@ func Open(ctx context.Context, objs *objproxy.Proxy, o Options) (*Volume, error)
 		objs:      objs,
 		log:       o.Logger,
 		pins:      make(map[int64]int),
+		claims:    make(map[int64]struct{}),
 		ckptStop:  make(chan struct{}),
 		ckptDone:  make(chan struct{}),
 		leaseDone: make(chan struct{}),
