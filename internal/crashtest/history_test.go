@@ -126,7 +126,7 @@ type rules struct {
 	// nil: none (write.durable = false).
 	durable func(f *flushRec) bool
 	// prefix lists the engines whose writes must be prefix-consistent
-	// (DESIGN §4.3): if any write of the engine is visible, every op of
+	// (docs/ARCHITECTURE.md §4.3): if any write of the engine is visible, every op of
 	// that engine acknowledged before that write was issued must be
 	// visible or overwritten by an op not older than it. It holds in both
 	// durability modes, because keys are taken in closing order and the

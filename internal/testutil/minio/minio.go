@@ -35,7 +35,7 @@ import (
 	"github.com/bs3/bs3/internal/store/s3"
 )
 
-// The MinIO release the tests run against (DESIGN.md §8).
+// The MinIO release the tests run against; scripts/deps.sh installs the same one.
 const (
 	Module  = "github.com/minio/minio"
 	Version = "v0.0.0-20260212201848-7aac2a2c5b7c"
