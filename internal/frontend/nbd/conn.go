@@ -15,7 +15,6 @@ import (
 	"time"
 
 	"github.com/rs/zerolog"
-	"golang.org/x/sync/semaphore"
 
 	"github.com/bs3/bs3/internal/frontend"
 )
@@ -28,17 +27,29 @@ type conn struct {
 	log zerolog.Logger
 
 	// stopping is set by Server.Close; read errors after it are expected.
+	// stopAt is the write deadline Close gave the connection (unix ns),
+	// stored before stopping.
 	stopping atomic.Bool
+	stopAt   atomic.Int64
+	// ctx ends when Close stops the connection; it only interrupts waits
+	// for payload budget, never a device call.
+	ctx    context.Context
+	cancel context.CancelFunc
 
-	// slots bounds dispatched requests; bytes bounds their payload buffers.
+	// slots bounds dispatched requests; payload memory is bounded by the
+	// server's budget, shared by all connections.
 	slots chan struct{}
-	bytes *semaphore.Weighted
 	// inflight counts dispatched requests not yet replied to.
 	inflight sync.WaitGroup
 
-	wmu  sync.Mutex // serializes replies
-	werr error      // first reply write error; later replies are dropped
+	wmu       sync.Mutex // serializes replies
+	werr      error      // first reply write error; later replies are dropped
+	wdeadline time.Time  // write deadline last set by armWrite
 }
+
+// errStalled marks a client that stopped sending a payload or reading its
+// replies for the stall timeout.
+var errStalled = errors.New("client stalled")
 
 // request is one decoded transmission request.
 type request struct {
@@ -50,14 +61,23 @@ type request struct {
 }
 
 func (s *Server) newConn(nc net.Conn) *conn {
-	budget := max(int64(minInFlightBytes), s.maxReq)
+	ctx, cancel := context.WithCancel(context.Background())
 	return &conn{
-		s:     s,
-		nc:    nc,
-		r:     bufio.NewReaderSize(nc, 64<<10),
-		log:   s.log.With().Str("remote", remoteName(nc)).Logger(),
-		slots: make(chan struct{}, maxInFlight),
-		bytes: semaphore.NewWeighted(budget),
+		s:      s,
+		nc:     nc,
+		r:      bufio.NewReaderSize(nc, 64<<10),
+		log:    s.log.With().Str("remote", remoteName(nc)).Logger(),
+		ctx:    ctx,
+		cancel: cancel,
+		slots:  make(chan struct{}, maxInFlight),
+	}
+}
+
+// closeConn closes the socket, logging a failure.
+func (c *conn) closeConn() {
+	c.cancel()
+	if err := c.nc.Close(); err != nil && !errors.Is(err, net.ErrClosed) {
+		c.log.Debug().Err(err).Msg("close connection")
 	}
 }
 
@@ -70,9 +90,16 @@ func remoteName(nc net.Conn) string {
 
 // stop makes the reader return (pending reads fail at once) and bounds how
 // long replies may still take to send.
+//
+// Deadlines the connection sets itself (handshake, payload and reply
+// stalls) are set first and followed by a check of stopping, and stop
+// sets stopping before its own deadlines, so whichever runs last, a
+// stopped connection never keeps a later deadline than stop gave it.
 func (c *conn) stop() {
-	c.stopping.Store(true)
 	now := time.Now()
+	c.stopAt.Store(now.Add(closeWriteGrace).UnixNano())
+	c.stopping.Store(true)
+	c.cancel()
 	if err := c.nc.SetReadDeadline(now); err != nil {
 		c.log.Debug().Err(err).Msg("set read deadline")
 	}
@@ -81,25 +108,34 @@ func (c *conn) stop() {
 	}
 }
 
-// serve runs the connection to its end; it owns the connection.
+// serve runs the connection to its end; it owns the connection. The
+// handshake deadline was set by Serve.
 func (c *conn) serve() {
 	defer c.s.untrack(c)
-	defer func() {
-		if err := c.nc.Close(); err != nil && !errors.Is(err, net.ErrClosed) {
-			c.log.Debug().Err(err).Msg("close connection")
-		}
-	}()
+	defer c.closeConn()
 	c.log.Debug().Msg("connection opened")
 
 	if err := c.negotiate(); err != nil {
 		switch {
 		case errors.Is(err, errAbort):
 			c.log.Debug().Msg("client aborted negotiation")
+		case errors.Is(err, os.ErrDeadlineExceeded) && !c.stopping.Load():
+			c.log.Warn().Err(err).Dur("handshake_timeout", c.s.handshakeTimeout).
+				Msg("handshake not completed in time; closing connection")
 		case c.stopping.Load() || isDisconnect(err):
 			c.log.Debug().Err(err).Msg("negotiation ended")
 		default:
 			c.log.Warn().Err(err).Msg("negotiation failed; closing connection")
 		}
+		return
+	}
+	// An established connection may stay idle as long as it likes.
+	if err := c.nc.SetDeadline(time.Time{}); err != nil {
+		c.log.Warn().Err(err).Msg("clear handshake deadline; closing connection")
+		return
+	}
+	if c.stopping.Load() {
+		c.log.Debug().Msg("server closing at the end of the handshake")
 		return
 	}
 	c.log.Debug().Msg("transmission phase")
@@ -144,6 +180,10 @@ func (c *conn) transmit() {
 
 // logReadEnd logs why the reader stopped at the level it deserves.
 func (c *conn) logReadEnd(err error, what string) {
+	if errors.Is(err, errStalled) {
+		c.log.Warn().Err(err).Msg(what + ": client stalled; closing connection")
+		return
+	}
 	if c.stopping.Load() || errors.Is(err, io.EOF) {
 		c.log.Debug().Err(err).Msg(what + ": connection ended")
 		return
@@ -158,19 +198,23 @@ func (c *conn) logReadEnd(err error, what string) {
 // handle validates and dispatches one request; it returns false when the
 // connection must end.
 func (c *conn) handle(req request) bool {
+	bs := c.s.blockSize
+	off, n := int64(req.off), int64(req.length)
 	switch req.typ {
 	case cmdWrite:
-		if int64(req.length) > c.s.maxReq {
+		if n > c.s.maxReq {
 			// The payload is too big to buffer, and skipping it blindly
 			// would only keep a hostile client busy: hang up.
 			withReq(c.log.Warn(), req).Int64("max", c.s.maxReq).Msg("write payload over the maximum; closing connection")
 			return false
 		}
-		buf, ok := c.acquire(int64(req.length))
+		// The offset is not validated yet (the payload must be read to
+		// stay in sync), so scratch is reserved for any misalignment.
+		buf, ok := c.acquire(n, scratchFor(off, n, bs))
 		if !ok {
 			return false
 		}
-		if _, err := io.ReadFull(c.r, buf.b); err != nil {
+		if err := c.readPayload(buf.b); err != nil {
 			// The write never reaches the device: a partial payload is
 			// not a write the client made.
 			c.logReadEnd(err, "read write payload")
@@ -183,25 +227,25 @@ func (c *conn) handle(req request) bool {
 		}
 		fua := req.flags&cmdFlagFUA != 0
 		c.dispatch(func() {
-			err := c.s.dev.WriteAt(c.s.devCtx, buf.b, int64(req.off), fua)
+			err := c.s.writeAt(c.s.devCtx, buf.b, off, fua)
 			c.release(buf)
 			c.reply(req.handle, c.errno(err, req, "write"), nil)
 		})
 
 	case cmdRead:
-		if int64(req.length) > c.s.maxReq {
+		if n > c.s.maxReq {
 			withReq(c.log.Debug(), req).Int64("max", c.s.maxReq).Msg("read over the maximum")
 			return c.reply(req.handle, errInval, nil)
 		}
 		if e := c.check(req, cmdFlagFUA); e != 0 {
 			return c.reply(req.handle, e, nil)
 		}
-		buf, ok := c.acquire(int64(req.length))
+		buf, ok := c.acquire(n, scratchFor(off, n, bs))
 		if !ok {
 			return false
 		}
 		c.dispatch(func() {
-			err := c.s.dev.ReadAt(c.s.devCtx, buf.b, int64(req.off))
+			err := c.s.readAt(c.s.devCtx, buf.b, off)
 			if e := c.errno(err, req, "read"); e != 0 {
 				c.reply(req.handle, e, nil)
 			} else {
@@ -236,17 +280,26 @@ func (c *conn) handle(req request) bool {
 		if e := c.check(req, allowed); e != 0 {
 			return c.reply(req.handle, e, nil)
 		}
-		c.acquireSlot()
+		trim := req.typ == cmdTrim
+		// Write-zeroes of partial blocks reads one block at a time.
+		var scratch int64
+		if !trim {
+			scratch = scratchFor(off, n, bs)
+		}
+		buf, ok := c.acquire(0, scratch)
+		if !ok {
+			return false
+		}
 		// NO_HOLE asks for allocated zeroes; otherwise a hole is fine.
-		discard := req.typ == cmdTrim || req.flags&cmdFlagNoHole == 0
+		discard := trim || req.flags&cmdFlagNoHole == 0
 		fua := req.flags&cmdFlagFUA != 0
 		op := "trim"
-		if req.typ == cmdWriteZeroes {
+		if !trim {
 			op = "write zeroes"
 		}
 		c.dispatch(func() {
-			err := c.s.dev.Zero(c.s.devCtx, int64(req.off), int64(req.length), discard, fua)
-			c.releaseSlot()
+			err := c.s.zero(c.s.devCtx, off, n, trim, discard, fua)
+			c.release(buf)
 			c.reply(req.handle, c.errno(err, req, op), nil)
 		})
 
@@ -259,14 +312,14 @@ func (c *conn) handle(req request) bool {
 	return true
 }
 
-// check validates flags, range and alignment; it returns an NBD error or 0.
+// check validates flags and range; it returns an NBD error or 0. Any
+// alignment is valid.
 func (c *conn) check(req request, allowedFlags uint16) uint32 {
 	if req.flags&^allowedFlags != 0 {
 		withReq(c.log.Debug(), req).Uint16("flags", req.flags).Msg("invalid command flags")
 		return errInval
 	}
 	size := uint64(c.s.size)
-	bs := uint64(c.s.blockSize)
 	n := uint64(req.length)
 	switch {
 	case n == 0:
@@ -274,9 +327,6 @@ func (c *conn) check(req request, allowedFlags uint16) uint32 {
 		return errInval
 	case req.off > size || n > size-req.off:
 		withReq(c.log.Debug(), req).Int64("size", c.s.size).Msg("request beyond the end of the device")
-		return errInval
-	case req.off%bs != 0 || n%bs != 0:
-		withReq(c.log.Debug(), req).Int64("block_size", c.s.blockSize).Msg("request not block-aligned")
 		return errInval
 	}
 	return 0
@@ -312,31 +362,110 @@ func (c *conn) dispatch(fn func()) {
 	}()
 }
 
-// buffer is a payload buffer holding a slot and part of the byte budget.
+// buffer is a request's share of the payload budget with its payload
+// buffer (none for write-zeroes), holding a slot.
 type buffer struct {
-	b    []byte
-	pool *[]byte
+	b      []byte
+	pool   *[]byte
+	weight int64 // bytes of budget held
 }
 
-// acquire takes a slot and n bytes of budget and returns a buffer of
-// length n. It blocks while the connection is at its limits.
-func (c *conn) acquire(n int64) (*buffer, bool) {
+// acquire takes a slot and n+scratch bytes of budget, and returns a
+// buffer of length n. It blocks while the connection has maxInFlight
+// requests dispatched or the server's payload bound would be exceeded; it
+// fails only when Close stops the connection.
+func (c *conn) acquire(n, scratch int64) (*buffer, bool) {
 	c.acquireSlot()
-	if err := c.bytes.Acquire(context.Background(), n); err != nil {
-		// Only possible if n exceeds the budget, which New rules out.
-		c.log.Error().Err(err).Int64("bytes", n).Msg("payload budget")
-		c.releaseSlot()
-		return nil, false
+	w := n + scratch
+	if w > 0 {
+		if err := c.s.buffered.acquire(c.ctx, w); err != nil {
+			c.log.Debug().Err(err).Msg("payload budget not granted")
+			c.releaseSlot()
+			return nil, false
+		}
 	}
-	p := getBuf(int(n))
-	return &buffer{b: *p, pool: p}, true
+	buf := &buffer{weight: w}
+	if n > 0 {
+		buf.pool = getBuf(int(n))
+		buf.b = *buf.pool
+	}
+	return buf, true
 }
 
 func (c *conn) release(b *buffer) {
-	n := int64(len(b.b))
-	putBuf(b.pool)
-	c.bytes.Release(n)
+	if b.pool != nil {
+		putBuf(b.pool)
+	}
+	if b.weight > 0 {
+		c.s.buffered.release(b.weight)
+	}
 	c.releaseSlot()
+}
+
+// ioPiece is the most a payload read or reply write does under one
+// deadline: a client that keeps making progress is never cut off.
+const ioPiece = 1 << 20
+
+// readPayload reads a write's payload, failing if the client stalls for
+// the stall timeout, then clears the deadline: between requests a client
+// may be idle as long as it likes.
+func (c *conn) readPayload(p []byte) error {
+	armed := false
+	for len(p) > 0 {
+		k := min(len(p), ioPiece)
+		// A payload already buffered (small pipelined writes) needs no
+		// socket read, hence no deadline.
+		if c.r.Buffered() < k {
+			if err := c.nc.SetReadDeadline(time.Now().Add(c.s.stall)); err != nil {
+				return fmt.Errorf("set payload read deadline: %w", err)
+			}
+			armed = true
+			if c.stopping.Load() {
+				return errors.New("server closing during the payload")
+			}
+		}
+		if _, err := io.ReadFull(c.r, p[:k]); err != nil {
+			if errors.Is(err, os.ErrDeadlineExceeded) && !c.stopping.Load() {
+				return fmt.Errorf("%w: payload not received within %v (%v)", errStalled, c.s.stall, err)
+			}
+			return err
+		}
+		p = p[k:]
+	}
+	if !armed {
+		return nil
+	}
+	if err := c.nc.SetReadDeadline(time.Time{}); err != nil {
+		return fmt.Errorf("clear payload read deadline: %w", err)
+	}
+	if c.stopping.Load() {
+		// Close ran while the deadline was ours: restore its effect.
+		if err := c.nc.SetReadDeadline(time.Now()); err != nil {
+			c.log.Debug().Err(err).Msg("set read deadline")
+		}
+	}
+	return nil
+}
+
+// armWrite makes sure the next reply write has at least half the stall
+// timeout to make progress, without ever pushing back the deadline Close
+// set. Called with wmu held.
+func (c *conn) armWrite() error {
+	now := time.Now()
+	if c.wdeadline.Sub(now) >= c.s.stall/2 || c.stopping.Load() {
+		return nil
+	}
+	c.wdeadline = now.Add(c.s.stall)
+	if err := c.nc.SetWriteDeadline(c.wdeadline); err != nil {
+		return fmt.Errorf("set reply write deadline: %w", err)
+	}
+	if c.stopping.Load() {
+		// stop may have set its deadline just before ours: put it back.
+		if err := c.nc.SetWriteDeadline(time.Unix(0, c.stopAt.Load())); err != nil {
+			return fmt.Errorf("restore close write deadline: %w", err)
+		}
+	}
+	return nil
 }
 
 // acquireSlot blocks while maxInFlight requests are dispatched, which
@@ -358,12 +487,14 @@ func (c *conn) reply(handle uint64, errno uint32, data []byte) bool {
 	if c.werr != nil {
 		return false
 	}
-	bufs := net.Buffers{hdr[:], data}
-	if _, err := bufs.WriteTo(c.nc); err != nil {
+	if err := c.sendLocked(hdr[:], data); err != nil {
 		c.werr = err
-		if c.stopping.Load() || isDisconnect(err) {
+		switch {
+		case errors.Is(err, errStalled):
+			c.log.Warn().Err(err).Uint64("handle", handle).Msg("client stopped reading replies; closing connection")
+		case c.stopping.Load() || isDisconnect(err):
 			c.log.Debug().Err(err).Uint64("handle", handle).Msg("reply not delivered: connection gone")
-		} else {
+		default:
 			c.log.Warn().Err(err).Uint64("handle", handle).Msg("send reply failed")
 		}
 		// The stream is broken: make the reader stop too.
@@ -373,6 +504,29 @@ func (c *conn) reply(handle uint64, errno uint32, data []byte) bool {
 		return false
 	}
 	return true
+}
+
+// sendLocked writes a reply header and its data in pieces of at most
+// ioPiece bytes, each under a stall deadline. Called with wmu held.
+func (c *conn) sendLocked(hdr, data []byte) error {
+	for first := true; first || len(data) > 0; first = false {
+		if err := c.armWrite(); err != nil {
+			return err
+		}
+		k := min(len(data), ioPiece)
+		bufs := net.Buffers{data[:k]}
+		if first {
+			bufs = net.Buffers{hdr, data[:k]}
+		}
+		if _, err := bufs.WriteTo(c.nc); err != nil {
+			if errors.Is(err, os.ErrDeadlineExceeded) && !c.stopping.Load() {
+				return fmt.Errorf("%w: reply not read within %v (%v)", errStalled, c.s.stall, err)
+			}
+			return err
+		}
+		data = data[k:]
+	}
+	return nil
 }
 
 // isConnReset reports a connection the peer reset or closed under us.

@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"testing"
+	"time"
 
 	"github.com/rs/zerolog"
 )
@@ -60,13 +61,15 @@ func FuzzConnection(f *testing.F) {
 	s := &Server{
 		dev: dev, export: "bs3", size: dev.Size(), blockSize: dev.BlockSize(),
 		maxReq: 64 << 10, log: zerolog.Nop(), conns: make(map[*conn]struct{}),
+		refusing: make(map[*conn]struct{}), maxConns: 1, handshakeTimeout: time.Second,
+		stall: time.Second, buffered: newBudget(128 << 10),
 	}
 	s.devCtx = context.Background()
 	f.Fuzz(func(t *testing.T, in []byte) {
 		client, server := net.Pipe()
 		c := s.newConn(server)
-		if !s.track(c) {
-			t.Fatal("server refused a connection")
+		if a := s.track(c); a != admitServe {
+			t.Fatalf("server refused a connection (admission %d)", a)
 		}
 		done := make(chan struct{})
 		go func() {

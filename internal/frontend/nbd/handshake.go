@@ -21,41 +21,14 @@ const transmissionFlags = tflagHasFlags | tflagSendFlush | tflagSendFUA |
 // on NBD_OPT_ABORT, and another error for a protocol violation or I/O
 // failure (the caller closes the connection either way).
 func (c *conn) negotiate() error {
-	var greet [18]byte
-	binary.BigEndian.PutUint64(greet[0:], magicInit)
-	binary.BigEndian.PutUint64(greet[8:], magicOpt)
-	binary.BigEndian.PutUint16(greet[16:], flagFixedNewstyle|flagNoZeroes)
-	if _, err := c.nc.Write(greet[:]); err != nil {
-		return fmt.Errorf("send greeting: %w", err)
+	fixed, noZeroes, err := c.greet()
+	if err != nil {
+		return err
 	}
-	var cf [4]byte
-	if _, err := io.ReadFull(c.r, cf[:]); err != nil {
-		return fmt.Errorf("read client flags: %w", err)
-	}
-	clientFlags := binary.BigEndian.Uint32(cf[:])
-	if clientFlags&^clientKnownFlags != 0 {
-		// The protocol requires dropping clients that set unknown flags.
-		return fmt.Errorf("unknown client flags %#x", clientFlags)
-	}
-	fixed := clientFlags&clientFixedNewstyle != 0
-	noZeroes := clientFlags&clientNoZeroes != 0
-
 	for {
-		var hdr [16]byte
-		if _, err := io.ReadFull(c.r, hdr[:]); err != nil {
-			return fmt.Errorf("read option header: %w", err)
-		}
-		if m := binary.BigEndian.Uint64(hdr[0:]); m != magicOpt {
-			return fmt.Errorf("bad option magic %#x", m)
-		}
-		opt := binary.BigEndian.Uint32(hdr[8:])
-		n := binary.BigEndian.Uint32(hdr[12:])
-		if n > maxOptionLen {
-			return fmt.Errorf("option %d carries %d bytes, more than %d", opt, n, maxOptionLen)
-		}
-		data := make([]byte, n)
-		if _, err := io.ReadFull(c.r, data); err != nil {
-			return fmt.Errorf("read option %d data: %w", opt, err)
+		opt, data, err := c.readOption()
+		if err != nil {
+			return err
 		}
 		if !fixed && opt != optExportName {
 			// A client without fixed newstyle cannot parse option
@@ -90,6 +63,48 @@ func (c *conn) negotiate() error {
 			}
 		}
 	}
+}
+
+// greet sends the server greeting and reads the client flags.
+func (c *conn) greet() (fixed, noZeroes bool, err error) {
+	var greet [18]byte
+	binary.BigEndian.PutUint64(greet[0:], magicInit)
+	binary.BigEndian.PutUint64(greet[8:], magicOpt)
+	binary.BigEndian.PutUint16(greet[16:], flagFixedNewstyle|flagNoZeroes)
+	if _, err := c.nc.Write(greet[:]); err != nil {
+		return false, false, fmt.Errorf("send greeting: %w", err)
+	}
+	var cf [4]byte
+	if _, err := io.ReadFull(c.r, cf[:]); err != nil {
+		return false, false, fmt.Errorf("read client flags: %w", err)
+	}
+	clientFlags := binary.BigEndian.Uint32(cf[:])
+	if clientFlags&^clientKnownFlags != 0 {
+		// The protocol requires dropping clients that set unknown flags.
+		return false, false, fmt.Errorf("unknown client flags %#x", clientFlags)
+	}
+	return clientFlags&clientFixedNewstyle != 0, clientFlags&clientNoZeroes != 0, nil
+}
+
+// readOption reads one option request.
+func (c *conn) readOption() (opt uint32, data []byte, err error) {
+	var hdr [16]byte
+	if _, err := io.ReadFull(c.r, hdr[:]); err != nil {
+		return 0, nil, fmt.Errorf("read option header: %w", err)
+	}
+	if m := binary.BigEndian.Uint64(hdr[0:]); m != magicOpt {
+		return 0, nil, fmt.Errorf("bad option magic %#x", m)
+	}
+	opt = binary.BigEndian.Uint32(hdr[8:])
+	n := binary.BigEndian.Uint32(hdr[12:])
+	if n > maxOptionLen {
+		return 0, nil, fmt.Errorf("option %d carries %d bytes, more than %d", opt, n, maxOptionLen)
+	}
+	data = make([]byte, n)
+	if _, err := io.ReadFull(c.r, data); err != nil {
+		return 0, nil, fmt.Errorf("read option %d data: %w", opt, err)
+	}
+	return opt, data, nil
 }
 
 // exportKnown reports whether name selects our export ("" is the default).
@@ -167,11 +182,16 @@ func (c *conn) optInfoGo(opt uint32, data []byte) (done bool, err error) {
 	if err := c.optReply(opt, repInfo, exp); err != nil {
 		return false, err
 	}
-	// Block sizes are sent whether asked or not: a client that did not ask
-	// may ignore them, and gets NBD_EINVAL for misaligned requests.
+	// Block sizes are sent whether asked or not. The minimum is 1: every
+	// byte range inside the export is served (partial blocks by
+	// read-modify-write), which is also what the protocol lets a client
+	// assume when nothing is negotiated, so clients that ignore this
+	// (NBD_OPT_EXPORT_NAME, older tools) and clients that honour it see
+	// the same server. The preferred size, the device block size, tells
+	// them what avoids read-modify-write.
 	bsz := make([]byte, 14)
 	binary.BigEndian.PutUint16(bsz[0:], infoBlockSize)
-	binary.BigEndian.PutUint32(bsz[2:], uint32(c.s.blockSize))
+	binary.BigEndian.PutUint32(bsz[2:], minBlockSize)
 	binary.BigEndian.PutUint32(bsz[6:], uint32(c.s.blockSize))
 	binary.BigEndian.PutUint32(bsz[10:], uint32(c.s.maxReq))
 	if err := c.optReply(opt, repInfo, bsz); err != nil {

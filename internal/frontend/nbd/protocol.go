@@ -46,6 +46,7 @@ const (
 	repServer     uint32 = 2
 	repInfo       uint32 = 3
 	repErrUnsup   uint32 = 1<<31 + 1
+	repErrPolicy  uint32 = 1<<31 + 2
 	repErrInvalid uint32 = 1<<31 + 3
 	repErrUnknown uint32 = 1<<31 + 6
 )
@@ -90,6 +91,10 @@ const (
 // name (at most 4096 bytes) plus a few words; anything far bigger is a
 // client trying to make us allocate, so the connection is dropped.
 const maxOptionLen = 64 << 10
+
+// minBlockSize is the minimum block size advertised in
+// NBD_INFO_BLOCK_SIZE: requests of any alignment are served.
+const minBlockSize = 1
 
 // maxNameLen is the protocol's limit for strings such as export names.
 const maxNameLen = 4096

@@ -151,9 +151,9 @@ func runProtocolAbuse(t *testing.T, srv *Server, dev frontend.Device) {
 		if ei.size != size || ei.flags != wantFlags {
 			t.Fatalf("NBD_INFO_EXPORT size %d flags %#x, want %d %#x", ei.size, ei.flags, size, wantFlags)
 		}
-		if !ei.haveBlockSize || uint64(ei.minBS) != bs || uint64(ei.prefBS) != bs || uint64(ei.maxBS) != maxReq {
-			t.Fatalf("NBD_INFO_BLOCK_SIZE %v min %d pref %d max %d, want %d %d %d",
-				ei.haveBlockSize, ei.minBS, ei.prefBS, ei.maxBS, bs, bs, maxReq)
+		if !ei.haveBlockSize || ei.minBS != 1 || uint64(ei.prefBS) != bs || uint64(ei.maxBS) != maxReq {
+			t.Fatalf("NBD_INFO_BLOCK_SIZE %v min %d pref %d max %d, want 1 %d %d",
+				ei.haveBlockSize, ei.minBS, ei.prefBS, ei.maxBS, bs, maxReq)
 		}
 		if !ei.haveName || ei.name != export {
 			t.Fatalf("NBD_INFO_NAME %v %q, want %q", ei.haveName, ei.name, export)
@@ -261,21 +261,21 @@ func runProtocolAbuse(t *testing.T, srv *Server, dev frontend.Device) {
 			{"read past end", 0, 0, size - bs, uint32(2 * bs), false},
 			{"read offset past end", 0, 0, size + bs, uint32(bs), false},
 			{"read offset overflow", 0, 0, ^uint64(0) - bs + 1, uint32(2 * bs), false},
-			{"read misaligned offset", 0, 0, guardOff + bs/2, uint32(bs), false},
-			{"read misaligned length", 0, 0, guardOff, uint32(bs + 1), false},
+			{"read unaligned past end", 0, 0, size - 100, 200, false},
+			{"read one byte past end", 0, 0, size, 1, false},
 			{"read zero length", 0, 0, guardOff, 0, false},
 			{"read over max", 0, 0, 0, uint32(maxReq + bs), false},
 			{"read with DF flag", 0, 4, guardOff, uint32(bs), false},
 			{"read with unknown flag", 0, 0x100, guardOff, uint32(bs), false},
 			{"write past end", 1, 0, size - bs, uint32(2 * bs), true},
-			{"write misaligned offset", 1, 0, guardOff + 512/2, uint32(bs), true},
-			{"write misaligned length", 1, 0, guardOff, uint32(bs - 1), true},
+			{"write unaligned past end", 1, 0, size - 1, 2, true},
+			{"write unaligned offset past end", 1, 0, size + 1, 1, true},
 			{"write with NO_HOLE", 1, 2, guardOff, uint32(bs), true},
 			{"trim past end", 4, 0, size - bs, uint32(2 * bs), false},
-			{"trim misaligned", 4, 0, guardOff + bs/2, uint32(bs), false},
+			{"trim unaligned past end", 4, 0, size - bs/2, uint32(bs), false},
 			{"trim zero length", 4, 0, guardOff, 0, false},
 			{"write zeroes past end", 6, 0, size, uint32(bs), false},
-			{"write zeroes misaligned", 6, 2, guardOff, uint32(bs / 2), false},
+			{"write zeroes unaligned past end", 6, 2, size - 3, 4, false},
 			{"write zeroes with FAST_ZERO", 6, 16, guardOff, uint32(bs), false},
 			{"flush with NO_HOLE", 3, 2, 0, 0, false},
 			{"cache", 5, 0, guardOff, uint32(bs), false},

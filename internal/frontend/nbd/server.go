@@ -6,6 +6,21 @@
 // worker goroutines executing them, so many requests are in flight at once
 // and replies go out in completion order, matched by their handle.
 //
+// Requests need not be aligned to the device block size (the export
+// advertises a minimum block size of 1): reads of partial blocks read the
+// covering blocks and copy out, writes and write-zeroes of partial blocks
+// read, merge and write back the covering block under a lock that orders
+// them against every other write of that block. Trims discard only the
+// whole blocks they cover. The Device itself only ever sees block-aligned
+// requests.
+//
+// Resources are bounded: a connection must finish its handshake within
+// HandshakeTimeout, at most MaxConnections are served at once (more are
+// refused), and request payloads held in memory across all connections
+// never exceed MaxBuffered. A client that stalls in the middle of sending
+// a payload or of reading a reply is disconnected after ioStallTimeout, so
+// it cannot hold that memory forever.
+//
 // Payload buffers are pooled: a Device must not keep the slice passed to
 // ReadAt or WriteAt after the call returns (as with io.ReaderAt/WriterAt).
 //
@@ -25,6 +40,7 @@ import (
 	"os"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -40,13 +56,33 @@ const DefaultMaxRequest = 32 << 20
 // DefaultExport is the export name used when Options.Export is empty.
 const DefaultExport = "bs3"
 
+// DefaultHandshakeTimeout is the default time a connection has to finish
+// the handshake.
+const DefaultHandshakeTimeout = 10 * time.Second
+
+// DefaultMaxConnections is the default number of connections served at
+// once: enough for a kernel client with several connections (-C) plus a
+// few tools.
+const DefaultMaxConnections = 16
+
+// DefaultMaxBuffered is the default bound on request payloads held in
+// memory across all connections: eight maximum-size requests.
+const DefaultMaxBuffered = 256 << 20
+
 // maxInFlight bounds the requests one connection has dispatched to the
 // device at once; the reader stops reading (TCP backpressure) beyond it.
 const maxInFlight = 64
 
-// minInFlightBytes is the least payload budget of one connection; the
-// budget keeps 64 requests of up to MaxRequest each from pinning gigabytes.
-const minInFlightBytes = 256 << 20
+// ioStallTimeout ends a connection whose client takes longer than this
+// to send a piece (up to 1 MiB) of a write payload it has started, or to
+// accept a piece of a reply. Payload memory is shared by all connections,
+// so a stuck client must not hold it forever; an idle client holds none
+// and is never cut off.
+const ioStallTimeout = 30 * time.Second
+
+// maxRefusing bounds the connections over MaxConnections that are told so
+// at once; beyond it they are closed without a word.
+const maxRefusing = 4
 
 // closeWriteGrace bounds how long Close waits for a client that does not
 // read its replies, so a stuck peer cannot hang shutdown.
@@ -63,8 +99,26 @@ type Options struct {
 	// the maximum block size. Zero means DefaultMaxRequest. It must be a
 	// multiple of the device block size and below 4 GiB.
 	MaxRequest int64
+	// HandshakeTimeout bounds the time from accept to the end of the
+	// handshake; a connection that has not chosen the export by then is
+	// closed. Zero means DefaultHandshakeTimeout.
+	HandshakeTimeout time.Duration
+	// MaxConnections bounds the connections served at once, handshakes
+	// included. Further connections are refused: their options get
+	// NBD_REP_ERR_POLICY with a message, then they are closed. Zero means
+	// DefaultMaxConnections.
+	MaxConnections int
+	// MaxBuffered bounds the bytes of request payloads (and of the blocks
+	// read for read-modify-write) held in memory across all connections.
+	// A request that would exceed it waits until others complete; one
+	// larger than the bound waits until nothing else is buffered and then
+	// runs alone. Zero means DefaultMaxBuffered.
+	MaxBuffered int64
 	// Logger receives connection events and protocol violations.
 	Logger zerolog.Logger
+
+	// stallTimeout replaces ioStallTimeout when set (tests).
+	stallTimeout time.Duration
 }
 
 // Server serves one frontend.Device over NBD.
@@ -76,15 +130,28 @@ type Server struct {
 	maxReq    int64
 	log       zerolog.Logger
 
+	handshakeTimeout time.Duration
+	maxConns         int
+	stall            time.Duration
+	// buffered bounds the payload memory of all connections.
+	buffered *budget
+	// locks order read-modify-write of partial blocks against every other
+	// write of the same blocks.
+	locks blockLocks
+	// partialOps counts reads, writes and write-zeroes that touched a
+	// partial block (tests).
+	partialOps atomic.Int64
+
 	ln      net.Listener
 	network string // "tcp" or "unix"
 	// devCtx is passed to device calls. It is never cancelled: Close waits
 	// for in-flight requests rather than aborting them half-done.
 	devCtx context.Context
 
-	mu     sync.Mutex
-	closed bool
-	conns  map[*conn]struct{}
+	mu       sync.Mutex
+	closed   bool
+	conns    map[*conn]struct{} // served; at most maxConns
+	refusing map[*conn]struct{} // over the limit, being told so
 
 	connWG    sync.WaitGroup // one per connection goroutine
 	closeOnce sync.Once
@@ -99,15 +166,41 @@ func New(dev frontend.Device, o Options) (*Server, error) {
 		return nil, errors.New("nbd: nil device")
 	}
 	s := &Server{
-		dev:       dev,
-		export:    o.Export,
-		size:      dev.Size(),
-		blockSize: dev.BlockSize(),
-		maxReq:    o.MaxRequest,
-		log:       o.Logger.With().Str("component", "nbd").Logger(),
-		devCtx:    context.Background(),
-		conns:     make(map[*conn]struct{}),
+		dev:              dev,
+		export:           o.Export,
+		size:             dev.Size(),
+		blockSize:        dev.BlockSize(),
+		maxReq:           o.MaxRequest,
+		handshakeTimeout: o.HandshakeTimeout,
+		maxConns:         o.MaxConnections,
+		stall:            o.stallTimeout,
+		log:              o.Logger.With().Str("component", "nbd").Logger(),
+		devCtx:           context.Background(),
+		conns:            make(map[*conn]struct{}),
+		refusing:         make(map[*conn]struct{}),
 	}
+	switch {
+	case o.HandshakeTimeout < 0:
+		return nil, fmt.Errorf("nbd: handshake timeout %v is negative", o.HandshakeTimeout)
+	case o.MaxConnections < 0:
+		return nil, fmt.Errorf("nbd: max connections %d is negative", o.MaxConnections)
+	case o.MaxBuffered < 0:
+		return nil, fmt.Errorf("nbd: max buffered %d is negative", o.MaxBuffered)
+	}
+	if s.handshakeTimeout == 0 {
+		s.handshakeTimeout = DefaultHandshakeTimeout
+	}
+	if s.maxConns == 0 {
+		s.maxConns = DefaultMaxConnections
+	}
+	if s.stall <= 0 {
+		s.stall = ioStallTimeout
+	}
+	maxBuffered := o.MaxBuffered
+	if maxBuffered == 0 {
+		maxBuffered = DefaultMaxBuffered
+	}
+	s.buffered = newBudget(maxBuffered)
 	if s.export == "" {
 		s.export = DefaultExport
 	}
@@ -128,9 +221,9 @@ func New(dev frontend.Device, o Options) (*Server, error) {
 	if s.maxReq < bs || s.maxReq%bs != 0 || s.maxReq > 0xffffffff {
 		return nil, fmt.Errorf("nbd: max request %d must be a multiple of the block size %d and below 4 GiB", s.maxReq, bs)
 	}
-	if s.maxReq > minInFlightBytes {
-		// One request must always fit the per-connection budget.
-		s.log.Warn().Int64("max_request", s.maxReq).Msg("max request above 256 MiB; each connection may pin that much memory")
+	if s.maxReq > maxBuffered {
+		s.log.Info().Int64("max_request", s.maxReq).Int64("max_buffered", maxBuffered).
+			Msg("requests larger than max_buffered are served one at a time")
 	}
 
 	ln, network, err := listen(o.Listen)
@@ -139,7 +232,9 @@ func New(dev frontend.Device, o Options) (*Server, error) {
 	}
 	s.ln, s.network = ln, network
 	s.log.Info().Str("listen", s.Addr()).Str("export", s.export).Int64("size", s.size).
-		Int64("block_size", bs).Int64("max_request", s.maxReq).Msg("nbd server listening")
+		Int64("block_size", bs).Int64("max_request", s.maxReq).
+		Dur("handshake_timeout", s.handshakeTimeout).Int("max_connections", s.maxConns).
+		Int64("max_buffered", maxBuffered).Msg("nbd server listening")
 	return s, nil
 }
 
@@ -238,14 +333,26 @@ func (s *Server) Serve() error {
 		}
 		backoff = 0
 		c := s.newConn(nc)
-		if !s.track(c) {
-			c.log.Debug().Msg("connection refused: server closing")
-			if err := nc.Close(); err != nil {
-				c.log.Debug().Err(err).Msg("close refused connection")
-			}
+		// The deadline is set before the connection is tracked, so that a
+		// Close from now on overrides it rather than the other way round.
+		if err := nc.SetDeadline(time.Now().Add(s.handshakeTimeout)); err != nil {
+			c.log.Warn().Err(err).Msg("set handshake deadline; closing connection")
+			c.closeConn()
 			continue
 		}
-		go c.serve()
+		switch s.track(c) {
+		case admitServe:
+			go c.serve()
+		case admitRefuse:
+			go c.refuse()
+		case admitClosing:
+			c.log.Debug().Msg("connection refused: server closing")
+			c.closeConn()
+		case admitDrop:
+			c.log.Warn().Int("max_connections", s.maxConns).
+				Msg("connection refused without a reply: max_connections reached and too many refusals under way")
+			c.closeConn()
+		}
 	}
 }
 
@@ -267,22 +374,41 @@ func (s *Server) isClosed() bool {
 	return s.closed
 }
 
-// track registers c unless the server is closing; the caller then owns
-// one count of connWG until c.serve returns.
-func (s *Server) track(c *conn) bool {
+// admission is what track decided for a new connection.
+type admission int
+
+const (
+	admitServe   admission = iota // serve it
+	admitRefuse                   // over max_connections: tell the client and close
+	admitClosing                  // the server is closing: close
+	admitDrop                     // over max_connections and maxRefusing: close
+)
+
+// track registers c as served or refused, within the limits; for those
+// two the caller then owns one count of connWG until c.serve or c.refuse
+// returns.
+func (s *Server) track(c *conn) admission {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.closed {
-		return false
+	switch {
+	case s.closed:
+		return admitClosing
+	case len(s.conns) < s.maxConns:
+		s.conns[c] = struct{}{}
+		s.connWG.Add(1)
+		return admitServe
+	case len(s.refusing) < maxRefusing:
+		s.refusing[c] = struct{}{}
+		s.connWG.Add(1)
+		return admitRefuse
 	}
-	s.conns[c] = struct{}{}
-	s.connWG.Add(1)
-	return true
+	return admitDrop
 }
 
 func (s *Server) untrack(c *conn) {
 	s.mu.Lock()
 	delete(s.conns, c)
+	delete(s.refusing, c)
 	s.mu.Unlock()
 	s.connWG.Done()
 }
@@ -294,6 +420,9 @@ func (s *Server) activeConns() int {
 	return len(s.conns)
 }
 
+// bufferedPeak is the most payload bytes ever held at once (tests).
+func (s *Server) bufferedPeak() int64 { return s.buffered.peak.Load() }
+
 // Close stops accepting, stops reading new requests on every connection,
 // waits for the requests already dispatched to complete and their replies
 // to be sent, then closes the connections. No request is left half-done: a
@@ -303,8 +432,11 @@ func (s *Server) Close() error {
 	s.closeOnce.Do(func() {
 		s.mu.Lock()
 		s.closed = true
-		conns := make([]*conn, 0, len(s.conns))
+		conns := make([]*conn, 0, len(s.conns)+len(s.refusing))
 		for c := range s.conns {
+			conns = append(conns, c)
+		}
+		for c := range s.refusing {
 			conns = append(conns, c)
 		}
 		s.mu.Unlock()

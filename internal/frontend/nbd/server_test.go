@@ -519,8 +519,8 @@ func TestDefaults(t *testing.T) {
 	if final.typ != repACK {
 		t.Fatalf("NBD_OPT_INFO: %#x", final.typ)
 	}
-	if ei.minBS != 512 || ei.prefBS != 512 || ei.maxBS != 32<<20 {
-		t.Fatalf("block sizes %d/%d/%d, want 512/512/33554432", ei.minBS, ei.prefBS, ei.maxBS)
+	if ei.minBS != 1 || ei.prefBS != 512 || ei.maxBS != 32<<20 {
+		t.Fatalf("block sizes %d/%d/%d, want 1/512/33554432", ei.minBS, ei.prefBS, ei.maxBS)
 	}
 	if !strings.HasPrefix(srv.URI(), "nbd://127.0.0.1:") || !strings.HasSuffix(srv.URI(), "/bs3") {
 		t.Fatalf("URI %q", srv.URI())
