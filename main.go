@@ -59,21 +59,25 @@ func run() int {
 	}
 	if err := fs.Parse(os.Args[1:]); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
-			return 0
+			return exitOK
 		}
-		return 2
+		return exitUsage
 	}
 	cfg, err := config.Load(*cfgPath)
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "bs3: %v\n", err)
-		return 2
+		return exitUsage
 	}
 	log := newLogger(cfg)
 	if err := serve(cfg, *shrink, log); err != nil {
-		log.Error().Err(err).Msg("bs3 stopped with an error")
-		return 1
+		if errors.Is(err, errAborted) {
+			log.Error().Err(err).Int("exit_status", exitAborted).Msg("bs3 stopped without a clean stop")
+			return exitAborted
+		}
+		log.Error().Err(err).Int("exit_status", exitFailure).Msg("bs3 stopped with an error")
+		return exitFailure
 	}
-	return 0
+	return exitOK
 }
 
 func newLogger(cfg config.Config) zerolog.Logger {
@@ -87,11 +91,69 @@ func newLogger(cfg config.Config) zerolog.Logger {
 	return log.Level(cfg.LogLevel()).With().Timestamp().Logger()
 }
 
-// serve attaches the volume, runs the frontend until SIGINT/SIGTERM, and
-// stops everything in reverse order.
+// Exit statuses of bs3.
+const (
+	exitOK      = 0
+	exitFailure = 1 // an error, a frontend that ended by itself, a stop cut short
+	exitUsage   = 2 // bad flags or configuration
+	exitAborted = 3 // a second SIGINT/SIGTERM gave up the stop
+)
+
+// stopGrace is how long, after shutdown_timeout, the stop still waits for
+// the steps that honour their context (they return at once with what they
+// could not do); the whole stop takes at most shutdown_timeout + stopGrace.
+const stopGrace = time.Second
+
+// chunkerStep is the name of the chunker's stop step.
+const chunkerStep = "chunker"
+
+// errAborted is returned by serve when it gave up without a clean stop: a
+// second SIGINT/SIGTERM, or a start-up that ignored the first one.
+var errAborted = errors.New("gave up without a clean stop")
+
+// stopStep is one step of the stop sequence; steps run in reverse order of
+// their start, each with the context bounded by shutdown_timeout.
+type stopStep struct {
+	name string
+	fn   func(ctx context.Context) error
+	// bounded: fn returns soon after ctx ends (with a report of what it
+	// could not do); otherwise it is abandoned when ctx ends.
+	bounded bool
+}
+
+// frontendEnd is a frontend that ended by itself: the device is gone.
+type frontendEnd struct {
+	name string
+	err  error
+}
+
+// daemon is what serve started, for the stop sequence.
+type daemon struct {
+	cfg       config.Config
+	log       zerolog.Logger
+	stops     []stopStep
+	collector *gc.Collector
+	chunker   *chunker.Chunker
+	ended     chan frontendEnd // a frontend's end, at most one
+}
+
+// onStop registers a step that ignores its context: the stop abandons it
+// at shutdown_timeout.
+func (d *daemon) onStop(name string, fn func(ctx context.Context) error) {
+	d.stops = append(d.stops, stopStep{name: name, fn: fn})
+}
+
+// onBoundedStop registers a step that returns soon after its context ends.
+func (d *daemon) onBoundedStop(name string, fn func(ctx context.Context) error) {
+	d.stops = append(d.stops, stopStep{name: name, fn: fn, bounded: true})
+}
+
+// serve attaches the volume, runs the frontend until SIGINT/SIGTERM or
+// until the frontend ends by itself, and then stops everything in reverse
+// order within shutdown_timeout. It returns nil after a clean stop on a
+// signal, errAborted (wrapped) when a second signal cut the stop short,
+// and another error otherwise.
 func serve(cfg config.Config, shrink bool, log zerolog.Logger) error {
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
 	log.Info().Object("config", cfg).Msg("starting bs3")
 	if cfg.Profiler {
 		addr := net.JoinHostPort("127.0.0.1", strconv.Itoa(cfg.ProfilerPort))
@@ -107,17 +169,75 @@ func serve(cfg config.Config, shrink bool, log zerolog.Logger) error {
 	signal.Notify(signals, syscall.SIGINT, syscall.SIGTERM, syscall.SIGUSR1)
 	defer signal.Stop(signals)
 
-	var stops []func() error // run in reverse order at the end
-	defer func() {
-		for i := len(stops) - 1; i >= 0; i-- {
-			if err := stops[i](); err != nil {
-				log.Error().Err(err).Msg("stop")
+	// ctx is the start-up's context; cancelled by a stop signal during
+	// start-up, and otherwise kept until serve returns, as parts built
+	// from it may hold on to it.
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	d := &daemon{cfg: cfg, log: log, ended: make(chan frontendEnd, 1)}
+	stopSig, err := d.startOrSignal(ctx, cancel, shrink, signals)
+	if errors.Is(err, errAborted) {
+		return err
+	}
+	var reason error // why bs3 stops; nil for a signal
+	switch {
+	case stopSig != nil:
+		if err != nil {
+			log.Info().Err(err).Msg("start-up interrupted")
+		}
+	case err != nil:
+		reason = err
+	default:
+		reason = d.wait(signals)
+	}
+	if err := d.stop(signals); err != nil {
+		if reason != nil {
+			return fmt.Errorf("%w; then the stop failed: %w", reason, err)
+		}
+		return err
+	}
+	return reason
+}
+
+// startOrSignal runs start with ctx, and calls cancel at the first
+// SIGINT/SIGTERM (an object store that does not answer must not make
+// start-up deaf to signals). It returns that signal, if any, and start's
+// error. If start does not return within shutdown_timeout of the signal,
+// or a second signal comes, it returns errAborted without waiting for it.
+func (d *daemon) startOrSignal(ctx context.Context, cancel context.CancelFunc, shrink bool, signals <-chan os.Signal) (os.Signal, error) {
+	started := make(chan error, 1)
+	go func() { started <- d.start(ctx, shrink) }()
+	var stopSig os.Signal
+	var deadline <-chan time.Time
+	for {
+		select {
+		case err := <-started:
+			return stopSig, err
+		case <-deadline:
+			d.log.Error().Dur("shutdown_timeout", d.cfg.ShutdownTimeoutDuration()).Msg("start-up did not stop within shutdown_timeout of the signal; exiting without a clean stop")
+			return stopSig, fmt.Errorf("start-up did not stop within %v: %w", d.cfg.ShutdownTimeoutDuration(), errAborted)
+		case sig := <-signals:
+			switch {
+			case sig == syscall.SIGUSR1:
+				d.log.Warn().Msg("SIGUSR1 during start-up: ignored")
+			case stopSig != nil:
+				d.log.Error().Str("signal", sig.String()).Msg("second signal during start-up: exiting at once, without a clean stop")
+				return stopSig, errAborted
+			default:
+				d.log.Info().Str("signal", sig.String()).Msg("stopping: start-up interrupted")
+				stopSig = sig
+				cancel()
+				deadline = time.After(d.cfg.ShutdownTimeoutDuration())
 			}
 		}
-	}()
+	}
+}
 
+// start builds everything, registering each part's stop step as soon as
+// the part exists, so that the stop sequence undoes a partial start too.
+func (d *daemon) start(ctx context.Context, shrink bool) error {
+	cfg, log := d.cfg, d.log
 	var dev frontend.Device
-	var collector *gc.Collector
 	var rw interface {
 		BuseRead(int64, int64, []byte) error
 		BuseWrite(int64, []byte) error
@@ -138,7 +258,7 @@ func serve(cfg config.Config, shrink bool, log zerolog.Logger) error {
 			Downloaders: cfg.S3.Downloaders,
 			Logger:      log.With().Str("component", "objproxy").Logger(),
 		})
-		stops = append(stops, func() error { objs.Close(); return nil })
+		d.onStop("object proxy", func(context.Context) error { objs.Close(); return nil })
 		buffers := int(cfg.WriteBufferBytes() / cfg.ChunkBytes() * int64(cfg.ThreadCount()))
 		vol, err := volume.Open(ctx, objs, volume.Options{
 			Size:               cfg.SizeBytes(),
@@ -157,16 +277,16 @@ func serve(cfg config.Config, shrink bool, log zerolog.Logger) error {
 		if err != nil {
 			return fmt.Errorf("attach volume: %w", err)
 		}
-		stops = append(stops, func() error { return vol.Close(context.Background()) })
+		d.onBoundedStop("volume", vol.Close)
 		rw = vol
-		collector = gc.New(vol, gc.Options{
+		d.collector = gc.New(vol, gc.Options{
 			Step:     cfg.GC.Step,
 			LiveData: cfg.GC.LiveData,
 			Wait:     cfg.GCWait(),
 			Logger:   log,
 		})
-		collector.Start()
-		stops = append(stops, func() error { collector.Stop(); return nil })
+		d.collector.Start()
+		d.onStop("garbage collector", func(context.Context) error { d.collector.Stop(); return nil })
 		if cfg.Frontend != config.FrontendBUSE {
 			ch := chunker.New(vol, chunker.Options{
 				Durable:       cfg.Write.Durable,
@@ -174,14 +294,15 @@ func serve(cfg config.Config, shrink bool, log zerolog.Logger) error {
 				CollisionArea: cfg.CollisionBytes(),
 				Logger:        log.With().Str("component", "chunker").Logger(),
 			})
-			stops = append(stops, ch.Close)
+			d.chunker = ch
+			d.onBoundedStop(chunkerStep, ch.Shutdown)
 			dev = ch
 		}
 	}
 
 	switch cfg.Frontend {
 	case config.FrontendBUSE:
-		d, err := buse.Start(rw, buse.Options{
+		b, err := buse.Start(rw, buse.Options{
 			Durable:        cfg.Write.Durable,
 			WriteChunkSize: cfg.ChunkBytes(),
 			BlockSize:      int64(cfg.BlockSize),
@@ -199,18 +320,31 @@ func serve(cfg config.Config, shrink bool, log zerolog.Logger) error {
 		if err != nil {
 			return err
 		}
-		stops = append(stops, d.Stop)
+		d.onStop("BUSE device", func(context.Context) error { return b.Stop() })
+		d.watchEnd(config.FrontendBUSE, b.Done())
 	case config.FrontendNBD:
-		srv, err := nbd.New(dev, nbd.Options{Listen: cfg.NBD.Listen, Export: cfg.NBD.Export, Logger: log.With().Str("component", "nbd").Logger()})
+		srv, err := nbd.New(dev, nbd.Options{
+			Listen: cfg.NBD.Listen, Export: cfg.NBD.Export,
+			HandshakeTimeout: cfg.NBD.HandshakeTimeoutDuration(),
+			MaxConnections:   cfg.NBD.MaxConnections,
+			MaxBuffered:      cfg.NBD.MaxBufferedBytes(),
+			Logger:           log.With().Str("component", "nbd").Logger(),
+		})
 		if err != nil {
 			return fmt.Errorf("start NBD server: %w", err)
 		}
+		served := make(chan error, 1)
 		go func() {
-			if err := srv.Serve(); err != nil {
-				log.Error().Err(err).Msg("NBD server stopped")
+			err := srv.Serve()
+			if err == nil {
+				// Serve returns nil only after Close; if that ever
+				// changes, an end before the stop is still an end.
+				err = errors.New("NBD server stopped accepting connections")
 			}
+			served <- err
 		}()
-		stops = append(stops, srv.Close)
+		d.onStop("NBD server", func(context.Context) error { return srv.Close() })
+		d.watchEnd(config.FrontendNBD, served)
 		fmt.Fprintf(os.Stderr, "\nbs3: NBD export %q on %s\n  try: nbdinfo nbd://%s/%s   or   nbd-client %s /dev/nbd0 -N %s -b %d\n\n",
 			cfg.NBD.Export, srv.Addr(), srv.Addr(), cfg.NBD.Export, srv.Addr(), cfg.NBD.Export, cfg.BlockSize)
 	case config.FrontendFUSE:
@@ -218,7 +352,8 @@ func serve(cfg config.Config, shrink bool, log zerolog.Logger) error {
 		if err != nil {
 			return fmt.Errorf("start FUSE frontend: %w", err)
 		}
-		stops = append(stops, m.Close)
+		d.onStop("FUSE mount", func(context.Context) error { return m.Close() })
+		d.watchEnd(config.FrontendFUSE, m.Done())
 		if m.LoopDevice() != "" {
 			fmt.Fprintf(os.Stderr, "\nbs3: block device %s (backed by %s)\n  try: mkfs.ext4 %s && mkdir -p /mnt/bs3 && mount %s /mnt/bs3\n  stop with Ctrl-C (unmount the filesystem first)\n\n",
 				m.LoopDevice(), m.FilePath(), m.LoopDevice(), m.LoopDevice())
@@ -226,22 +361,162 @@ func serve(cfg config.Config, shrink bool, log zerolog.Logger) error {
 			fmt.Fprintf(os.Stderr, "\nbs3: device file %s\n\n", m.FilePath())
 		}
 	}
+	return nil
+}
 
-	for sig := range signals {
-		if sig == syscall.SIGUSR1 {
-			if collector == nil {
-				log.Warn().Msg("SIGUSR1: no garbage collection with the null backend")
+// watchEnd forwards the end of the frontend name, reported on ended, to
+// d.ended. Ends during the stop sequence are the stop's own and nobody
+// reads them.
+func (d *daemon) watchEnd(name string, ended <-chan error) {
+	go func() {
+		err, ok := <-ended
+		if !ok || err == nil {
+			err = fmt.Errorf("%s frontend ended", name)
+		}
+		select {
+		case d.ended <- frontendEnd{name: name, err: err}:
+		default:
+		}
+	}()
+}
+
+// wait serves SIGUSR1 until SIGINT/SIGTERM (nil) or until the frontend
+// ends by itself (an error naming it).
+func (d *daemon) wait(signals <-chan os.Signal) error {
+	for {
+		select {
+		case sig := <-signals:
+			if sig == syscall.SIGUSR1 {
+				if d.collector == nil {
+					d.log.Warn().Msg("SIGUSR1: no garbage collection with the null backend")
+					continue
+				}
+				if d.collector.Trigger() {
+					d.log.Info().Msg("SIGUSR1: threshold GC started")
+				}
 				continue
 			}
-			if collector.Trigger() {
-				log.Info().Msg("SIGUSR1: threshold GC started")
+			d.log.Info().Str("signal", sig.String()).Dur("shutdown_timeout", d.cfg.ShutdownTimeoutDuration()).Msg("stopping")
+			return nil
+		case e := <-d.ended:
+			d.log.Error().Str("frontend", e.name).Err(e.err).Dur("shutdown_timeout", d.cfg.ShutdownTimeoutDuration()).
+				Msg("frontend ended by itself, the device is gone: stopping bs3 (it will exit with status 1)")
+			return fmt.Errorf("%s frontend ended: %w", e.name, e.err)
+		}
+	}
+}
+
+// stop runs the stop steps within shutdown_timeout (+ stopGrace for the
+// steps that report after it). A second SIGINT/SIGTERM gives up at once
+// with errAborted, after logging what the chunker still holds.
+func (d *daemon) stop(signals <-chan os.Signal) error {
+	timeout := d.cfg.ShutdownTimeoutDuration()
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	hard, cancelHard := context.WithTimeout(context.Background(), timeout+stopGrace)
+	defer cancelHard()
+	done := make(chan error, 1)
+	go func() { done <- d.runStops(ctx, hard) }()
+	for {
+		select {
+		case err := <-done:
+			return err
+		case sig := <-signals:
+			if sig == syscall.SIGUSR1 {
+				d.log.Warn().Msg("SIGUSR1 while stopping: ignored")
+				continue
 			}
+			d.log.Error().Str("signal", sig.String()).Msg("second signal: giving up the stop at once")
+			d.logUnstoredNow()
+			return errAborted
+		}
+	}
+}
+
+// runStops runs the steps in reverse order. A step that fails is logged
+// and the next one runs anyway. A step that ignores ctx is abandoned when
+// ctx ends (a frontend stuck behind writes that wait for the store must
+// not eat the time the chunker needs to report); a bounded one when hard
+// ends. When the time runs out it logs which steps did not finish and,
+// from the chunker, exactly which writes were not stored.
+func (d *daemon) runStops(ctx, hard context.Context) error {
+	start := time.Now()
+	var errs []error
+	var cut []string
+	// What is known of the writes the frontend handed over: "stored",
+	// "reported" (the chunker logged what was not stored) or "unknown".
+	writes := "unknown"
+	for i := len(d.stops) - 1; i >= 0; i-- {
+		s := d.stops[i]
+		res := make(chan error, 1)
+		go func() { res <- s.fn(ctx) }()
+		limit := ctx.Done()
+		if s.bounded {
+			limit = hard.Done()
+		}
+		var err error
+		select {
+		case err = <-res:
+		case <-limit:
+			err = fmt.Errorf("abandoned at the shutdown timeout: %w", ctx.Err())
+		}
+		var ns *chunker.NotStoredError
+		switch {
+		case errors.As(err, &ns):
+			writes = "reported"
+			d.logUnstored(ns.Unstored)
+		case s.name == chunkerStep && err == nil:
+			writes = "stored"
+		}
+		if err == nil {
+			d.log.Debug().Str("step", s.name).Msg("stopped")
 			continue
 		}
-		log.Info().Str("signal", sig.String()).Msg("stopping")
-		return nil
+		if ctx.Err() != nil {
+			cut = append(cut, s.name)
+		}
+		d.log.Error().Str("step", s.name).Err(err).Msg("stop step failed")
+		errs = append(errs, fmt.Errorf("stop %s: %w", s.name, err))
 	}
-	return nil
+	if len(cut) > 0 {
+		ev := d.log.Error().Strs("not_finished", cut).Dur("shutdown_timeout", d.cfg.ShutdownTimeoutDuration()).Dur("took", time.Since(start))
+		switch writes {
+		case "stored":
+			ev.Msg("shutdown cut short by shutdown_timeout; every write the frontend handed over was stored, but the final checkpoint and lease release may be missing (the next start replays the objects since the last checkpoint and waits for the lease to expire)")
+		case "reported":
+			ev.Msg("shutdown cut short by shutdown_timeout")
+		default:
+			ev.Msg("shutdown cut short by shutdown_timeout; which writes were not stored is unknown (BUSE keeps them in the kernel module, or the chunker did not answer)")
+		}
+	} else if len(errs) == 0 {
+		d.log.Info().Dur("took", time.Since(start)).Msg("stopped cleanly")
+	}
+	return errors.Join(errs...)
+}
+
+// logUnstored logs what the chunker could not store and what that means.
+func (d *daemon) logUnstored(u chunker.Unstored) {
+	d.log.Error().Object("not_stored", u).Msg("writes not stored: " + u.Summary())
+}
+
+// logUnstoredNow logs what the chunker holds right now, waiting at most a
+// moment for it (the process exits next).
+func (d *daemon) logUnstoredNow() {
+	if d.chunker == nil {
+		return
+	}
+	got := make(chan chunker.Unstored, 1)
+	go func() { got <- d.chunker.Unstored() }()
+	select {
+	case u := <-got:
+		if u.Chunks > 0 {
+			d.logUnstored(u)
+		} else {
+			d.log.Info().Msg("every write the frontend handed over was stored")
+		}
+	case <-time.After(200 * time.Millisecond):
+		d.log.Error().Msg("could not tell which writes were not stored: the chunker is busy")
+	}
 }
 
 // openStore builds the configured object store, under the volume prefix.
@@ -272,7 +547,11 @@ func openStore(ctx context.Context, cfg config.Config, log zerolog.Logger) (stor
 			return nil, err
 		}
 		if cfg.S3.ConditionalWrites {
-			if err := st.ProbeConditionalWrites(ctx, path.Join(cfg.S3.Prefix, "conditional-write-probe")); err != nil {
+			// A name of its own per start: two daemons probing one
+			// name at once would see each other's object and blame
+			// the store.
+			probe := fmt.Sprintf("conditional-write-probe-%d-%d", os.Getpid(), time.Now().UnixNano())
+			if err := st.ProbeConditionalWrites(ctx, path.Join(cfg.S3.Prefix, probe)); err != nil {
 				return nil, fmt.Errorf("%w\n(the store must refuse overwrites with If-None-Match: * to fence a second writer; if it cannot, set s3.conditional_writes = false and make sure only one bs3 attaches this volume)", err)
 			}
 		}

@@ -64,10 +64,24 @@ type Options struct {
 type pending struct {
 	buf    []byte
 	b      *chunk.Builder
-	key    int64
+	key    int64 // -1 while open
 	opened time.Time
 	done   chan struct{}
 	err    error
+
+	// What the chunk holds, for the report of a shutdown cut short. A
+	// request counts in the chunk that got its last part (the one with
+	// the highest key: if any part of it is not committed, that one is
+	// not); its bytes count in the chunk of each part.
+	writes, acked      int64 // requests, and those acknowledged
+	bytes, ackedBytes  int64 // device bytes their parts cover here
+	firstByte, endByte int64 // device byte range the parts cover
+}
+
+// part is the share of one request in one chunk.
+type part struct {
+	p     *pending
+	bytes int64
 }
 
 // overlayEntry locates the newest not-yet-committed write of one block.
@@ -93,8 +107,13 @@ type Chunker struct {
 	free     [][]byte
 	inflight map[int64]*pending
 	overlay  map[int64]overlayEntry
-	err      error // first commit failure: the device stops taking writes
+	err      error      // first commit failure: the device stops taking writes
+	failed   []*pending // chunks whose commit failed, kept for Unstored
 	closed   bool
+	// durableThrough is the highest key a completed durable flush (or
+	// Drain) waited for: every key up to it was committed.
+	durableThrough int64
+	loopStopped    bool
 
 	stop     chan struct{}
 	loopDone chan struct{}
@@ -118,17 +137,18 @@ func New(e Engine, o Options) *Chunker {
 	}
 	l := e.Layout()
 	c := &Chunker{
-		e:        e,
-		o:        o,
-		layout:   l,
-		bs:       e.BlockSize(),
-		size:     e.Size(),
-		seq:      chunk.NewSequencer(e.Size(), o.CollisionArea),
-		log:      o.Logger,
-		inflight: make(map[int64]*pending),
-		overlay:  make(map[int64]overlayEntry),
-		stop:     make(chan struct{}),
-		loopDone: make(chan struct{}),
+		e:              e,
+		o:              o,
+		layout:         l,
+		bs:             e.BlockSize(),
+		size:           e.Size(),
+		seq:            chunk.NewSequencer(e.Size(), o.CollisionArea),
+		log:            o.Logger,
+		inflight:       make(map[int64]*pending),
+		overlay:        make(map[int64]overlayEntry),
+		stop:           make(chan struct{}),
+		durableThrough: -1,
+		loopDone:       make(chan struct{}),
 	}
 	c.cond = sync.NewCond(&c.mu)
 	for i := 0; i < o.Buffers; i++ {
@@ -172,7 +192,7 @@ func (c *Chunker) openLocked() (*pending, error) {
 		if n := len(c.free); n > 0 {
 			buf := c.free[n-1]
 			c.free = c.free[:n-1]
-			c.open = &pending{buf: buf, b: chunk.NewBuilder(c.layout, buf), opened: time.Now(), done: make(chan struct{})}
+			c.open = &pending{buf: buf, b: chunk.NewBuilder(c.layout, buf), key: -1, opened: time.Now(), done: make(chan struct{}), firstByte: -1}
 			break
 		}
 		c.cond.Wait()
@@ -210,6 +230,7 @@ func (c *Chunker) commit(p *pending, items int) {
 		if c.err == nil {
 			c.err = err
 		}
+		c.failed = append(c.failed, p)
 		c.log.Error().Err(err).Int64("key", p.key).Msg("chunk commit failed; device stops taking writes")
 	} else {
 		c.dropOverlayLocked(p)
@@ -252,7 +273,7 @@ func (c *Chunker) noteLocked(p *pending, block, n, off int64, seq uint64) {
 // appendLocked adds one item of length bytes at off (data may be nil for
 // data-less ops) to open chunks, splitting it when a chunk fills up, and
 // records the chunks it went to.
-func (c *Chunker) appendLocked(off, length int64, data []byte, op uint64, seq uint64, touched *[]*pending) error {
+func (c *Chunker) appendLocked(off, length int64, data []byte, op uint64, seq uint64, touched *[]part) error {
 	for length > 0 {
 		p, err := c.openLocked()
 		if err != nil {
@@ -276,29 +297,48 @@ func (c *Chunker) appendLocked(off, length int64, data []byte, op uint64, seq ui
 		}
 		dataOff := p.b.Add(it, d)
 		c.noteLocked(p, off/c.bs, n/c.bs, dataOff, seq)
-		if len(*touched) == 0 || (*touched)[len(*touched)-1] != p {
-			*touched = append(*touched, p)
+		if k := len(*touched); k == 0 || (*touched)[k-1].p != p {
+			*touched = append(*touched, part{p: p})
 		}
+		(*touched)[len(*touched)-1].bytes += n
+		p.bytes += n
+		if p.firstByte < 0 || off < p.firstByte {
+			p.firstByte = off
+		}
+		p.endByte = max(p.endByte, off+n)
 		off += n
 		length -= n
 	}
 	return nil
 }
 
-// waitCommitted closes the chunks in touched that are still open and
-// waits until all of them are committed (FUA).
-func (c *Chunker) waitCommittedLocked(touched []*pending) error {
-	for _, p := range touched {
-		if c.open == p {
+// finishLocked records the request that put touched into chunks: it
+// counts in its last chunk, and unless fua it is acknowledged now. With
+// fua it closes the chunks that are still open and waits until all of
+// them are committed.
+func (c *Chunker) finishLocked(touched []part, fua bool) error {
+	if len(touched) == 0 {
+		return nil
+	}
+	touched[len(touched)-1].p.writes++
+	if !fua {
+		for _, t := range touched {
+			t.p.ackedBytes += t.bytes
+		}
+		touched[len(touched)-1].p.acked++
+		return nil
+	}
+	for _, t := range touched {
+		if c.open == t.p {
 			c.closeLocked()
 		}
 	}
 	c.mu.Unlock()
 	defer c.mu.Lock()
-	for _, p := range touched {
-		<-p.done
-		if p.err != nil {
-			return p.err
+	for _, t := range touched {
+		<-t.p.done
+		if t.p.err != nil {
+			return t.p.err
 		}
 	}
 	return nil
@@ -314,7 +354,7 @@ func (c *Chunker) WriteAt(ctx context.Context, data []byte, off int64, fua bool)
 	if err := c.usableLocked(); err != nil {
 		return err
 	}
-	var touched []*pending
+	var touched []part
 	var err error
 	c.seq.Split(off, int64(len(data)), func(o, l int64, seq uint64) {
 		if err != nil {
@@ -324,12 +364,12 @@ func (c *Chunker) WriteAt(ctx context.Context, data []byte, off int64, fua bool)
 		err = c.appendLocked(o, l, data[start:start+l], chunk.OpWrite, seq, &touched)
 	})
 	if err != nil {
+		if len(touched) > 0 {
+			touched[len(touched)-1].p.writes++ // not acknowledged
+		}
 		return err
 	}
-	if fua {
-		return c.waitCommittedLocked(touched)
-	}
-	return nil
+	return c.finishLocked(touched, fua)
 }
 
 // Zero implements frontend.Device. Only blocks that hold data (in the map
@@ -367,7 +407,7 @@ func (c *Chunker) Zero(ctx context.Context, off, length int64, discard, fua bool
 	if err := c.e.Mapped(ctx, block, n, func(b, n int64) { runs = append(runs, [2]int64{b, n}) }); err != nil {
 		return err
 	}
-	var touched []*pending
+	var touched []part
 	for _, r := range mergeRuns(runs) {
 		var err error
 		c.seq.Split(r[0]*c.bs, r[1]*c.bs, func(o, l int64, seq uint64) {
@@ -376,13 +416,13 @@ func (c *Chunker) Zero(ctx context.Context, off, length int64, discard, fua bool
 			}
 		})
 		if err != nil {
+			if len(touched) > 0 {
+				touched[len(touched)-1].p.writes++ // not acknowledged
+			}
 			return err
 		}
 	}
-	if fua {
-		return c.waitCommittedLocked(touched)
-	}
-	return nil
+	return c.finishLocked(touched, fua)
 }
 
 // mergeRuns sorts runs of blocks and merges the overlapping or adjacent.
@@ -490,28 +530,174 @@ func (c *Chunker) drainLocked() error {
 			}
 		}
 		if !busy {
+			c.durableThrough = max(c.durableThrough, last)
 			return nil
 		}
 		c.cond.Wait()
 	}
 }
 
-// Close commits everything written so far and stops taking requests.
+// Close commits everything written so far and stops taking requests. It
+// is Shutdown without a time limit.
 func (c *Chunker) Close() error {
+	return c.Shutdown(context.Background())
+}
+
+// Shutdown stops taking requests (writes waiting for a buffer fail with
+// ErrClosed), closes the open chunk and waits until every chunk is
+// committed, a commit fails, or ctx ends. When writes are left that are
+// not committed, it returns a *NotStoredError saying what they are;
+// commits still running go on in the background. Calling it again waits
+// again for what is left.
+func (c *Chunker) Shutdown(ctx context.Context) error {
 	c.mu.Lock()
-	if c.closed {
+	if !c.closed {
+		c.closeLocked()
+		c.closed = true
+		c.cond.Broadcast()
+	}
+	stopLoop := !c.loopStopped
+	c.loopStopped = true
+	wake := context.AfterFunc(ctx, func() {
+		c.mu.Lock()
+		c.cond.Broadcast()
 		c.mu.Unlock()
+	})
+	for len(c.inflight) > 0 && c.err == nil && ctx.Err() == nil {
+		c.cond.Wait()
+	}
+	u := c.unstoredLocked()
+	cause := c.err
+	if cause == nil {
+		cause = ctx.Err()
+	}
+	c.mu.Unlock()
+	wake()
+	if stopLoop {
+		close(c.stop)
+		<-c.loopDone
+	}
+	if u.Chunks == 0 {
 		return nil
 	}
-	c.closeLocked()
-	err := c.drainLocked()
-	c.closed = true
-	c.cond.Broadcast()
-	c.mu.Unlock()
-	close(c.stop)
-	<-c.loopDone
-	return err
+	if cause == nil {
+		cause = errors.New("writes left in memory")
+	}
+	return &NotStoredError{Unstored: u, Err: cause}
 }
+
+// Unstored describes the writes the chunker holds that are not committed
+// to the engine: chunks being uploaded, chunks whose commit failed and the
+// open chunk.
+type Unstored struct {
+	// Chunks is the number of such chunks (the open one included).
+	Chunks int
+	// FirstKey and LastKey are the range of their keys; -1 when none has
+	// a key yet (only the open chunk).
+	FirstKey, LastKey int64
+	// Writes and Bytes are the write and zero requests with a part in
+	// them and the device bytes those parts cover.
+	Writes, Bytes int64
+	// Acked and AckedBytes are the part of Writes and Bytes that was
+	// acknowledged to the frontend (FUA requests never are until stored).
+	Acked, AckedBytes int64
+	// Flushed and FlushedBytes are the acknowledged requests a completed
+	// durable flush promised were stored. The chunker never lets that
+	// happen; a non-zero value is a bug, reported rather than hidden.
+	Flushed, FlushedBytes int64
+	// FirstByte and EndByte bound the device bytes the parts cover.
+	FirstByte, EndByte int64
+	// Durable is Options.Durable: whether flushes waited for the store.
+	Durable bool
+}
+
+// Unstored reports what is not committed now.
+func (c *Chunker) Unstored() Unstored {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.unstoredLocked()
+}
+
+func (c *Chunker) unstoredLocked() Unstored {
+	u := Unstored{FirstKey: -1, LastKey: -1, FirstByte: -1, Durable: c.o.Durable}
+	add := func(p *pending) {
+		if p == nil || p.b.Items() == 0 {
+			return
+		}
+		u.Chunks++
+		if p.key >= 0 {
+			if u.FirstKey < 0 || p.key < u.FirstKey {
+				u.FirstKey = p.key
+			}
+			u.LastKey = max(u.LastKey, p.key)
+			if p.key <= c.durableThrough {
+				u.Flushed += p.acked
+				u.FlushedBytes += p.ackedBytes
+			}
+		}
+		u.Writes += p.writes
+		u.Bytes += p.bytes
+		u.Acked += p.acked
+		u.AckedBytes += p.ackedBytes
+		if p.firstByte >= 0 && (u.FirstByte < 0 || p.firstByte < u.FirstByte) {
+			u.FirstByte = p.firstByte
+		}
+		u.EndByte = max(u.EndByte, p.endByte)
+	}
+	for _, p := range c.failed {
+		add(p)
+	}
+	for _, p := range c.inflight {
+		add(p)
+	}
+	add(c.open)
+	return u
+}
+
+// Summary says in one sentence what the writes not stored mean for the
+// user: with durable flushes, whether any flushed write is among them;
+// without, how many acknowledged writes they are.
+func (u Unstored) Summary() string {
+	if u.Chunks == 0 {
+		return "every write is stored"
+	}
+	unacked, unackedBytes := u.Writes-u.Acked, u.Bytes-u.AckedBytes
+	if u.Durable {
+		s := "no flushed write is lost"
+		if u.Flushed > 0 {
+			s = fmt.Sprintf("BUG: %d writes (%d bytes) covered by a completed flush are lost", u.Flushed, u.FlushedBytes)
+		}
+		return fmt.Sprintf("%s; %d unflushed writes (%d bytes) were not stored", s, u.Writes-u.Flushed, u.Bytes-u.FlushedBytes)
+	}
+	return fmt.Sprintf("%d acknowledged writes (%d bytes) were not stored and are lost; %d more writes (%d bytes) were not acknowledged yet",
+		u.Acked, u.AckedBytes, unacked, unackedBytes)
+}
+
+// MarshalZerologObject logs every count of u.
+func (u Unstored) MarshalZerologObject(e *zerolog.Event) {
+	e.Int("chunks", u.Chunks).Int64("first_key", u.FirstKey).Int64("last_key", u.LastKey).
+		Int64("writes", u.Writes).Int64("bytes", u.Bytes).
+		Int64("acked_writes", u.Acked).Int64("acked_bytes", u.AckedBytes).
+		Int64("flushed_writes", u.Flushed).Int64("flushed_bytes", u.FlushedBytes).
+		Int64("first_byte", u.FirstByte).Int64("end_byte", u.EndByte).Bool("durable", u.Durable)
+}
+
+// NotStoredError is returned by Shutdown when writes were left that are
+// not committed; Err is why (the context's error or the commit failure).
+type NotStoredError struct {
+	Unstored Unstored
+	Err      error
+}
+
+func (e *NotStoredError) Error() string {
+	keys := "no key yet"
+	if e.Unstored.FirstKey >= 0 {
+		keys = fmt.Sprintf("keys %d..%d", e.Unstored.FirstKey, e.Unstored.LastKey)
+	}
+	return fmt.Sprintf("%d chunks (%s) not committed: %s: %v", e.Unstored.Chunks, keys, e.Unstored.Summary(), e.Err)
+}
+
+func (e *NotStoredError) Unwrap() error { return e.Err }
 
 // ageLoop closes open chunks that have held data for MaxAge.
 func (c *Chunker) ageLoop() {

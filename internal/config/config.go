@@ -80,9 +80,13 @@ type Config struct {
 	Null           bool   `toml:"null" env:"BS3_NULL" env-description:"null backend: discard writes, read zeros, no object store (for benchmarks)"`
 	Profiler       bool   `toml:"profiler" env:"BS3_PROFILER" env-description:"serve Go pprof on localhost:profiler_port"`
 	ProfilerPort   int    `toml:"profiler_port" env:"BS3_PROFILER_PORT" env-description:"TCP port of the profiler, 1..65535"`
-	SkipCheckpoint bool   `toml:"skip_checkpoint" env:"BS3_SKIP_CHECKPOINT" env-description:"do not write a checkpoint at shutdown"`
+	SkipCheckpoint bool   `toml:"skip_checkpoint" env:"BS3_SKIP_CHECKPOINT" env-description:"neither load nor write checkpoints: every start replays all objects (refused once garbage collection may have deleted keys a checkpoint covers)"`
 	Frontend       string `toml:"frontend" env:"BS3_FRONTEND" env-description:"how the device is exposed: buse, nbd or fuse (file + loop device)"`
 	Store          string `toml:"store" env:"BS3_STORE" env-description:"where objects live: s3, or dir (a local directory, for tests)"`
+
+	// ShutdownTimeout must stay below the unit's TimeoutStopSec (see
+	// contrib/systemd/bs3.service), or systemd kills the daemon first.
+	ShutdownTimeout int `toml:"shutdown_timeout" env:"BS3_SHUTDOWN_TIMEOUT" env-description:"seconds a stop (SIGINT/SIGTERM, or a frontend that ended) may take before bs3 gives up, logs what it could not store and exits non-zero"`
 
 	S3         S3Config         `toml:"s3" env-prefix:"BS3_S3_"`
 	Write      WriteConfig      `toml:"write" env-prefix:"BS3_WRITE_"`
@@ -144,9 +148,20 @@ type CheckpointConfig struct {
 
 // NBDConfig is the [nbd] section.
 type NBDConfig struct {
-	Listen string `toml:"listen" env:"LISTEN" env-description:"NBD server address: host:port, or unix:/path for a Unix socket"`
-	Export string `toml:"export" env:"EXPORT" env-description:"NBD export name"`
+	Listen           string `toml:"listen" env:"LISTEN" env-description:"NBD server address: host:port, or unix:/path for a Unix socket"`
+	Export           string `toml:"export" env:"EXPORT" env-description:"NBD export name"`
+	HandshakeTimeout int    `toml:"handshake_timeout" env:"HANDSHAKE_TIMEOUT" env-description:"seconds a new NBD connection has to choose the export before it is closed"`
+	MaxConnections   int    `toml:"max_connections" env:"MAX_CONNECTIONS" env-description:"NBD connections served at once, handshakes included; more are refused"`
+	MaxBuffered      int    `toml:"max_buffered" env:"MAX_BUFFERED" env-description:"MiB of NBD request payloads held in memory across all connections; requests beyond wait"`
 }
+
+// HandshakeTimeoutDuration is nbd.handshake_timeout as a duration.
+func (n NBDConfig) HandshakeTimeoutDuration() time.Duration {
+	return time.Duration(n.HandshakeTimeout) * time.Second
+}
+
+// MaxBufferedBytes is nbd.max_buffered in bytes.
+func (n NBDConfig) MaxBufferedBytes() int64 { return int64(n.MaxBuffered) * mib }
 
 // FUSEConfig is the [fuse] section.
 type FUSEConfig struct {
@@ -169,6 +184,8 @@ func Default() Config {
 		ProfilerPort: 6060,
 		Frontend:     FrontendBUSE,
 		Store:        StoreS3,
+
+		ShutdownTimeout: 60,
 		S3: S3Config{
 			Region:            "us-east-1",
 			Uploaders:         16,
@@ -184,7 +201,7 @@ func Default() Config {
 		GC:         GCConfig{Step: 1 << 20, LiveData: 0.3, IdleTimeout: 200, Wait: 600},
 		Log:        LogConfig{Level: "info"},
 		Checkpoint: CheckpointConfig{Interval: 300, Objects: 1024},
-		NBD:        NBDConfig{Listen: "127.0.0.1:10809", Export: "bs3"},
+		NBD:        NBDConfig{Listen: "127.0.0.1:10809", Export: "bs3", HandshakeTimeout: 10, MaxConnections: 16, MaxBuffered: 256},
 		FUSE:       FUSEConfig{Mountpoint: "/run/bs3/fuse", Loop: true},
 		Dir:        DirConfig{Path: "/var/lib/bs3/objects"},
 	}
@@ -323,6 +340,7 @@ func (c Config) Validate() error {
 		}
 	}
 	atLeast("queue_depth", int64(c.QueueDepth), 1, "")
+	atLeast("shutdown_timeout", int64(c.ShutdownTimeout), 1, " (s)")
 	if c.ProfilerPort < 1 || c.ProfilerPort > 65535 {
 		bad("profiler_port", c.ProfilerPort, "must be in 1..65535")
 	}
@@ -403,6 +421,11 @@ func (c Config) Validate() error {
 			}
 		}
 	}
+	atLeast("nbd.handshake_timeout", int64(c.NBD.HandshakeTimeout), 1, " (s)")
+	atLeast("nbd.max_connections", int64(c.NBD.MaxConnections), 1, "")
+	if b := c.NBD.MaxBuffered; b < 1 || b > 1<<20 {
+		bad("nbd.max_buffered", b, "must be in 1..1048576 (MiB); requests larger than it are served one at a time")
+	}
 	if c.Frontend == FrontendFUSE && c.FUSE.Mountpoint == "" {
 		bad("fuse.mountpoint", c.FUSE.Mountpoint, "required when frontend = %q", FrontendFUSE)
 	}
@@ -462,6 +485,11 @@ func (c Config) GCIdleTimeout() time.Duration {
 
 // GCWait is the period of dead GC.
 func (c Config) GCWait() time.Duration { return time.Duration(c.GC.Wait) * time.Second }
+
+// ShutdownTimeoutDuration bounds the whole stop sequence.
+func (c Config) ShutdownTimeoutDuration() time.Duration {
+	return time.Duration(c.ShutdownTimeout) * time.Second
+}
 
 // CheckpointInterval is the period of periodic checkpoints.
 func (c Config) CheckpointInterval() time.Duration {

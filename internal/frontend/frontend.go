@@ -1,7 +1,11 @@
 // Package frontend defines what the userspace frontends (NBD, FUSE) serve:
-// a byte-addressed block device with the write semantics of DESIGN §4.
-// The BUSE frontend talks to the volume engine directly, because the
-// kernel module builds the chunks itself.
+// a byte-addressed block device with the write semantics of
+// docs/ARCHITECTURE.md §4–§5. The BUSE frontend talks to the volume engine
+// directly, because the kernel module builds the chunks itself.
+//
+// Every frontend also tells its owner when it stops serving by itself, so
+// that the daemon never runs on without a device: the FUSE mount and the
+// BUSE device through Done, the NBD server by Serve returning.
 package frontend
 
 import (

@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"sync/atomic"
 
 	"github.com/asch/buse/lib/go/buse"
 	"github.com/rs/zerolog"
@@ -24,9 +25,12 @@ type Options = buse.Options
 
 // Device is a running BUSE device.
 type Device struct {
-	b    buse.Buse
-	done chan struct{}
-	log  zerolog.Logger
+	b        buse.Buse
+	major    int64
+	done     chan struct{} // closed when the queues have stopped
+	ended    chan error    // one value when they have, then closed
+	stopping atomic.Bool   // Stop has started: the end is ours
+	log      zerolog.Logger
 }
 
 // Start checks for the module, configures /dev/buse<Major> and serves it
@@ -39,18 +43,36 @@ func Start(rw buse.BuseReadWriter, o Options, log zerolog.Logger) (*Device, erro
 	if err != nil {
 		return nil, fmt.Errorf("configure /dev/buse%d: %w", o.Major, err)
 	}
-	d := &Device{b: b, done: make(chan struct{}), log: log}
+	d := &Device{b: b, major: o.Major, done: make(chan struct{}), ended: make(chan error, 1), log: log}
 	go func() {
-		defer close(d.done)
 		b.Run()
+		close(d.done)
+		d.ended <- d.endErr()
+		close(d.ended)
 	}()
 	log.Info().Str("device", fmt.Sprintf("/dev/buse%d", o.Major)).Msg("BUSE device running")
 	return d, nil
 }
 
+// endErr says why the queues stopped: nil after Stop, an error otherwise.
+func (d *Device) endErr() error {
+	if d.stopping.Load() {
+		return nil
+	}
+	err := fmt.Errorf("BUSE device /dev/buse%d stopped serving requests (powered off from outside, e.g. through %s/%d/power?)", d.major, configfsRoot, d.major)
+	d.log.Error().Err(err).Msg("BUSE device ended")
+	return err
+}
+
+// Done returns a channel that receives one value when the device's queues
+// stop and is closed after it: nil when Stop stopped them, an error when
+// they stopped by themselves, after which the device serves nothing.
+func (d *Device) Done() <-chan error { return d.ended }
+
 // Stop powers the device off, waits for the queues to drain and removes
 // the device.
 func (d *Device) Stop() error {
+	d.stopping.Store(true)
 	if err := d.b.StopDevice(); err != nil {
 		return fmt.Errorf("stop BUSE device: %w", err)
 	}

@@ -20,6 +20,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 
 	gofuse "github.com/hanwen/go-fuse/v2/fuse"
 	"github.com/rs/zerolog"
@@ -53,6 +54,8 @@ type Mounted struct {
 	file       string
 	loopDev    string
 	served     chan struct{} // closed when the serve loop ends: unmounted
+	done       chan error    // one value when the serve loop ends, then closed
+	closing    atomic.Bool   // Close has started: the end is ours
 
 	mu           sync.Mutex // serialises Close
 	loopDetached bool
@@ -120,10 +123,18 @@ func Mount(dev frontend.Device, o Options) (*Mounted, error) {
 		mountpoint: mp,
 		file:       filepath.Join(mp, name),
 		served:     make(chan struct{}),
+		done:       make(chan error, 1),
 	}
 	go func() {
-		defer close(m.served)
 		server.Serve()
+		close(m.served)
+		var err error
+		if !m.closing.Load() {
+			err = fmt.Errorf("fuse: the file system at %s was unmounted from outside (umount, fusermount -u) or its FUSE connection was aborted", mp)
+			lg.Error().Err(err).Msg("FUSE session ended")
+		}
+		m.done <- err
+		close(m.done)
 	}()
 	if err := server.WaitMount(); err != nil {
 		closeErr := m.Close()
@@ -166,10 +177,17 @@ func (m *Mounted) LoopDevice() string { return m.loopDev }
 // (umount).
 func (m *Mounted) Wait() { <-m.served }
 
+// Done returns a channel that receives one value when the FUSE session
+// ends and is closed after it: nil when Close ended it, an error when it
+// ended by itself (unmounted from outside, connection aborted), after
+// which the device is gone.
+func (m *Mounted) Done() <-chan error { return m.done }
+
 // Close detaches the loop device and then unmounts the file system, waiting
 // until the kernel has let go of it. It is idempotent; after an error (the
 // loop device or the mount is still in use) it may be called again.
 func (m *Mounted) Close() error {
+	m.closing.Store(true)
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if m.loopDev != "" && !m.loopDetached {
