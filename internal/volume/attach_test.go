@@ -505,3 +505,40 @@ func TestSimultaneousGenerationClaim(t *testing.T) {
 		t.Fatalf("%d of 2 simultaneous attaches failed (%v); want exactly 1", failed, errors.Join(errs...))
 	}
 }
+
+// A daemon that was fenced without noticing yet must not prune the new
+// owner's checkpoints: a checkpoint newer than its own stops it.
+func TestStaleWriterDoesNotPruneNewerCheckpoints(t *testing.T) {
+	st := mem.New()
+	o := testOptions(64*mib, 4096)
+	stale, objs := open(t, st, o)
+	defer objs.Close()
+	writeFlushed(t, stale, 0, 1)
+	if err := stale.Checkpoint(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	// The new owner attaches (the stale one's lease is off in this test)
+	// and writes two checkpoints above the stale one's watermark.
+	owner, objs2 := open(t, st, o)
+	defer objs2.Close()
+	defer owner.Close(context.Background())
+	for i := range 2 {
+		writeFlushed(t, owner, 1, byte(2+i))
+		if err := owner.Checkpoint(context.Background()); err != nil {
+			t.Fatal(err)
+		}
+	}
+	before := volumeData(snapshot(t, st))
+	if err := stale.Checkpoint(context.Background()); !errors.Is(err, ErrFenced) {
+		t.Fatalf("stale checkpoint: %v; want ErrFenced", err)
+	}
+	after := volumeData(snapshot(t, st))
+	for name := range before {
+		if _, ok := after[name]; !ok && strings.HasPrefix(name, store.CheckpointPrefix) {
+			t.Fatalf("the stale writer deleted %s", name)
+		}
+	}
+	if stale.Err() == nil {
+		t.Fatal("the stale writer still takes writes")
+	}
+}

@@ -105,7 +105,7 @@ func (v *Volume) Checkpoint(ctx context.Context) error {
 	}
 	v.sinceCkpt.Add(-applied)
 	v.log.Info().Int64("watermark", wm).Int("bytes", len(body)).Dur("took", time.Since(start)).Msg("checkpoint written")
-	return v.pruneCheckpoints(ctx)
+	return v.pruneCheckpoints(ctx, name)
 }
 
 func (v *Volume) listCheckpoints(ctx context.Context) ([]string, error) {
@@ -121,9 +121,18 @@ func (v *Volume) listCheckpoints(ctx context.Context) ([]string, error) {
 	return names, nil
 }
 
-func (v *Volume) pruneCheckpoints(ctx context.Context) error {
+// pruneCheckpoints deletes all but the newest ckptKeep checkpoints, ours
+// (just written) being the newest. A newer one means another attach took
+// the volume and this daemon has not noticed yet: it must not delete
+// checkpoints the new owner's recovery may fall back to.
+func (v *Volume) pruneCheckpoints(ctx context.Context, ours string) error {
 	names, err := v.listCheckpoints(ctx)
 	if err != nil {
+		return err
+	}
+	if n := len(names); n > 0 && names[n-1] > ours {
+		err := fmt.Errorf("%w: checkpoint %s is newer than ours (%s)", ErrFenced, names[n-1], ours)
+		v.fail(err)
 		return err
 	}
 	for len(names) > ckptKeep {
