@@ -102,12 +102,31 @@ type Parsed struct {
 	End int64
 }
 
+// maxChunkSize bounds a layout's chunk size far above any configuration
+// and far enough below 2^63 that metadata area plus data cannot overflow.
+const maxChunkSize = 1 << 40
+
+// check reports a layout whose geometry Parse cannot work with.
+func (l Layout) check() error {
+	if l.BlockSize < SectorSize || l.BlockSize%SectorSize != 0 {
+		return fmt.Errorf("chunk layout: block size %d is not a positive multiple of %d", l.BlockSize, SectorSize)
+	}
+	if l.ChunkSize < l.BlockSize || l.ChunkSize > maxChunkSize || l.ChunkSize%l.BlockSize != 0 {
+		return fmt.Errorf("chunk layout: chunk size %d is not a multiple of the %d-byte block size in [%d, %d]", l.ChunkSize, l.BlockSize, l.BlockSize, int64(maxChunkSize))
+	}
+	return nil
+}
+
 // Parse reads n items from the metadata area of chunk (n < 0: until the
 // first zero-length item) and checks them against the layout and a device
 // of devSectors sectors. Items without data do not advance the data offset.
 // The chunk may be a whole buffer or just an object's metadata area; data
-// offsets are computed, not read.
+// offsets are computed, not read. Whatever the bytes, it returns an error
+// rather than items whose data would lie outside the chunk.
 func (l Layout) Parse(chunk []byte, n int, devSectors uint64) (Parsed, error) {
+	if err := l.check(); err != nil {
+		return Parsed{}, err
+	}
 	md := l.MetadataSize()
 	if int64(len(chunk)) < md {
 		return Parsed{}, fmt.Errorf("chunk of %d bytes is shorter than its metadata area (%d bytes)", len(chunk), md)
@@ -138,8 +157,9 @@ func (l Layout) Parse(chunk []byte, n int, devSectors uint64) (Parsed, error) {
 			p.DataOff = append(p.DataOff, -1)
 			continue
 		}
-		if off+it.Bytes() > md+l.ChunkSize {
-			return Parsed{}, fmt.Errorf("item %d (%d bytes at data offset %d) overruns the %d-byte chunk", i, it.Bytes(), off-md, l.ChunkSize)
+		// Compare in sectors: Bytes() of a corrupt length overflows.
+		if room := uint64(md+l.ChunkSize-off) / SectorSize; it.Length > room {
+			return Parsed{}, fmt.Errorf("item %d (%d sectors at data offset %d) overruns the %d-byte chunk", i, it.Length, off-md, l.ChunkSize)
 		}
 		p.DataOff = append(p.DataOff, off)
 		off += it.Bytes()

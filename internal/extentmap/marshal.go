@@ -8,7 +8,7 @@ import (
 	"math"
 )
 
-// Serialized form (all integers unsigned varints unless noted):
+// Serialized form (all integers minimal unsigned varints unless noted):
 //
 //	"BS3M" version blocks
 //	tracked-count { key-delta total }*          keys ascending
@@ -20,6 +20,13 @@ import (
 // written sequentially by one object costs about 4 bytes per block. Live
 // counts are not stored: they are recomputed from the entries, which also
 // checks that every referenced key is tracked.
+//
+// The checksum catches damage after writing, not a body that was wrong
+// when it was checksummed, so the decoder checks the structure as well:
+// every count against the bytes left before anything is allocated for it,
+// every key, offset, block and page index against its range; keys and
+// pages must ascend strictly and a page must hold 1..pageLen entries. A
+// corrupt body yields an error naming the field.
 const (
 	magic         = "BS3M"
 	formatVersion = 1
@@ -59,6 +66,11 @@ func (m *Map) MarshalBinary() ([]byte, error) {
 				continue
 			}
 			pi := int64(ci)<<dirShift | int64(i)
+			if p.n < 1 || p.n > pageLen {
+				// The decoder would reject the result; refuse to write a
+				// checkpoint that cannot be loaded.
+				return nil, fmt.Errorf("extentmap: marshal: page %d counts %d entries", pi, p.n)
+			}
 			b = binary.AppendUvarint(b, uint64(pi-prevPage-1))
 			b = binary.AppendUvarint(b, uint64(p.n-1))
 			prevPage = pi
@@ -117,6 +129,12 @@ func (d *decoder) uvarint(what string) uint64 {
 		d.err = fmt.Errorf("%w: bad varint for %s", ErrCorrupt, what)
 		return 0
 	}
+	// The encoder writes minimal varints, so that a map has exactly one
+	// encoding; a padded one (last byte zero) is corruption.
+	if n > 1 && d.b[n-1] == 0 {
+		d.err = fmt.Errorf("%w: non-minimal varint for %s", ErrCorrupt, what)
+		return 0
+	}
 	d.b = d.b[n:]
 	return v
 }
@@ -127,7 +145,7 @@ func (d *decoder) uvarint(what string) uint64 {
 func (d *decoder) count(what string, max uint64, minBytes int) int64 {
 	v := d.uvarint(what)
 	if d.err == nil && (v > max || v > uint64(len(d.b)/minBytes)) {
-		d.err = fmt.Errorf("%w: %s %d out of range", ErrCorrupt, what, v)
+		d.err = fmt.Errorf("%w: %s %d out of range (at most %d, %d bytes left)", ErrCorrupt, what, v, max, len(d.b))
 		return 0
 	}
 	return int64(v)
@@ -175,7 +193,7 @@ func decode(body []byte) (*Map, error) {
 	}
 	m, err := New(int64(blocks))
 	if err != nil {
-		return nil, fmt.Errorf("%w: %v", ErrCorrupt, err)
+		return nil, fmt.Errorf("%w: %w", ErrCorrupt, err)
 	}
 
 	tracked := d.count("object count", MaxKey+1, 2)
@@ -186,13 +204,19 @@ func decode(body []byte) (*Map, error) {
 		if d.err != nil {
 			break
 		}
-		if delta > uint64(MaxKey-key-1) || total > math.MaxInt64 {
-			d.fail("object %d: key delta %d, total %d", i, delta, total)
+		// Keys ascend strictly: the delta is stored minus one. key is
+		// below MaxKey here, so the bound is not negative.
+		if key >= MaxKey || delta > uint64(MaxKey-key-1) {
+			d.fail("object %d: key delta %d after key %d is past the largest key %d", i, delta, key, int64(MaxKey))
 			break
 		}
 		key += int64(delta) + 1
+		if total > MaxOff+1 {
+			d.fail("object %d (key %d): total %d blocks out of range (at most %d)", i, key, total, MaxOff+1)
+			break
+		}
 		if err := m.AddObject(key, int64(total)); err != nil {
-			d.fail("object %d: %v", key, err)
+			d.fail("object %d (key %d): %w", i, key, err)
 		}
 	}
 
@@ -202,16 +226,29 @@ func decode(body []byte) (*Map, error) {
 	var buf []fullEntry
 	for i := int64(0); i < pages && d.err == nil; i++ {
 		delta := d.uvarint("page index")
-		n := d.uvarint("page entry count") + 1
+		// Stored minus one: a page holds 1..pageLen entries. Adding one
+		// before the range check would wrap 2^64-1 to an empty page.
+		nm1 := d.uvarint("page entry count")
 		if d.err != nil {
 			break
 		}
-		if delta >= uint64(numPages-pi-1) || n > pageLen || n > uint64(len(d.b)/3) {
-			d.fail("page %d: index delta %d, %d entries", i, delta, n)
+		// Pages ascend strictly; pi < numPages here, so the bound is not
+		// negative.
+		if delta >= uint64(numPages-pi-1) {
+			d.fail("page %d: index delta %d after page %d is past the last page %d", i, delta, pi, numPages-1)
 			break
 		}
 		pi += int64(delta) + 1
+		// An entry takes at least 3 bytes (index, key, seq).
+		if nm1 >= pageLen || nm1 >= uint64(len(d.b)/3) {
+			d.fail("page %d (index %d): entry count %d+1 out of range (at most %d, %d bytes left)", i, pi, nm1, pageLen, len(d.b))
+			break
+		}
+		n := nm1 + 1
 		buf = m.decodePage(d, pi, int(n), buf[:0])
+		if d.err == nil && len(buf) != int(n) {
+			d.fail("page %d: decoded %d of %d entries", pi, len(buf), n)
+		}
 		if d.err == nil {
 			m.placePage(pi, buf)
 		}

@@ -202,11 +202,12 @@ func (s *objects) heapBytes() int64 {
 }
 
 // AddObject registers object key, applied to the map, with the number of
-// blocks it was written with (0 for an empty placeholder). Registering a
+// blocks it was written with (0 for an empty placeholder; at most
+// MaxOff+1, the most an object's data area can address). Registering a
 // tracked key again replaces its total; live counts come only from map
 // entries.
 func (m *Map) AddObject(key int64, blocks int64) error {
-	if key < 0 || key > MaxKey || blocks < 0 {
+	if key < 0 || key > MaxKey || blocks < 0 || blocks > MaxOff+1 {
 		return fmt.Errorf("add object key %d with %d blocks: %w", key, blocks, ErrRange)
 	}
 	o, err := m.objs.track(key)
