@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"hash/crc32"
 	"sort"
 	"strings"
@@ -540,5 +541,48 @@ func TestStaleWriterDoesNotPruneNewerCheckpoints(t *testing.T) {
 	}
 	if stale.Err() == nil {
 		t.Fatal("the stale writer still takes writes")
+	}
+}
+
+// A checkpoint whose map tracks a key at or above its own watermark does
+// not describe the prefix it claims to: it is unusable, and recovery falls
+// back (here to a full replay, since nothing was collected).
+func TestCheckpointTrackingKeysPastItsWatermarkIsUnusable(t *testing.T) {
+	st := mem.New()
+	o := testOptions(64*mib, 4096)
+	v, objs := open(t, st, o)
+	writeFlushed(t, v, 0, 42)
+	if err := v.Close(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	objs.Close()
+	var names []string
+	if err := st.List(context.Background(), store.CheckpointPrefix, func(n string, _ int64) error { names = append(names, n); return nil }); err != nil || len(names) != 1 {
+		t.Fatalf("checkpoints %v, err %v; want one", names, err)
+	}
+	var wm uint64
+	if _, err := fmt.Sscanf(names[0], store.CheckpointPrefix+"%016x", &wm); err != nil {
+		t.Fatal(err)
+	}
+	m, err := extentmap.New(64 * mib / 4096)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := m.AddObject(int64(wm)+10, 0); err != nil {
+		t.Fatal(err)
+	}
+	mapBytes, err := m.MarshalBinary()
+	if err != nil {
+		t.Fatal(err)
+	}
+	body := encodeCheckpoint(ckptHeader{generation: 1, blockSize: 4096, watermark: int64(wm)}, mapBytes)
+	if err := st.Put(context.Background(), names[0], body, false); err != nil {
+		t.Fatal(err)
+	}
+	v, objs = open(t, st, o)
+	defer objs.Close()
+	defer v.Close(context.Background())
+	if got := readBlock(t, v, 0); got != 42 {
+		t.Fatalf("block 0 is %d after loading a checkpoint past its watermark; want 42", got)
 	}
 }

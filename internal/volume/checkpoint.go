@@ -193,6 +193,16 @@ func (v *Volume) loadCheckpoint(ctx context.Context, names []string) (*extentmap
 		if err == nil {
 			m, err = extentmap.UnmarshalBinary(mapBytes)
 		}
+		if err == nil {
+			// The map is the prefix of keys below the watermark: a key at
+			// or above it means the checkpoint does not say what it holds.
+			m.Objects(func(key, _, _ int64) bool {
+				if key >= h.watermark {
+					err = fmt.Errorf("checkpoint tracks key %d at or above its watermark %d", key, h.watermark)
+				}
+				return err == nil
+			})
+		}
 		if err != nil {
 			failures = append(failures, fmt.Errorf("%s: %w", names[i], err))
 			v.log.Warn().Str("checkpoint", names[i]).Err(err).Msg("checkpoint unusable, falling back to the previous one")
