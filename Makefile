@@ -3,7 +3,7 @@ GO      ?= go
 PREFIX  ?= /usr/local
 SYSTEMD ?= /etc/systemd/system
 
-.PHONY: all bs3 deps test vet run bench install clean
+.PHONY: all bs3 deps test vet run bench crashpoints install clean
 
 all: bs3
 
@@ -26,6 +26,11 @@ test: deps vet
 run: bs3
 	mkdir -p data
 	./bs3 -c contrib/demo.toml
+
+# The longer crash-point job: 1,000 random crash points over random
+# workloads (make test runs the exhaustive small scenarios).
+crashpoints:
+	BS3_CRASHPOINT_SEEDS=1000 $(GO) test -race -count=1 -timeout 60m -run '^TestCrashPointRandom$$' -v ./internal/crashtest/
 
 bench: deps bs3
 	$(GO) test -run '^$$' -bench . -benchtime 1x -timeout 60m ./internal/bench/
