@@ -15,7 +15,12 @@
 //     not keep an object of dead data from being compacted; they are
 //     copied along as discards, as recovery must still replay them. Live
 //     data is read with ranged GETs that read through up to coalesceGap of
-//     dead data rather than issue another request.
+//     dead data rather than issue another request. Copies are packed in
+//     device block order, so a compacted region reads back as long runs.
+//   - defragmentation, on demand (SIGUSR2, of gc.defrag_range): the live
+//     data of a block range is copied the same way, in block order, out of
+//     every object holding some, whatever its live fraction. It and
+//     threshold GC run one at a time.
 //
 // Objects that hold only discards (no data blocks) are never compacted;
 // they cost one metadata area each and die when their discards are

@@ -19,8 +19,8 @@ import (
 )
 
 const (
-	// pipelineDepth is how many copy chunks are being read or committed
-	// at once (each holds one chunk buffer).
+	// pipelineDepth is how many batches of copy chunks are being read or
+	// committed at once (each holds a chunk buffer per chunk).
 	pipelineDepth = 2
 	// getConcurrency bounds the ranged GETs of one run in flight at once.
 	// Priorities order the proxy's queues, but GETs already running share
@@ -36,6 +36,11 @@ const (
 	// 20–30x shorter than reading adjacent pieces only, for 6–8x the bytes
 	// read (in-region transfer is free on S3; requests are not).
 	coalesceGap = 256 << 10
+	// batchBytes is how much copied data one batch of chunks holds: the
+	// GETs of a batch are planned together, so an object whose live
+	// pieces block order spreads over the batch's chunks is read once, not
+	// once per chunk. A run holds pipelineDepth batches in memory.
+	batchBytes = 16 << 20
 )
 
 // candidates is a snapshot of the objects a threshold run examines, in key
@@ -151,77 +156,88 @@ func (c *Collector) compactAll(ctx context.Context) (Stats, error) {
 	if len(victims) == 0 {
 		return st, nil
 	}
-	// 3. Copy. Dead GC leaves the victims alone meanwhile: a victim
-	// whose last block a user overwrites now must stay readable until
-	// the run is done with it.
+	// 3. Copy, over the whole device.
+	st.BytesRead, st.BytesWritten, err = c.copyLive(ctx, victims, 0, c.v.Size()/c.v.BlockSize())
+	return st, err
+}
+
+// copyLive copies the live extents (data and tombstones) of blocks
+// [from, to) that the victims hold into new chunks, in device block order
+// across the whole pass, and returns the bytes read and written.
+//
+// Block order: the map is scanned window by window in increasing block
+// order and the open chunk carries over from one window to the next, so
+// consecutive device blocks land next to each other in the new objects,
+// in one chunk or the next (keys follow block order within a batch),
+// without holding more than one window's extents at a time. A compacted
+// region then reads back as long runs. The price is on the read side: the
+// pieces of one chunk come from wherever their blocks were last written,
+// so a chunk needs more GETs than one packed in source order would; commit
+// plans the GETs of a batch of chunks together, by source object, to keep
+// them coalesced.
+//
+// Only the order of items changes: each block has one live map entry, so
+// no two pieces of a pass cover the same block, and every copy keeps its
+// original seqno, so a user write that lands meanwhile still wins.
+func (c *Collector) copyLive(ctx context.Context, victims []int64, from, to int64) (read, written int64, err error) {
+	// Dead GC leaves the victims alone meanwhile: a victim whose last
+	// block a user overwrites now must stay readable until the pass is
+	// done with it.
 	c.setCompacting(victims)
 	defer c.setCompacting(nil)
 	r := newCopier(c, ctx)
 	vs := candidates{keys: victims}
-	var data, zeros []piece
-	err = c.scanWindows(ctx, func(e extentmap.Extent, seq uint64) {
+	var pieces []piece
+	err = c.scanWindows(ctx, from, to, func(e extentmap.Extent, seq uint64) {
 		if vs.find(e.Key) < 0 {
 			return
 		}
-		p := piece{block: e.Block, n: e.N, key: e.Key, off: e.Off, seq: seq, zero: e.Zero}
-		if p.zero {
-			zeros = append(zeros, p)
-		} else {
-			data = append(data, p)
-		}
+		pieces = append(pieces, piece{block: e.Block, n: e.N, key: e.Key, off: e.Off, seq: seq, zero: e.Zero})
 	}, func() error {
-		// Data in source order: consecutive pieces of one object land
-		// next to each other in the new chunk, so one ranged GET reads
-		// them, and the copy keeps the order the data was written in.
-		slices.SortFunc(data, func(a, b piece) int {
-			return cmp.Or(cmp.Compare(a.key, b.key), cmp.Compare(a.off, b.off))
-		})
-		for _, p := range zeros {
+		// Scan order is block order.
+		for _, p := range pieces {
 			r.add(p)
 		}
-		for _, p := range data {
-			r.add(p)
-		}
-		data, zeros = data[:0], zeros[:0]
+		pieces = pieces[:0]
 		return r.failed()
 	})
 	if err == nil {
 		r.flush()
 	}
 	cerr := r.wait()
-	st.BytesRead = r.bytesRead.Load()
-	st.BytesWritten = r.bytesWritten.Load()
 	if err == nil {
 		err = cerr
 	}
 	if err != nil {
-		return st, fmt.Errorf("copy live extents: %w", err)
+		return r.bytesRead.Load(), r.bytesWritten.Load(), fmt.Errorf("copy live extents: %w", err)
 	}
-	return st, nil
+	return r.bytesRead.Load(), r.bytesWritten.Load(), nil
 }
 
 // scan calls fn for every written extent of the device, one Step-block
 // window per low-priority map request.
 func (c *Collector) scan(ctx context.Context, fn func(extentmap.Extent, uint64)) error {
-	return c.scanWindows(ctx, fn, nil)
+	return c.scanWindows(ctx, 0, c.v.Size()/c.v.BlockSize(), fn, nil)
 }
 
-// scanWindows is scan with after called, off the map goroutine, after each
-// window. It stops between windows when ctx ends or after fails.
-func (c *Collector) scanWindows(ctx context.Context, fn func(extentmap.Extent, uint64), after func() error) error {
-	blocks := c.v.Size() / c.v.BlockSize()
-	for from := int64(0); from < blocks; from += c.o.Step {
+// scanWindows calls fn for every written extent of blocks [from, to), in
+// block order, one Step-block window per low-priority map request, and
+// after, off the map goroutine, after each window. It stops between
+// windows when ctx ends or after fails.
+func (c *Collector) scanWindows(ctx context.Context, from, to int64, fn func(extentmap.Extent, uint64), after func() error) error {
+	for ; from < to; from += c.o.Step {
 		if err := ctx.Err(); err != nil {
 			return err
 		}
+		n := min(c.o.Step, to-from)
 		err := c.v.Maps().Do(ctx, mapproxy.Low, func(m *extentmap.Map) {
-			m.Scan(from, c.o.Step, func(e extentmap.Extent, seq uint64) bool {
+			m.Scan(from, n, func(e extentmap.Extent, seq uint64) bool {
 				fn(e, seq)
 				return true
 			})
 		})
 		if err != nil {
-			return fmt.Errorf("scan blocks %d+%d: %w", from, c.o.Step, err)
+			return fmt.Errorf("scan blocks %d+%d: %w", from, n, err)
 		}
 		if after != nil {
 			if err := after(); err != nil {
@@ -232,8 +248,8 @@ func (c *Collector) scanWindows(ctx context.Context, fn func(extentmap.Extent, u
 	return nil
 }
 
-// copier packs pieces into chunks and commits them, pipelineDepth chunks
-// at a time.
+// copier packs pieces into chunks and commits them batchChunks chunks at
+// a time, pipelineDepth batches at once.
 type copier struct {
 	c           *Collector
 	ctx         context.Context
@@ -241,11 +257,13 @@ type copier struct {
 	bs          int64
 	maxItems    int
 	chunkBlocks int64
+	batchChunks int
 
-	cur       []piece // the chunk being filled
-	curBlocks int64   // data blocks in cur
+	cur       []piece   // the chunk being filled
+	curBlocks int64     // data blocks in cur
+	batch     [][]piece // full chunks waiting for the batch to fill
 
-	free chan []byte // chunk buffers not in use
+	free chan [][]byte // chunk buffers of a batch not in use
 	gets chan struct{}
 	wg   sync.WaitGroup
 
@@ -264,7 +282,8 @@ func newCopier(c *Collector, ctx context.Context) *copier {
 		bs:          l.BlockSize,
 		maxItems:    int(l.MaxItems()),
 		chunkBlocks: l.ChunkSize / l.BlockSize,
-		free:        make(chan []byte, pipelineDepth),
+		batchChunks: int(max(1, batchBytes/l.ChunkSize)),
+		free:        make(chan [][]byte, pipelineDepth),
 		gets:        make(chan struct{}, c.gets),
 	}
 	for range pipelineDepth {
@@ -291,7 +310,7 @@ func (r *copier) failed() error {
 func (r *copier) add(p piece) {
 	if p.zero {
 		if len(r.cur) >= r.maxItems {
-			r.flush()
+			r.next()
 		}
 		r.cur = append(r.cur, p)
 		return
@@ -299,7 +318,7 @@ func (r *copier) add(p piece) {
 	for p.n > 0 {
 		room := r.chunkBlocks - r.curBlocks
 		if room == 0 || len(r.cur) >= r.maxItems {
-			r.flush()
+			r.next()
 			continue
 		}
 		q := p
@@ -312,29 +331,49 @@ func (r *copier) add(p piece) {
 	}
 }
 
-// flush hands the open chunk to a pipeline slot; it waits while all slots
-// are busy.
-func (r *copier) flush() {
-	pieces := r.cur
+// next closes the open chunk into the batch, and hands the batch on once
+// it is full.
+func (r *copier) next() {
+	if len(r.cur) > 0 {
+		r.batch = append(r.batch, r.cur)
+	}
 	r.cur, r.curBlocks = nil, 0
-	if len(pieces) == 0 || r.failed() != nil {
+	if len(r.batch) >= r.batchChunks {
+		r.flushBatch()
+	}
+}
+
+// flush hands the open chunk and the batch to a pipeline slot; it waits
+// while all slots are busy.
+func (r *copier) flush() {
+	if len(r.cur) > 0 {
+		r.batch = append(r.batch, r.cur)
+	}
+	r.cur, r.curBlocks = nil, 0
+	r.flushBatch()
+}
+
+func (r *copier) flushBatch() {
+	chunks := r.batch
+	r.batch = nil
+	if len(chunks) == 0 || r.failed() != nil {
 		return
 	}
-	var buf []byte
+	var bufs [][]byte
 	select {
-	case buf = <-r.free:
+	case bufs = <-r.free:
 	case <-r.ctx.Done():
 		r.fail(r.ctx.Err())
 		return
 	}
-	if buf == nil {
-		buf = make([]byte, r.layout.BufferSize())
+	for len(bufs) < len(chunks) {
+		bufs = append(bufs, make([]byte, r.layout.BufferSize()))
 	}
 	r.wg.Add(1)
 	go func() {
 		defer r.wg.Done()
-		defer func() { r.free <- buf }()
-		if err := r.commit(pieces, buf); err != nil {
+		defer func() { r.free <- bufs }()
+		if err := r.commit(chunks, bufs); err != nil {
 			r.fail(err)
 		}
 	}()
@@ -346,40 +385,60 @@ func (r *copier) wait() error {
 	return r.failed()
 }
 
-// commit reads the data of pieces into buf where the builder will place
-// it, builds the chunk and commits it under a new key with the original
-// seqnos.
-func (r *copier) commit(pieces []piece, buf []byte) error {
+// commit reads the data of a batch of chunks into bufs (chunk i into
+// bufs[i]) where the builder will place it, builds the chunks and commits
+// them under new keys, in order, with the original seqnos.
+func (r *copier) commit(chunks [][]piece, bufs [][]byte) error {
 	c := r.c
 	v := c.v
 	md := r.layout.MetadataSize()
-	// Ranged GETs. Data pieces are placed in order from md; a piece that
-	// continues the previous one in the same object, or follows it within
-	// the gap allowance, extends its GET. A GET without gaps lands
-	// straight in the data area, one with gaps in a staging buffer.
-	type part struct{ src, dst, n int64 } // src: offset in the GET
+	// Ranged GETs. Data pieces are placed in chunk (block) order from md
+	// of their chunk's buffer; the GETs of the whole batch go in source
+	// order: sorted by object and offset, a piece that continues the
+	// previous one in the same object, or follows it within the gap
+	// allowance, extends its GET. Reading a batch of chunks at once, not
+	// one, lets one GET serve the pieces of an object that block order
+	// spreads over several chunks. A GET whose pieces land back to back in
+	// the same order in one buffer goes straight there, any other into a
+	// staging buffer that is then scattered.
+	type part struct {
+		src, dst, n int64 // src: offset in the object, then in the GET
+		buf         int
+	}
 	type get struct {
 		key, objOff, n int64
 		parts          []part
 	}
-	var gets []*get
-	dst := md
-	for _, p := range pieces {
-		if p.zero {
-			continue
+	type source struct {
+		key int64
+		part
+	}
+	var srcs []source
+	for i, pieces := range chunks {
+		dst := md
+		for _, p := range pieces {
+			if p.zero {
+				continue
+			}
+			n := p.n * r.bs
+			srcs = append(srcs, source{key: p.key, part: part{src: md + p.off*r.bs, dst: dst, n: n, buf: i}})
+			dst += n
 		}
-		objOff, n := md+p.off*r.bs, p.n*r.bs
-		if k := len(gets) - 1; k >= 0 && gets[k].key == p.key {
+	}
+	slices.SortFunc(srcs, func(a, b source) int {
+		return cmp.Or(cmp.Compare(a.key, b.key), cmp.Compare(a.src, b.src))
+	})
+	var gets []*get
+	for _, s := range srcs {
+		if k := len(gets) - 1; k >= 0 && gets[k].key == s.key {
 			g := gets[k]
-			if end := g.objOff + g.n; objOff >= end && objOff-end <= c.gap {
-				g.parts = append(g.parts, part{src: objOff - g.objOff, dst: dst, n: n})
-				g.n = objOff + n - g.objOff
-				dst += n
+			if end := g.objOff + g.n; s.src >= end && s.src-end <= c.gap {
+				g.parts = append(g.parts, part{src: s.src - g.objOff, dst: s.dst, n: s.n, buf: s.buf})
+				g.n = s.src + s.n - g.objOff
 				continue
 			}
 		}
-		gets = append(gets, &get{key: p.key, objOff: objOff, n: n, parts: []part{{0, dst, n}}})
-		dst += n
+		gets = append(gets, &get{key: s.key, objOff: s.src, n: s.n, parts: []part{{0, s.dst, s.n, s.buf}}})
 	}
 	g, gctx := errgroup.WithContext(r.ctx)
 	for _, gt := range gets {
@@ -395,13 +454,18 @@ func (r *copier) commit(pieces []piece, buf []byte) error {
 		g.Go(func() error {
 			defer func() { <-r.gets }()
 			first := gt.parts[0]
+			// Direct only without gaps, into one buffer: the bytes of
+			// a gap would land on whatever piece the chunk places there.
 			direct := true
+			sum := int64(0)
 			for _, pt := range gt.parts {
-				direct = direct && pt.dst-first.dst == pt.src
+				direct = direct && pt.buf == first.buf && pt.dst-first.dst == pt.src
+				sum += pt.n
 			}
+			direct = direct && sum == gt.n
 			var into []byte
 			if direct {
-				into = buf[first.dst : first.dst+gt.n]
+				into = bufs[first.buf][first.dst : first.dst+gt.n]
 			} else {
 				into = make([]byte, gt.n)
 			}
@@ -415,7 +479,7 @@ func (r *copier) commit(pieces []piece, buf []byte) error {
 			}
 			if !direct {
 				for _, pt := range gt.parts {
-					copy(buf[pt.dst:pt.dst+pt.n], into[pt.src:pt.src+pt.n])
+					copy(bufs[pt.buf][pt.dst:pt.dst+pt.n], into[pt.src:pt.src+pt.n])
 				}
 			}
 			return nil
@@ -431,32 +495,46 @@ func (r *copier) commit(pieces []piece, buf []byte) error {
 	}
 
 	spb := uint64(r.bs / chunk.SectorSize)
-	b := chunk.NewBuilder(r.layout, buf)
-	dst = md
-	for _, p := range pieces {
-		it := chunk.Item{Sector: uint64(p.block) * spb, Length: uint64(p.n) * spb, Seqno: p.seq, Flag: chunk.OpWrite}
-		if p.zero {
-			it.Flag = chunk.OpDiscard
-			b.Add(it, nil)
-			continue
+	builders := make([]*chunk.Builder, len(chunks))
+	for i, pieces := range chunks {
+		buf := bufs[i]
+		b := chunk.NewBuilder(r.layout, buf)
+		dst := md
+		for _, p := range pieces {
+			it := chunk.Item{Sector: uint64(p.block) * spb, Length: uint64(p.n) * spb, Seqno: p.seq, Flag: chunk.OpWrite}
+			if p.zero {
+				it.Flag = chunk.OpDiscard
+				b.Add(it, nil)
+				continue
+			}
+			n := p.n * r.bs
+			// The data is already where Add puts it; the copy moves nothing.
+			if got := b.Add(it, buf[dst:dst+n]); got != dst {
+				return fmt.Errorf("chunk builder placed data at %d, read at %d", got, dst)
+			}
+			dst += n
 		}
-		n := p.n * r.bs
-		// The data is already where Add puts it; the copy moves nothing.
-		if got := b.Add(it, buf[dst:dst+n]); got != dst {
-			return fmt.Errorf("chunk builder placed data at %d, read at %d", got, dst)
-		}
-		dst += n
+		b.Seal()
+		builders[i] = b
 	}
-	body := b.Seal()
-	// The key is taken last, when the chunk is complete: until it is
-	// applied, no later key can be, so it must not wait for reads.
-	key := v.NextKey()
-	c.callHook("key")
-	// Once the key is taken, the volume cannot apply later keys without
-	// it: commit even if the run is being cancelled.
-	if err := v.CommitCopies(context.WithoutCancel(r.ctx), key, buf, b.Items()); err != nil {
-		return fmt.Errorf("commit copies as key %d: %w", key, err)
+	// The keys are taken last, when the chunks are complete, in block
+	// order: until one is applied, no later key can be, so none may wait
+	// for reads. Once a key is taken, the volume cannot apply later keys
+	// without it: its chunk is committed even if the run is being
+	// cancelled.
+	cg := errgroup.Group{}
+	for i, b := range builders {
+		key := v.NextKey()
+		c.callHook("key")
+		buf := bufs[i]
+		cg.Go(func() error {
+			body := b.Seal()
+			if err := v.CommitCopies(context.WithoutCancel(r.ctx), key, buf, b.Items()); err != nil {
+				return fmt.Errorf("commit copies as key %d: %w", key, err)
+			}
+			r.bytesWritten.Add(int64(len(body)))
+			return nil
+		})
 	}
-	r.bytesWritten.Add(int64(len(body)))
-	return nil
+	return cg.Wait()
 }

@@ -123,12 +123,17 @@ func TestUserWritesWinDuringCompaction(t *testing.T) {
 	for _, seed := range []uint64{1, 2, 3} {
 		t.Run(fmt.Sprint("seed", seed), func(t *testing.T) {
 			st := srv.Store(t, srv.Bucket(t))
-			userWritesWin(t, st, seed)
+			userWritesWin(t, st, seed, (*Collector).Threshold)
 		})
 	}
 }
 
-func userWritesWin(t *testing.T, raw store.Store, seed uint64) {
+// runFunc is a compaction run: threshold GC, or a defragmentation.
+type runFunc func(*Collector, context.Context) (Stats, error)
+
+// userWritesWin runs run while writers overwrite the working set it is
+// copying, then checks the writers won.
+func userWritesWin(t *testing.T, raw store.Store, seed uint64, run runFunc) {
 	ctx := context.Background()
 	fs := faulty.New(raw)
 	const (
@@ -157,7 +162,7 @@ func userWritesWin(t *testing.T, raw store.Store, seed uint64) {
 	var running atomic.Bool
 	running.Store(true)
 	go func() {
-		s, err := c.Threshold(ctx)
+		s, err := run(c, ctx)
 		running.Store(false)
 		res <- result{s, err}
 	}()
@@ -200,10 +205,10 @@ func userWritesWin(t *testing.T, raw store.Store, seed uint64) {
 	r := <-res
 	remove()
 	if r.err != nil {
-		t.Fatalf("threshold GC: %v", r.err)
+		t.Fatalf("run: %v", r.err)
 	}
 	if r.s.Compacted == 0 || r.s.BytesWritten == 0 {
-		t.Fatalf("threshold GC compacted nothing: %s", describe(r.s))
+		t.Fatalf("the run compacted nothing: %s", describe(r.s))
 	}
 	if during.Load() == 0 {
 		t.Fatalf("no user write landed during the run")
@@ -223,6 +228,10 @@ func userWritesWin(t *testing.T, raw store.Store, seed uint64) {
 // first), and after GC took its key (the user's chunk gets a higher key
 // and waits for the copy to apply). Both times the user must win.
 func TestCopyLosesToWritesAroundCommit(t *testing.T) {
+	copyLosesAroundCommit(t, (*Collector).Threshold)
+}
+
+func copyLosesAroundCommit(t *testing.T, run runFunc) {
 	for _, stage := range []string{"read", "key"} {
 		t.Run(stage, func(t *testing.T) {
 			ctx := context.Background()
@@ -269,9 +278,9 @@ func TestCopyLosesToWritesAroundCommit(t *testing.T) {
 					}
 				})
 			}
-			s, err := c.Threshold(ctx)
+			s, err := run(c, ctx)
 			if err != nil {
-				t.Fatalf("threshold GC: %v", err)
+				t.Fatalf("run: %v", err)
 			}
 			if !hooked || s.Compacted == 0 {
 				t.Fatalf("the copy never reached stage %q: %s", stage, describe(s))
