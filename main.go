@@ -21,6 +21,7 @@ import (
 
 	"github.com/rs/zerolog"
 
+	"github.com/bs3/bs3/internal/cache"
 	"github.com/bs3/bs3/internal/chunker"
 	"github.com/bs3/bs3/internal/config"
 	"github.com/bs3/bs3/internal/frontend"
@@ -166,7 +167,7 @@ func serve(cfg config.Config, shrink bool, log zerolog.Logger) error {
 	}
 
 	signals := make(chan os.Signal, 4)
-	signal.Notify(signals, syscall.SIGINT, syscall.SIGTERM, syscall.SIGUSR1)
+	signal.Notify(signals, syscall.SIGINT, syscall.SIGTERM, syscall.SIGUSR1, syscall.SIGUSR2)
 	defer signal.Stop(signals)
 
 	// ctx is the start-up's context; cancelled by a stop signal during
@@ -218,8 +219,8 @@ func (d *daemon) startOrSignal(ctx context.Context, cancel context.CancelFunc, s
 			return stopSig, fmt.Errorf("start-up did not stop within %v: %w", d.cfg.ShutdownTimeoutDuration(), errAborted)
 		case sig := <-signals:
 			switch {
-			case sig == syscall.SIGUSR1:
-				d.log.Warn().Msg("SIGUSR1 during start-up: ignored")
+			case sig == syscall.SIGUSR1 || sig == syscall.SIGUSR2:
+				d.log.Warn().Str("signal", sig.String()).Msg("GC signal during start-up: ignored")
 			case stopSig != nil:
 				d.log.Error().Str("signal", sig.String()).Msg("second signal during start-up: exiting at once, without a clean stop")
 				return stopSig, errAborted
@@ -260,6 +261,19 @@ func (d *daemon) start(ctx context.Context, shrink bool) error {
 		})
 		d.onStop("object proxy", func(context.Context) error { objs.Close(); return nil })
 		buffers := int(cfg.WriteBufferBytes() / cfg.ChunkBytes() * int64(cfg.ThreadCount()))
+		var rc *cache.Cache
+		if cfg.CacheMemoryBytes() > 0 {
+			if rc, err = cache.New(cache.Options{
+				MemoryBytes: cfg.CacheMemoryBytes(),
+				Window:      cfg.CacheFetchBytes(),
+				Dir:         cfg.Cache.Dir,
+				DiskBytes:   cfg.CacheDiskBytes(),
+				Logger:      log.With().Str("component", "cache").Logger(),
+			}); err != nil {
+				return fmt.Errorf("read cache: %w", err)
+			}
+			d.onStop("read cache", func(context.Context) error { rc.Close(); return nil })
+		}
 		vol, err := volume.Open(ctx, objs, volume.Options{
 			Size:               cfg.SizeBytes(),
 			BlockSize:          int64(cfg.BlockSize),
@@ -272,6 +286,7 @@ func (d *daemon) start(ctx context.Context, shrink bool) error {
 			MaxInflight:        int64(buffers),
 			MapIdleTimeout:     cfg.GCIdleTimeout(),
 			LeaseInterval:      leaseInterval,
+			Cache:              rc,
 			Logger:             log,
 		})
 		if err != nil {
@@ -380,8 +395,9 @@ func (d *daemon) watchEnd(name string, ended <-chan error) {
 	}()
 }
 
-// wait serves SIGUSR1 until SIGINT/SIGTERM (nil) or until the frontend
-// ends by itself (an error naming it).
+// wait serves SIGUSR1 (threshold GC) and SIGUSR2 (defragmentation of
+// gc.defrag_range) until SIGINT/SIGTERM (nil) or until the frontend ends
+// by itself (an error naming it).
 func (d *daemon) wait(signals <-chan os.Signal) error {
 	for {
 		select {
@@ -393,6 +409,18 @@ func (d *daemon) wait(signals <-chan os.Signal) error {
 				}
 				if d.collector.Trigger() {
 					d.log.Info().Msg("SIGUSR1: threshold GC started")
+				}
+				continue
+			}
+			if sig == syscall.SIGUSR2 {
+				if d.collector == nil {
+					d.log.Warn().Msg("SIGUSR2: no defragmentation with the null backend")
+					continue
+				}
+				// Validate checked the range.
+				off, n, _ := d.cfg.GCDefragRange()
+				if d.collector.TriggerDefrag(gc.Range{Offset: off, Length: n}) {
+					d.log.Info().Int64("offset", off).Int64("length", n).Msg("SIGUSR2: defragmentation started")
 				}
 				continue
 			}
@@ -422,8 +450,8 @@ func (d *daemon) stop(signals <-chan os.Signal) error {
 		case err := <-done:
 			return err
 		case sig := <-signals:
-			if sig == syscall.SIGUSR1 {
-				d.log.Warn().Msg("SIGUSR1 while stopping: ignored")
+			if sig == syscall.SIGUSR1 || sig == syscall.SIGUSR2 {
+				d.log.Warn().Str("signal", sig.String()).Msg("GC signal while stopping: ignored")
 				continue
 			}
 			d.log.Error().Str("signal", sig.String()).Msg("second signal: giving up the stop at once")

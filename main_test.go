@@ -79,8 +79,8 @@ func (w *logWatcher) waitFor(t *testing.T, substr string, timeout time.Duration)
 }
 
 // The daemon's signal handling, end to end: SIGUSR1 starts a threshold GC
-// run in the running process, SIGTERM stops it cleanly (exit 0, a final
-// checkpoint written).
+// run in the running process, SIGUSR2 a defragmentation of gc.defrag_range,
+// SIGTERM stops it cleanly (exit 0, a final checkpoint written).
 func TestSignals(t *testing.T) {
 	bin := buildDaemon(t)
 	dir := t.TempDir()
@@ -93,7 +93,8 @@ func TestSignals(t *testing.T) {
 	cmd := exec.Command(bin, "-c", "")
 	cmd.Env = append(os.Environ(),
 		"BS3_STORE=dir", "BS3_DIR_PATH="+filepath.Join(dir, "objects"),
-		"BS3_FRONTEND=nbd", "BS3_NBD_LISTEN="+addr, "BS3_SIZE=1", "BS3_LOG_LEVEL=debug")
+		"BS3_FRONTEND=nbd", "BS3_NBD_LISTEN="+addr, "BS3_SIZE=1", "BS3_LOG_LEVEL=debug",
+		"BS3_GC_DEFRAG_RANGE=4K-1M")
 	stderr, err := cmd.StderrPipe()
 	if err != nil {
 		t.Fatal(err)
@@ -110,6 +111,13 @@ func TestSignals(t *testing.T) {
 	}
 	logs.waitFor(t, "threshold GC run started", 10*time.Second)
 	logs.waitFor(t, `"message":"threshold GC run"`, 30*time.Second)
+
+	if err := cmd.Process.Signal(syscall.SIGUSR2); err != nil {
+		t.Fatal(err)
+	}
+	logs.waitFor(t, "SIGUSR2: defragmentation started", 10*time.Second)
+	logs.waitFor(t, `"offset":4096,"length":1044480,"from_block":1,"to_block":256`, 10*time.Second)
+	logs.waitFor(t, `"message":"defragmentation run"`, 30*time.Second)
 
 	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)

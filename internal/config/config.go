@@ -29,6 +29,7 @@ import (
 	"os"
 	"reflect"
 	"runtime"
+	"strconv"
 	"strings"
 	"time"
 
@@ -97,6 +98,7 @@ type Config struct {
 	NBD        NBDConfig        `toml:"nbd" env-prefix:"BS3_NBD_"`
 	FUSE       FUSEConfig       `toml:"fuse" env-prefix:"BS3_FUSE_"`
 	Dir        DirConfig        `toml:"dir" env-prefix:"BS3_DIR_"`
+	Cache      CacheConfig      `toml:"cache" env-prefix:"BS3_CACHE_"`
 }
 
 // S3Config is the [s3] section.
@@ -131,6 +133,7 @@ type GCConfig struct {
 	LiveData    float64 `toml:"live_data" env:"LIVE_DATA" env-description:"threshold GC compacts objects whose live fraction is below this, in (0,1)"`
 	IdleTimeout int     `toml:"idle_timeout" env:"IDLE_TIMEOUT" env-description:"ms low-priority work waits for an idle moment before it runs anyway"`
 	Wait        int     `toml:"wait" env:"WAIT" env-description:"seconds between dead-GC passes"`
+	DefragRange string  `toml:"defrag_range" env:"DEFRAG_RANGE" env-description:"byte range START-END (end excluded; K, M, G, T suffixes: KiB…TiB) that SIGUSR2 defragments; empty = the whole device"`
 }
 
 // LogConfig is the [log] section.
@@ -174,6 +177,23 @@ type DirConfig struct {
 	Path string `toml:"path" env:"PATH" env-description:"directory holding the objects when store = \"dir\""`
 }
 
+// CacheConfig is the [cache] section: the read cache.
+type CacheConfig struct {
+	MemorySize int    `toml:"memory_size" env:"MEMORY_SIZE" env-description:"read cache in memory, MiB (recently written and read data); 0 = off"`
+	FetchSize  int    `toml:"fetch_size" env:"FETCH_SIZE" env-description:"KiB a read fetches and caches around a miss (aligned inside the object); a power of two from 4 to 4096"`
+	Dir        string `toml:"dir" env:"DIR" env-description:"directory of the read cache on local disk (survives restarts; every 4 KiB block checked with CRC32C); empty = memory only"`
+	DiskSize   int    `toml:"disk_size" env:"DISK_SIZE" env-description:"GiB the read cache may use under dir"`
+}
+
+// CacheMemoryBytes is cache.memory_size in bytes.
+func (c Config) CacheMemoryBytes() int64 { return int64(c.Cache.MemorySize) * mib }
+
+// CacheFetchBytes is cache.fetch_size in bytes.
+func (c Config) CacheFetchBytes() int64 { return int64(c.Cache.FetchSize) << 10 }
+
+// CacheDiskBytes is cache.disk_size in bytes.
+func (c Config) CacheDiskBytes() int64 { return int64(c.Cache.DiskSize) * gib }
+
 // Default returns the configuration with every key at its default. The
 // bucket is empty, so with store = "s3" it does not validate by itself.
 func Default() Config {
@@ -204,6 +224,7 @@ func Default() Config {
 		NBD:        NBDConfig{Listen: "127.0.0.1:10809", Export: "bs3", HandshakeTimeout: 10, MaxConnections: 16, MaxBuffered: 256},
 		FUSE:       FUSEConfig{Mountpoint: "/run/bs3/fuse", Loop: true},
 		Dir:        DirConfig{Path: "/var/lib/bs3/objects"},
+		Cache:      CacheConfig{MemorySize: 256, FetchSize: 256, DiskSize: 10},
 	}
 }
 
@@ -400,10 +421,26 @@ func (c Config) Validate() error {
 	atLeast("gc.step", c.GC.Step, 1, " (blocks)")
 	atLeast("gc.wait", int64(c.GC.Wait), 1, " (s)")
 	atLeast("gc.idle_timeout", int64(c.GC.IdleTimeout), 0, " (ms)")
+	if off, n, err := c.GCDefragRange(); err != nil {
+		bad("gc.defrag_range", c.GC.DefragRange, "%v", err)
+	} else if n > 0 && off >= c.SizeBytes() {
+		bad("gc.defrag_range", c.GC.DefragRange, "starts at or past the end of the %d-byte device", c.SizeBytes())
+	}
 	atLeast("checkpoint.interval", int64(c.Checkpoint.Interval), 1, " (s)")
 	atLeast("checkpoint.objects", int64(c.Checkpoint.Objects), 1, "")
 
 	oneOf("log.level", c.Log.Level, logLevels)
+
+	atLeast("cache.memory_size", int64(c.Cache.MemorySize), 0, " (MiB; 0 = off)")
+	if f := c.Cache.FetchSize; f < 4 || f > 4096 || bits.OnesCount(uint(f)) != 1 {
+		bad("cache.fetch_size", f, "must be a power of two from 4 to 4096 (KiB)")
+	}
+	if c.Cache.Dir != "" {
+		if c.Cache.MemorySize == 0 {
+			bad("cache.dir", c.Cache.Dir, "needs cache.memory_size > 0 (the disk cache sits behind the memory cache)")
+		}
+		atLeast("cache.disk_size", int64(c.Cache.DiskSize), 1, " (GiB)")
+	}
 
 	// Frontends.
 	if c.Frontend == FrontendNBD {
@@ -485,6 +522,61 @@ func (c Config) GCIdleTimeout() time.Duration {
 
 // GCWait is the period of dead GC.
 func (c Config) GCWait() time.Duration { return time.Duration(c.GC.Wait) * time.Second }
+
+// GCDefragRange is gc.defrag_range as an offset and a length in bytes;
+// length 0 (an empty range) means the whole device.
+func (c Config) GCDefragRange() (offset, length int64, err error) {
+	s := strings.TrimSpace(c.GC.DefragRange)
+	if s == "" {
+		return 0, 0, nil
+	}
+	a, b, ok := strings.Cut(s, "-")
+	if !ok {
+		return 0, 0, errors.New("must be START-END in bytes (e.g. 0-1G), or empty for the whole device")
+	}
+	start, err := parseBytes(a)
+	if err != nil {
+		return 0, 0, fmt.Errorf("start: %w", err)
+	}
+	end, err := parseBytes(b)
+	if err != nil {
+		return 0, 0, fmt.Errorf("end: %w", err)
+	}
+	if end <= start {
+		return 0, 0, fmt.Errorf("end %d is not after start %d", end, start)
+	}
+	return start, end - start, nil
+}
+
+// parseBytes parses a byte count with an optional K, M, G or T suffix
+// (powers of 1024).
+func parseBytes(s string) (int64, error) {
+	s = strings.TrimSpace(s)
+	shift := 0
+	if n := len(s); n > 0 {
+		switch s[n-1] {
+		case 'K', 'k':
+			shift = 10
+		case 'M', 'm':
+			shift = 20
+		case 'G', 'g':
+			shift = 30
+		case 'T', 't':
+			shift = 40
+		}
+		if shift > 0 {
+			s = s[:n-1]
+		}
+	}
+	v, err := strconv.ParseInt(s, 10, 64)
+	if err != nil || v < 0 {
+		return 0, fmt.Errorf("%q is not a byte count", s)
+	}
+	if v > (1<<62)>>shift {
+		return 0, fmt.Errorf("%q is too large", s)
+	}
+	return v << shift, nil
+}
 
 // ShutdownTimeoutDuration bounds the whole stop sequence.
 func (c Config) ShutdownTimeoutDuration() time.Duration {

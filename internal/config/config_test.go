@@ -122,6 +122,7 @@ func TestDefaultsForMinimalFile(t *testing.T) {
 		{"gc.live_data", c.GC.LiveData, 0.3},
 		{"gc.idle_timeout", c.GC.IdleTimeout, 200},
 		{"gc.wait", c.GC.Wait, 600},
+		{"gc.defrag_range", c.GC.DefragRange, ""},
 		{"log.level", c.Log.Level, "info"},
 		{"log.pretty", c.Log.Pretty, false},
 		{"checkpoint.interval", c.Checkpoint.Interval, 300},
@@ -134,6 +135,10 @@ func TestDefaultsForMinimalFile(t *testing.T) {
 		{"fuse.mountpoint", c.FUSE.Mountpoint, "/run/bs3/fuse"},
 		{"fuse.loop", c.FUSE.Loop, true},
 		{"dir.path", c.Dir.Path, "/var/lib/bs3/objects"},
+		{"cache.memory_size", c.Cache.MemorySize, 256},
+		{"cache.fetch_size", c.Cache.FetchSize, 256},
+		{"cache.dir", c.Cache.Dir, ""},
+		{"cache.disk_size", c.Cache.DiskSize, 10},
 	}
 	for _, ck := range checks {
 		if ck.got != ck.want {
@@ -332,6 +337,11 @@ func TestValidateRefusals(t *testing.T) {
 		{"live data above", func(c *Config) { c.GC.LiveData = 1.5 }, "gc.live_data", "1.5", ""},
 		{"gc step", func(c *Config) { c.GC.Step = 0 }, "gc.step", "0", ""},
 		{"gc wait", func(c *Config) { c.GC.Wait = 0 }, "gc.wait", "0", ""},
+		{"cache fetch not a power of two", func(c *Config) { c.Cache.FetchSize = 12 }, "cache.fetch_size", "12", ""},
+		{"cache fetch too large", func(c *Config) { c.Cache.FetchSize = 8192 }, "cache.fetch_size", "8192", ""},
+		{"cache memory negative", func(c *Config) { c.Cache.MemorySize = -1 }, "cache.memory_size", "-1", ""},
+		{"cache dir without memory", func(c *Config) { c.Cache.Dir = "/x"; c.Cache.MemorySize = 0 }, "cache.dir", `"/x"`, ""},
+		{"cache disk size zero", func(c *Config) { c.Cache.Dir = "/x"; c.Cache.DiskSize = 0 }, "cache.disk_size", "0", ""},
 		{"gc idle timeout", func(c *Config) { c.GC.IdleTimeout = -5 }, "gc.idle_timeout", "-5", ""},
 		{"checkpoint interval", func(c *Config) { c.Checkpoint.Interval = 0 }, "checkpoint.interval", "0", ""},
 		{"checkpoint objects", func(c *Config) { c.Checkpoint.Objects = -2 }, "checkpoint.objects", "-2", ""},
@@ -432,9 +442,9 @@ sise = 8
 [s3]
 bucket = "b"
 bukcet = "c"
-[cache]
+[cachex]
 size = 1
-[cache.disk]
+[cachex.disk]
 path = "/x"
 `)
 	_, err := Load(p)
@@ -442,13 +452,13 @@ path = "/x"
 		t.Fatal("accepted unknown keys")
 	}
 	msg := err.Error()
-	for _, want := range []string{p, "sise", "s3.bukcet", "cache", "bs3 -h"} {
+	for _, want := range []string{p, "sise", "s3.bukcet", "cachex", "bs3 -h"} {
 		if !strings.Contains(msg, want) {
 			t.Errorf("error does not contain %q: %v", want, msg)
 		}
 	}
 	// The unknown table is named once, not with each of its keys.
-	if strings.Contains(msg, "cache.size") || strings.Contains(msg, "cache.disk") {
+	if strings.Contains(msg, "cachex.size") || strings.Contains(msg, "cachex.disk") {
 		t.Errorf("children of an unknown table listed: %v", msg)
 	}
 }

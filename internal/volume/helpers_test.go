@@ -11,6 +11,7 @@ import (
 
 	"github.com/rs/zerolog"
 
+	"github.com/bs3/bs3/internal/cache"
 	"github.com/bs3/bs3/internal/objproxy"
 	"github.com/bs3/bs3/internal/store"
 )
@@ -125,8 +126,18 @@ func testOptions(size, bs int64) Options {
 		CheckpointObjects:  1 << 30,
 		MaxInflight:        64,
 		MapIdleTimeout:     50 * time.Millisecond,
+		Cache:              newTestCache(64<<20, 256<<10),
 		Logger:             zerolog.Nop(),
 	}
+}
+
+// newTestCache is a read cache for tests: on by default, as in production.
+func newTestCache(mem, window int64) *cache.Cache {
+	c, err := cache.New(cache.Options{MemoryBytes: mem, Window: window, Logger: zerolog.Nop()})
+	if err != nil {
+		panic(err) // constant arguments: a bug in the test
+	}
+	return c
 }
 
 func newProxy(st store.Store) *objproxy.Proxy {

@@ -2,9 +2,13 @@ package volume
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"sort"
 	"sync"
+	"time"
 
+	"github.com/bs3/bs3/internal/cache"
 	"github.com/bs3/bs3/internal/extentmap"
 	"github.com/bs3/bs3/internal/mapproxy"
 	"github.com/bs3/bs3/internal/objproxy"
@@ -15,24 +19,44 @@ import (
 // fetched by several downloaders at once.
 const maxReadPiece = 1 << 20
 
+// coalesceGap is the largest hole between two ranges of one object that a
+// read fetches through, in one GET, instead of issuing two: on S3 a GET's
+// latency costs far more than 256 KiB of transfer. It is the gap threshold
+// GC measured for its own reads (docs/ARCHITECTURE.md §7.2).
+const coalesceGap = 256 << 10
+
+// readPiece is a run of mapped blocks: off is the offset in the object's
+// data area, buf the part of the caller's buffer it fills.
+type readPiece struct {
+	key    int64
+	off    int64
+	length int64
+	buf    []byte
+}
+
+// fetchRun is one GET: [start, end) of one object's data area. direct,
+// when set, is the caller's buffer the bytes go to without a copy (cache
+// off and the run is exactly one piece).
+type fetchRun struct {
+	key        int64
+	start, end int64
+	direct     []byte
+}
+
 // Read fills buf with n blocks starting at block: unmapped and discarded
-// blocks read as zeros, mapped ones are fetched with ranged GETs straight
-// into buf, concurrently.
+// blocks read as zeros; mapped ones come from the read cache or from
+// ranged GETs, concurrently across objects (docs/ARCHITECTURE.md §1, read
+// path). The ranges of one object are coalesced: with the cache, missing
+// aligned windows are fetched whole and kept; without it, the pieces
+// themselves, read through gaps below coalesceGap.
 func (v *Volume) Read(ctx context.Context, block, n int64, buf []byte) error {
 	bs := v.o.BlockSize
 	if block < 0 || n < 0 || (block+n)*bs > v.sb.Size || int64(len(buf)) < n*bs {
 		return fmt.Errorf("read of %d blocks at block %d: outside the %d-byte device or buffer too small", n, block, v.sb.Size)
 	}
-	type piece struct {
-		key      int64
-		objOff   int64
-		bufStart int64
-		length   int64
-	}
-	var pieces []piece
+	var pieces []readPiece
 	var pinned []int64
 	defer func() { v.unpin(pinned) }()
-	md := v.layout.MetadataSize()
 	err := v.maps.Do(ctx, mapproxy.High, func(m *extentmap.Map) {
 		// Pinned on the map owner goroutine: dead GC decides there too,
 		// so an object found here cannot be collected before unpin.
@@ -43,52 +67,220 @@ func (v *Volume) Read(ctx context.Context, block, n int64, buf []byte) error {
 				clear(buf[start : start+length])
 				return
 			}
-			objOff := md + e.Off*bs
 			if k := len(pinned); k == 0 || pinned[k-1] != e.Key {
 				pinned = append(pinned, e.Key)
 				v.pin(e.Key)
 			}
-			for length > 0 {
-				l := min(length, maxReadPiece)
-				pieces = append(pieces, piece{e.Key, objOff, start, l})
-				objOff += l
-				start += l
-				length -= l
-			}
+			pieces = append(pieces, readPiece{key: e.Key, off: e.Off * bs, length: length, buf: buf[start : start+length]})
 		})
 	})
 	if err != nil {
 		return fmt.Errorf("look up blocks %d+%d: %w", block, n, err)
 	}
-	if len(pieces) == 1 {
-		p := pieces[0]
-		return v.readPiece(ctx, p.key, p.objOff, buf[p.bufStart:p.bufStart+p.length])
+	if len(pieces) == 0 {
+		v.observeRead(block, n)
+		return nil
 	}
-	var wg sync.WaitGroup
-	errs := make([]error, len(pieces))
-	for i, p := range pieces {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			errs[i] = v.readPiece(ctx, p.key, p.objOff, buf[p.bufStart:p.bufStart+p.length])
-		}()
+	// Group by object, in the order objects first appear.
+	byKey := make(map[int64][]readPiece)
+	var keys []int64
+	var total int64
+	for _, p := range pieces {
+		if _, ok := byKey[p.key]; !ok {
+			keys = append(keys, p.key)
+		}
+		byKey[p.key] = append(byKey[p.key], p)
+		total += p.length
 	}
-	wg.Wait()
-	for _, err := range errs {
+	var runs []fetchRun
+	for _, k := range keys {
+		r, err := v.planObject(ctx, k, byKey[k])
 		if err != nil {
 			return err
 		}
+		runs = append(runs, r...)
 	}
+	if v.cache != nil {
+		v.cache.CountReturned(total)
+	}
+	// Every byte not served by the cache is inside one run; the pins stay
+	// until every GET has returned (the deferred unpin runs after Wait).
+	if len(runs) == 1 {
+		err := v.fetch(ctx, objproxy.High, runs[0], byKey[runs[0].key])
+		if err == nil {
+			v.observeRead(block, n)
+		}
+		return err
+	}
+	var wg sync.WaitGroup
+	errs := make([]error, len(runs))
+	for i, r := range runs {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			errs[i] = v.fetch(ctx, objproxy.High, r, byKey[r.key])
+		}()
+	}
+	wg.Wait()
+	if err := errors.Join(errs...); err != nil {
+		return err
+	}
+	v.observeRead(block, n)
 	return nil
 }
 
-func (v *Volume) readPiece(ctx context.Context, key, off int64, dst []byte) error {
-	got, err := v.objs.GetRange(ctx, objproxy.High, store.DataName(key), off, dst)
-	if err != nil {
-		return fmt.Errorf("read key %d at %d: %w", key, off, err)
+// planObject serves what it can of the pieces of object key from the
+// cache and returns the GETs that fetch the rest.
+func (v *Volume) planObject(ctx context.Context, key int64, pieces []readPiece) ([]fetchRun, error) {
+	var spans []span
+	if v.cache == nil {
+		for _, p := range pieces {
+			for off := int64(0); off < p.length; off += maxReadPiece {
+				l := min(p.length-off, maxReadPiece)
+				spans = append(spans, span{p.off + off, p.off + off + l, p.buf[off : off+l]})
+			}
+		}
+	} else {
+		w := v.cache.Window()
+		missing := make(map[int64]bool)
+		var waiting map[int64]chan struct{} // windows readahead is fetching
+		serve := func(again bool) {
+			for _, p := range pieces {
+				for win := p.off / w; win*w < p.off+p.length; win++ {
+					if missing[win] || (again && waiting[win] == nil) || (!again && waiting[win] != nil) {
+						continue
+					}
+					lo, hi := max(p.off, win*w), min(p.off+p.length, (win+1)*w)
+					ck := cache.Key{Volume: v.sb.VolumeID, Object: key, Window: win}
+					data, ok := v.cache.Get(ck)
+					if !ok || int64(len(data)) < hi-win*w {
+						// A short entry is an object's last window; a piece
+						// past it is refetched, and then reported as corrupt.
+						if ch := v.prefetching(ck); ch != nil && !again {
+							if waiting == nil {
+								waiting = make(map[int64]chan struct{})
+							}
+							waiting[win] = ch
+							continue
+						}
+						missing[win] = true
+						continue
+					}
+					copy(p.buf[lo-p.off:hi-p.off], data[lo-win*w:hi-win*w])
+				}
+			}
+		}
+		serve(false)
+		if waiting != nil {
+			// Readahead is already fetching these: wait for it rather
+			// than fetch them twice, then take them from the cache (or
+			// fetch them after all if it failed, was evicted, or is still
+			// queued behind user I/O after raWait: its GETs are low
+			// priority and must not hold a read back).
+			timer := time.NewTimer(raWait)
+			defer timer.Stop()
+		wait:
+			for _, ch := range waiting {
+				select {
+				case <-ch:
+				case <-timer.C:
+					break wait
+				case <-ctx.Done():
+					return nil, fmt.Errorf("wait for readahead of key %d: %w", key, ctx.Err())
+				}
+			}
+			serve(true)
+		}
+		for win := range missing {
+			spans = append(spans, span{start: win * w, end: (win + 1) * w})
+		}
 	}
-	if got != len(dst) {
-		return fmt.Errorf("read key %d at %d: object ends after %d of %d bytes (corrupt or truncated object)", key, off, got, len(dst))
+	return v.coalesce(key, spans), nil
+}
+
+// prefetching returns a channel closed when readahead's fetch of window k
+// ends, or nil when no readahead fetches it.
+func (v *Volume) prefetching(k cache.Key) chan struct{} {
+	v.ra.mu.Lock()
+	defer v.ra.mu.Unlock()
+	return v.ra.pending[k]
+}
+
+// span is a byte range of an object's data area a read needs.
+type span struct {
+	start, end int64
+	direct     []byte
+}
+
+// coalesce turns the spans of object key into GETs: spans closer than
+// coalesceGap share one GET, which is at most maxReadPiece (or one
+// window) long.
+func (v *Volume) coalesce(key int64, spans []span) []fetchRun {
+	if len(spans) == 0 {
+		return nil
+	}
+	sort.Slice(spans, func(i, j int) bool { return spans[i].start < spans[j].start })
+	limit := int64(maxReadPiece)
+	if v.cache != nil {
+		limit = max(limit, v.cache.Window()) // a multiple of the window: runs stay aligned
+	}
+	var runs []fetchRun
+	for _, s := range spans {
+		if k := len(runs); k > 0 {
+			last := &runs[k-1]
+			if s.start-last.end <= coalesceGap && max(s.end, last.end)-last.start <= limit {
+				last.end = max(last.end, s.end)
+				last.direct = nil
+				continue
+			}
+		}
+		runs = append(runs, fetchRun{key: key, start: s.start, end: s.end, direct: s.direct})
+	}
+	return runs
+}
+
+// fetch issues the GET of r, copies the bytes the pieces need and, with
+// the cache, keeps every window it read.
+func (v *Volume) fetch(ctx context.Context, prio objproxy.Priority, r fetchRun, pieces []readPiece) error {
+	md := v.layout.MetadataSize()
+	dst := r.direct
+	if dst == nil {
+		dst = make([]byte, r.end-r.start)
+	}
+	got, err := v.objs.GetRange(ctx, prio, store.DataName(r.key), md+r.start, dst)
+	if err != nil {
+		return fmt.Errorf("read key %d at %d: %w", r.key, md+r.start, err)
+	}
+	if v.cache != nil {
+		v.cache.CountFetch(got, prio == objproxy.Low)
+	}
+	avail := r.start + int64(got) // the object ends here if got is short
+	if r.direct != nil {
+		if avail != r.end {
+			return fmt.Errorf("read key %d at %d: object ends after %d of %d bytes (corrupt or truncated object)", r.key, md+r.start, got, len(dst))
+		}
+		return nil
+	}
+	for _, p := range pieces {
+		lo, hi := max(p.off, r.start), min(p.off+p.length, r.end)
+		if lo >= hi {
+			continue
+		}
+		if hi > avail {
+			return fmt.Errorf("read key %d at %d: object ends after %d of the %d bytes the map points to (corrupt or truncated object)", r.key, md+lo, max(avail-lo, 0), hi-lo)
+		}
+		copy(p.buf[lo-p.off:hi-p.off], dst[lo-r.start:hi-r.start])
+	}
+	if v.cache != nil {
+		w := v.cache.Window()
+		for win := r.start / w; win*w < avail; win++ {
+			end := min((win+1)*w, avail)
+			if end < (win+1)*w && avail == r.end {
+				break // a window cut by the run, not by the object's end
+			}
+			v.cache.Put(cache.Key{Volume: v.sb.VolumeID, Object: r.key, Window: win},
+				append([]byte(nil), dst[win*w-r.start:end-r.start]...))
+		}
 	}
 	return nil
 }
@@ -154,4 +346,187 @@ func (v *Volume) Pinned(key int64) bool {
 	v.pinMu.Lock()
 	defer v.pinMu.Unlock()
 	return v.pins[key] > 0
+}
+
+// Readahead (with the cache only): a read that starts where an earlier
+// read ended continues a stream; from the second read of a stream on, the
+// next raBytes (at least two reads' worth, at most an eighth of the memory
+// tier) after it are fetched into the cache in the background, at low priority on both proxies, with the
+// objects pinned like any read. At most raStreams streams are tracked and
+// raInflight prefetches run at once; a stream pushed out of the table, an
+// error or Close cancels its prefetch. Prefetching only warms the cache:
+// what a read returns still comes from the map lookup of that read.
+const (
+	raStreams  = 16
+	raInflight = 4
+	raBytes    = 4 << 20
+	raTimeout  = 30 * time.Second
+	raWait     = 200 * time.Millisecond // longest a read waits for a prefetch
+)
+
+type readahead struct {
+	mu       sync.Mutex
+	streams  []*raStream // most recently continued last
+	inflight int
+	closed   bool
+	wg       sync.WaitGroup
+	// pending maps the windows a prefetch is fetching to a channel closed
+	// when that GET ends, so that a read waits instead of fetching again.
+	pending map[cache.Key]chan struct{}
+}
+
+type raStream struct {
+	next   int64 // block the stream's next read starts at
+	reads  int
+	ahead  int64 // blocks before this are prefetched or being prefetched
+	ctx    context.Context
+	cancel context.CancelFunc
+}
+
+// observeRead notes a completed read of n blocks at block and starts a
+// prefetch when it continues a stream.
+func (v *Volume) observeRead(block, n int64) {
+	if v.cache == nil || n == 0 {
+		return
+	}
+	ra := &v.ra
+	ra.mu.Lock()
+	defer ra.mu.Unlock()
+	if ra.closed {
+		return
+	}
+	var s *raStream
+	for i, x := range ra.streams {
+		if x.next == block {
+			s = x
+			ra.streams = append(append(ra.streams[:i:i], ra.streams[i+1:]...), s)
+			break
+		}
+	}
+	if s == nil {
+		if len(ra.streams) == raStreams {
+			ra.streams[0].cancel() // that stream stopped
+			ra.streams = ra.streams[1:]
+		}
+		ctx, cancel := context.WithCancel(v.bgCtx)
+		ra.streams = append(ra.streams, &raStream{next: block + n, reads: 1, ahead: block + n, ctx: ctx, cancel: cancel})
+		return
+	}
+	s.next, s.reads = block+n, s.reads+1
+	// At least two reads ahead, at most an eighth of the cache, so that
+	// prefetched windows are not evicted before they are read.
+	dist := min(max(raBytes/v.o.BlockSize, 2*n), v.cache.MemoryLimit()/8/v.o.BlockSize)
+	target := min(s.next+dist, v.sb.Size/v.o.BlockSize)
+	s.ahead = max(s.ahead, s.next)
+	// Top up once half the distance is used, so prefetches are few and big.
+	if target-s.ahead < dist/2 || ra.inflight >= raInflight {
+		return
+	}
+	from, cnt, ctx := s.ahead, target-s.ahead, s.ctx
+	s.ahead = target
+	ra.inflight++
+	ra.wg.Add(1)
+	go func() {
+		defer ra.wg.Done()
+		if err := v.prefetch(ctx, from, cnt); err != nil && ctx.Err() == nil {
+			v.log.Debug().Err(err).Int64("block", from).Int64("blocks", cnt).Msg("readahead failed; reads fetch for themselves")
+		}
+		ra.mu.Lock()
+		ra.inflight--
+		ra.mu.Unlock()
+	}()
+}
+
+// prefetch fetches the windows of the mapped blocks in [block, block+n)
+// that the cache lacks, at low priority.
+func (v *Volume) prefetch(ctx context.Context, block, n int64) error {
+	ctx, cancel := context.WithTimeout(ctx, raTimeout)
+	defer cancel()
+	bs := v.o.BlockSize
+	var pieces []readPiece
+	var pinned []int64
+	defer func() { v.unpin(pinned) }()
+	err := v.maps.Do(ctx, mapproxy.Low, func(m *extentmap.Map) {
+		// Pinned on the map owner goroutine, as in Read.
+		m.Lookup(block, n, func(e extentmap.Extent) {
+			if e.Key < 0 || e.Zero {
+				return
+			}
+			if k := len(pinned); k == 0 || pinned[k-1] != e.Key {
+				pinned = append(pinned, e.Key)
+				v.pin(e.Key)
+			}
+			pieces = append(pieces, readPiece{key: e.Key, off: e.Off * bs, length: e.N * bs})
+		})
+	})
+	if err != nil {
+		return fmt.Errorf("readahead: look up blocks %d+%d: %w", block, n, err)
+	}
+	w := v.cache.Window()
+	missing := make(map[int64]map[int64]bool)
+	var keys []int64
+	for _, p := range pieces {
+		for win := p.off / w; win*w < p.off+p.length; win++ {
+			if v.cache.Contains(cache.Key{Volume: v.sb.VolumeID, Object: p.key, Window: win}) {
+				continue
+			}
+			if missing[p.key] == nil {
+				missing[p.key] = make(map[int64]bool)
+				keys = append(keys, p.key)
+			}
+			missing[p.key][win] = true
+		}
+	}
+	for _, k := range keys {
+		var spans []span
+		for win := range missing[k] {
+			spans = append(spans, span{start: win * w, end: (win + 1) * w})
+		}
+		for _, r := range v.coalesce(k, spans) {
+			if err := v.prefetchRun(ctx, r); err != nil {
+				return fmt.Errorf("readahead: %w", err)
+			}
+		}
+	}
+	return nil
+}
+
+// stopReadahead cancels every prefetch and waits for them.
+func (v *Volume) stopReadahead() {
+	v.ra.mu.Lock()
+	v.ra.closed = true
+	for _, s := range v.ra.streams {
+		s.cancel()
+	}
+	v.ra.streams = nil
+	v.ra.mu.Unlock()
+	v.ra.wg.Wait()
+}
+
+// prefetchRun fetches one run of windows, announcing it to reads.
+func (v *Volume) prefetchRun(ctx context.Context, r fetchRun) error {
+	w := v.cache.Window()
+	done := make(chan struct{})
+	var mine []cache.Key
+	v.ra.mu.Lock()
+	if v.ra.pending == nil {
+		v.ra.pending = make(map[cache.Key]chan struct{})
+	}
+	for win := r.start / w; win*w < r.end; win++ {
+		k := cache.Key{Volume: v.sb.VolumeID, Object: r.key, Window: win}
+		if _, ok := v.ra.pending[k]; !ok {
+			v.ra.pending[k] = done
+			mine = append(mine, k)
+		}
+	}
+	v.ra.mu.Unlock()
+	defer func() {
+		v.ra.mu.Lock()
+		for _, k := range mine {
+			delete(v.ra.pending, k)
+		}
+		v.ra.mu.Unlock()
+		close(done)
+	}()
+	return v.fetch(ctx, objproxy.Low, r, nil)
 }

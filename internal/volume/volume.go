@@ -18,6 +18,7 @@ import (
 
 	"github.com/rs/zerolog"
 
+	"github.com/bs3/bs3/internal/cache"
 	"github.com/bs3/bs3/internal/chunk"
 	"github.com/bs3/bs3/internal/extentmap"
 	"github.com/bs3/bs3/internal/mapproxy"
@@ -54,7 +55,11 @@ type Options struct {
 	// RecoveryConcurrency is how many object headers are fetched at once
 	// during roll-forward.
 	RecoveryConcurrency int
-	Logger              zerolog.Logger
+	// Cache, when not nil, serves reads and keeps what they fetch and what
+	// commits store; its entries are keyed by this volume's id. main owns
+	// it (it may outlive the volume).
+	Cache  *cache.Cache
+	Logger zerolog.Logger
 }
 
 // ErrFenced is returned by writes after another writer took the volume.
@@ -68,9 +73,16 @@ type Volume struct {
 	maps   *mapproxy.Proxy
 	log    zerolog.Logger
 	sb     Superblock
+	cache  *cache.Cache // nil: no read cache
+	ra     readahead
 
-	nextKey  atomic.Int64 // next key to hand out
-	inflight sync.WaitGroup
+	nextKey atomic.Int64 // next key to hand out
+	// inflight counts the commits running; closing (under inflightMu)
+	// stops new ones from entering once Close waits for them, as a
+	// WaitGroup may not grow from zero while it is waited on.
+	inflightMu sync.Mutex
+	closing    bool
+	inflight   sync.WaitGroup
 
 	// Objects are applied to the map strictly in key order, so the map is
 	// always the state after a prefix of the keys: a checkpoint taken at
@@ -137,6 +149,7 @@ func Open(ctx context.Context, objs *objproxy.Proxy, o Options) (*Volume, error)
 		o:         o,
 		layout:    chunk.Layout{ChunkSize: o.ChunkSize, BlockSize: o.BlockSize},
 		objs:      objs,
+		cache:     o.Cache,
 		log:       o.Logger,
 		pins:      make(map[int64]int),
 		claims:    make(map[int64]struct{}),
@@ -269,9 +282,13 @@ func (v *Volume) Close(ctx context.Context) error {
 	v.closeOnce.Do(func() {
 		close(v.ckptStop)
 		v.bgCancel()
+		v.stopReadahead()
 		<-v.ckptDone
 		<-v.leaseDone
 		idle := make(chan struct{})
+		v.inflightMu.Lock()
+		v.closing = true
+		v.inflightMu.Unlock()
 		go func() { v.inflight.Wait(); close(idle) }()
 		select {
 		case <-idle:
@@ -290,6 +307,9 @@ func (v *Volume) Close(ctx context.Context) error {
 			}
 		}
 		v.maps.Close()
+		if v.cache != nil {
+			v.log.Debug().Object("cache", v.cache.Stats()).Msg("read cache counters")
+		}
 	})
 	return v.closeErr
 }

@@ -31,6 +31,9 @@ func (v *Volume) CommitCopies(ctx context.Context, key int64, buf []byte, items 
 	return v.commit(ctx, key, buf, items, false)
 }
 
+// ErrClosing is returned by a commit that starts after Close began.
+var ErrClosing = errors.New("volume is closing")
+
 // maxSeqno is the largest per-attach seqno: the low GenerationBits of a
 // stored seqno.
 const maxSeqno = 1<<GenerationBits - 1
@@ -40,7 +43,13 @@ const maxSeqno = 1<<GenerationBits - 1
 var ErrSeqnoExhausted = errors.New("sequence numbers of this attach are exhausted")
 
 func (v *Volume) commit(ctx context.Context, key int64, buf []byte, items int, user bool) error {
+	v.inflightMu.Lock()
+	if v.closing {
+		v.inflightMu.Unlock()
+		return fmt.Errorf("commit key %d: %w", key, ErrClosing)
+	}
 	v.inflight.Add(1)
+	v.inflightMu.Unlock()
 	defer v.inflight.Done()
 	if err := v.Err(); err != nil {
 		return err
@@ -83,6 +92,11 @@ func (v *Volume) commit(ctx context.Context, key int64, buf []byte, items int, u
 		err = fmt.Errorf("upload key %d: %w", key, err)
 		v.fail(err)
 		return err
+	}
+	if v.cache != nil && p.End > v.layout.MetadataSize() {
+		// Stored, so these are the object's bytes for good (data objects
+		// are immutable); nothing looks them up before the map points here.
+		v.cache.PutObject(v.sb.VolumeID, key, body[v.layout.MetadataSize():])
 	}
 	// Wait for every earlier key to be applied (they may still be
 	// uploading), then apply this one.

@@ -11,6 +11,7 @@ import (
 
 	"github.com/rs/zerolog"
 
+	"github.com/bs3/bs3/internal/cache"
 	"github.com/bs3/bs3/internal/chunker"
 	"github.com/bs3/bs3/internal/objproxy"
 	"github.com/bs3/bs3/internal/store"
@@ -22,6 +23,7 @@ type Engine struct {
 	Objs   *objproxy.Proxy
 	Volume *volume.Volume
 	Dev    *chunker.Chunker
+	Cache  *cache.Cache // the read cache, nil with NoCache
 	closed bool
 }
 
@@ -30,6 +32,11 @@ type Options struct {
 	Size, BlockSize int64
 	ChunkSize       int64 // default 4 MiB
 	Durable         bool
+	// The read cache is on by default (64 MiB, 256 KiB windows), as in
+	// production: NoCache turns it off, Cache shares one between engines
+	// (a restart that keeps the process's cache).
+	NoCache bool
+	Cache   *cache.Cache
 }
 
 // New attaches the volume in st (creating it when new). Nothing stops it
@@ -38,18 +45,25 @@ func New(st store.Store, o Options) (*Engine, error) {
 	if o.ChunkSize == 0 {
 		o.ChunkSize = 4 << 20
 	}
+	rc := o.Cache
+	if rc == nil && !o.NoCache {
+		var err error
+		if rc, err = cache.New(cache.Options{MemoryBytes: 64 << 20, Window: 256 << 10, Logger: zerolog.Nop()}); err != nil {
+			return nil, fmt.Errorf("read cache: %w", err)
+		}
+	}
 	objs := objproxy.New(st, objproxy.Options{Uploaders: 16, Downloaders: 16, Logger: zerolog.Nop()})
 	v, err := volume.Open(context.Background(), objs, volume.Options{
 		Size: o.Size, BlockSize: o.BlockSize, ChunkSize: o.ChunkSize, ConditionalWrites: true,
 		CheckpointInterval: time.Minute, CheckpointObjects: 256, MaxInflight: 18,
-		MapIdleTimeout: 100 * time.Millisecond, Logger: zerolog.Nop(),
+		MapIdleTimeout: 100 * time.Millisecond, Cache: rc, Logger: zerolog.Nop(),
 	})
 	if err != nil {
 		objs.Close()
 		return nil, fmt.Errorf("attach volume: %w", err)
 	}
 	dev := chunker.New(v, chunker.Options{Durable: o.Durable, Buffers: 18, CollisionArea: 1 << 20, Logger: zerolog.Nop()})
-	return &Engine{Objs: objs, Volume: v, Dev: dev}, nil
+	return &Engine{Objs: objs, Volume: v, Dev: dev, Cache: rc}, nil
 }
 
 // Open is New that fails the test on error and stops the engine cleanly

@@ -1,0 +1,126 @@
+package bench
+
+import (
+	"context"
+	"fmt"
+	"math/rand/v2"
+	"testing"
+
+	"github.com/rs/zerolog"
+
+	"github.com/bs3/bs3/internal/cache"
+	"github.com/bs3/bs3/internal/store"
+	"github.com/bs3/bs3/internal/testutil/enginetest"
+	"github.com/bs3/bs3/internal/testutil/minio"
+)
+
+// BenchmarkFragmentedRead measures 1 MiB sequential reads of a fragmented
+// volume over MinIO: a sequential fill, random 4 KiB overwrites of a
+// quarter of it, then sequential reads without the read cache (coalesced
+// GETs only), with a cold cache and with a warm one, beside raw MinIO
+// 1 MiB ranged GETs of the same objects at the same concurrency.
+// BS3_BENCH_SCALE scales the 256 MiB fill.
+func BenchmarkFragmentedRead(b *testing.B) {
+	ctx := context.Background()
+	const bs = 4096
+	fillBytes := scaled(256 * mib)
+	overBytes := fillBytes / 4
+	srv := minio.Start(b)
+	st := srv.Store(b, srv.Bucket(b))
+	rc, err := cache.New(cache.Options{MemoryBytes: 2 * fillBytes, Window: 256 * kib, Logger: zerolog.Nop()})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer rc.Close()
+	e := enginetest.Open(b, st, enginetest.Options{Size: 2 * fillBytes, BlockSize: bs, ChunkSize: 4 * mib, Cache: rc})
+
+	// Fill sequentially, then overwrite random 4 KiB blocks.
+	buf := make([]byte, mib)
+	rng := rand.New(rand.NewPCG(1, 2))
+	for off := int64(0); off < fillBytes; off += mib {
+		for i := range buf {
+			buf[i] = byte(rng.Uint32())
+		}
+		if err := e.Dev.WriteAt(ctx, buf, off, false); err != nil {
+			b.Fatal(err)
+		}
+	}
+	if _, err := parallel(8, overBytes/bs, func(w int, i int64) error {
+		blk := make([]byte, bs)
+		r := rand.New(rand.NewPCG(uint64(i), 3))
+		for j := range blk {
+			blk[j] = byte(r.Uint32())
+		}
+		return e.Dev.WriteAt(ctx, blk, r.Int64N(fillBytes/bs)*bs, false)
+	}); err != nil {
+		b.Fatal(err)
+	}
+	if err := e.Dev.Drain(ctx); err != nil {
+		b.Fatal(err)
+	}
+	objects := e.Volume.Watermark()
+	md := e.Volume.Layout().MetadataSize()
+	e.Close(b)
+	eo := enginetest.Options{Size: 2 * fillBytes, BlockSize: bs, ChunkSize: 4 * mib}
+
+	readAll := func(e *enginetest.Engine, workers int) (float64, error) {
+		d, err := parallel(workers, fillBytes/mib, func(w int, i int64) error {
+			p := make([]byte, mib)
+			return e.Dev.ReadAt(ctx, p, i*mib)
+		})
+		return mbps(fillBytes, d), err
+	}
+	// Raw: 1 MiB ranged GETs of the volume's data objects (4 MiB chunks),
+	// the same number of bytes.
+	rawRead := func(workers int) (float64, error) {
+		d, err := parallel(workers, fillBytes/mib, func(w int, i int64) error {
+			p := make([]byte, mib)
+			_, err := st.GetRange(ctx, store.DataName((i/4)%objects), md+(i%4)*mib, p)
+			return err
+		})
+		return mbps(fillBytes, d), err
+	}
+	for _, workers := range []int{1, 8} {
+		raw, err := rawRead(workers)
+		if err != nil {
+			b.Fatal(err)
+		}
+		no := eo
+		no.NoCache = true
+		e := enginetest.Open(b, st, no)
+		g0 := e.Objs.Stats().Get.Attempts
+		none, err := readAll(e, workers)
+		if err != nil {
+			b.Fatal(err)
+		}
+		gNone := e.Objs.Stats().Get.Attempts - g0
+		e.Close(b)
+
+		with := eo
+		with.Cache = rc
+		e = enginetest.Open(b, st, with)
+		rc.Purge()
+		s0 := rc.Stats()
+		g0 = e.Objs.Stats().Get.Attempts
+		cold, err := readAll(e, workers)
+		if err != nil {
+			b.Fatal(err)
+		}
+		s1 := rc.Stats()
+		g1 := e.Objs.Stats().Get.Attempts
+		warm, err := readAll(e, workers)
+		if err != nil {
+			b.Fatal(err)
+		}
+		s2 := rc.Stats()
+		g2 := e.Objs.Stats().Get.Attempts
+		e.Close(b)
+		b.Logf("%d MiB fill, %d MiB of 4 KiB overwrites, %d objects, 1 MiB reads, %d reader(s):", fillBytes>>20, overBytes>>20, objects, workers)
+		b.Logf("  raw MinIO GET %8.1f MB/s", raw)
+		b.Logf("  no cache      %8.1f MB/s (%.2f of raw)  %d GETs", none, none/raw, gNone)
+		b.Logf("  cold cache    %8.1f MB/s (%.2f of raw)  %d GETs, %d MiB fetched for %d MiB returned", cold, cold/raw, g1-g0, (s1.FetchedBytes-s0.FetchedBytes)>>20, (s1.ReturnedBytes-s0.ReturnedBytes)>>20)
+		b.Logf("  warm cache    %8.1f MB/s (%.2f of raw)  %d GETs, hits %d misses %d, %d MiB held", warm, warm/raw, g2-g1, s2.Hits-s1.Hits, s2.Misses-s1.Misses, rc.MemoryUsed()>>20)
+		b.ReportMetric(cold, fmt.Sprintf("cold-MB/s-qd%d", workers))
+		b.ReportMetric(warm, fmt.Sprintf("warm-MB/s-qd%d", workers))
+	}
+}

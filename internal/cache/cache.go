@@ -1,0 +1,276 @@
+// Package cache owns bs3's read cache: copies of byte ranges of data
+// objects, held in memory and optionally in a local directory (which
+// survives a restart), so that a read of recently written or recently read
+// blocks does not go to the object store again. Both tiers are bounded.
+//
+// An entry is one aligned *window* of an object's data area (Window bytes,
+// the last window of an object may be shorter), keyed by the volume id,
+// the object key and the window index. The key is that complete because a
+// data object is immutable once stored and its key is never reused within
+// one volume, while a wiped bucket or prefix may hold a new volume that
+// reuses keys with other content (docs/ARCHITECTURE.md §3, §4).
+//
+// The package never decides what is current and never fetches: it does not
+// know the extent map, the store or the object proxy. The caller
+// (internal/volume) looks up only keys the map points to, and inserts only
+// bytes it has just read from the store or that an upload has just stored.
+// Values handed out by Get are shared and must never be modified. A disk
+// file is served only after its header names the very key looked up and
+// the CRC32C of every 4 KiB block matches; it never serves a damaged or
+// foreign file, and never grows past its limit.
+package cache
+
+import (
+	"fmt"
+	"math/bits"
+	"sync/atomic"
+
+	"github.com/maypok86/otter/v2"
+	"github.com/rs/zerolog"
+)
+
+// Window sizes allowed by New: a power of two from one 4 KiB block (the
+// largest block size) up to 4 MiB (the default chunk size).
+const (
+	MinWindow = 4 << 10
+	MaxWindow = 4 << 20
+)
+
+// entryOverhead approximates the memory of one entry beyond its bytes
+// (key, slice header, the cache's node), so that the bound holds for many
+// small entries too.
+const entryOverhead = 128
+
+// Options configure a Cache.
+type Options struct {
+	// MemoryBytes bounds the memory tier (bytes of data plus a per-entry
+	// overhead). It must be positive: a disabled cache is a nil *Cache.
+	MemoryBytes int64
+	// Window is the size and alignment of an entry inside an object's data
+	// area, a power of two in [MinWindow, MaxWindow].
+	Window int64
+	// Dir, when not empty, holds the disk tier, bounded by DiskBytes: it
+	// survives a restart, and every window it serves is verified first
+	// (see disk.go).
+	Dir       string
+	DiskBytes int64
+	Logger    zerolog.Logger
+}
+
+// Key names one window of one object of one volume.
+type Key struct {
+	Volume string // superblock volume_id
+	Object int64  // data key
+	Window int64  // index of the window: data-area offset / window size
+}
+
+// Cache is the memory tier. All methods are safe for concurrent use.
+type Cache struct {
+	window int64
+	max    uint64
+	mem    *otter.Cache[Key, []byte]
+	disk   *diskTier // nil: memory only
+	log    zerolog.Logger
+	c      counters
+}
+
+// New builds a cache bounded by o.MemoryBytes.
+func New(o Options) (*Cache, error) {
+	if o.MemoryBytes <= 0 {
+		return nil, fmt.Errorf("cache memory size %d: must be positive", o.MemoryBytes)
+	}
+	if o.Window < MinWindow || o.Window > MaxWindow || bits.OnesCount64(uint64(o.Window)) != 1 {
+		return nil, fmt.Errorf("cache window %d: must be a power of two from %d to %d bytes", o.Window, MinWindow, MaxWindow)
+	}
+	mem, err := otter.New(&otter.Options[Key, []byte]{
+		MaximumWeight: uint64(o.MemoryBytes),
+		Weigher: func(k Key, v []byte) uint32 {
+			return uint32(len(v) + len(k.Volume) + entryOverhead)
+		},
+	})
+	if err != nil {
+		return nil, fmt.Errorf("create the memory cache: %w", err)
+	}
+	c := &Cache{window: o.Window, max: uint64(o.MemoryBytes), mem: mem, log: o.Logger}
+	if o.Dir != "" {
+		if o.DiskBytes <= 0 {
+			return nil, fmt.Errorf("cache disk size %d: must be positive with a cache directory", o.DiskBytes)
+		}
+		if c.disk, err = openDisk(o.Dir, o.DiskBytes, o.Window, o.Logger); err != nil {
+			return nil, err
+		}
+	}
+	return c, nil
+}
+
+// Window is the size and alignment of an entry in bytes.
+func (c *Cache) Window() int64 { return c.window }
+
+// Get returns the bytes cached for k (shared: never modify them) and
+// counts a hit or a miss.
+func (c *Cache) Get(k Key) ([]byte, bool) {
+	v, ok := c.mem.GetIfPresent(k)
+	if !ok && c.disk != nil {
+		if v, ok = c.disk.get(k); ok {
+			c.mem.Set(k, v)
+		}
+	}
+	if ok {
+		c.c.hits.Add(1)
+		c.c.hitBytes.Add(int64(len(v)))
+	} else {
+		c.c.misses.Add(1)
+	}
+	return v, ok
+}
+
+// Put stores data as the content of window k. The cache keeps data: the
+// caller must not modify it afterwards. data must start at the window's
+// first byte and hold the whole window, or everything up to the object's
+// end for its last window.
+func (c *Cache) Put(k Key, data []byte) {
+	if len(data) == 0 || int64(len(data)) > c.window || k.Window < 0 || k.Object < 0 {
+		return // nothing to keep, or a caller bug that must not poison the cache
+	}
+	c.mem.Set(k, data)
+	if c.disk != nil {
+		c.disk.put(k, data)
+	}
+	c.c.inserted.Add(1)
+	c.c.insertedBytes.Add(int64(len(data)))
+}
+
+// PutObject caches the data area of object key of volume vol, just
+// stored: it is copied window by window, so the caller may reuse data.
+func (c *Cache) PutObject(vol string, key int64, data []byte) {
+	for w := int64(0); w*c.window < int64(len(data)); w++ {
+		end := min((w+1)*c.window, int64(len(data)))
+		c.Put(Key{Volume: vol, Object: key, Window: w}, append([]byte(nil), data[w*c.window:end]...))
+	}
+}
+
+// MemoryUsed is the weight held now, after pending evictions are done.
+func (c *Cache) MemoryUsed() int64 {
+	c.mem.CleanUp()
+	return int64(c.mem.WeightedSize())
+}
+
+// MemoryLimit is the bound of the memory tier.
+func (c *Cache) MemoryLimit() int64 { return int64(c.max) }
+
+// Purge drops every entry of the memory tier (the disk tier stays).
+func (c *Cache) Purge() { c.mem.InvalidateAll() }
+
+// Close finishes the queued disk writes, stops the cache's background
+// work and drops the memory tier. Later calls find nothing and keep
+// nothing.
+func (c *Cache) Close() {
+	if c.disk != nil {
+		c.disk.close()
+	}
+	c.mem.InvalidateAll()
+	c.mem.StopAllGoroutines()
+}
+
+// Sync waits until the disk writes queued so far are done (tests, and a
+// caller that wants the disk tier current).
+func (c *Cache) Sync() {
+	if c.disk != nil {
+		c.disk.sync()
+	}
+}
+
+// DiskUsed is the bytes the disk tier counts against its limit (file
+// sizes plus a per-file allowance); 0 without a disk tier.
+func (c *Cache) DiskUsed() int64 {
+	if c.disk == nil {
+		return 0
+	}
+	return c.disk.usedBytes()
+}
+
+// CountFetch records a GET issued by the read path and the bytes it
+// returned; readahead marks the GETs of prefetches.
+func (c *Cache) CountFetch(n int, readahead bool) {
+	c.c.fetches.Add(1)
+	c.c.fetchedBytes.Add(int64(n))
+	if readahead {
+		c.c.raFetches.Add(1)
+		c.c.raBytes.Add(int64(n))
+	}
+}
+
+// Contains reports whether window k is cached (memory, or a verified disk
+// file, which it loads into memory), without counting a hit or a miss.
+func (c *Cache) Contains(k Key) bool {
+	if _, ok := c.mem.GetIfPresent(k); ok {
+		return true
+	}
+	if c.disk != nil {
+		if v, ok := c.disk.get(k); ok {
+			c.mem.Set(k, v)
+			return true
+		}
+	}
+	return false
+}
+
+// CountReturned records bytes of mapped data returned to a reader.
+func (c *Cache) CountReturned(n int64) { c.c.returnedBytes.Add(n) }
+
+type counters struct {
+	hits, misses, hitBytes  atomic.Int64
+	inserted, insertedBytes atomic.Int64
+	fetches, fetchedBytes   atomic.Int64
+	returnedBytes           atomic.Int64
+	raFetches, raBytes      atomic.Int64
+}
+
+// Stats is a snapshot of the cache counters, kept for the metrics export.
+type Stats struct {
+	Hits, Misses   int64 // window lookups
+	HitBytes       int64 // bytes of the windows found
+	Inserted       int64 // windows stored (commits and fetches)
+	InsertedBytes  int64
+	Fetches        int64 // GETs issued by the read path, readahead included
+	FetchedBytes   int64 // bytes those GETs returned
+	RAFetches      int64 // GETs issued by readahead
+	RAFetchedBytes int64
+	ReturnedBytes  int64 // mapped bytes returned to readers
+	MemoryBytes    int64 // weight held now
+	MemoryLimit    int64
+	DiskHits       int64 // windows served from disk (verified)
+	DiskDropped    int64 // files removed because a check failed
+	DiskWritten    int64
+	DiskEvicted    int64
+	DiskBytes      int64
+}
+
+// Stats returns the counters.
+func (c *Cache) Stats() Stats {
+	s := Stats{
+		Hits: c.c.hits.Load(), Misses: c.c.misses.Load(), HitBytes: c.c.hitBytes.Load(),
+		Inserted: c.c.inserted.Load(), InsertedBytes: c.c.insertedBytes.Load(),
+		Fetches: c.c.fetches.Load(), FetchedBytes: c.c.fetchedBytes.Load(),
+		ReturnedBytes: c.c.returnedBytes.Load(),
+		RAFetches:     c.c.raFetches.Load(), RAFetchedBytes: c.c.raBytes.Load(),
+		MemoryBytes: int64(c.mem.WeightedSize()), MemoryLimit: int64(c.max),
+	}
+	if d := c.disk; d != nil {
+		s.DiskHits, s.DiskDropped, s.DiskWritten, s.DiskEvicted = d.hits.Load(), d.dropped.Load(), d.written.Load(), d.evicted.Load()
+		s.DiskBytes = d.usedBytes()
+	}
+	return s
+}
+
+// MarshalZerologObject logs the counters: log.Debug().Object("cache", s).
+func (s Stats) MarshalZerologObject(e *zerolog.Event) {
+	e.Int64("hits", s.Hits).Int64("misses", s.Misses).Int64("hit_bytes", s.HitBytes).
+		Int64("inserted", s.Inserted).Int64("inserted_bytes", s.InsertedBytes).
+		Int64("fetches", s.Fetches).Int64("fetched_bytes", s.FetchedBytes).
+		Int64("readahead_fetches", s.RAFetches).Int64("readahead_bytes", s.RAFetchedBytes).
+		Int64("returned_bytes", s.ReturnedBytes).
+		Int64("memory_bytes", s.MemoryBytes).Int64("memory_limit", s.MemoryLimit).
+		Int64("disk_hits", s.DiskHits).Int64("disk_dropped", s.DiskDropped).Int64("disk_written", s.DiskWritten).
+		Int64("disk_evicted", s.DiskEvicted).Int64("disk_bytes", s.DiskBytes)
+}
