@@ -2,9 +2,11 @@ package bench
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"math/rand/v2"
 	"testing"
+	"time"
 
 	"github.com/rs/zerolog"
 
@@ -122,5 +124,78 @@ func BenchmarkFragmentedRead(b *testing.B) {
 		b.Logf("  warm cache    %8.1f MB/s (%.2f of raw)  %d GETs, hits %d misses %d, %d MiB held", warm, warm/raw, g2-g1, s2.Hits-s1.Hits, s2.Misses-s1.Misses, rc.MemoryUsed()>>20)
 		b.ReportMetric(cold, fmt.Sprintf("cold-MB/s-qd%d", workers))
 		b.ReportMetric(warm, fmt.Sprintf("warm-MB/s-qd%d", workers))
+	}
+}
+
+// BenchmarkColdRandomRead measures cold 4 KiB random reads of written
+// blocks, 32 readers, without the read cache and with an empty one (every
+// miss fetches its whole window), beside raw 4 KiB ranged GETs of the same
+// objects: the price a random reader pays for windows it will not reuse,
+// and the read amplification.
+func BenchmarkColdRandomRead(b *testing.B) {
+	ctx := context.Background()
+	const bs = 4096
+	fillBytes := scaled(256 * mib)
+	srv := minio.Start(b)
+	st := srv.Store(b, srv.Bucket(b))
+	eo := enginetest.Options{Size: fillBytes, BlockSize: bs, ChunkSize: 4 * mib, NoCache: true}
+	e := enginetest.Open(b, st, eo)
+	buf := make([]byte, mib)
+	for off := int64(0); off < fillBytes; off += mib {
+		if err := e.Dev.WriteAt(ctx, buf, off, false); err != nil {
+			b.Fatal(err)
+		}
+	}
+	objects := e.Volume.Watermark()
+	md := e.Volume.Layout().MetadataSize()
+	e.Close(b)
+	const readers = 32
+	dur := 10 * time.Second
+	blocks := fillBytes / bs
+	read := func(e *enginetest.Engine) (float64, error) {
+		ops, d, err := timed(readers, dur, func(w int, rng *rand.Rand) error {
+			p := make([]byte, bs)
+			return e.Dev.ReadAt(ctx, p, rng.Int64N(blocks)*bs)
+		})
+		return mbps(ops*bs, d), err
+	}
+	ops, d, err := timed(readers, dur, func(w int, rng *rand.Rand) error {
+		p := make([]byte, bs)
+		_, err := st.GetRange(ctx, store.DataName(rng.Int64N(objects)), md+rng.Int64N(4*mib/bs)*bs, p)
+		if errors.Is(err, store.ErrNotFound) {
+			return nil // a placeholder of the attach's window
+		}
+		return err
+	})
+	if err != nil {
+		b.Fatal(err)
+	}
+	raw := mbps(ops*bs, d)
+	e = enginetest.Open(b, st, eo)
+	none, err := read(e)
+	if err != nil {
+		b.Fatal(err)
+	}
+	e.Close(b)
+	for _, window := range []int64{4 * kib, 64 * kib, 256 * kib} {
+		rc, err := cache.New(cache.Options{MemoryBytes: 256 * mib, Window: window, Logger: zerolog.Nop()})
+		if err != nil {
+			b.Fatal(err)
+		}
+		with := eo
+		with.NoCache = false
+		with.Cache = rc
+		e := enginetest.Open(b, st, with)
+		rc.Purge()
+		s0 := rc.Stats()
+		got, err := read(e)
+		if err != nil {
+			b.Fatal(err)
+		}
+		s1 := rc.Stats()
+		e.Close(b)
+		rc.Close()
+		b.Logf("cold 4 KiB random reads, %d readers, %d KiB windows: %.1f MB/s, %.2f of raw 4 KiB GETs (%.1f MB/s), %.2f without the cache (%.1f MB/s); fetched %d MiB for %d MiB returned",
+			readers, window>>10, got, got/raw, raw, got/none, none, (s1.FetchedBytes-s0.FetchedBytes)>>20, (s1.ReturnedBytes-s0.ReturnedBytes)>>20)
 	}
 }
