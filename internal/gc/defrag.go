@@ -62,24 +62,7 @@ func (c *Collector) Defrag(ctx context.Context, r Range) (Stats, error) {
 // or defragmentation run is going or the collector is stopped. The run
 // logs its outcome.
 func (c *Collector) TriggerDefrag(r Range) bool {
-	if !c.busy.CompareAndSwap(false, true) {
-		c.log.Warn().Msg("defragmentation requested while a threshold GC or defragmentation run is going; ignored")
-		return false
-	}
-	if !c.enter() {
-		c.busy.Store(false)
-		c.log.Warn().Msg("defragmentation requested after the collector stopped; ignored")
-		return false
-	}
-	go func() {
-		defer c.wg.Done()
-		defer c.busy.Store(false)
-		ctx, cancel := c.runCtx(context.Background())
-		defer cancel()
-		// The run logs its own result and error.
-		_, _ = c.defrag(ctx, r)
-	}()
-	return true
+	return c.trigger("defragmentation", func(ctx context.Context) { _, _ = c.defrag(ctx, r) })
 }
 
 // defrag is one run; the caller holds busy.

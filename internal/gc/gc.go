@@ -255,13 +255,20 @@ func (c *Collector) Threshold(ctx context.Context) (Stats, error) {
 // and returns true, or logs and returns false when a run is already going
 // or the collector is stopped. The run logs its outcome.
 func (c *Collector) Trigger() bool {
+	return c.trigger("threshold GC", func(ctx context.Context) { _, _ = c.threshold(ctx) })
+}
+
+// trigger runs run in the background unless a threshold or
+// defragmentation run is going or the collector is stopped (then it logs
+// what was ignored and returns false). run logs its own result and error.
+func (c *Collector) trigger(what string, run func(ctx context.Context)) bool {
 	if !c.busy.CompareAndSwap(false, true) {
-		c.log.Warn().Msg("threshold GC requested while a run is going; ignored")
+		c.log.Warn().Str("run", what).Msg("GC run requested while a threshold GC or defragmentation run is going; ignored")
 		return false
 	}
 	if !c.enter() {
 		c.busy.Store(false)
-		c.log.Warn().Msg("threshold GC requested after the collector stopped; ignored")
+		c.log.Warn().Str("run", what).Msg("GC run requested after the collector stopped; ignored")
 		return false
 	}
 	go func() {
@@ -269,8 +276,7 @@ func (c *Collector) Trigger() bool {
 		defer c.busy.Store(false)
 		ctx, cancel := c.runCtx(context.Background())
 		defer cancel()
-		// The run logs its own result and error.
-		_, _ = c.threshold(ctx)
+		run(ctx)
 	}()
 	return true
 }
