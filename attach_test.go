@@ -8,7 +8,6 @@ package main
 // flushed write survives.
 
 import (
-	"bytes"
 	"context"
 	"crypto/rand"
 	"crypto/sha256"
@@ -19,7 +18,6 @@ import (
 	"sort"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -86,22 +84,7 @@ func attachSetup(t *testing.T, settings ...string) *attachEnv {
 }
 
 // attachOutput collects a daemon's stdout and stderr.
-type attachOutput struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (o *attachOutput) Write(p []byte) (int, error) {
-	o.mu.Lock()
-	defer o.mu.Unlock()
-	return o.buf.Write(p)
-}
-
-func (o *attachOutput) String() string {
-	o.mu.Lock()
-	defer o.mu.Unlock()
-	return o.buf.String()
-}
+type attachOutput struct{ syncBuffer }
 
 // tail is the last n lines of the output.
 func (o *attachOutput) tail(n int) string {
@@ -122,23 +105,11 @@ type attachDaemon struct {
 	done chan struct{} // closed when the process has exited
 }
 
-// attachFreeAddr returns a loopback address with a port free right now.
-func attachFreeAddr(t *testing.T) string {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := l.Addr().String()
-	l.Close()
-	return addr
-}
-
 // start runs the daemon with the scenario's settings plus extra ones (a
 // later setting of the same variable wins).
 func (e *attachEnv) start(name string, extra ...string) *attachDaemon {
 	e.t.Helper()
-	d := &attachDaemon{t: e.t, name: name, addr: attachFreeAddr(e.t), out: &attachOutput{}, done: make(chan struct{})}
+	d := &attachDaemon{t: e.t, name: name, addr: freeAddr(e.t), out: &attachOutput{}, done: make(chan struct{})}
 	var env []string
 	for _, kv := range os.Environ() {
 		if !strings.HasPrefix(kv, "BS3_") { // no outside settings leak in

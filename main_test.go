@@ -37,6 +37,38 @@ func buildDaemon(t *testing.T) string {
 	return bin
 }
 
+// freeAddr returns a loopback TCP address with a port nobody listens on
+// right now.
+func freeAddr(t *testing.T) string {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := l.Addr().String()
+	l.Close()
+	return addr
+}
+
+// syncBuffer is a goroutine-safe output sink (a daemon's stderr, the log
+// of serve run in the test).
+type syncBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *syncBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *syncBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
+}
+
 // logWatcher collects a process's stderr and waits for lines in it.
 type logWatcher struct {
 	mu    sync.Mutex
@@ -224,18 +256,6 @@ func (d *shutdownDaemon) signal(t *testing.T, sig os.Signal) {
 	}
 }
 
-// shutdownFreeAddr returns a loopback TCP address nobody listens on.
-func shutdownFreeAddr(t *testing.T) string {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := l.Addr().String()
-	l.Close()
-	return addr
-}
-
 // shutdownNBD is a minimal NBD client (fixed newstyle, NBD_OPT_EXPORT_NAME,
 // simple replies): unlike qemu-io or nbdcopy it sends exactly the requests
 // the test asks for, and no flush when it disconnects.
@@ -335,7 +355,7 @@ func shutdownOnMinIO(t *testing.T, settings ...string) *shutdownDaemon {
 	t.Helper()
 	bin := buildDaemon(t)
 	srv := minio.Start(t)
-	addr := shutdownFreeAddr(t)
+	addr := freeAddr(t)
 	env := append([]string{
 		"BS3_STORE=s3", "BS3_S3_REMOTE=" + srv.Endpoint, "BS3_S3_BUCKET=" + srv.Bucket(t),
 		"BS3_S3_ACCESS_KEY=" + srv.AccessKey, "BS3_S3_SECRET_KEY=" + srv.SecretKey, "BS3_S3_REGION=" + srv.Region,
@@ -462,24 +482,6 @@ func TestShutdownWhenFUSEUnmounted(t *testing.T) {
 	d.logs.waitFor(t, "stopped cleanly", time.Second)
 }
 
-// shutdownLog is a goroutine-safe log sink for serve run in the test.
-type shutdownLog struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (l *shutdownLog) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.buf.Write(p)
-}
-
-func (l *shutdownLog) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.buf.String()
-}
-
 // shutdownListenerFD finds the descriptor of this process's TCP socket
 // listening on port, through /proc/net/tcp and /proc/self/fd.
 func shutdownListenerFD(t *testing.T, port int) int {
@@ -524,14 +526,14 @@ func shutdownListenerFD(t *testing.T, port int) int {
 // owns the socket.
 func TestShutdownWhenNBDServerEnds(t *testing.T) {
 	dir := t.TempDir()
-	addr := shutdownFreeAddr(t)
+	addr := freeAddr(t)
 	cfg := config.Default()
 	cfg.Store, cfg.Dir.Path, cfg.Size = config.StoreDir, filepath.Join(dir, "objects"), 1
 	cfg.Frontend, cfg.NBD.Listen = config.FrontendNBD, addr
 	if err := cfg.Validate(); err != nil {
 		t.Fatal(err)
 	}
-	var logs shutdownLog
+	var logs syncBuffer
 	served := make(chan error, 1)
 	go func() { served <- serve(cfg, false, zerolog.New(&logs)) }()
 	deadline := time.Now().Add(60 * time.Second)
@@ -581,7 +583,7 @@ func TestShutdownWhenNBDServerEnds(t *testing.T) {
 func TestShutdownStuckFrontendLeavesTimeToReport(t *testing.T) {
 	cfg := config.Default()
 	cfg.ShutdownTimeout = 1
-	var logs shutdownLog
+	var logs syncBuffer
 	d := &daemon{cfg: cfg, log: zerolog.New(&logs)}
 	stuck := make(chan struct{})
 	defer close(stuck)
