@@ -382,7 +382,7 @@ func deadGCUnderReads(t *testing.T, seed uint64) {
 					blk := p[i*bs : (i+1)*bs]
 					ver := binary.LittleEndian.Uint64(blk[8:])
 					want := make([]byte, bs)
-					blockData(want, b+i, ver)
+					enginetest.BlockVersion(want, b+i, ver)
 					switch {
 					case !bytes.Equal(blk, want):
 						report(fmt.Errorf("block %d: content is not an intact version (header says version %d)", b+i, ver))

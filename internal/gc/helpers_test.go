@@ -25,22 +25,6 @@ const (
 	mib = 1 << 20
 )
 
-// blockData fills dst (one block) with the content of version ver of
-// block: the block number and version, then a stream seeded by both, so
-// a read shows which write it returns and whether it is intact.
-func blockData(dst []byte, block int64, ver uint64) {
-	if ver == 0 {
-		clear(dst)
-		return
-	}
-	binary.LittleEndian.PutUint64(dst[0:], uint64(block))
-	binary.LittleEndian.PutUint64(dst[8:], ver)
-	r := rand.NewPCG(uint64(block), ver)
-	for i := 16; i+8 <= len(dst); i += 8 {
-		binary.LittleEndian.PutUint64(dst[i:], r.Uint64())
-	}
-}
-
 // model is the reference content of the device: per block, the version
 // of its newest acknowledged write (absent or 0: zeros).
 type model struct {
@@ -68,7 +52,7 @@ func (m *model) prepare(block, n int64) ([]byte, []uint64) {
 	m.mu.Unlock()
 	buf := make([]byte, n*m.bs)
 	for i, v := range vers {
-		blockData(buf[int64(i)*m.bs:int64(i+1)*m.bs], block+int64(i), v)
+		enginetest.BlockVersion(buf[int64(i)*m.bs:int64(i+1)*m.bs], block+int64(i), v)
 	}
 	return buf, vers
 }
@@ -137,7 +121,7 @@ func (m *model) expect(block, n int64) []byte {
 	defer m.mu.Unlock()
 	out := make([]byte, n*m.bs)
 	for i := int64(0); i < n; i++ {
-		blockData(out[i*m.bs:(i+1)*m.bs], block+i, m.ver[block+i])
+		enginetest.BlockVersion(out[i*m.bs:(i+1)*m.bs], block+i, m.ver[block+i])
 	}
 	return out
 }

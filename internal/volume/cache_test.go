@@ -35,22 +35,6 @@ const (
 	mib = 1 << 20
 )
 
-// fillBlock writes version ver of block into dst (one block): block and
-// version first, then a stream seeded by both, so a read shows which
-// write it returns and whether it is intact. Version 0 is zeros.
-func fillBlock(dst []byte, block int64, ver uint64) {
-	if ver == 0 {
-		clear(dst)
-		return
-	}
-	binary.LittleEndian.PutUint64(dst[0:], uint64(block))
-	binary.LittleEndian.PutUint64(dst[8:], ver)
-	r := rand.NewPCG(uint64(block), ver)
-	for i := 16; i+8 <= len(dst); i += 8 {
-		binary.LittleEndian.PutUint64(dst[i:], r.Uint64())
-	}
-}
-
 // vmodel is the newest acknowledged version of every block (0: zeros).
 type vmodel struct {
 	bs   int64
@@ -72,7 +56,7 @@ func (m *vmodel) write(tb testing.TB, dev frontend.Device, block, n int64) {
 	m.mu.Unlock()
 	buf := make([]byte, n*m.bs)
 	for i, v := range vers {
-		fillBlock(buf[int64(i)*m.bs:int64(i+1)*m.bs], block+int64(i), v)
+		enginetest.BlockVersion(buf[int64(i)*m.bs:int64(i+1)*m.bs], block+int64(i), v)
 	}
 	if err := dev.WriteAt(context.Background(), buf, block*m.bs, false); err != nil {
 		tb.Fatalf("write blocks %d+%d: %v", block, n, err)
@@ -116,7 +100,7 @@ func (m *vmodel) verifyRange(tb testing.TB, dev frontend.Device, from, upTo, ste
 		m.mu.Lock()
 		for i := int64(0); i < n; i++ {
 			got := buf[i*m.bs : (i+1)*m.bs]
-			fillBlock(want, b+i, m.ver[b+i])
+			enginetest.BlockVersion(want, b+i, m.ver[b+i])
 			if !bytes.Equal(got, want) {
 				m.mu.Unlock()
 				tb.Fatalf("block %d: got block %d version %d, want version %d", b+i,
@@ -358,7 +342,7 @@ func TestCacheConcurrentReadersWriters(t *testing.T) {
 				for j := range vers {
 					vers[j] = next.Add(1)
 					issued[b+int64(j)].Store(vers[j])
-					fillBlock(buf[int64(j)*bs:int64(j+1)*bs], b+int64(j), vers[j])
+					enginetest.BlockVersion(buf[int64(j)*bs:int64(j+1)*bs], b+int64(j), vers[j])
 				}
 				if err := e.Dev.WriteAt(context.Background(), buf[:n*bs], b*bs, false); err != nil {
 					errc <- err
@@ -412,7 +396,7 @@ func TestCacheConcurrentReadersWriters(t *testing.T) {
 					got := buf[j*bs : (j+1)*bs]
 					gb, gv := int64(binary.LittleEndian.Uint64(got)), binary.LittleEndian.Uint64(got[8:])
 					high := issued[b+j].Load()
-					fillBlock(want, b+j, gv)
+					enginetest.BlockVersion(want, b+j, gv)
 					if (gv != 0 && gb != b+j) || gv < low[j] || gv > high || !bytes.Equal(got, want) {
 						errc <- fmt.Errorf("block %d: read block %d version %d, want a version in [%d, %d], intact", b+j, gb, gv, low[j], high)
 						return
@@ -613,7 +597,7 @@ func TestReadahead(t *testing.T) {
 			t.Fatal(err)
 		}
 		for i := range int64(step) {
-			fillBlock(want, b+i, m.ver[b+i])
+			enginetest.BlockVersion(want, b+i, m.ver[b+i])
 			if !bytes.Equal(buf[i*bs:(i+1)*bs], want) {
 				t.Fatalf("block %d differs from the model", b+i)
 			}

@@ -5,7 +5,9 @@ package enginetest
 
 import (
 	"context"
+	"encoding/binary"
 	"fmt"
+	"math/rand/v2"
 	"testing"
 	"time"
 
@@ -94,4 +96,21 @@ func (e *Engine) Close(tb testing.TB) {
 		tb.Errorf("close volume: %v", err)
 	}
 	e.Objs.Close()
+}
+
+// BlockVersion fills dst (one block) with version ver of block: the block
+// number and version first, then a stream seeded by both, so a block read
+// back shows which write it came from and whether it is intact. Version 0
+// is zeros (never written, or discarded).
+func BlockVersion(dst []byte, block int64, ver uint64) {
+	if ver == 0 {
+		clear(dst)
+		return
+	}
+	binary.LittleEndian.PutUint64(dst[0:], uint64(block))
+	binary.LittleEndian.PutUint64(dst[8:], ver)
+	r := rand.NewPCG(uint64(block), ver)
+	for i := 16; i+8 <= len(dst); i += 8 {
+		binary.LittleEndian.PutUint64(dst[i:], r.Uint64())
+	}
 }
