@@ -145,19 +145,28 @@ func writeSuperblock(ctx context.Context, objs *objproxy.Proxy, sb Superblock, c
 	return nil
 }
 
-// readWhole reads a small object completely.
+// readWhole reads a small object completely. The lease and superblock
+// are replaced in place while other daemons read them, so the length from
+// Size may belong to another version than the GET that follows: read with
+// room to spare and take what one GET returned, which is always a single
+// whole version. A buffer filled to the brim may have cut a longer
+// version short, so that read is repeated with a larger buffer.
 func readWhole(ctx context.Context, objs *objproxy.Proxy, name string) ([]byte, error) {
 	size, err := objs.Size(ctx, objproxy.High, name)
 	if err != nil {
 		return nil, err
 	}
-	buf := make([]byte, size)
-	n, err := objs.GetRange(ctx, objproxy.High, name, 0, buf)
-	if err != nil {
-		return nil, err
+	room := size + size/4 + 4096
+	for attempt := 0; attempt < 8; attempt++ {
+		buf := make([]byte, room)
+		n, err := objs.GetRange(ctx, objproxy.High, name, 0, buf)
+		if err != nil {
+			return nil, err
+		}
+		if int64(n) < room {
+			return buf[:n], nil
+		}
+		room *= 2
 	}
-	if int64(n) != size {
-		return nil, fmt.Errorf("read %s: got %d of %d bytes", name, n, size)
-	}
-	return buf, nil
+	return nil, fmt.Errorf("read %s: the object kept growing past %d bytes while it was read", name, room)
 }
