@@ -70,6 +70,7 @@ func run() int {
 		return exitUsage
 	}
 	log := newLogger(cfg)
+	cfg.LogNotices(log) // retired BS3 keys: accepted, said so
 	if err := serve(cfg, *shrink, log); err != nil {
 		if errors.Is(err, errAborted) {
 			log.Error().Err(err).Int("exit_status", exitAborted).Msg("bs3 stopped without a clean stop")
