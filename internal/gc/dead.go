@@ -52,9 +52,9 @@ func (c *Collector) CollectDead(ctx context.Context) (Stats, error) {
 		c.log.Warn().Err(err).Int64("reclaimed", st.Reclaimed).Int64("placeholders", st.Placeholders).Msg("dead GC pass failed")
 	case st.Reclaimed > 0 || st.Placeholders > 0:
 		c.log.Info().Int64("reclaimed", st.Reclaimed).Int64("placeholders", st.Placeholders).
-			Int64("bytes_freed", st.BytesFreed).Int64("in_use", st.InUse).Dur("duration", st.Duration).Msg("dead GC pass")
+			Int64("bytes_freed", st.BytesFreed).Int64("in_use", st.InUse).Dur("duration_ms", st.Duration).Msg("dead GC pass")
 	default:
-		c.log.Debug().Int64("in_use", st.InUse).Dur("duration", st.Duration).Msg("dead GC pass: nothing to reclaim")
+		c.log.Debug().Int64("in_use", st.InUse).Dur("duration_ms", st.Duration).Msg("dead GC pass: nothing to reclaim")
 	}
 	return st, err
 }

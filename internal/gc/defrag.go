@@ -137,5 +137,5 @@ func logRun(log zerolog.Logger, st Stats, err error, msg string) {
 	ev.Int64("examined", st.Examined).Int64("compacted", st.Compacted).
 		Int64("bytes_read", st.BytesRead).Int64("bytes_written", st.BytesWritten).
 		Int64("reclaimed", st.Reclaimed).Int64("placeholders", st.Placeholders).
-		Int64("bytes_freed", st.BytesFreed).Dur("duration", st.Duration).Msg(msg)
+		Int64("bytes_freed", st.BytesFreed).Dur("duration_ms", st.Duration).Msg(msg)
 }

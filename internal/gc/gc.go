@@ -164,7 +164,7 @@ func New(v *volume.Volume, o Options) *Collector {
 	return &Collector{
 		v:      v,
 		o:      o,
-		log:    o.Logger.With().Str("component", "gc").Logger(),
+		log:    o.Logger,
 		ctx:    ctx,
 		cancel: cancel,
 		empty:  make(map[int64]struct{}),

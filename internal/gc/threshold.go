@@ -96,7 +96,7 @@ func (c *Collector) threshold(ctx context.Context) (Stats, error) {
 		Int64("bytes_read", st.BytesRead).Int64("bytes_written", st.BytesWritten).
 		Int64("reclaimed", st.Reclaimed).Int64("placeholders", st.Placeholders).
 		Int64("bytes_freed", st.BytesFreed).Float64("live_data", c.o.LiveData).
-		Dur("duration", st.Duration).Msg("threshold GC run")
+		Dur("duration_ms", st.Duration).Msg("threshold GC run")
 	if err != nil {
 		return st, fmt.Errorf("threshold GC: %w", err)
 	}

@@ -146,7 +146,7 @@ func New(ctx context.Context, o Options) (*Store, error) {
 		transport: transport,
 		bucket:    o.Bucket,
 		endpoint:  endpoint,
-		log:       o.Logger.With().Str("component", "s3").Str("bucket", o.Bucket).Str("endpoint", endpoint).Logger(),
+		log:       o.Logger.With().Str("bucket", o.Bucket).Str("endpoint", endpoint).Logger(),
 	}
 	if o.UnsignedPayload {
 		s.putOpts = []func(*s3.Options){func(so *s3.Options) {
