@@ -116,6 +116,7 @@ func (c *Collector) collectDead(ctx context.Context) (Stats, error) {
 
 	var wg sync.WaitGroup
 	sem := make(chan struct{}, deadConcurrency)
+	rep := c.progress("dead pass", "objects", "bytes_freed", int64(len(actions)))
 	for _, a := range actions {
 		if ctx.Err() != nil {
 			break
@@ -126,9 +127,15 @@ func (c *Collector) collectDead(ctx context.Context) (Stats, error) {
 			defer wg.Done()
 			defer func() { <-sem }()
 			c.reclaim(ctx, a)
+			freed := int64(0)
+			if a.done {
+				freed = max(a.bytes, 0)
+			}
+			rep.Add(1, freed)
 		}()
 	}
 	wg.Wait()
+	rep.Finish()
 
 	// Record what was done, even if ctx ended meanwhile: a deleted object
 	// must be forgotten and an emptied one counted as empty, or the map
