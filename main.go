@@ -341,7 +341,7 @@ func (d *daemon) start(ctx context.Context, shrink bool) error {
 			CollisionArea:  cfg.CollisionBytes(),
 			QueueDepth:     int64(cfg.QueueDepth),
 			Scheduler:      cfg.Scheduler,
-		}, log)
+		}, log.With().Str("component", "buse").Logger())
 		if err != nil {
 			return err
 		}

@@ -26,6 +26,10 @@
 // they cost one metadata area each and die when their discards are
 // overwritten.
 //
+// A phase that lasts logs "GC progress" lines at a steady interval
+// (internal/progress): dead pass in objects, live-data count and copy in
+// device blocks.
+//
 // Both run at low priority on the map proxy and the object proxy, so user
 // I/O overtakes them. The collector must never delete or empty an object
 // that the map or an in-flight read references, never touch the newest
