@@ -2,7 +2,7 @@
 # Boots Debian 12's 6.12 kernel (it ships ublk_drv and nbd as modules) under
 # QEMU with TCG, from a busybox initramfs holding a static bs3 and e2fsprogs,
 # and runs scripts/guest/guest.sh inside: the ublk frontend's life cycle
-# end to end (docs/ARCHITECTURE.md §15), the same for the kernel NBD driver,
+# end to end (docs/ARCHITECTURE.md §13), the same for the kernel NBD driver,
 # or fio on both. The guest has no network: bs3 uses the dir store inside it.
 #
 #   scripts/ublk-guest-test.sh [ublk|nbd|bench]     (default ublk)
@@ -20,6 +20,8 @@ TIMEOUT=${BS3_GUEST_TIMEOUT:-900}
 SMP=${BS3_GUEST_CPUS:-2}
 
 die() { echo "ublk-guest-test: $*" >&2; exit 2; }
+t0=$(date +%s)
+phase() { echo "ublk-guest-test: $* (at $(($(date +%s) - t0)) s)" >&2; }
 for c in qemu-system-x86_64 busybox mke2fs e2fsck dpkg-deb xz gzip go; do
   command -v "$c" >/dev/null || die "$c is missing (run scripts/deps.sh)"
 done
@@ -76,7 +78,8 @@ if [ "$MODE" != ublk ]; then copy_bin nbd-client; fi
 if [ "$MODE" = bench ]; then copy_bin fio; fi
 
 # bs3 itself, static.
-(cd "$ROOT" && CGO_ENABLED=0 go build -trimpath -o "$IR/bin/bs3" .)
+phase "building a static bs3"
+(cd "$ROOT" && CGO_ENABLED=0 go build -o "$IR/bin/bs3" .)
 cp "$ROOT/scripts/guest/guest.sh" "$IR/guest.sh"
 cat > "$IR/init" <<'INIT'
 #!/bin/busybox sh
@@ -100,13 +103,14 @@ INIT
 chmod +x "$IR/init" "$IR/guest.sh"
 (cd "$IR" && find . | busybox cpio -o -H newc 2>/dev/null | gzip -1 > "$WORK/initrd.gz")
 
-echo "ublk-guest-test: booting $(basename "$VMLINUZ") (mode $MODE, $SMP CPUs, TCG)" >&2
+phase "booting $(basename "$VMLINUZ") (mode $MODE, $SMP CPUs, TCG)"
 log=$WORK/console.log
 set +e
 timeout "$TIMEOUT" qemu-system-x86_64 -accel tcg -cpu max -smp "$SMP" -m 2048 -nographic -no-reboot \
   -kernel "$VMLINUZ" -initrd "$WORK/initrd.gz" \
   -append "console=ttyS0 quiet panic=-1 bs3mode=$MODE" -nic none </dev/null 2>&1 | tee "$log"
 set -e
+phase "guest finished"
 if grep -q '^BS3GUEST: PASS' "$log"; then
   exit 0
 fi

@@ -1,7 +1,7 @@
 // Package ublk owns the ublk frontend: the block device /dev/ublkb<id>
 // served by Linux's ublk driver (ublk_drv, Linux 6.0+) over io_uring, with
 // every request handed to the shared frontend.Device (the chunker), the
-// same write path as NBD and FUSE (docs/ARCHITECTURE.md §15).
+// same write path as NBD and FUSE (docs/ARCHITECTURE.md §13).
 //
 // The protocol is written here on raw io_uring syscalls rather than taken
 // from a library: the Go ublk library that exists
@@ -469,19 +469,21 @@ func (q *queue) run(started chan<- error) {
 	}
 	started <- nil
 	for {
-		if err := q.r.enter(true); err != nil {
-			q.d.log.Error().Uint16("queue", q.id).Err(err).Msg("ublk queue stopped")
-			q.d.ended(fmt.Errorf("ublk queue %d: %w", q.id, err))
-			return
+		err := q.r.enter(true)
+		if err == nil {
+			q.r.reap(func(c *cqe) {
+				if e := q.complete(c); e != nil && err == nil {
+					err = e
+				}
+			})
 		}
-		var err error
-		q.r.reap(func(c *cqe) {
-			if e := q.complete(c); e != nil && err == nil {
-				err = e
-			}
-		})
 		if err != nil {
 			q.d.log.Error().Uint16("queue", q.id).Err(err).Msg("ublk queue stopped")
+			// Closing the ring makes the kernel abort this queue's
+			// requests, so that STOP_DEV does not wait for them.
+			if cerr := q.r.close(); cerr != nil {
+				err = errors.Join(err, cerr)
+			}
 			q.d.ended(fmt.Errorf("ublk queue %d: %w", q.id, err))
 			return
 		}

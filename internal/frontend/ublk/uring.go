@@ -12,7 +12,7 @@ import (
 // A minimal io_uring on raw syscalls: 128-byte SQEs and 32-byte CQEs
 // (IORING_SETUP_SQE128 | IORING_SETUP_CQE32), which ublk's commands need,
 // and nothing else. No io_uring binding is served by the module proxy, and
-// ublk uses only this much of it (docs/ARCHITECTURE.md §15).
+// ublk uses only this much of it (docs/ARCHITECTURE.md §13).
 
 const (
 	setupSQE128 = 1 << 10
