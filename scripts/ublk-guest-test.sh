@@ -3,7 +3,8 @@
 # QEMU with TCG, from a busybox initramfs holding a static bs3 and e2fsprogs,
 # and runs scripts/guest/guest.sh inside: the ublk frontend's life cycle
 # end to end (docs/ARCHITECTURE.md §13), the same for the kernel NBD driver,
-# or fio on both. The guest has no network: bs3 uses the dir store inside it.
+# or fio on ublk, NBD and FUSE + loop. The guest has no network: bs3 uses
+# the dir store inside it.
 #
 #   scripts/ublk-guest-test.sh [ublk|nbd|bench]     (default ublk)
 #
@@ -26,7 +27,10 @@ for c in qemu-system-x86_64 busybox mke2fs e2fsck dpkg-deb xz gzip go; do
   command -v "$c" >/dev/null || die "$c is missing (run scripts/deps.sh)"
 done
 if [ "$MODE" != ublk ]; then command -v nbd-client >/dev/null || die "nbd-client is missing (run scripts/deps.sh)"; fi
-if [ "$MODE" = bench ]; then command -v fio >/dev/null || die "fio is missing (run scripts/deps.sh)"; fi
+if [ "$MODE" = bench ]; then
+  command -v fio >/dev/null || die "fio is missing (run scripts/deps.sh)"
+  command -v losetup >/dev/null || die "losetup is missing (run scripts/deps.sh)"
+fi
 
 # The kernel: the newest linux-image-6.12.*+deb12-amd64-unsigned, unpacked once.
 mkdir -p "$CACHE"
@@ -55,7 +59,7 @@ IR=$WORK/root
 mkdir -p "$IR"/{bin,sbin,lib/mods,etc,proc,sys,dev,tmp,mnt,data}
 
 # Modules in load order (no depmod data ships in the package).
-mods="lib/crc16 crypto/crc32c_generic fs/jbd2/jbd2 fs/mbcache fs/ext4/ext4 drivers/block/ublk_drv drivers/block/nbd"
+mods="lib/crc16 crypto/crc32c_generic fs/jbd2/jbd2 fs/mbcache fs/ext4/ext4 drivers/block/ublk_drv drivers/block/nbd drivers/block/loop"
 for m in $mods; do
   xz -dc "$MODDIR/$m.ko.xz" > "$IR/lib/mods/$(basename "$m").ko"
 done
@@ -75,7 +79,7 @@ copy_bin mke2fs
 copy_bin e2fsck
 ln -s mke2fs "$IR/bin/mkfs.ext4"
 if [ "$MODE" != ublk ]; then copy_bin nbd-client; fi
-if [ "$MODE" = bench ]; then copy_bin fio; fi
+if [ "$MODE" = bench ]; then copy_bin fio; copy_bin losetup; fi
 
 # bs3 itself, static.
 phase "building a static bs3"

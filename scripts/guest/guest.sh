@@ -29,6 +29,8 @@ durable = true
 path = "/data/objects"
 [nbd]
 listen = "unix:/tmp/nbd.sock"
+[fuse]
+mountpoint = "/tmp/fuse"
 [cache]
 memory_size = 64
 CFG
@@ -68,6 +70,10 @@ attach() {
     DEV=/dev/nbd0
     wait_for "[ -S /tmp/nbd.sock ]" 90 || fail "no NBD socket"
     nbd-client -unix /tmp/nbd.sock "$DEV" -N bs3 -b 4096 >/dev/null 2>&1 || fail "nbd-client"
+    ;;
+  fuse)
+    wait_for "grep -q '^bs3: block device /dev/loop' $LOG" 90 || fail "no loop device"
+    DEV=$(sed -n 's|^bs3: block device \(/dev/loop[0-9]*\).*|\1|p' "$LOG" | head -n 1)
     ;;
   esac
 }
@@ -159,7 +165,8 @@ lifecycle() { # FRONTEND
   ok "final SIGTERM"
 }
 
-# bench FRONTEND: fio 4 KiB random writes, then reads, over the null backend.
+# bench FRONTEND: fio 4 KiB random writes, then reads, over the null
+# backend (FUSE: through the loop device bs3 attaches).
 bench() {
   fe=$1
   : > "$LOG"
@@ -179,7 +186,7 @@ bench() {
 case "$mode" in
 ublk) lifecycle ublk ;;
 nbd) lifecycle nbd ;;
-bench) bench ublk; bench nbd ;;
+bench) mkdir -p /tmp/fuse; bench ublk; bench nbd; bench fuse ;;
 *) fail "unknown mode $mode" ;;
 esac
 echo "BS3GUEST: PASS"

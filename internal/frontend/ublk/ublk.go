@@ -4,15 +4,17 @@
 // same write path as NBD and FUSE (docs/ARCHITECTURE.md §13).
 //
 // The protocol is written here on raw io_uring syscalls rather than taken
-// from a library: the Go ublk library that exists
-// (github.com/semistrict/go-ublk, experimental) is not served by the
-// module proxy, nor is any io_uring binding, and ublk needs only a small,
-// fixed part of io_uring (URING_CMD with 128-byte SQEs, one READ on an
-// eventfd). Each queue runs on its own locked OS thread, because the
-// kernel (up to 6.15) accepts a queue's commands only from the task that
-// fetched its first request; requests are served concurrently by
-// goroutines and their results committed back by that thread, woken
-// through an eventfd.
+// from a library: the Go ublk libraries that exist
+// (github.com/semistrict/go-ublk, experimental, with its own io_uring) are
+// not served by the module proxy, nor is any io_uring binding, and ublk
+// needs only a small, fixed part of io_uring (URING_CMD with 128-byte
+// SQEs, one READ on an eventfd), which bs3 can test and keep correct
+// itself. Each queue runs on its own locked OS thread, because the kernel
+// (without UBLK_F_PER_IO_DAEMON, which 6.12 lacks) accepts a queue's
+// commands only from the task that fetched them; requests are served
+// concurrently by goroutines and their results committed back by that
+// thread, woken through an eventfd, so one thread batches the commits of
+// every request that finished while it slept.
 //
 // Life cycle: Start removes a stale device with the same id left by a
 // daemon that died (its ublk state is dead, or its server process is
