@@ -471,8 +471,8 @@ func (c Config) Validate() error {
 		if c.Threads > 4096 {
 			bad("threads", c.Threads, "must be at most 4096 with frontend = %q (ublk queues)", FrontendUBLK)
 		}
-		if c.Major > 1<<20 {
-			bad("major", c.Major, "must be at most %d with frontend = %q (the ublk device number)", 1<<20, FrontendUBLK)
+		if c.Major >= 1<<20 {
+			bad("major", c.Major, "must be at most %d with frontend = %q (the ublk device number)", 1<<20-1, FrontendUBLK)
 		}
 	}
 	if c.Frontend == FrontendFUSE && c.FUSE.Mountpoint == "" {

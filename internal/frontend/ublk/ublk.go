@@ -49,6 +49,9 @@ import (
 // buffer size per tag): 512 KiB, ublk's own default.
 const DefaultMaxIOBytes = 512 << 10
 
+// maxDevices is the kernel's limit on device numbers (UBLK_MINORS).
+const maxDevices = 1 << 20
+
 // maxDiscardBytes caps one discard or write-zeroes request; the kernel
 // splits larger ones.
 const maxDiscardBytes = 1 << 30
@@ -153,8 +156,8 @@ func Start(dev frontend.Device, o Options) (*Device, error) {
 
 func (o Options) validate(dev frontend.Device) error {
 	switch {
-	case o.ID < 0 || o.ID > 1<<20:
-		return fmt.Errorf("ublk device id %d out of range (0-%d)", o.ID, 1<<20)
+	case o.ID < 0 || o.ID >= maxDevices:
+		return fmt.Errorf("ublk device id %d out of range (0-%d)", o.ID, maxDevices-1)
 	case o.Queues < 0 || o.Queues > 4096:
 		return fmt.Errorf("ublk queues %d out of range (0-4096)", o.Queues)
 	case o.QueueDepth < 1 || o.QueueDepth > maxQueueDepth:
@@ -192,7 +195,9 @@ func (d *Device) removeStale() error {
 		return err
 	}
 	pid := int(info.SrvPID)
-	if info.State != stateDead && pid > 0 && processAlive(pid) {
+	// A live server refuses whatever the state: a device another bs3 is
+	// still setting up is dead (not started) too.
+	if pid > 0 && processAlive(pid) {
 		return fmt.Errorf("ublk device %d (/dev/ublkb%d) already exists, served by process %d: stop that process, or set major to a free device number", d.id, d.id, pid)
 	}
 	d.log.Warn().Uint32("id", d.id).Int("old_pid", pid).Uint16("state", info.State).

@@ -59,12 +59,6 @@ const (
 	flagCmdIoctlEncode = 1 << 6
 )
 
-// Device states (ublksrv_ctrl_dev_info.state).
-const (
-	stateDead = 0
-	stateLive = 1
-)
-
 // I/O operations and flags (ublksrv_io_desc.op_flags: op in bits 0-7).
 const (
 	opRead        = 0
