@@ -21,7 +21,8 @@ command -v losetup >/dev/null || need+=(util-linux)
 # The guest tests (scripts/ublk-guest-test.sh): QEMU, a static busybox for
 # the initramfs, nbd-client, xz for the kernel modules.
 command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
-command -v busybox >/dev/null || need+=(busybox-static)
+# (the initramfs needs a static busybox: ldd fails on it)
+{ command -v busybox >/dev/null && ! ldd "$(command -v busybox)" >/dev/null 2>&1; } || need+=(busybox-static)
 command -v nbd-client >/dev/null || need+=(nbd-client)
 command -v xz >/dev/null || need+=(xz-utils)
 if [ ${#need[@]} -gt 0 ]; then

@@ -26,6 +26,7 @@ phase() { echo "ublk-guest-test: $* (at $(($(date +%s) - t0)) s)" >&2; }
 for c in qemu-system-x86_64 busybox mke2fs e2fsck dpkg-deb xz gzip go; do
   command -v "$c" >/dev/null || die "$c is missing (run scripts/deps.sh)"
 done
+ldd "$(command -v busybox)" >/dev/null 2>&1 && die "$(command -v busybox) is not static (install busybox-static)"
 if [ "$MODE" != ublk ]; then command -v nbd-client >/dev/null || die "nbd-client is missing (run scripts/deps.sh)"; fi
 if [ "$MODE" = bench ]; then
   command -v fio >/dev/null || die "fio is missing (run scripts/deps.sh)"

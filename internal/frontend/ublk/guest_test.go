@@ -78,5 +78,9 @@ func TestGuestNBD(t *testing.T) {
 		"ok SIGTERM: bs3 exited 0",
 		"ok e2fsck clean after restart",
 		"ok checksums equal after restart",
+		"ok SIGKILL during fsync'ed writes",
+		"ok fsync'ed data intact after SIGKILL",
+		"ok e2fsck clean after SIGKILL",
+		"ok final SIGTERM",
 	})
 }
