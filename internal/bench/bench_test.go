@@ -152,7 +152,7 @@ func BenchmarkThroughput(b *testing.B) {
 	unsigned := os.Getenv("BS3_BENCH_UNSIGNED") == "1"
 	openStore := func() *s3.Store {
 		o := srv.Options(b, srv.Bucket(b))
-		o.UnsignedPayload = unsigned
+		o.PayloadChecksum = map[bool]s3.PayloadMode{false: s3.PayloadSigned, true: s3.PayloadUnsigned}[unsigned]
 		return srv.StoreWith(b, o)
 	}
 	raw := openStore()
