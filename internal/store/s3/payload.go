@@ -149,8 +149,8 @@ func refusal(st int) bool {
 
 // probeVerifies finds whether the store verifies the checksum of mode:
 // a Put with the right checksum must succeed, one with a wrong checksum
-// must be refused with a 4xx and leave the object as it was. why says
-// what the store did when it does not verify.
+// must be refused as a bad digest (HTTP 400) and leave the object as it
+// was. why says what the store did when it does not verify.
 func (s *Store) probeVerifies(ctx context.Context, probeName string, mode PayloadMode) (verified bool, why string, err error) {
 	prefix := fmt.Sprintf("%s payload probe at %s", mode, s.endpoint)
 	// A probe left by an earlier crash is simply overwritten, but delete
@@ -181,10 +181,11 @@ func (s *Store) probeVerifies(ctx context.Context, probeName string, mode Payloa
 		return false, "a PUT whose checksum did not match its body was accepted", nil
 	case !refusal(st):
 		return false, "", fmt.Errorf("%s: write with a wrong checksum: %w", prefix, perr)
-	case st != http.StatusBadRequest:
-		// Refused, but not as a bad digest: say so, and still check
-		// that the object was not replaced.
-		s.log.Debug().Int("status", st).Err(perr).Msg("payload probe: wrong checksum refused with an unusual status")
+	case st != http.StatusBadRequest && !errors.Is(perr, ErrChecksumMismatch):
+		// Refused for another reason (throttled, forbidden, ...): that
+		// proves nothing about verification, and the safe side is to
+		// not rely on it.
+		return false, fmt.Sprintf("a PUT whose checksum did not match its body was refused with HTTP %d, not as a bad digest (400): %v", st, perr), nil
 	}
 	buf := make([]byte, len(bad)+1)
 	n, err := s.GetRange(ctx, probeName, 0, buf)

@@ -153,6 +153,14 @@ func TestProbeStoreNotVerifying(t *testing.T) {
 		}
 		return false
 	}
+	// A refusal that is not a bad digest (here 403) proves nothing.
+	forbid := func(w http.ResponseWriter, r *http.Request) bool {
+		if r.Method == http.MethodPut && strings.HasSuffix(r.URL.Path, "/"+probe) && strings.Contains(readBody(r), "does not match") {
+			w.WriteHeader(http.StatusForbidden)
+			return true
+		}
+		return false
+	}
 	cases := []struct {
 		name   string
 		handle func(http.ResponseWriter, *http.Request) bool
@@ -163,6 +171,7 @@ func TestProbeStoreNotVerifying(t *testing.T) {
 		{"ignores/auto", ignore, s3.PayloadAuto, s3.PayloadSigned, "was accepted"},
 		{"ignores/crc32c", ignore, s3.PayloadCRC32C, s3.PayloadCRC32C, "does not verify the upload checksum"},
 		{"refuses/auto", refuse, s3.PayloadAuto, s3.PayloadSigned, "HTTP 501"},
+		{"forbids/auto", forbid, s3.PayloadAuto, s3.PayloadSigned, "HTTP 403, not as a bad digest"},
 	}
 	for _, c := range cases {
 		p := newProxy(t, srv.Endpoint)
@@ -291,5 +300,69 @@ func TestUnknownPayloadMode(t *testing.T) {
 	_, err := s3.New(ctxT(t), o)
 	if err == nil || !strings.Contains(err.Error(), `"sha1"`) || !strings.Contains(err.Error(), "crc32c") {
 		t.Errorf("New with payload mode sha1: err = %v, want one naming the mode and the accepted ones", err)
+	}
+}
+
+// TestPayloadModeOverTLS: over https, auto sends the CRC32C in a header
+// like over http (not the SDK's aws-chunked trailers, which several stores
+// reject), and a store that does not verify it falls back to unsigned:
+// TLS protects the body, so signing its SHA-256 would be wasted CPU.
+func TestPayloadModeOverTLS(t *testing.T) {
+	srv := minio.Start(t)
+	const probe = "payload-checksum-probe-7-8"
+	body := bytes.Repeat([]byte("over tls "), 50000)
+	cases := []struct {
+		name   string
+		ignore bool
+		want   s3.PayloadMode
+	}{
+		{"verifying store", false, s3.PayloadCRC32C},
+		{"store ignoring checksums", true, s3.PayloadUnsigned},
+	}
+	for _, c := range cases {
+		p := startProxy(t, srv.Endpoint, true)
+		o := srv.Options(t, srv.Bucket(t))
+		o.Endpoint = p.URL
+		o.WrapTransport = func(http.RoundTripper) http.RoundTripper { return p.Transport }
+		st := srv.StoreWith(t, o)
+		if got := st.PayloadMode(); got != s3.PayloadUnsigned {
+			t.Errorf("%s: auto over https before the probe: %s, want unsigned", c.name, got)
+		}
+		if c.ignore {
+			p.mu.Lock()
+			p.handle = func(w http.ResponseWriter, r *http.Request) bool {
+				if r.Method == http.MethodPut && strings.HasSuffix(r.URL.Path, "/"+probe) && strings.Contains(readBody(r), "does not match") {
+					w.WriteHeader(http.StatusOK)
+					return true
+				}
+				return false
+			}
+			p.mu.Unlock()
+		}
+		got, err := st.ProbePayloadChecksum(ctxT(t), probe)
+		if err != nil {
+			t.Fatalf("%s: %v", c.name, err)
+		}
+		if got != c.want {
+			t.Errorf("%s: probe over https chose %s, want %s", c.name, got, c.want)
+		}
+		if err := st.Put(ctxT(t), "tls", body, true); err != nil {
+			t.Fatalf("%s: %v", c.name, err)
+		}
+		buf := make([]byte, len(body))
+		if n, err := st.GetRange(ctxT(t), "tls", 0, buf); err != nil || n != len(body) || !bytes.Equal(buf, body) {
+			t.Errorf("%s: read back %d bytes, %v", c.name, n, err)
+		}
+		puts := p.puts()
+		h := puts[len(puts)-1].Header
+		if got := h.Get("X-Amz-Content-Sha256"); got != "UNSIGNED-PAYLOAD" {
+			t.Errorf("%s: x-amz-content-sha256 = %q, want UNSIGNED-PAYLOAD", c.name, got)
+		}
+		if hasCRC := h.Get("X-Amz-Checksum-Crc32c") != ""; hasCRC != (c.want == s3.PayloadCRC32C) {
+			t.Errorf("%s: x-amz-checksum-crc32c present = %v in mode %s", c.name, hasCRC, c.want)
+		}
+		if h.Get("X-Amz-Trailer") != "" || strings.Contains(h.Get("Content-Encoding"), "aws-chunked") {
+			t.Errorf("%s: PUT uses trailers: x-amz-trailer %q, content-encoding %q", c.name, h.Get("X-Amz-Trailer"), h.Get("Content-Encoding"))
+		}
 	}
 }

@@ -63,7 +63,8 @@ func TestProbeConditionalWrites(t *testing.T) {
 // rewrite responses, to reproduce stores that behave differently. Only
 // responses are changed, so SigV4 signatures stay valid.
 type proxy struct {
-	URL string
+	URL       string
+	Transport http.RoundTripper // for a TLS proxy: trusts its certificate
 
 	mu       sync.Mutex
 	requests []*http.Request // clones of what reached the proxy
@@ -71,7 +72,11 @@ type proxy struct {
 	handle   func(http.ResponseWriter, *http.Request) bool // true: answered, do not forward
 }
 
-func newProxy(t *testing.T, target string) *proxy {
+func newProxy(t *testing.T, target string) *proxy { return startProxy(t, target, false) }
+
+// startProxy starts the proxy, serving https with a test certificate if
+// tls is set; then p.Transport is a transport that trusts it.
+func startProxy(t *testing.T, target string, tls bool) *proxy {
 	u, err := url.Parse(target)
 	if err != nil {
 		t.Fatal(err)
@@ -87,7 +92,7 @@ func newProxy(t *testing.T, target string) *proxy {
 		}
 		return nil
 	}
-	ts := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	ts := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		p.mu.Lock()
 		p.requests = append(p.requests, r.Clone(context.Background()))
 		handle := p.handle
@@ -97,6 +102,12 @@ func newProxy(t *testing.T, target string) *proxy {
 		}
 		rp.ServeHTTP(w, r)
 	}))
+	if tls {
+		ts.StartTLS()
+		p.Transport = ts.Client().Transport
+	} else {
+		ts.Start()
+	}
 	t.Cleanup(ts.Close)
 	p.URL = ts.URL
 	return p
