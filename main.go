@@ -264,7 +264,8 @@ func (d *daemon) start(ctx context.Context, shrink bool) error {
 		if cfg.CacheMemoryBytes() > 0 {
 			if rc, err = cache.New(cache.Options{
 				MemoryBytes: cfg.CacheMemoryBytes(),
-				Window:      cfg.CacheFetchBytes(),
+				Window:      cache.WindowFor(cfg.CacheFetchBytes()),
+				FetchSize:   cfg.CacheFetchBytes(),
 				Dir:         cfg.Cache.Dir,
 				DiskBytes:   cfg.CacheDiskBytes(),
 				Logger:      log.With().Str("component", "cache").Logger(),

@@ -185,7 +185,7 @@ type DirConfig struct {
 // CacheConfig is the [cache] section: the read cache.
 type CacheConfig struct {
 	MemorySize int    `toml:"memory_size" env:"MEMORY_SIZE" env-description:"read cache in memory, MiB (recently written and read data); 0 = off"`
-	FetchSize  int    `toml:"fetch_size" env:"FETCH_SIZE" env-description:"KiB a read fetches and caches around a miss (aligned inside the object); a power of two from 4 to 4096"`
+	FetchSize  int    `toml:"fetch_size" env:"FETCH_SIZE" env-description:"KiB a streaming or large read fetches and caches around a miss (aligned inside the object; cached as 64 KiB windows); a power of two from 4 to 4096"`
 	Dir        string `toml:"dir" env:"DIR" env-description:"directory of the read cache on local disk (survives restarts; every 4 KiB block checked with CRC32C); empty = memory only"`
 	DiskSize   int    `toml:"disk_size" env:"DISK_SIZE" env-description:"GiB the read cache may use under dir"`
 }
