@@ -295,8 +295,13 @@ func (s *s3backerMount) Close() error {
 	default:
 	}
 	var errs []error
+	// After an unmount s3backer writes back what is dirty, which may take
+	// a while; if the unmount failed (it never mounted), there is nothing
+	// to wait for.
+	wait := 5 * time.Minute
 	if err := run("fusermount", "-u", s.dir); err != nil {
 		errs = append(errs, fmt.Errorf("unmount s3backer: %w", err))
+		wait = 5 * time.Second
 	}
 	select {
 	case <-s.exited:
@@ -304,18 +309,41 @@ func (s *s3backerMount) Close() error {
 			errs = append(errs, fmt.Errorf("s3backer exited with %v:\n%s", s.waitErr, s.log()))
 		}
 		return errors.Join(errs...)
-	case <-time.After(5 * time.Minute):
+	case <-time.After(wait):
 	}
-	// Not unmounted, or stuck writing back: stop it and leave no mount behind.
-	errs = append(errs, fmt.Errorf("s3backer still running 5 min after the unmount; killed:\n%s", s.log()))
-	if err := s.cmd.Process.Kill(); err != nil {
-		errs = append(errs, fmt.Errorf("kill s3backer: %w", err))
+	// Stuck: stop it (SIGTERM lets libfuse unmount), and leave no mount behind.
+	errs = append(errs, fmt.Errorf("s3backer still running %v after the unmount; stopped:\n%s", wait, s.log()))
+	if err := s.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		errs = append(errs, fmt.Errorf("stop s3backer: %w", err))
 	}
-	<-s.exited
-	if err := run("umount", "-l", s.dir); err != nil {
-		errs = append(errs, err)
+	select {
+	case <-s.exited:
+	case <-time.After(10 * time.Second):
+		if err := s.cmd.Process.Kill(); err != nil {
+			errs = append(errs, fmt.Errorf("kill s3backer: %w", err))
+		}
+		<-s.exited
+	}
+	if mounted(s.dir) {
+		if err := run("umount", "-l", s.dir); err != nil {
+			errs = append(errs, err)
+		}
 	}
 	return errors.Join(errs...)
+}
+
+// mounted reports whether something is mounted on dir.
+func mounted(dir string) bool {
+	b, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		return true // cannot tell: try to unmount
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if f := strings.Fields(line); len(f) > 4 && f[4] == dir {
+			return true
+		}
+	}
+	return false
 }
 
 // run runs a command and returns an error with its output if it fails.
