@@ -102,7 +102,9 @@ func cacheDelta(s0, s1 cache.Stats, gets uint64) string {
 // machine's NBD ceiling), in the same run. Both regions are filled first
 // with 1 MiB sequential writes; bs3's memory cache is then purged so its
 // first pass starts cold (every block in S3) and warms the cache, and the
-// second pass is the one compared (target: at least 0.5× nbdkit).
+// second pass is the one compared (target: at least 0.5× nbdkit). The
+// passes on the two alternate, and bs3's are compared with nbdkit's better
+// one, because the rest of the machine's load shifts from pass to pass.
 // BS3_BENCH_SCALE scales the duration of each pass (20 s at 1, at least 5 s).
 //
 //	go test -run '^$' -bench HotSet -benchtime 1x ./internal/bench/
@@ -136,8 +138,6 @@ func BenchmarkHotSet(b *testing.B) {
 	kitTarget := []string{"--ioengine=nbd", "--uri=nbd://" + addr + "/"}
 	waitNBD(b, addr)
 	fioSeqFill(b, kitTarget, hot)
-	kit1 := fioHotRead(b, kitTarget, hot, d)
-	kit2 := fioHotRead(b, kitTarget, hot, d)
 
 	// bs3 on MinIO through NBD.
 	srv := minio.Start(b)
@@ -163,23 +163,30 @@ func BenchmarkHotSet(b *testing.B) {
 	// Committed writes populate the cache; start from an empty one so the
 	// first pass reads from S3.
 	rc.Purge()
+	// The passes alternate, so that both systems see about the same load
+	// from the rest of the machine; bs3's warm pass is compared with the
+	// better of nbdkit's two.
 	s0, g0 := rc.Stats(), e.Objs.Stats().Get.Attempts
 	cold := fioHotRead(b, target, hot, d)
 	s1, g1 := rc.Stats(), e.Objs.Stats().Get.Attempts
+	kit1 := fioHotRead(b, kitTarget, hot, d)
+	s1b, g1b := rc.Stats(), e.Objs.Stats().Get.Attempts
 	warm := fioHotRead(b, target, hot, d)
 	s2, g2 := rc.Stats(), e.Objs.Stats().Get.Attempts
+	kit2 := fioHotRead(b, kitTarget, hot, d)
+	ceiling := max(kit1.IOPS, kit2.IOPS)
 
 	// Printed rather than logged: a benchmark's log is cut at 10 lines.
 	fmt.Printf("\nhot set: 4 KiB random reads over %d MiB, iodepth 32, fio --ioengine=nbd, %v per pass\n", hot>>20, d)
 	fmt.Printf("  nbdkit memory      pass 1 %9.0f IOPS   pass 2 %9.0f IOPS\n", kit1.IOPS, kit2.IOPS)
 	fmt.Printf("  bs3 on MinIO       pass 1 %9.0f IOPS   pass 2 %9.0f IOPS   (fill %.1f MB/s)\n", cold.IOPS, warm.IOPS, fill.MBps)
-	fmt.Printf("  ratio bs3/nbdkit   pass 1 %9.2f        pass 2 %9.2f        (target pass 2 >= 0.5)\n", cold.IOPS/kit2.IOPS, warm.IOPS/kit2.IOPS)
+	fmt.Printf("  ratio to nbdkit    pass 1 %9.2f        pass 2 %9.2f        (nbdkit's better pass; target pass 2 >= 0.5)\n", cold.IOPS/ceiling, warm.IOPS/ceiling)
 	fmt.Printf("  bs3 cache, pass 1: %s\n", cacheDelta(s0, s1, g1-g0))
-	fmt.Printf("  bs3 cache, pass 2: %s\n", cacheDelta(s1, s2, g2-g1))
-	b.ReportMetric(kit2.IOPS, "nbdkit-IOPS")
+	fmt.Printf("  bs3 cache, pass 2: %s\n", cacheDelta(s1b, s2, g2-g1b))
+	b.ReportMetric(ceiling, "nbdkit-IOPS")
 	b.ReportMetric(cold.IOPS, "cold-IOPS")
 	b.ReportMetric(warm.IOPS, "warm-IOPS")
-	b.ReportMetric(warm.IOPS/kit2.IOPS, "warm/nbdkit")
+	b.ReportMetric(warm.IOPS/ceiling, "warm/nbdkit")
 }
 
 // waitNBD waits until something accepts connections on addr (nbdkit
