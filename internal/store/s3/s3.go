@@ -20,6 +20,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"slices"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -167,7 +168,8 @@ func New(ctx context.Context, o Options) (*Store, error) {
 	// A client of its own rather than a per-call option: per-call options
 	// copy the middleware list on every request.
 	unsigned := s3.NewFromConfig(cfg, clientOpts, func(so *s3.Options) {
-		so.APIOptions = append(so.APIOptions, v4.SwapComputePayloadSHA256ForUnsignedPayloadMiddleware)
+		// Clipped: the list may share its array with client's.
+		so.APIOptions = append(slices.Clip(so.APIOptions), v4.SwapComputePayloadSHA256ForUnsignedPayloadMiddleware)
 	})
 
 	s := &Store{
