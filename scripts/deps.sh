@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the tests need on a fresh Debian machine: the NBD clients,
-# fio, e2fsprogs, fuse3, and QEMU with busybox for the guest tests from
-# Debian, and a MinIO server built from the Go module proxy into the
-# Go-style cache directory (not into the repo).
+# fio, e2fsprogs, fuse3, s3backer (for a benchmark) and QEMU with busybox
+# (for the guest tests) from Debian, and a MinIO server built from the Go
+# module proxy into the Go-style cache directory (not into the repo).
 # Safe to run again: it only installs what is missing.
 set -euo pipefail
 
@@ -18,6 +18,7 @@ command -v mkfs.ext4 >/dev/null || need+=(e2fsprogs)
 command -v fusermount3 >/dev/null || need+=(fuse3)
 command -v nbdkit >/dev/null || need+=(nbdkit)
 command -v losetup >/dev/null || need+=(util-linux)
+command -v s3backer >/dev/null || need+=(s3backer) # BenchmarkVsS3backer
 # The guest tests (scripts/ublk-guest-test.sh): QEMU, a static busybox for
 # the initramfs, nbd-client, xz for the kernel modules.
 command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)

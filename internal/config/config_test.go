@@ -113,6 +113,7 @@ func TestDefaultsForMinimalFile(t *testing.T) {
 		{"s3.downloaders", c.S3.Downloaders, 16},
 		{"s3.prefix", c.S3.Prefix, ""},
 		{"s3.conditional_writes", c.S3.ConditionalWrites, true},
+		{"s3.payload_checksum", c.S3.PayloadChecksum, "auto"},
 		{"write.durable", c.Write.Durable, false},
 		{"write.shared_buffer_size", c.Write.SharedBufferSize, 32},
 		{"write.chunk_size", c.Write.ChunkSize, 4},
@@ -132,6 +133,11 @@ func TestDefaultsForMinimalFile(t *testing.T) {
 		{"nbd.handshake_timeout", c.NBD.HandshakeTimeout, 10},
 		{"nbd.max_connections", c.NBD.MaxConnections, 16},
 		{"nbd.max_buffered", c.NBD.MaxBuffered, 256},
+		{"nbd.tls", c.NBD.TLS, "off"},
+		{"nbd.tls_cert", c.NBD.TLSCert, ""},
+		{"nbd.tls_key", c.NBD.TLSKey, ""},
+		{"nbd.tls_ca", c.NBD.TLSCA, ""},
+		{"nbd.socket_group", c.NBD.SocketGroup, ""},
 		{"fuse.mountpoint", c.FUSE.Mountpoint, "/run/bs3/fuse"},
 		{"fuse.loop", c.FUSE.Loop, true},
 		{"dir.path", c.Dir.Path, "/var/lib/bs3/objects"},
@@ -301,6 +307,18 @@ func valid() Config {
 	return c
 }
 
+// worldReadable is a key file every user can read.
+func worldReadable(t *testing.T) string {
+	p := filepath.Join(t.TempDir(), "tls.key")
+	if err := os.WriteFile(p, []byte("key"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(p, 0o644); err != nil { // whatever the umask
+		t.Fatal(err)
+	}
+	return p
+}
+
 func TestValidateRefusals(t *testing.T) {
 	if err := valid().Validate(); err != nil {
 		t.Fatalf("valid config refused: %v", err)
@@ -348,6 +366,7 @@ func TestValidateRefusals(t *testing.T) {
 		{"frontend", func(c *Config) { c.Frontend = "iscsi" }, "frontend", `"iscsi"`, "nbd"},
 		{"store", func(c *Config) { c.Store = "gcs" }, "store", `"gcs"`, "dir"},
 		{"log level", func(c *Config) { c.Log.Level = "verbose" }, "log.level", `"verbose"`, "debug"},
+		{"payload checksum", func(c *Config) { c.S3.PayloadChecksum = "sha1" }, "s3.payload_checksum", `"sha1"`, "crc32c"},
 		{"bucket empty", func(c *Config) { c.S3.Bucket = "" }, "s3.bucket", `""`, "required"},
 		{"bucket empty but null", func(c *Config) { c.S3.Bucket = ""; c.Null = true }, "", "", ""},
 		{"bucket empty but dir", func(c *Config) { c.S3.Bucket = ""; c.Store = "dir" }, "", "", ""},
@@ -360,6 +379,14 @@ func TestValidateRefusals(t *testing.T) {
 		{"nbd max connections zero", func(c *Config) { c.NBD.MaxConnections = 0 }, "nbd.max_connections", "0", ""},
 		{"nbd handshake timeout zero", func(c *Config) { c.NBD.HandshakeTimeout = 0 }, "nbd.handshake_timeout", "0", ""},
 		{"fuse mountpoint empty", func(c *Config) { c.Frontend = "fuse"; c.FUSE.Mountpoint = "" }, "fuse.mountpoint", `""`, "required"},
+		{"nbd tls unknown", func(c *Config) { c.NBD.TLS = "maybe" }, "nbd.tls", `"maybe"`, "require"},
+		{"nbd tls without cert", func(c *Config) { c.NBD.TLS = "require"; c.NBD.TLSKey = "/k" }, "nbd.tls_cert", `""`, "required"},
+		{"nbd tls without key", func(c *Config) { c.NBD.TLS = "on"; c.NBD.TLSCert = "/c" }, "nbd.tls_key", `""`, "required"},
+		{"nbd tls ca without tls", func(c *Config) { c.NBD.TLSCA = "/ca" }, "nbd.tls_ca", `"/ca"`, "require"},
+		{"nbd tls fine", func(c *Config) { c.NBD.TLS = "require"; c.NBD.TLSCert = "/c"; c.NBD.TLSKey = "/k"; c.NBD.TLSCA = "/ca" }, "", "", ""},
+		{"nbd tls key world-readable", func(c *Config) {
+			c.NBD.TLS, c.NBD.TLSCert, c.NBD.TLSKey = "on", "/c", worldReadable(t)
+		}, "nbd.tls_key", "tls.key", "chmod"},
 		{"ublk", func(c *Config) { c.Frontend = "ublk"; c.Major = 3; c.Threads = 2; c.QueueDepth = 4096 }, "", "", ""},
 		{"ublk queue depth", func(c *Config) { c.Frontend = "ublk"; c.QueueDepth = 4097 }, "queue_depth", "4097", "4096"},
 		{"ublk threads", func(c *Config) { c.Frontend = "ublk"; c.Threads = 5000 }, "threads", "5000", "ublk queues"},
