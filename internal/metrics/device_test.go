@@ -156,3 +156,23 @@ func TestBuseCountsItems(t *testing.T) {
 		`bs3_device_request_duration_seconds_count{op="read"}`:  1,
 	})
 }
+
+// BenchmarkDeviceOverhead measures what the wrapper adds to a request
+// that costs nothing by itself: compare the bare and counted sub-benchmarks.
+func BenchmarkDeviceOverhead(b *testing.B) {
+	ctx := context.Background()
+	buf := make([]byte, 4096)
+	for _, bc := range []struct {
+		name string
+		dev  frontend.Device
+	}{{"bare", nopDevice{}}, {"counted", New(zerolog.Nop()).Device(nopDevice{})}} {
+		b.Run(bc.name, func(b *testing.B) {
+			b.ReportAllocs()
+			b.RunParallel(func(pb *testing.PB) {
+				for pb.Next() {
+					_ = bc.dev.WriteAt(ctx, buf, 0, false)
+				}
+			})
+		})
+	}
+}
