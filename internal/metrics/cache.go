@@ -39,6 +39,8 @@ func newCacheCollector(c cacheSource) *cacheCollector {
 		m("inserted_bytes_total", cnt, "Bytes of the windows stored in the read cache.", func(s cache.Stats) int64 { return s.InsertedBytes }),
 		m("fetches_total", cnt, "GETs issued by the read path, readahead included.", func(s cache.Stats) int64 { return s.Fetches }),
 		m("fetched_bytes_total", cnt, "Bytes the read path's GETs returned, readahead included; over returned bytes, the read amplification.", func(s cache.Stats) int64 { return s.FetchedBytes }),
+		m("readahead_hits_total", cnt, "Prefetched windows that a read then used.", func(s cache.Stats) int64 { return s.RAHits }),
+		m("readahead_hit_bytes_total", cnt, "Bytes of the prefetched windows a read then used.", func(s cache.Stats) int64 { return s.RAHitBytes }),
 		m("returned_bytes_total", cnt, "Bytes of mapped data returned to readers.", func(s cache.Stats) int64 { return s.ReturnedBytes }),
 		m("readahead_fetches_total", cnt, "GETs issued by readahead.", func(s cache.Stats) int64 { return s.RAFetches }),
 		m("readahead_bytes_total", cnt, "Bytes fetched by readahead.", func(s cache.Stats) int64 { return s.RAFetchedBytes }),
