@@ -60,5 +60,4 @@ func TestTotalsAddUpRuns(t *testing.T) {
 	if tot.Running {
 		t.Error("running after every run returned")
 	}
-
 }
