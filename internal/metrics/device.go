@@ -104,7 +104,7 @@ func (d *deviceMetrics) Collect(ch chan<- prometheus.Metric) {
 }
 
 // Device returns dev counting every request in the bs3_device_* families;
-// with m nil, dev itself. The NBD and FUSE frontends both serve the
+// with m nil, dev itself. The NBD, FUSE and ublk frontends all serve the
 // chunker through it, so it is the one place their I/O passes.
 func (m *Metrics) Device(dev frontend.Device) frontend.Device {
 	if m == nil || dev == nil {
@@ -164,7 +164,7 @@ type BuseDevice interface {
 // Writes arrive as whole chunks that the kernel module built (and the
 // BUSE library answers flushes itself), so each item of a committed chunk
 // counts as one request of its op with its bytes, and no write latency is
-// recorded (docs/ARCHITECTURE.md §13).
+// recorded (docs/ARCHITECTURE.md §14).
 func (m *Metrics) Buse(rw BuseDevice, l chunk.Layout) BuseDevice {
 	if m == nil || rw == nil {
 		return rw

@@ -1,4 +1,4 @@
-// Package metrics owns bs3's Prometheus metrics (docs/ARCHITECTURE.md §13):
+// Package metrics owns bs3's Prometheus metrics (docs/ARCHITECTURE.md §14):
 // the registry, the /metrics HTTP endpoint ([metrics] listen), and the
 // collectors that export what the engine's packages count.
 //
