@@ -15,7 +15,7 @@ require (
 	github.com/maypok86/otter/v2 v2.4.0
 	github.com/rs/zerolog v1.35.1
 	golang.org/x/sync v0.24.0
-	golang.org/x/sys v0.29.0
+	golang.org/x/sys v0.50.0
 )
 
 require (
@@ -35,6 +35,7 @@ require (
 	github.com/joho/godotenv v1.5.1 // indirect
 	github.com/mattn/go-colorable v0.1.14 // indirect
 	github.com/mattn/go-isatty v0.0.20 // indirect
+	golang.org/x/crypto v0.59.0 // indirect
 	gopkg.in/yaml.v3 v3.0.1 // indirect
 	olympos.io/encoding/edn v0.0.0-20201019073823-d3554ca0b0a3 // indirect
 )
