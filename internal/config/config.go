@@ -99,6 +99,7 @@ type Config struct {
 	FUSE       FUSEConfig       `toml:"fuse" env-prefix:"BS3_FUSE_"`
 	Dir        DirConfig        `toml:"dir" env-prefix:"BS3_DIR_"`
 	Cache      CacheConfig      `toml:"cache" env-prefix:"BS3_CACHE_"`
+	Encryption EncryptionConfig `toml:"encryption" env-prefix:"BS3_ENCRYPTION_"`
 }
 
 // S3Config is the [s3] section.
@@ -195,6 +196,14 @@ type CacheConfig struct {
 	FetchSize  int    `toml:"fetch_size" env:"FETCH_SIZE" env-description:"KiB a streaming or large read fetches and caches around a miss (aligned inside the object; cached as 64 KiB windows); a power of two from 4 to 4096"`
 	Dir        string `toml:"dir" env:"DIR" env-description:"directory of the read cache on local disk (survives restarts; every 4 KiB block checked with CRC32C); empty = memory only"`
 	DiskSize   int    `toml:"disk_size" env:"DISK_SIZE" env-description:"GiB the read cache may use under dir"`
+}
+
+// EncryptionConfig is the [encryption] section: where the key of an
+// encrypted volume comes from (docs/ARCHITECTURE.md §16). Both empty =
+// the volume is not encrypted.
+type EncryptionConfig struct {
+	KeyFile        string `toml:"key_file" env:"KEY_FILE" env-description:"file with the volume's 256-bit key (32 raw bytes or 64 hex digits, mode 0600); empty = no key file"`
+	PassphraseFile string `toml:"passphrase_file" env:"PASSPHRASE_FILE" env-description:"file with a passphrase (mode 0600) stretched with Argon2id into the key that opens the volume's data key; empty = no passphrase"`
 }
 
 // CacheMemoryBytes is cache.memory_size in bytes.
@@ -452,6 +461,13 @@ func (c Config) Validate() error {
 			bad("cache.dir", c.Cache.Dir, "needs cache.memory_size > 0 (the disk cache sits behind the memory cache)")
 		}
 		atLeast("cache.disk_size", int64(c.Cache.DiskSize), 1, " (GiB)")
+	}
+	if c.Encryption.KeyFile != "" && c.Encryption.PassphraseFile != "" {
+		bad("encryption.passphrase_file", c.Encryption.PassphraseFile, "cannot be set together with encryption.key_file: set only one")
+	}
+	if (c.Encryption.KeyFile != "" || c.Encryption.PassphraseFile != "") && c.Cache.Dir != "" {
+		// The disk tier keeps fetched windows as plaintext files.
+		bad("cache.dir", c.Cache.Dir, "would keep plaintext of an encrypted volume on local disk: leave cache.dir empty when [encryption] is set")
 	}
 
 	// Frontends.

@@ -144,6 +144,8 @@ func TestDefaultsForMinimalFile(t *testing.T) {
 		{"cache.fetch_size", c.Cache.FetchSize, 256},
 		{"cache.dir", c.Cache.Dir, ""},
 		{"cache.disk_size", c.Cache.DiskSize, 10},
+		{"encryption.key_file", c.Encryption.KeyFile, ""},
+		{"encryption.passphrase_file", c.Encryption.PassphraseFile, ""},
 	}
 	for _, ck := range checks {
 		if ck.got != ck.want {
@@ -635,5 +637,23 @@ func TestSecretsNeverShown(t *testing.T) {
 	assertNoSecret("zerolog", log.String())
 	if !strings.Contains(log.String(), `"s3.bucket":"b"`) {
 		t.Errorf("zerolog rendering lacks s3.bucket: %s", log.String())
+	}
+}
+
+func TestEncryptionKeys(t *testing.T) {
+	c := Default()
+	c.S3.Bucket = "b"
+	c.Encryption.KeyFile = "/etc/bs3/key"
+	if err := c.Validate(); err != nil {
+		t.Fatalf("key_file alone: %v", err)
+	}
+	c.Encryption.PassphraseFile = "/etc/bs3/pass"
+	if err := c.Validate(); err == nil || !strings.Contains(err.Error(), "set only one") {
+		t.Errorf("key_file and passphrase_file: %v, want a refusal naming both", err)
+	}
+	c.Encryption.KeyFile = ""
+	c.Cache.Dir = "/var/cache/bs3"
+	if err := c.Validate(); err == nil || !strings.Contains(err.Error(), "plaintext of an encrypted volume") {
+		t.Errorf("encryption with cache.dir: %v, want a refusal", err)
 	}
 }
