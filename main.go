@@ -16,7 +16,6 @@ import (
 	"os/signal"
 	"path"
 	"strconv"
-	"strings"
 	"syscall"
 	"time"
 
@@ -588,13 +587,18 @@ func openStore(ctx context.Context, cfg config.Config, log zerolog.Logger) (stor
 			SecretKey:    cfg.S3.SecretKey,
 			MaxConns:     cfg.S3.Uploaders + cfg.S3.Downloaders,
 			CreateBucket: true,
-			// Over TLS the transport protects the body, so the SHA-256 of
-			// every 4 MiB chunk (the largest CPU cost of a PUT) is skipped;
-			// over plain HTTP the signature is the only integrity check.
-			UnsignedPayload: !strings.HasPrefix(cfg.S3.Remote, "http://"),
+			// The SHA-256 of every body is the largest CPU cost of a PUT:
+			// a CRC32C the store verifies replaces it where it can
+			// (docs/ARCHITECTURE.md "Upload integrity and CPU").
+			PayloadChecksum: s3store.PayloadMode(cfg.S3.PayloadChecksum),
 			Logger:          log.With().Str("component", "s3").Logger(),
 		})
 		if err != nil {
+			return nil, err
+		}
+		// A name of its own per start, as for the conditional-write probe.
+		probe := fmt.Sprintf("payload-checksum-probe-%d-%d", os.Getpid(), time.Now().UnixNano())
+		if _, err := st.ProbePayloadChecksum(ctx, path.Join(cfg.S3.Prefix, probe)); err != nil {
 			return nil, err
 		}
 		if cfg.S3.ConditionalWrites {

@@ -113,7 +113,12 @@ type S3Config struct {
 	Downloaders       int    `toml:"downloaders" env:"DOWNLOADERS" env-description:"concurrent downloads"`
 	Prefix            string `toml:"prefix" env:"PREFIX" env-description:"prefix of the volume's objects inside the bucket (several volumes may share a bucket)"`
 	ConditionalWrites bool   `toml:"conditional_writes" env:"CONDITIONAL_WRITES" env-description:"create objects with If-None-Match: * so a second writer is detected; disable for stores without conditional writes"`
+	PayloadChecksum   string `toml:"payload_checksum" env:"PAYLOAD_CHECKSUM" env-description:"how uploads are protected: auto (CRC32C with UNSIGNED-PAYLOAD if the store verifies it, probed at start-up), crc32c, md5, signed (SigV4 SHA-256 of every body) or unsigned (TLS only)"`
 }
+
+// PayloadChecksums are the accepted s3.payload_checksum values (the s3
+// store's payload modes).
+var PayloadChecksums = []string{"auto", "crc32c", "md5", "signed", "unsigned"}
 
 // WriteConfig is the [write] section.
 type WriteConfig struct {
@@ -232,6 +237,7 @@ func Default() Config {
 			Uploaders:         16,
 			Downloaders:       16,
 			ConditionalWrites: true,
+			PayloadChecksum:   "auto",
 		},
 		Write: WriteConfig{
 			SharedBufferSize:   32,
@@ -431,6 +437,7 @@ func (c Config) Validate() error {
 			bad("s3.remote", r, "must be empty (AWS) or an http:// or https:// URL")
 		}
 	}
+	oneOf("s3.payload_checksum", c.S3.PayloadChecksum, PayloadChecksums)
 	if c.Store == StoreDir && !c.Null && c.Dir.Path == "" {
 		bad("dir.path", c.Dir.Path, "required when store = %q", StoreDir)
 	}
