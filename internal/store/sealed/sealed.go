@@ -367,10 +367,12 @@ func (s *Store) Size(ctx context.Context, name string) (int64, error) {
 	return p, nil
 }
 
-// List lists the inner store with plaintext sizes. An object whose stored
-// size no sealed object can have stops the listing with an error wrapping
-// store.ErrCorrupt: reporting a made-up size could make recovery take a
-// damaged object for a placeholder.
+// List lists the inner store with plaintext sizes. A data object or
+// checkpoint whose stored size no sealed object can have stops the
+// listing with an error wrapping store.ErrCorrupt: a made-up size could
+// make it pass for a placeholder. Other names with such sizes are not
+// bs3's (a start-up probe object a crash left behind) and are listed
+// with their stored size, so they cannot block an attach.
 func (s *Store) List(ctx context.Context, prefix string, fn func(name string, size int64) error) error {
 	return s.inner.List(ctx, prefix, func(name string, size int64) error {
 		if Clear(name) {
@@ -378,6 +380,9 @@ func (s *Store) List(ctx context.Context, prefix string, fn func(name string, si
 		}
 		p, ok := PlainSize(size)
 		if !ok {
+			if _, data := store.ParseDataName(name); !data && !strings.HasPrefix(name, store.CheckpointPrefix) {
+				return fn(name, size)
+			}
 			return corrupt(name, 0, fmt.Sprintf("stored size %d is not the size of a sealed object", size))
 		}
 		return fn(name, p)
