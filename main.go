@@ -28,6 +28,7 @@ import (
 	"github.com/bs3/bs3/internal/frontend/buse"
 	"github.com/bs3/bs3/internal/frontend/fuse"
 	"github.com/bs3/bs3/internal/frontend/nbd"
+	"github.com/bs3/bs3/internal/frontend/ublk"
 	"github.com/bs3/bs3/internal/gc"
 	"github.com/bs3/bs3/internal/null"
 	"github.com/bs3/bs3/internal/objproxy"
@@ -239,6 +240,13 @@ func (d *daemon) startOrSignal(ctx context.Context, cancel context.CancelFunc, s
 // the part exists, so that the stop sequence undoes a partial start too.
 func (d *daemon) start(ctx context.Context, shrink bool) error {
 	cfg, log := d.cfg, d.log
+	if cfg.Frontend == config.FrontendUBLK {
+		// Before the volume is attached: without the driver there is
+		// nothing to serve, and the lease need not be taken.
+		if err := ublk.Available(ublk.DefaultControlPath); err != nil {
+			return fmt.Errorf("start ublk frontend: %w", err)
+		}
+	}
 	var dev frontend.Device
 	var rw interface {
 		BuseRead(int64, int64, []byte) error
@@ -384,6 +392,23 @@ func (d *daemon) start(ctx context.Context, shrink bool) error {
 		d.watchEnd(config.FrontendNBD, served)
 		fmt.Fprintf(os.Stderr, "\nbs3: NBD export %q on %s\n  try: nbdinfo nbd://%s/%s   or   nbd-client %s /dev/nbd0 -N %s -b %d\n\n",
 			cfg.NBD.Export, srv.Addr(), srv.Addr(), cfg.NBD.Export, srv.Addr(), cfg.NBD.Export, cfg.BlockSize)
+	case config.FrontendUBLK:
+		u, err := ublk.Start(dev, ublk.Options{
+			ID:         cfg.Major,
+			Queues:     cfg.Threads,
+			QueueDepth: cfg.QueueDepth,
+			BlockSize:  int64(cfg.BlockSize),
+			IOMin:      int64(cfg.IOMinBytes()),
+			IOOpt:      int64(cfg.IOOptBytes()),
+			Logger:     log.With().Str("component", "ublk").Logger(),
+		})
+		if err != nil {
+			return fmt.Errorf("start ublk frontend: %w", err)
+		}
+		d.onStop("ublk device", func(context.Context) error { return u.Stop() })
+		d.watchEnd(config.FrontendUBLK, u.Done())
+		fmt.Fprintf(os.Stderr, "\nbs3: block device %s\n  try: mkfs.ext4 %s && mkdir -p /mnt/bs3 && mount %s /mnt/bs3\n  stop with Ctrl-C (unmount the filesystem first)\n\n",
+			u.Path(), u.Path(), u.Path())
 	case config.FrontendFUSE:
 		m, err := fuse.Mount(dev, fuse.Options{Mountpoint: cfg.FUSE.Mountpoint, Loop: cfg.FUSE.Loop, Logger: log.With().Str("component", "fuse").Logger()})
 		if err != nil {

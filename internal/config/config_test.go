@@ -389,6 +389,10 @@ func TestValidateRefusals(t *testing.T) {
 		{"nbd tls key world-readable", func(c *Config) {
 			c.NBD.TLS, c.NBD.TLSCert, c.NBD.TLSKey = "on", "/c", worldReadable(t)
 		}, "nbd.tls_key", "tls.key", "chmod"},
+		{"ublk", func(c *Config) { c.Frontend = "ublk"; c.Major = 3; c.Threads = 2; c.QueueDepth = 4096 }, "", "", ""},
+		{"ublk queue depth", func(c *Config) { c.Frontend = "ublk"; c.QueueDepth = 4097 }, "queue_depth", "4097", "4096"},
+		{"ublk threads", func(c *Config) { c.Frontend = "ublk"; c.Threads = 5000 }, "threads", "5000", "ublk queues"},
+		{"ublk major", func(c *Config) { c.Frontend = "ublk"; c.Major = 1 << 20 }, "major", "1048576", "1048575"},
 		{"profiler port zero", func(c *Config) { c.ProfilerPort = 0 }, "profiler_port", "0", "65535"},
 		{"profiler port high", func(c *Config) { c.ProfilerPort = 70000 }, "profiler_port", "70000", "65535"},
 		{"threads negative", func(c *Config) { c.Threads = -1 }, "threads", "-1", ""},
