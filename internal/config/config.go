@@ -100,6 +100,7 @@ type Config struct {
 	FUSE       FUSEConfig       `toml:"fuse" env-prefix:"BS3_FUSE_"`
 	Dir        DirConfig        `toml:"dir" env-prefix:"BS3_DIR_"`
 	Cache      CacheConfig      `toml:"cache" env-prefix:"BS3_CACHE_"`
+	Metrics    MetricsConfig    `toml:"metrics" env-prefix:"BS3_METRICS_"`
 	Encryption EncryptionConfig `toml:"encryption" env-prefix:"BS3_ENCRYPTION_"`
 }
 
@@ -202,6 +203,11 @@ type CacheConfig struct {
 	FetchSize  int    `toml:"fetch_size" env:"FETCH_SIZE" env-description:"KiB a streaming or large read fetches and caches around a miss (aligned inside the object; cached as 64 KiB windows); a power of two from 4 to 4096"`
 	Dir        string `toml:"dir" env:"DIR" env-description:"directory of the read cache on local disk (survives restarts; every 4 KiB block checked with CRC32C); empty = memory only"`
 	DiskSize   int    `toml:"disk_size" env:"DISK_SIZE" env-description:"GiB the read cache may use under dir"`
+}
+
+// MetricsConfig is the [metrics] section: the Prometheus endpoint.
+type MetricsConfig struct {
+	Listen string `toml:"listen" env:"LISTEN" env-description:"host:port serving Prometheus metrics on /metrics (e.g. 127.0.0.1:9101); empty = off"`
 }
 
 // EncryptionConfig is the [encryption] section: where the key of an
@@ -476,6 +482,14 @@ func (c Config) Validate() error {
 	if (c.Encryption.KeyFile != "" || c.Encryption.PassphraseFile != "") && c.Cache.Dir != "" {
 		// The disk tier keeps fetched windows as plaintext files.
 		bad("cache.dir", c.Cache.Dir, "would keep plaintext of an encrypted volume on local disk: leave cache.dir empty when [encryption] is set")
+	}
+
+	if l := c.Metrics.Listen; l != "" {
+		if _, port, err := net.SplitHostPort(l); err != nil {
+			bad("metrics.listen", l, "must be host:port (e.g. 127.0.0.1:9101), or empty to turn metrics off")
+		} else if p, err := strconv.Atoi(port); err != nil || p < 0 || p > 65535 {
+			bad("metrics.listen", l, "port must be a number in 0..65535")
+		}
 	}
 
 	// Frontends.
