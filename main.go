@@ -6,7 +6,6 @@ package main
 import (
 	"context"
 	"errors"
-	"flag"
 	"fmt"
 	"net"
 	"net/http"
@@ -16,6 +15,7 @@ import (
 	"path"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -37,8 +37,6 @@ import (
 	"github.com/bs3/bs3/internal/volume"
 )
 
-const defaultConfigPath = "/etc/bs3/config.toml"
-
 // leaseInterval is how often the daemon renews the volume lease; a second
 // daemon on the same volume waits 2.5 intervals before it may attach over
 // a lease that was not released.
@@ -48,37 +46,9 @@ func main() {
 	os.Exit(run())
 }
 
+// run parses the command line (cli.go) and runs the command.
 func run() int {
-	fs := flag.NewFlagSet("bs3", flag.ContinueOnError)
-	cfgPath := fs.String("c", defaultConfigPath, "configuration file (TOML)")
-	shrink := fs.Bool("shrink", false, "allow attaching with a size smaller than the volume's (drops the data past the new end)")
-	fs.Usage = func() {
-		fmt.Fprintf(os.Stderr, "usage: bs3 [-c FILE] [--shrink]\n\nflags:\n")
-		fs.PrintDefaults()
-		fmt.Fprintln(os.Stderr)
-		config.Usage(os.Stderr)
-	}
-	if err := fs.Parse(os.Args[1:]); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			return exitOK
-		}
-		return exitUsage
-	}
-	cfg, err := config.Load(*cfgPath)
-	if err != nil {
-		fmt.Fprintf(os.Stderr, "bs3: %v\n", err)
-		return exitUsage
-	}
-	log := newLogger(cfg)
-	if err := serve(cfg, *shrink, log); err != nil {
-		if errors.Is(err, errAborted) {
-			log.Error().Err(err).Int("exit_status", exitAborted).Msg("bs3 stopped without a clean stop")
-			return exitAborted
-		}
-		log.Error().Err(err).Int("exit_status", exitFailure).Msg("bs3 stopped with an error")
-		return exitFailure
-	}
-	return exitOK
+	return runCLI(os.Args[1:])
 }
 
 func newLogger(cfg config.Config) zerolog.Logger {
@@ -136,6 +106,9 @@ type daemon struct {
 	collector *gc.Collector
 	chunker   *chunker.Chunker
 	ended     chan frontendEnd // a frontend's end, at most one
+	// nbdServing: the NBD server took over the listener bound by
+	// preflight (startup.go), which then no longer closes it.
+	nbdServing atomic.Bool
 }
 
 // onStop registers a step that ignores its context: the stop abandons it
@@ -189,8 +162,11 @@ func serve(cfg config.Config, shrink bool, log zerolog.Logger) error {
 	case err != nil:
 		reason = err
 	default:
+		stopWatchdog := notifyReady(log) // systemd: the device is usable
 		reason = d.wait(signals)
+		stopWatchdog()
 	}
+	notifyStopping(log)
 	if err := d.stop(signals); err != nil {
 		if reason != nil {
 			return fmt.Errorf("%w; then the stop failed: %w", reason, err)
@@ -238,6 +214,13 @@ func (d *daemon) startOrSignal(ctx context.Context, cancel context.CancelFunc, s
 // the part exists, so that the stop sequence undoes a partial start too.
 func (d *daemon) start(ctx context.Context, shrink bool) error {
 	cfg, log := d.cfg, d.log
+	// The frontend's resources first: a start that cannot serve the
+	// device must fail before the attach bumps the generation and claims
+	// keys (docs/ARCHITECTURE.md §13).
+	nbdListener, err := d.preflight()
+	if err != nil {
+		return err
+	}
 	var dev frontend.Device
 	var rw interface {
 		BuseRead(int64, int64, []byte) error
@@ -250,7 +233,7 @@ func (d *daemon) start(ctx context.Context, shrink bool) error {
 		dev, rw = n, n
 		log.Warn().Msg("null backend: writes are discarded, reads return zeros")
 	} else {
-		st, err := openStore(ctx, cfg, log)
+		st, err := openStore(ctx, cfg, log, false)
 		if err != nil {
 			return err
 		}
@@ -339,7 +322,7 @@ func (d *daemon) start(ctx context.Context, shrink bool) error {
 		d.watchEnd(config.FrontendBUSE, b.Done())
 	case config.FrontendNBD:
 		srv, err := nbd.New(dev, nbd.Options{
-			Listen: cfg.NBD.Listen, Export: cfg.NBD.Export,
+			Listen: cfg.NBD.Listen, Listener: nbdListener, Export: cfg.NBD.Export,
 			HandshakeTimeout: cfg.NBD.HandshakeTimeoutDuration(),
 			MaxConnections:   cfg.NBD.MaxConnections,
 			MaxBuffered:      cfg.NBD.MaxBufferedBytes(),
@@ -358,6 +341,7 @@ func (d *daemon) start(ctx context.Context, shrink bool) error {
 			}
 			served <- err
 		}()
+		d.nbdServing.Store(true) // the server owns the listener now
 		d.onStop("NBD server", func(context.Context) error { return srv.Close() })
 		d.watchEnd(config.FrontendNBD, served)
 		fmt.Fprintf(os.Stderr, "\nbs3: NBD export %q on %s\n  try: nbdinfo nbd://%s/%s   or   nbd-client %s /dev/nbd0 -N %s -b %d\n\n",
@@ -548,10 +532,16 @@ func (d *daemon) logUnstoredNow() {
 }
 
 // openStore builds the configured object store, under the volume prefix.
-func openStore(ctx context.Context, cfg config.Config, log zerolog.Logger) (store.Store, error) {
+// readOnly (status, check) creates nothing: no bucket, no probe object,
+// no cleanup of a running daemon's temporary files.
+func openStore(ctx context.Context, cfg config.Config, log zerolog.Logger, readOnly bool) (store.Store, error) {
 	switch cfg.Store {
 	case config.StoreDir:
-		st, err := dir.New(cfg.Dir.Path)
+		open := dir.New
+		if readOnly {
+			open = dir.OpenExisting
+		}
+		st, err := open(cfg.Dir.Path)
 		if err != nil {
 			return nil, fmt.Errorf("open dir store %s: %w", cfg.Dir.Path, err)
 		}
@@ -564,7 +554,7 @@ func openStore(ctx context.Context, cfg config.Config, log zerolog.Logger) (stor
 			AccessKey:    cfg.S3.AccessKey,
 			SecretKey:    cfg.S3.SecretKey,
 			MaxConns:     cfg.S3.Uploaders + cfg.S3.Downloaders,
-			CreateBucket: true,
+			CreateBucket: !readOnly,
 			// Over TLS the transport protects the body, so the SHA-256 of
 			// every 4 MiB chunk (the largest CPU cost of a PUT) is skipped;
 			// over plain HTTP the signature is the only integrity check.
@@ -574,7 +564,7 @@ func openStore(ctx context.Context, cfg config.Config, log zerolog.Logger) (stor
 		if err != nil {
 			return nil, err
 		}
-		if cfg.S3.ConditionalWrites {
+		if cfg.S3.ConditionalWrites && !readOnly {
 			// A name of its own per start: two daemons probing one
 			// name at once would see each other's object and blame
 			// the store.
