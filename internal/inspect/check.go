@@ -186,6 +186,10 @@ func Check(ctx context.Context, objs *objproxy.Proxy, o CheckOptions) (*Report, 
 	if err := c.checkRecords(ctx); err != nil {
 		return nil, err
 	}
+	if !usable(c.layout, c.size) {
+		c.r.add(Damage, -1, "", "no usable geometry (block size %d, chunk size %d, size %d): the data objects and checkpoints cannot be checked", c.layout.BlockSize, c.layout.ChunkSize, c.size)
+		return c.r, nil
+	}
 	if err := c.readHeaders(ctx); err != nil {
 		return nil, err
 	}
@@ -295,8 +299,10 @@ func (c *checker) readHeaders(ctx context.Context) error {
 	for _, k := range keys {
 		size := c.l.data[k]
 		if size == 0 {
+			mu.Lock()
 			c.obj[k] = &object{size: 0, hdr: volume.Header{Kind: volume.KeyPlaceholder}}
 			done++
+			mu.Unlock()
 			continue
 		}
 		sem <- struct{}{}

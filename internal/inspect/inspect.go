@@ -147,6 +147,12 @@ func latestGeneration(l *listing, sb volume.Superblock) uint64 {
 	return g
 }
 
+// usable reports whether l is a geometry objects can be parsed with.
+func usable(l chunk.Layout, size int64) bool {
+	return l.BlockSize >= chunk.SectorSize && l.BlockSize%chunk.SectorSize == 0 &&
+		l.ChunkSize >= l.BlockSize && l.ChunkSize%l.BlockSize == 0 && size > 0
+}
+
 // layoutOf is the chunk geometry of the volume (superblock first).
 func layoutOf(sb volume.Superblock, ok bool, fb Fallback) (chunk.Layout, int64) {
 	if ok && sb.BlockSize > 0 && sb.ChunkSize > 0 {

@@ -88,8 +88,11 @@ func ReadStatus(ctx context.Context, objs *objproxy.Proxy, fb Fallback) (Status,
 	if st.Lease.Present && !st.Lease.Readable {
 		st.Notes = append(st.Notes, "the lease object is unreadable")
 	}
-	layout, _ := layoutOf(sb, st.Superblock, fb)
-	md := layout.MetadataSize()
+	layout, size := layoutOf(sb, st.Superblock, fb)
+	md := int64(0) // unknown geometry: claim records are not told apart
+	if usable(layout, size) {
+		md = layout.MetadataSize()
+	}
 	for _, k := range l.keys {
 		size := l.data[k]
 		st.DataObjects++
