@@ -62,7 +62,7 @@ type Report struct {
 }
 
 // Healthy reports whether check found no damage.
-func (r *Report) Healthy() bool { return len(r.DamagedKeys()) == 0 && r.count(Damage) == 0 }
+func (r *Report) Healthy() bool { return r.count(Damage) == 0 }
 
 // DamagedKeys lists the data keys with damage, ascending.
 func (r *Report) DamagedKeys() []int64 {
@@ -134,10 +134,26 @@ func joinKeys(keys []int64) string {
 	return strings.Join(s, " ")
 }
 
-// object is what check knows about one data key.
+// object is what check knows about one data key. The item list
+// (hdr.Parsed) is kept only for keys a replay needs (see keepItems); end
+// and gen are what the per-object checks need of it.
 type object struct {
 	size int64
 	hdr  volume.Header
+	end  int64  // the object's length its items imply
+	gen  uint64 // the highest generation among its items
+}
+
+// replayFromZeroMax bounds the keys below the delete floor whose item
+// lists check keeps to replay from key 0 (young volumes whose first keys
+// were never collected); past it only the checkpoints are replayed, and
+// check's memory stays bounded by the keys between the checkpoints.
+const replayFromZeroMax = 1 << 14
+
+// keepItems reports whether a replay may need key's item list: keys from
+// the oldest checkpoint on, and on young volumes the keys below it.
+func (c *checker) keepItems(key int64) bool {
+	return key >= c.floor || c.floor <= replayFromZeroMax
 }
 
 // checker carries one run of Check.
@@ -155,7 +171,9 @@ type checker struct {
 	obj    map[int64]*object
 	// windows are the claim windows [start, end) by start key.
 	windows [][2]int64
-	floor   int64
+	// floor and newest are the watermarks of the oldest and the newest
+	// checkpoint listed (0 without checkpoints).
+	floor, newest int64
 }
 
 // Check reads every record of the volume and verifies the rules of
@@ -279,8 +297,9 @@ func (c *checker) checkRecords(ctx context.Context) error {
 	case c.lease.Present && c.lease.Generation > c.latest:
 		c.r.add(Damage, -1, volume.LeaseName, "has generation %d, above every attach record (%d)", c.lease.Generation, c.latest)
 	}
-	if len(c.l.checkpoints) > 0 {
+	if n := len(c.l.checkpoints); n > 0 {
 		c.floor, _ = volume.ParseCheckpointName(c.l.checkpoints[0])
+		c.newest, _ = volume.ParseCheckpointName(c.l.checkpoints[n-1])
 	}
 	return nil
 }
@@ -311,12 +330,16 @@ func (c *checker) readHeaders(ctx context.Context) error {
 			defer wg.Done()
 			defer func() { <-sem }()
 			h, err := volume.ReadHeader(ctx, c.objs, objproxy.Low, c.layout, devSectors, k)
+			o := &object{size: size, hdr: h, end: h.Parsed.End, gen: volume.ItemsGeneration(h.Parsed)}
+			if !c.keepItems(k) {
+				o.hdr.Parsed = chunk.Parsed{}
+			}
 			mu.Lock()
 			defer mu.Unlock()
 			if err != nil && firstErr == nil {
 				firstErr = err
 			}
-			c.obj[k] = &object{size: size, hdr: h}
+			c.obj[k] = o
 			done++
 			c.o.Progress("headers", done, total)
 		}()
@@ -380,14 +403,14 @@ func (c *checker) checkObjects() {
 		default:
 			// Commit uploads exactly the metadata area and the items'
 			// data (§3), so the size is known from the header.
-			end := h.Parsed.End
+			end := o.end
 			switch {
 			case o.size < end:
 				c.r.add(sev, k, name, "truncated: %d bytes, its items need %d%s", o.size, end, where)
 			case o.size > end:
 				c.r.add(sev, k, name, "%d bytes, but its items end at %d (trailing bytes: damaged or not a bs3 chunk)%s", o.size, end, where)
 			}
-			if g := volume.ItemsGeneration(h.Parsed); g > c.latest {
+			if g := o.gen; g > c.latest {
 				c.r.add(sev, k, name, "holds writes of generation %d, above every attach record (%d)%s", g, c.latest, where)
 			}
 		}
@@ -422,10 +445,7 @@ func (c *checker) checkContiguity() {
 			}
 		}
 	}
-	newest := int64(0)
-	if n := len(c.l.checkpoints); n > 0 {
-		newest, _ = volume.ParseCheckpointName(c.l.checkpoints[n-1])
-	}
+	newest := c.newest
 	if newest > key {
 		c.r.add(Damage, key, store.DataName(key), "missing, below the watermark %d of the newest checkpoint: keys from the delete floor %d on must all exist (as data or placeholders); the next attach would stop here", newest, c.floor)
 	}
@@ -481,11 +501,9 @@ func (c *checker) checkCheckpoints(ctx context.Context) error {
 		}
 		good = append(good, ckpt{name: name, wm: wm, m: m})
 	}
-	if len(good) == 0 {
-		return nil
-	}
-	// From key 0 when nothing below the oldest checkpoint was collected.
-	if c.replayable(0, good[0].wm) {
+	if len(good) > 0 && good[0].wm <= replayFromZeroMax && c.replayable(0, good[0].wm) {
+		// From key 0 when nothing below the oldest checkpoint was
+		// collected.
 		m, err := extentmap.New(c.size / c.layout.BlockSize)
 		if err != nil {
 			return fmt.Errorf("new extent map: %w", err)
@@ -500,7 +518,85 @@ func (c *checker) checkCheckpoints(ctx context.Context) error {
 		c.replayCompare(a.m, a.wm, b.wm, a.name, b.name, b.m)
 		c.o.Progress("replay", int64(i), int64(len(good)-1))
 	}
+
+	// What the next attach recovers (§6.3, §6.4): the newest usable
+	// checkpoint, or key 0 when it may start there, rolled forward to the
+	// end of the log. Every block it maps must be readable.
+	var m *extentmap.Map
+	from, name := int64(0), "key 0"
+	switch {
+	case len(good) > 0:
+		last := good[len(good)-1]
+		m, from, name = last.m, last.wm, last.name
+	case c.floor <= replayFromZeroMax:
+		var err error
+		if m, err = extentmap.New(c.size / c.layout.BlockSize); err != nil {
+			return fmt.Errorf("new extent map: %w", err)
+		}
+	default:
+		return nil // no usable checkpoint: reported above
+	}
+	if m.Blocks() < c.size/c.layout.BlockSize {
+		if err := m.Grow(c.size / c.layout.BlockSize); err != nil {
+			c.r.add(Damage, -1, name, "cannot grow its map to the device: %v", err)
+			return nil
+		}
+	}
+	if from > c.r.EndOfLog || !c.replayable(from, c.r.EndOfLog) {
+		return nil // reported by checkContiguity
+	}
+	c.r.Replays++
+	if _, ok := c.replay(m, from, c.r.EndOfLog, name, name); ok {
+		c.checkMapped(m, fmt.Sprintf("the state recovered from %s and keys %d to %d", name, from, c.r.EndOfLog))
+	}
 	return nil
+}
+
+// checkMapped checks that every block m maps to data is inside an object
+// that holds it.
+func (c *checker) checkMapped(m *extentmap.Map, what string) {
+	md, bs := c.layout.MetadataSize(), c.layout.BlockSize
+	type miss struct {
+		blocks, first int64
+		why           string
+		sev           Severity
+	}
+	bad := map[int64]*miss{}
+	var order []int64
+	m.Scan(0, m.Blocks(), func(e extentmap.Extent, _ uint64) bool {
+		if e.Zero || e.Key < 0 {
+			return true
+		}
+		o := c.obj[e.Key]
+		why, sev := "", Damage
+		switch {
+		case o == nil:
+			why = "is missing"
+		case o.hdr.Kind == volume.KeyPlaceholder && o.size > 0:
+			why, sev = "was emptied while check ran (dead GC beside a running daemon?)", Warning
+		case o.hdr.Kind == volume.KeyMissing:
+			why, sev = "was deleted while check ran (dead GC beside a running daemon?)", Warning
+		case o.hdr.Kind != volume.KeyChunk:
+			why = "holds no data (a placeholder or claim record)"
+		case o.hdr.Err == nil && o.size < md+(e.Off+e.N)*bs:
+			why = fmt.Sprintf("is %d bytes, too short for the mapped blocks %d to %d of it", o.size, e.Off, e.Off+e.N-1)
+		}
+		if why == "" {
+			return true
+		}
+		b := bad[e.Key]
+		if b == nil {
+			b = &miss{first: e.Block, why: why, sev: sev}
+			bad[e.Key] = b
+			order = append(order, e.Key)
+		}
+		b.blocks += e.N
+		return true
+	})
+	for _, k := range order {
+		b := bad[k]
+		c.r.add(b.sev, k, store.DataName(k), "%s, but %s maps %d block(s) to it (first device block %d): those blocks cannot be read", b.why, what, b.blocks, b.first)
+	}
 }
 
 // replayable reports whether every key of [from, to) exists or lies in a
@@ -525,29 +621,14 @@ func (c *checker) replayCompare(m *extentmap.Map, from, to int64, fromName, want
 			return
 		}
 	}
+	emptied, ok := c.replay(m, from, to, fromName, wantName)
+	if !ok {
+		return
+	}
 	// Keys that are placeholders now but held data when want was written
 	// (dead GC emptied them since): blocks want maps to them cannot be
 	// compared.
-	emptied := map[int64]bool{}
 	for k := from; k < to; k++ {
-		c.r.ReplayedKeys++
-		o := c.obj[k]
-		var p chunk.Parsed
-		switch {
-		case c.inWindow(k) || o == nil || o.hdr.Kind != volume.KeyChunk:
-			// A placeholder, a claim record, or anything inside a claim
-			// window (replayable let missing keys through only there):
-			// tracked with no blocks.
-		case o.hdr.Kind == volume.KeyChunk && o.hdr.Err != nil:
-			c.r.add(Damage, -1, wantName, "cannot be verified: the replay from %s stops at damaged key %d", fromName, k)
-			return
-		default:
-			p = o.hdr.Parsed
-		}
-		if err := volume.ApplyChunk(m, c.layout, k, p); err != nil {
-			c.r.add(Damage, k, store.DataName(k), "replay from %s: %v", fromName, err)
-			return
-		}
 		_, wantTotal, tracked := want.Live(k)
 		_, gotTotal, _ := m.Live(k)
 		switch {
@@ -560,6 +641,33 @@ func (c *checker) replayCompare(m *extentmap.Map, from, to int64, fromName, want
 		}
 	}
 	c.compareEntries(m, want, fromName, wantName, emptied)
+}
+
+// replay applies keys [from, to) to m as roll-forward does (§6.4). It
+// reports false, with a finding on what, when it cannot: a damaged
+// object on the way. The returned set is for the caller to fill.
+func (c *checker) replay(m *extentmap.Map, from, to int64, fromName, what string) (map[int64]bool, bool) {
+	for k := from; k < to; k++ {
+		c.r.ReplayedKeys++
+		o := c.obj[k]
+		var p chunk.Parsed
+		switch {
+		case c.inWindow(k) || o == nil || o.hdr.Kind != volume.KeyChunk:
+			// A placeholder, a claim record, or anything inside a claim
+			// window (replayable let missing keys through only there):
+			// tracked with no blocks.
+		case o.hdr.Err != nil:
+			c.r.add(Damage, -1, what, "cannot be verified: the replay from %s stops at damaged key %d", fromName, k)
+			return nil, false
+		default:
+			p = o.hdr.Parsed
+		}
+		if err := volume.ApplyChunk(m, c.layout, k, p); err != nil {
+			c.r.add(Damage, k, store.DataName(k), "replay from %s: %v", fromName, err)
+			return nil, false
+		}
+	}
+	return map[int64]bool{}, true
 }
 
 // compareEntries compares every block's entry of got (a replay) with want
