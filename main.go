@@ -217,7 +217,7 @@ func (d *daemon) start(ctx context.Context, shrink bool) error {
 	// The frontend's resources first: a start that cannot serve the
 	// device must fail before the attach bumps the generation and claims
 	// keys (docs/ARCHITECTURE.md §13).
-	nbdListener, err := d.preflight()
+	prep, err := d.preflight()
 	if err != nil {
 		return err
 	}
@@ -248,7 +248,8 @@ func (d *daemon) start(ctx context.Context, shrink bool) error {
 		if cfg.CacheMemoryBytes() > 0 {
 			if rc, err = cache.New(cache.Options{
 				MemoryBytes: cfg.CacheMemoryBytes(),
-				Window:      cfg.CacheFetchBytes(),
+				Window:      cache.WindowFor(cfg.CacheFetchBytes()),
+				FetchSize:   cfg.CacheFetchBytes(),
 				Dir:         cfg.Cache.Dir,
 				DiskBytes:   cfg.CacheDiskBytes(),
 				Logger:      log.With().Str("component", "cache").Logger(),
@@ -322,10 +323,13 @@ func (d *daemon) start(ctx context.Context, shrink bool) error {
 		d.watchEnd(config.FrontendBUSE, b.Done())
 	case config.FrontendNBD:
 		srv, err := nbd.New(dev, nbd.Options{
-			Listen: cfg.NBD.Listen, Listener: nbdListener, Export: cfg.NBD.Export,
+			Listen: cfg.NBD.Listen, Listener: prep.nbdListener, Export: cfg.NBD.Export,
 			HandshakeTimeout: cfg.NBD.HandshakeTimeoutDuration(),
 			MaxConnections:   cfg.NBD.MaxConnections,
 			MaxBuffered:      cfg.NBD.MaxBufferedBytes(),
+			TLS:              prep.nbdTLS,
+			TLSRequired:      cfg.NBD.TLS == config.NBDTLSRequire,
+			SocketGroup:      cfg.NBD.SocketGroup,
 			Logger:           log.With().Str("component", "nbd").Logger(),
 		})
 		if err != nil {

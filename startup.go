@@ -4,6 +4,7 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
 	"fmt"
 	"net"
 	"time"
@@ -17,18 +18,32 @@ import (
 	"github.com/bs3/bs3/internal/frontend/nbd"
 )
 
+// prepared is what preflight took for the frontend.
+type prepared struct {
+	nbdListener net.Listener // bound NBD address, handed to nbd.New
+	nbdTLS      *tls.Config  // loaded certificates (nil: TLS off)
+}
+
 // preflight checks, or takes, what the frontend needs before the volume
-// is attached: the NBD address is bound (the listener is returned and
-// handed to the server later), the FUSE mountpoint and loop devices are
-// checked, the BUSE module must be loaded. An attach bumps the generation
-// and claims keys, so a frontend that cannot start must fail first.
-func (d *daemon) preflight() (net.Listener, error) {
+// is attached: the NBD address is bound (the listener is handed to the
+// server later) and its TLS certificates loaded, the FUSE mountpoint and
+// loop devices are checked, the BUSE module must be loaded. An attach
+// bumps the generation and claims keys, so a frontend that cannot start
+// must fail first.
+func (d *daemon) preflight() (prepared, error) {
 	cfg := d.cfg
+	var p prepared
 	switch cfg.Frontend {
 	case config.FrontendNBD:
-		ln, err := nbd.Listen(cfg.NBD.Listen)
+		if cfg.NBD.TLS != config.NBDTLSOff {
+			var err error
+			if p.nbdTLS, err = nbd.LoadTLS(cfg.NBD.TLSCert, cfg.NBD.TLSKey, cfg.NBD.TLSCA); err != nil {
+				return p, fmt.Errorf("start NBD server: %w; nothing was attached", err)
+			}
+		}
+		ln, err := nbd.Listen(cfg.NBD.Listen, cfg.NBD.SocketGroup)
 		if err != nil {
-			return nil, fmt.Errorf("start NBD server: %w; is another bs3 or NBD server using that address? (set nbd.listen); nothing was attached", err)
+			return p, fmt.Errorf("start NBD server: %w; is another bs3 or NBD server using that address? (set nbd.listen); nothing was attached", err)
 		}
 		d.onStop("NBD listener", func(context.Context) error {
 			if d.nbdServing.Load() {
@@ -36,17 +51,17 @@ func (d *daemon) preflight() (net.Listener, error) {
 			}
 			return ln.Close()
 		})
-		return ln, nil
+		p.nbdListener = ln
 	case config.FrontendFUSE:
 		if err := fuse.Preflight(fuse.Options{Mountpoint: cfg.FUSE.Mountpoint, Loop: cfg.FUSE.Loop}); err != nil {
-			return nil, fmt.Errorf("start FUSE frontend: %w; nothing was attached", err)
+			return p, fmt.Errorf("start FUSE frontend: %w; nothing was attached", err)
 		}
 	case config.FrontendBUSE:
 		if err := buse.Preflight(); err != nil {
-			return nil, err
+			return p, err
 		}
 	}
-	return nil, nil
+	return p, nil
 }
 
 // notifyReady tells systemd (Type=notify) that the device is usable, and
