@@ -186,6 +186,9 @@ func (c checkCmd) run(cfg config.Config) int {
 	}
 	var repaired []string
 	if c.Repair {
+		if l, err := inspect.ReadLease(ctx, objs); err == nil && l.Present && !(l.Readable && l.Released) {
+			fmt.Fprintf(os.Stderr, "bs3 check --repair: the lease (host %s pid %d) was not released; watching it for %v to see whether its holder is alive\n", l.Host, l.PID, leaseInterval*5/2)
+		}
 		live, l, err := inspect.LeaseLive(ctx, objs, leaseInterval)
 		if err != nil {
 			fmt.Fprintf(os.Stderr, "bs3 check --repair: %v\n", err)

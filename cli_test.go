@@ -144,6 +144,14 @@ func TestStatusWhileAttached(t *testing.T) {
 	if fmt.Sprint(before) != fmt.Sprint(after) {
 		t.Errorf("bs3 status changed the bucket:\nbefore %v\nafter  %v", before, after)
 	}
+	// check beside the daemon finds no damage; --repair refuses to write
+	// while the daemon renews its lease.
+	if out, errOut, code := e.tool("check", "-c", ""); code != 0 {
+		t.Errorf("bs3 check beside an attached daemon exited %d:\n%s%s", code, out, errOut)
+	}
+	if out, errOut, code := e.tool("check", "-c", "", "--repair"); code == 0 || !strings.Contains(errOut, fmt.Sprintf("refusing to write: host %s pid %d", host, d.cmd.Process.Pid)) {
+		t.Errorf("bs3 check --repair beside an attached daemon exited %d without refusing:\n%s%s", code, out, errOut)
+	}
 	// The daemon still owns the volume: it writes and reads back.
 	attachWrite(t, d, []string{"write -P 0x6b 1M 4k", "flush", "read -P 0x6b 1M 4k", "read -P 0x5a 0 256k"})
 	if d.exited() {

@@ -185,7 +185,10 @@ type checker struct {
 //   - from the delete floor, keys are contiguous up to the end of the log,
 //     gaps only inside claim windows; keys past the end are orphans;
 //   - every checkpoint decodes, and each agrees with a replay from the one
-//     before it (or from key 0 when no key below it was collected).
+//     before it (or from key 0 when no key below it was collected);
+//   - the state the next attach recovers (the newest usable checkpoint
+//     rolled forward to the end of the log) maps every block to an object
+//     that holds it.
 //
 // Findings name the keys and objects concerned. An error is returned only
 // when the bucket cannot be read.
@@ -220,8 +223,8 @@ func Check(ctx context.Context, objs *objproxy.Proxy, o CheckOptions) (*Report, 
 	if len(c.l.probes) > 0 {
 		c.r.add(Note, -1, "", "%d conditional-write probe object(s) left by interrupted starts, e.g. %q (bs3 check --repair removes those older than an hour)", len(c.l.probes), c.l.probes[0])
 	}
-	for _, name := range c.l.unknown {
-		c.r.add(Note, -1, name, "object under the volume's prefix that bs3 does not write; left alone")
+	if n := len(c.l.unknown); n > 0 {
+		c.r.add(Note, -1, "", "%d object(s) under the volume's prefix that bs3 does not write, e.g. %q; left alone", n, c.l.unknown[0])
 	}
 	return c.r, nil
 }
