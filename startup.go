@@ -57,7 +57,7 @@ func (d *daemon) preflight() (prepared, error) {
 			return p, fmt.Errorf("start FUSE frontend: %w; nothing was attached", err)
 		}
 	case config.FrontendBUSE:
-		if err := buse.Preflight(); err != nil {
+		if err := buse.Preflight(int64(cfg.Major)); err != nil {
 			return p, err
 		}
 	}
