@@ -3,7 +3,7 @@ package main
 // The command line: `bs3 [serve] -c FILE [--shrink]` runs the daemon (the
 // default command, so `bs3 -c FILE` keeps working), `bs3 status`,
 // `bs3 check` and `bs3 gc` look at or nudge a volume
-// (docs/ARCHITECTURE.md §13).
+// (docs/ARCHITECTURE.md §14).
 //
 // kong rather than cobra: the commands and their flags are one struct
 // with help in tags, a default command that takes its own flags is built
@@ -50,7 +50,7 @@ type statusCmd struct {
 
 type checkCmd struct {
 	JSON   bool `name:"json" help:"Print the report as JSON."`
-	Repair bool `help:"Also do the repairs that are provably safe, and only those: remove conditional-write probe objects older than an hour left by interrupted starts. Missing, truncated or corrupt objects and checkpoints are never 'repaired' (that would drop data silently); restore them from an older object version or a backup. Refused while a daemon holds the lease."`
+	Repair bool `help:"Also do the repairs that are provably safe, and only those: remove the S3 store's probe objects older than an hour left by interrupted starts. Missing, truncated or corrupt objects and checkpoints are never 'repaired' (that would drop data silently); restore them from an older object version or a backup. Refused while a daemon holds the lease."`
 }
 
 type gcCmd struct{}

@@ -14,7 +14,6 @@ import (
 	"os/signal"
 	"path"
 	"strconv"
-	"strings"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -28,6 +27,7 @@ import (
 	"github.com/bs3/bs3/internal/frontend/buse"
 	"github.com/bs3/bs3/internal/frontend/fuse"
 	"github.com/bs3/bs3/internal/frontend/nbd"
+	"github.com/bs3/bs3/internal/frontend/ublk"
 	"github.com/bs3/bs3/internal/gc"
 	"github.com/bs3/bs3/internal/null"
 	"github.com/bs3/bs3/internal/objproxy"
@@ -216,7 +216,7 @@ func (d *daemon) start(ctx context.Context, shrink bool) error {
 	cfg, log := d.cfg, d.log
 	// The frontend's resources first: a start that cannot serve the
 	// device must fail before the attach bumps the generation and claims
-	// keys (docs/ARCHITECTURE.md §13).
+	// keys (docs/ARCHITECTURE.md §14).
 	prep, err := d.preflight()
 	if err != nil {
 		return err
@@ -350,6 +350,23 @@ func (d *daemon) start(ctx context.Context, shrink bool) error {
 		d.watchEnd(config.FrontendNBD, served)
 		fmt.Fprintf(os.Stderr, "\nbs3: NBD export %q on %s\n  try: nbdinfo nbd://%s/%s   or   nbd-client %s /dev/nbd0 -N %s -b %d\n\n",
 			cfg.NBD.Export, srv.Addr(), srv.Addr(), cfg.NBD.Export, srv.Addr(), cfg.NBD.Export, cfg.BlockSize)
+	case config.FrontendUBLK:
+		u, err := ublk.Start(dev, ublk.Options{
+			ID:         cfg.Major,
+			Queues:     cfg.Threads,
+			QueueDepth: cfg.QueueDepth,
+			BlockSize:  int64(cfg.BlockSize),
+			IOMin:      int64(cfg.IOMinBytes()),
+			IOOpt:      int64(cfg.IOOptBytes()),
+			Logger:     log.With().Str("component", "ublk").Logger(),
+		})
+		if err != nil {
+			return fmt.Errorf("start ublk frontend: %w", err)
+		}
+		d.onStop("ublk device", func(context.Context) error { return u.Stop() })
+		d.watchEnd(config.FrontendUBLK, u.Done())
+		fmt.Fprintf(os.Stderr, "\nbs3: block device %s\n  try: mkfs.ext4 %s && mkdir -p /mnt/bs3 && mount %s /mnt/bs3\n  stop with Ctrl-C (unmount the filesystem first)\n\n",
+			u.Path(), u.Path(), u.Path())
 	case config.FrontendFUSE:
 		m, err := fuse.Mount(dev, fuse.Options{Mountpoint: cfg.FUSE.Mountpoint, Loop: cfg.FUSE.Loop, Logger: log.With().Str("component", "fuse").Logger()})
 		if err != nil {
@@ -559,16 +576,25 @@ func openStore(ctx context.Context, cfg config.Config, log zerolog.Logger, readO
 			SecretKey:    cfg.S3.SecretKey,
 			MaxConns:     cfg.S3.Uploaders + cfg.S3.Downloaders,
 			CreateBucket: !readOnly,
-			// Over TLS the transport protects the body, so the SHA-256 of
-			// every 4 MiB chunk (the largest CPU cost of a PUT) is skipped;
-			// over plain HTTP the signature is the only integrity check.
-			UnsignedPayload: !strings.HasPrefix(cfg.S3.Remote, "http://"),
+			// The SHA-256 of every body is the largest CPU cost of a PUT:
+			// a CRC32C the store verifies replaces it where it can
+			// (docs/ARCHITECTURE.md "Upload integrity and CPU").
+			PayloadChecksum: s3store.PayloadMode(cfg.S3.PayloadChecksum),
 			Logger:          log.With().Str("component", "s3").Logger(),
 		})
 		if err != nil {
 			return nil, err
 		}
-		if cfg.S3.ConditionalWrites && !readOnly {
+		if readOnly {
+			// status and check write nothing, not even probes.
+			return store.WithPrefix(st, cfg.S3.Prefix), nil
+		}
+		// A name of its own per start, as for the conditional-write probe.
+		probe := fmt.Sprintf("payload-checksum-probe-%d-%d", os.Getpid(), time.Now().UnixNano())
+		if _, err := st.ProbePayloadChecksum(ctx, path.Join(cfg.S3.Prefix, probe)); err != nil {
+			return nil, err
+		}
+		if cfg.S3.ConditionalWrites {
 			// A name of its own per start: two daemons probing one
 			// name at once would see each other's object and blame
 			// the store.

@@ -1,6 +1,6 @@
 package main
 
-// Start-up order and systemd readiness (docs/ARCHITECTURE.md §13).
+// Start-up order and systemd readiness (docs/ARCHITECTURE.md §14).
 
 import (
 	"context"
@@ -16,6 +16,7 @@ import (
 	"github.com/bs3/bs3/internal/frontend/buse"
 	"github.com/bs3/bs3/internal/frontend/fuse"
 	"github.com/bs3/bs3/internal/frontend/nbd"
+	"github.com/bs3/bs3/internal/frontend/ublk"
 )
 
 // prepared is what preflight took for the frontend.
@@ -27,9 +28,9 @@ type prepared struct {
 // preflight checks, or takes, what the frontend needs before the volume
 // is attached: the NBD address is bound (the listener is handed to the
 // server later) and its TLS certificates loaded, the FUSE mountpoint and
-// loop devices are checked, the BUSE module must be loaded. An attach
-// bumps the generation and claims keys, so a frontend that cannot start
-// must fail first.
+// loop devices are checked, the ublk driver and the BUSE module must be
+// loaded. An attach bumps the generation and claims keys, so a frontend
+// that cannot start must fail first.
 func (d *daemon) preflight() (prepared, error) {
 	cfg := d.cfg
 	var p prepared
@@ -55,6 +56,12 @@ func (d *daemon) preflight() (prepared, error) {
 	case config.FrontendFUSE:
 		if err := fuse.Preflight(fuse.Options{Mountpoint: cfg.FUSE.Mountpoint, Loop: cfg.FUSE.Loop}); err != nil {
 			return p, fmt.Errorf("start FUSE frontend: %w; nothing was attached", err)
+		}
+	case config.FrontendUBLK:
+		// Without the driver there is nothing to serve, and the lease
+		// need not be taken.
+		if err := ublk.Available(ublk.DefaultControlPath); err != nil {
+			return p, fmt.Errorf("start ublk frontend: %w; nothing was attached", err)
 		}
 	case config.FrontendBUSE:
 		if err := buse.Preflight(int64(cfg.Major)); err != nil {

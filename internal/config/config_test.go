@@ -113,6 +113,7 @@ func TestDefaultsForMinimalFile(t *testing.T) {
 		{"s3.downloaders", c.S3.Downloaders, 16},
 		{"s3.prefix", c.S3.Prefix, ""},
 		{"s3.conditional_writes", c.S3.ConditionalWrites, true},
+		{"s3.payload_checksum", c.S3.PayloadChecksum, "auto"},
 		{"write.durable", c.Write.Durable, false},
 		{"write.shared_buffer_size", c.Write.SharedBufferSize, 32},
 		{"write.chunk_size", c.Write.ChunkSize, 4},
@@ -365,6 +366,7 @@ func TestValidateRefusals(t *testing.T) {
 		{"frontend", func(c *Config) { c.Frontend = "iscsi" }, "frontend", `"iscsi"`, "nbd"},
 		{"store", func(c *Config) { c.Store = "gcs" }, "store", `"gcs"`, "dir"},
 		{"log level", func(c *Config) { c.Log.Level = "verbose" }, "log.level", `"verbose"`, "debug"},
+		{"payload checksum", func(c *Config) { c.S3.PayloadChecksum = "sha1" }, "s3.payload_checksum", `"sha1"`, "crc32c"},
 		{"bucket empty", func(c *Config) { c.S3.Bucket = "" }, "s3.bucket", `""`, "required"},
 		{"bucket empty but null", func(c *Config) { c.S3.Bucket = ""; c.Null = true }, "", "", ""},
 		{"bucket empty but dir", func(c *Config) { c.S3.Bucket = ""; c.Store = "dir" }, "", "", ""},
@@ -385,6 +387,10 @@ func TestValidateRefusals(t *testing.T) {
 		{"nbd tls key world-readable", func(c *Config) {
 			c.NBD.TLS, c.NBD.TLSCert, c.NBD.TLSKey = "on", "/c", worldReadable(t)
 		}, "nbd.tls_key", "tls.key", "chmod"},
+		{"ublk", func(c *Config) { c.Frontend = "ublk"; c.Major = 3; c.Threads = 2; c.QueueDepth = 4096 }, "", "", ""},
+		{"ublk queue depth", func(c *Config) { c.Frontend = "ublk"; c.QueueDepth = 4097 }, "queue_depth", "4097", "4096"},
+		{"ublk threads", func(c *Config) { c.Frontend = "ublk"; c.Threads = 5000 }, "threads", "5000", "ublk queues"},
+		{"ublk major", func(c *Config) { c.Frontend = "ublk"; c.Major = 1 << 20 }, "major", "1048576", "1048575"},
 		{"profiler port zero", func(c *Config) { c.ProfilerPort = 0 }, "profiler_port", "0", "65535"},
 		{"profiler port high", func(c *Config) { c.ProfilerPort = 70000 }, "profiler_port", "70000", "65535"},
 		{"threads negative", func(c *Config) { c.Threads = -1 }, "threads", "-1", ""},

@@ -221,7 +221,7 @@ func Check(ctx context.Context, objs *objproxy.Proxy, o CheckOptions) (*Report, 
 	}
 	c.r.Probes = c.l.probes
 	if len(c.l.probes) > 0 {
-		c.r.add(Note, -1, "", "%d conditional-write probe object(s) left by interrupted starts, e.g. %q (bs3 check --repair removes those older than an hour)", len(c.l.probes), c.l.probes[0])
+		c.r.add(Note, -1, "", "%d probe object(s) left by interrupted starts, e.g. %q (bs3 check --repair removes those older than an hour)", len(c.l.probes), c.l.probes[0])
 	}
 	if n := len(c.l.unknown); n > 0 {
 		c.r.add(Note, -1, "", "%d object(s) under the volume's prefix that bs3 does not write, e.g. %q; left alone", n, c.l.unknown[0])

@@ -5,7 +5,7 @@
 // (internal/volume, internal/chunk, internal/extentmap), never takes the
 // lease, never claims a generation and writes nothing, so it is safe
 // beside an attached daemon. The only write is Repair's removal of
-// leftover probe objects, which are not part of the volume (§13).
+// leftover probe objects, which are not part of the volume (§14).
 package inspect
 
 import (
@@ -41,10 +41,19 @@ type listing struct {
 	unknown     []string // names bs3 does not write
 }
 
-// probePrefix is how the S3 store names its conditional-write probes
-// (main.openStore); one left behind by a start that crashed mid-probe is
-// not part of the volume.
-const probePrefix = "conditional-write-probe"
+// probePrefixes are how main.openStore names the S3 store's probe objects
+// (conditional writes, payload checksums); one left behind by a start
+// that crashed mid-probe is not part of the volume.
+var probePrefixes = []string{"conditional-write-probe-", "payload-checksum-probe-"}
+
+func isProbe(name string) bool {
+	for _, p := range probePrefixes {
+		if strings.HasPrefix(name, p) {
+			return true
+		}
+	}
+	return false
+}
 
 func list(ctx context.Context, objs *objproxy.Proxy) (*listing, error) {
 	l := &listing{data: make(map[int64]int64), ckptSize: make(map[string]int64)}
@@ -63,7 +72,7 @@ func list(ctx context.Context, objs *objproxy.Proxy) (*listing, error) {
 			l.ckptSize[name] = size
 		case strings.HasPrefix(name, store.AttachPrefix):
 			l.attach = append(l.attach, name)
-		case strings.HasPrefix(name, probePrefix):
+		case isProbe(name):
 			l.probes = append(l.probes, name)
 		default:
 			l.unknown = append(l.unknown, name)

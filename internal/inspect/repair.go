@@ -13,7 +13,8 @@ import (
 // Repair policy. A repair is done only when it is provably safe, i.e. it
 // cannot change what any attach reads now or later:
 //
-//   - removing conditional-write probe objects older than ProbeMaxAge.
+//   - removing probe objects (conditional-write and payload-checksum
+//     probes of the S3 store) older than ProbeMaxAge.
 //     They are not part of the volume (no attach or recovery reads them),
 //     and a probe finishes within seconds, so one that old belongs to a
 //     start that crashed mid-probe, never to one still probing.
@@ -28,7 +29,7 @@ import (
 const ProbeMaxAge = time.Hour
 
 // probeTime returns when a probe object was written, from its name
-// (conditional-write-probe-<pid>-<unix nanoseconds>).
+// (<kind>-probe-<pid>-<unix nanoseconds>).
 func probeTime(name string) (time.Time, bool) {
 	i := strings.LastIndexByte(name, '-')
 	if i < 0 {
@@ -53,7 +54,7 @@ func Repair(ctx context.Context, objs *objproxy.Proxy, r *Report, now time.Time)
 		if err := objs.Delete(ctx, objproxy.Low, name); err != nil {
 			return done, fmt.Errorf("delete probe object %s: %w", name, err)
 		}
-		done = append(done, fmt.Sprintf("removed %s, a conditional-write probe left by a start on %s", name, t.UTC().Format(time.RFC3339)))
+		done = append(done, fmt.Sprintf("removed %s, a probe object left by a start on %s", name, t.UTC().Format(time.RFC3339)))
 	}
 	return done, nil
 }

@@ -158,7 +158,7 @@ func ReadStatus(ctx context.Context, objs *objproxy.Proxy, fb Fallback) (Status,
 		break
 	}
 	if len(l.probes) > 0 {
-		st.Notes = append(st.Notes, fmt.Sprintf("%d conditional-write probe object(s) left by interrupted starts (bs3 check --repair removes old ones)", len(l.probes)))
+		st.Notes = append(st.Notes, fmt.Sprintf("%d probe object(s) left by interrupted starts (bs3 check --repair removes old ones)", len(l.probes)))
 	}
 	if len(l.unknown) > 0 {
 		st.Notes = append(st.Notes, fmt.Sprintf("%d object(s) under the prefix that bs3 does not write, e.g. %q", len(l.unknown), l.unknown[0]))
