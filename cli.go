@@ -113,7 +113,7 @@ func runCLI(args []string) int {
 const toolTimeout = time.Hour
 
 // openInspect opens the bucket read-only for status and check: no bucket
-// creation, no conditional-write probe, no temporary-file cleanup.
+// creation, no probe objects, no temporary-file cleanup.
 func openInspect(cfg config.Config) (*objproxy.Proxy, context.Context, func(), error) {
 	log := newToolLogger(cfg)
 	ctx, cancel := context.WithTimeout(context.Background(), toolTimeout)

@@ -57,7 +57,7 @@ type Report struct {
 	// EndOfLog is the first key a roll-forward from the delete floor
 	// stops at: the next key the volume will store.
 	EndOfLog int64 `json:"end_of_log"`
-	// Probes are leftover conditional-write probe objects (Repair).
+	// Probes are leftover probe objects of the S3 store (Repair).
 	Probes []string `json:"probes,omitempty"`
 }
 

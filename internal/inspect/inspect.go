@@ -37,7 +37,7 @@ type listing struct {
 	attach      []string // ascending by generation
 	superblock  bool
 	lease       bool
-	probes      []string // conditional-write probes left behind
+	probes      []string // probe objects left behind
 	unknown     []string // names bs3 does not write
 }
 
