@@ -3,7 +3,7 @@ package main
 // The command line: `bs3 [serve] -c FILE [--shrink]` runs the daemon (the
 // default command, so `bs3 -c FILE` keeps working), `bs3 status`,
 // `bs3 check` and `bs3 gc` look at or nudge a volume
-// (docs/ARCHITECTURE.md §14).
+// (docs/ARCHITECTURE.md §15).
 //
 // kong rather than cobra: the commands and their flags are one struct
 // with help in tags, a default command that takes its own flags is built

@@ -21,6 +21,7 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/bs3/bs3/internal/cache"
+	"github.com/bs3/bs3/internal/chunk"
 	"github.com/bs3/bs3/internal/chunker"
 	"github.com/bs3/bs3/internal/config"
 	"github.com/bs3/bs3/internal/frontend"
@@ -29,6 +30,7 @@ import (
 	"github.com/bs3/bs3/internal/frontend/nbd"
 	"github.com/bs3/bs3/internal/frontend/ublk"
 	"github.com/bs3/bs3/internal/gc"
+	"github.com/bs3/bs3/internal/metrics"
 	"github.com/bs3/bs3/internal/null"
 	"github.com/bs3/bs3/internal/objproxy"
 	"github.com/bs3/bs3/internal/store"
@@ -106,6 +108,7 @@ type daemon struct {
 	collector *gc.Collector
 	chunker   *chunker.Chunker
 	ended     chan frontendEnd // a frontend's end, at most one
+	metrics   *metrics.Metrics // nil: [metrics] listen is empty
 	// nbdServing: the NBD server took over the listener bound by
 	// preflight (startup.go), which then no longer closes it.
 	nbdServing atomic.Bool
@@ -149,6 +152,12 @@ func serve(cfg config.Config, shrink bool, log zerolog.Logger) error {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	d := &daemon{cfg: cfg, log: log, ended: make(chan frontendEnd, 1)}
+	m, stopMetrics, err := startMetrics(cfg, log)
+	if err != nil {
+		return err
+	}
+	defer stopMetrics()
+	d.metrics = m
 	stopSig, err := d.startOrSignal(ctx, cancel, shrink, signals)
 	if errors.Is(err, errAborted) {
 		return err
@@ -216,7 +225,7 @@ func (d *daemon) start(ctx context.Context, shrink bool) error {
 	cfg, log := d.cfg, d.log
 	// The frontend's resources first: a start that cannot serve the
 	// device must fail before the attach bumps the generation and claims
-	// keys (docs/ARCHITECTURE.md §14).
+	// keys (docs/ARCHITECTURE.md §15).
 	prep, err := d.preflight()
 	if err != nil {
 		return err
@@ -240,6 +249,7 @@ func (d *daemon) start(ctx context.Context, shrink bool) error {
 		objs := objproxy.New(st, objproxy.Options{
 			Uploaders:   cfg.S3.Uploaders,
 			Downloaders: cfg.S3.Downloaders,
+			Observer:    d.metrics.StoreObserver(),
 			Logger:      log.With().Str("component", "objproxy").Logger(),
 		})
 		d.onStop("object proxy", func(context.Context) error { objs.Close(); return nil })
@@ -297,7 +307,11 @@ func (d *daemon) start(ctx context.Context, shrink bool) error {
 			d.onBoundedStop(chunkerStep, ch.Shutdown)
 			dev = ch
 		}
+		if err := d.metrics.AddEngine(metrics.Engine{Proxy: objs, Volume: vol, Chunker: d.chunker, Cache: rc, GC: d.collector}); err != nil {
+			return err
+		}
 	}
+	dev, rw = d.metrics.Device(dev), d.metrics.Buse(rw, chunk.Layout{ChunkSize: cfg.ChunkBytes(), BlockSize: int64(cfg.BlockSize)})
 
 	switch cfg.Frontend {
 	case config.FrontendBUSE:

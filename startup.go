@@ -1,6 +1,6 @@
 package main
 
-// Start-up order and systemd readiness (docs/ARCHITECTURE.md §14).
+// Start-up order and systemd readiness (docs/ARCHITECTURE.md §15).
 
 import (
 	"context"

@@ -100,6 +100,7 @@ type Config struct {
 	FUSE       FUSEConfig       `toml:"fuse" env-prefix:"BS3_FUSE_"`
 	Dir        DirConfig        `toml:"dir" env-prefix:"BS3_DIR_"`
 	Cache      CacheConfig      `toml:"cache" env-prefix:"BS3_CACHE_"`
+	Metrics    MetricsConfig    `toml:"metrics" env-prefix:"BS3_METRICS_"`
 }
 
 // S3Config is the [s3] section.
@@ -201,6 +202,11 @@ type CacheConfig struct {
 	FetchSize  int    `toml:"fetch_size" env:"FETCH_SIZE" env-description:"KiB a streaming or large read fetches and caches around a miss (aligned inside the object; cached as 64 KiB windows); a power of two from 4 to 4096"`
 	Dir        string `toml:"dir" env:"DIR" env-description:"directory of the read cache on local disk (survives restarts; every 4 KiB block checked with CRC32C); empty = memory only"`
 	DiskSize   int    `toml:"disk_size" env:"DISK_SIZE" env-description:"GiB the read cache may use under dir"`
+}
+
+// MetricsConfig is the [metrics] section: the Prometheus endpoint.
+type MetricsConfig struct {
+	Listen string `toml:"listen" env:"LISTEN" env-description:"host:port serving Prometheus metrics on /metrics (e.g. 127.0.0.1:9101); empty = off"`
 }
 
 // CacheMemoryBytes is cache.memory_size in bytes.
@@ -460,6 +466,14 @@ func (c Config) Validate() error {
 			bad("cache.dir", c.Cache.Dir, "needs cache.memory_size > 0 (the disk cache sits behind the memory cache)")
 		}
 		atLeast("cache.disk_size", int64(c.Cache.DiskSize), 1, " (GiB)")
+	}
+
+	if l := c.Metrics.Listen; l != "" {
+		if _, port, err := net.SplitHostPort(l); err != nil {
+			bad("metrics.listen", l, "must be host:port (e.g. 127.0.0.1:9101), or empty to turn metrics off")
+		} else if p, err := strconv.Atoi(port); err != nil || p < 0 || p > 65535 {
+			bad("metrics.listen", l, "port must be a number in 0..65535")
+		}
 	}
 
 	// Frontends.

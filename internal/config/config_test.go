@@ -145,6 +145,7 @@ func TestDefaultsForMinimalFile(t *testing.T) {
 		{"cache.fetch_size", c.Cache.FetchSize, 256},
 		{"cache.dir", c.Cache.Dir, ""},
 		{"cache.disk_size", c.Cache.DiskSize, 10},
+		{"metrics.listen", c.Metrics.Listen, ""},
 	}
 	for _, ck := range checks {
 		if ck.got != ck.want {
@@ -376,6 +377,11 @@ func TestValidateRefusals(t *testing.T) {
 		{"nbd listen bad", func(c *Config) { c.Frontend = "nbd"; c.NBD.Listen = "localhost" }, "nbd.listen", `"localhost"`, "host:port"},
 		{"nbd listen unix", func(c *Config) { c.Frontend = "nbd"; c.NBD.Listen = "unix:/run/bs3.sock" }, "", "", ""},
 		{"nbd listen ignored for buse", func(c *Config) { c.NBD.Listen = "" }, "", "", ""},
+		{"metrics listen no port", func(c *Config) { c.Metrics.Listen = "127.0.0.1" }, "metrics.listen", `"127.0.0.1"`, "host:port"},
+		{"metrics listen bad port", func(c *Config) { c.Metrics.Listen = "127.0.0.1:http" }, "metrics.listen", `"127.0.0.1:http"`, "0..65535"},
+		{"metrics listen port too big", func(c *Config) { c.Metrics.Listen = ":70000" }, "metrics.listen", `":70000"`, "0..65535"},
+		{"metrics listen", func(c *Config) { c.Metrics.Listen = "127.0.0.1:9101" }, "", "", ""},
+		{"metrics listen all interfaces", func(c *Config) { c.Metrics.Listen = ":9101" }, "", "", ""},
 		{"nbd max connections zero", func(c *Config) { c.NBD.MaxConnections = 0 }, "nbd.max_connections", "0", ""},
 		{"nbd handshake timeout zero", func(c *Config) { c.NBD.HandshakeTimeout = 0 }, "nbd.handshake_timeout", "0", ""},
 		{"fuse mountpoint empty", func(c *Config) { c.Frontend = "fuse"; c.FUSE.Mountpoint = "" }, "fuse.mountpoint", `""`, "required"},
@@ -641,5 +647,22 @@ func TestSecretsNeverShown(t *testing.T) {
 	assertNoSecret("zerolog", log.String())
 	if !strings.Contains(log.String(), `"s3.bucket":"b"`) {
 		t.Errorf("zerolog rendering lacks s3.bucket: %s", log.String())
+	}
+}
+
+// TestMetricsOffByDefault: no metrics endpoint unless one is configured.
+func TestMetricsOffByDefault(t *testing.T) {
+	clearEnv(t)
+	t.Setenv("BS3_S3_BUCKET", "b")
+	c, err := Load("")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Metrics.Listen != "" {
+		t.Errorf("metrics.listen defaults to %q, want empty (off)", c.Metrics.Listen)
+	}
+	t.Setenv("BS3_METRICS_LISTEN", "127.0.0.1:9101")
+	if c, err = Load(""); err != nil || c.Metrics.Listen != "127.0.0.1:9101" {
+		t.Errorf("BS3_METRICS_LISTEN: listen %q, err %v", c.Metrics.Listen, err)
 	}
 }

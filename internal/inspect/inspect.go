@@ -5,7 +5,7 @@
 // (internal/volume, internal/chunk, internal/extentmap), never takes the
 // lease, never claims a generation and writes nothing, so it is safe
 // beside an attached daemon. The only write is Repair's removal of
-// leftover probe objects, which are not part of the volume (§14).
+// leftover probe objects, which are not part of the volume (§15).
 package inspect
 
 import (
