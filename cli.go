@@ -29,6 +29,7 @@ import (
 	"github.com/bs3/bs3/internal/config"
 	"github.com/bs3/bs3/internal/inspect"
 	"github.com/bs3/bs3/internal/objproxy"
+	"github.com/bs3/bs3/internal/store/sealed"
 )
 
 // cli is bs3's command line.
@@ -125,6 +126,12 @@ func openInspect(cfg config.Config) (*objproxy.Proxy, context.Context, func(), e
 	if err != nil {
 		cancel()
 		return nil, nil, nil, err
+	}
+	// An encrypted volume is read through its key, checked against the
+	// superblock (sealed.Open writes nothing).
+	if st, _, err = sealed.Open(ctx, st, sealed.KeyConfig{KeyFile: cfg.Encryption.KeyFile, PassphraseFile: cfg.Encryption.PassphraseFile}); err != nil {
+		cancel()
+		return nil, nil, nil, fmt.Errorf("encryption: %w", err)
 	}
 	objs := objproxy.New(st, objproxy.Options{
 		Uploaders:   2,

@@ -36,6 +36,7 @@ import (
 	"github.com/bs3/bs3/internal/store"
 	"github.com/bs3/bs3/internal/store/dir"
 	s3store "github.com/bs3/bs3/internal/store/s3"
+	"github.com/bs3/bs3/internal/store/sealed"
 	"github.com/bs3/bs3/internal/volume"
 )
 
@@ -246,6 +247,15 @@ func (d *daemon) start(ctx context.Context, shrink bool) error {
 		if err != nil {
 			return err
 		}
+		// Checks the key against the superblock before anything is
+		// written, and seals the objects of an encrypted volume.
+		st, enc, err := sealed.Open(ctx, st, sealed.KeyConfig{KeyFile: cfg.Encryption.KeyFile, PassphraseFile: cfg.Encryption.PassphraseFile})
+		if err != nil {
+			return fmt.Errorf("encryption: %w", err)
+		}
+		if enc != nil {
+			log.Info().Str("cipher", enc.Cipher).Str("kdf", enc.KDF).Msg("volume is encrypted")
+		}
 		objs := objproxy.New(st, objproxy.Options{
 			Uploaders:   cfg.S3.Uploaders,
 			Downloaders: cfg.S3.Downloaders,
@@ -281,6 +291,7 @@ func (d *daemon) start(ctx context.Context, shrink bool) error {
 			MapIdleTimeout:     cfg.GCIdleTimeout(),
 			LeaseInterval:      leaseInterval,
 			Cache:              rc,
+			Encryption:         enc,
 			Logger:             log,
 		})
 		if err != nil {

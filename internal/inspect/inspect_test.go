@@ -1,10 +1,12 @@
 package inspect
 
 import (
+	"bytes"
 	"context"
 	"encoding/binary"
 	"fmt"
 	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -17,6 +19,7 @@ import (
 	"github.com/bs3/bs3/internal/objproxy"
 	"github.com/bs3/bs3/internal/store"
 	"github.com/bs3/bs3/internal/store/mem"
+	"github.com/bs3/bs3/internal/store/sealed"
 	"github.com/bs3/bs3/internal/testutil/enginetest"
 	"github.com/bs3/bs3/internal/volume"
 )
@@ -470,5 +473,61 @@ func TestCheckMappedObjectMissing(t *testing.T) {
 	}
 	if !strings.Contains(text(t, r), "maps 64 block(s) to it") {
 		t.Errorf("the finding does not say how many blocks are lost:\n%s", text(t, r))
+	}
+}
+
+// An encrypted volume, read through its key as `bs3 status` and `bs3
+// check` do (sealed.Open), is healthy after a life, and a truncated
+// sealed data object is still named by its key.
+func TestCheckEncrypted(t *testing.T) {
+	raw := mem.New()
+	keyPath := filepath.Join(t.TempDir(), "key")
+	if err := os.WriteFile(keyPath, bytes.Repeat([]byte{7}, 32), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cfg := sealed.KeyConfig{KeyFile: keyPath}
+	ctx := context.Background()
+	st, rec, err := sealed.Open(ctx, raw, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	o := testOpts
+	o.Encryption = rec
+	e := enginetest.Open(t, st, o)
+	write(t, e, 0, 64, 1)
+	write(t, e, 32, 64, 2)
+	victim := e.Volume.Watermark() - 1
+	e.Close(t)
+
+	st, _, err = sealed.Open(ctx, raw, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r := check(t, st); !r.Healthy() {
+		t.Fatalf("encrypted volume reported damaged:\n%s", text(t, r))
+	}
+	s, err := ReadStatus(ctx, proxy(t, st), Fallback{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s.LiveBlocks < 96 || s.VolumeID != e.Volume.Superblock().VolumeID {
+		t.Errorf("status of the encrypted volume: %d live blocks (want >= 96), id %q", s.LiveBlocks, s.VolumeID)
+	}
+	// Plain check of the raw bucket sees ciphertext: never healthy.
+	if r, err := Check(ctx, proxy(t, raw), CheckOptions{}); err == nil && r.Healthy() {
+		t.Errorf("the raw (still encrypted) bucket passed check:\n%s", text(t, r))
+	}
+
+	// Cut the sealed object short by whole sealed segments, so that its
+	// stored size stays a possible one and the listing works.
+	body := get(t, raw, store.DataName(victim))
+	plain, ok := sealed.PlainSize(int64(len(body)))
+	if !ok || plain < 8192 {
+		t.Fatalf("key %d: stored %d bytes, plain %d (%v)", victim, len(body), plain, ok)
+	}
+	put(t, raw, store.DataName(victim), body[:sealed.SealedSize(plain-4096)])
+	r := check(t, st)
+	if got := r.DamagedKeys(); len(got) != 1 || got[0] != victim {
+		t.Errorf("damaged keys %v, want [%d] (sealed object cut short):\n%s", got, victim, text(t, r))
 	}
 }
