@@ -647,3 +647,21 @@ func TestShutdownSystemdUnit(t *testing.T) {
 		t.Errorf("Restart=%q: bs3 exits 1 when its frontend ends and must be restarted", restart)
 	}
 }
+
+// nbdGreets reports whether an NBD server at addr sends its greeting
+// (NBDMAGIC) within timeout: the export is being served.
+func nbdGreets(addr string, timeout time.Duration) bool {
+	c, err := net.DialTimeout("tcp", addr, timeout)
+	if err != nil {
+		return false
+	}
+	defer c.Close()
+	if err := c.SetReadDeadline(time.Now().Add(timeout)); err != nil {
+		return false
+	}
+	var magic [8]byte
+	if _, err := io.ReadFull(c, magic[:]); err != nil {
+		return false
+	}
+	return string(magic[:]) == "NBDMAGIC"
+}
