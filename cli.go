@@ -39,6 +39,12 @@ type cli struct {
 	Status statusCmd `cmd:"" help:"Show the volume's state in the bucket: identity, size, generation, lease holder, checkpoints, objects, live fraction. Read-only: safe while a daemon is attached."`
 	Check  checkCmd  `cmd:"" help:"Verify the volume in the bucket (an fsck): every object header, key contiguity, claim windows, checkpoints against a replay, superblock. Exit status 0 when healthy, 1 with the damaged keys named."`
 	GC     gcCmd     `cmd:"" name:"gc" help:"Ask the daemon running on this host for a threshold GC run (SIGUSR1)."`
+	Passwd passwdCmd `cmd:"" help:"Change the key or passphrase of an encrypted volume: [encryption] in the configuration names the current one, a flag the new one. Only the superblock's wrapped data key is rewritten, no data. Refused while a daemon holds the lease."`
+}
+
+type passwdCmd struct {
+	NewKeyFile        string `name:"new-key-file" placeholder:"FILE" help:"The new key: a file of 32 raw bytes or 64 hex digits, mode 0600."`
+	NewPassphraseFile string `name:"new-passphrase-file" placeholder:"FILE" help:"The new passphrase (stretched with Argon2id), in a file of mode 0600."`
 }
 
 type serveCmd struct {
@@ -96,6 +102,8 @@ func runCLI(args []string) int {
 		return c.Check.run(cfg)
 	case "gc":
 		return c.GC.run(cfg)
+	case "passwd":
+		return c.Passwd.run(cfg)
 	}
 	log := newLogger(cfg)
 	if err := serve(cfg, c.Serve.Shrink, log); err != nil {
@@ -332,4 +340,46 @@ func localDaemon(l inspect.LeaseInfo) (int, string) {
 		return 0, fmt.Sprintf("the lease names pid %d on this host, but that process is %q, not bs3 (the daemon is gone and the pid was reused)", l.PID, name)
 	}
 	return l.PID, ""
+}
+
+// run rewraps the volume's data key under the new key or passphrase. The
+// volume must be detached: a daemon attaching meanwhile would read the
+// superblock this rewrites.
+func (c passwdCmd) run(cfg config.Config) int {
+	fail := func(err error) int {
+		fmt.Fprintf(os.Stderr, "bs3 passwd: %v\n", err)
+		return exitFailure
+	}
+	old := sealed.KeyConfig{KeyFile: cfg.Encryption.KeyFile, PassphraseFile: cfg.Encryption.PassphraseFile}
+	next := sealed.KeyConfig{KeyFile: c.NewKeyFile, PassphraseFile: c.NewPassphraseFile}
+	switch {
+	case (c.NewKeyFile == "") == (c.NewPassphraseFile == ""):
+		fmt.Fprintln(os.Stderr, "bs3 passwd: give exactly one of --new-key-file and --new-passphrase-file")
+		return exitUsage
+	case !old.Enabled():
+		return fail(errors.New("[encryption] key_file or passphrase_file must name the volume's current key or passphrase"))
+	case cfg.Null:
+		return fail(errors.New("null = true: there is no volume"))
+	}
+	log := newToolLogger(cfg)
+	ctx, cancel := context.WithTimeout(context.Background(), toolTimeout)
+	defer cancel()
+	raw, err := openStore(ctx, cfg, log, true)
+	if err != nil {
+		return fail(err)
+	}
+	objs := objproxy.New(raw, objproxy.Options{Uploaders: 1, Downloaders: 2, MaxAttempts: 5, Logger: log.With().Str("component", "objproxy").Logger()})
+	defer objs.Close()
+	live, l, err := inspect.LeaseLive(ctx, objs, leaseInterval)
+	if err != nil {
+		return fail(err)
+	}
+	if live {
+		return fail(fmt.Errorf("host %s pid %d holds the volume's lease and renews it; stop that daemon first (systemctl stop bs3 there)", l.Host, l.PID))
+	}
+	if err := sealed.Passwd(ctx, raw, old, next); err != nil {
+		return fail(err)
+	}
+	fmt.Fprintln(os.Stdout, "bs3 passwd: the volume's data key is now wrapped by the new key; point [encryption] at it before the next start")
+	return exitOK
 }
