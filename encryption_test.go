@@ -70,4 +70,33 @@ func TestEncryptionWiring(t *testing.T) {
 	if !strings.Contains(string(out), "volume is encrypted: set [encryption] key_file or passphrase_file") {
 		t.Fatalf("refusal does not say the volume is encrypted:\n%s", out)
 	}
+
+	// bs3 passwd moves the volume to a passphrase: the old key stops
+	// opening it, the passphrase opens it and the data reads back.
+	pass := filepath.Join(t.TempDir(), "pass")
+	if err := os.WriteFile(pass, []byte("correct horse battery staple\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cmd = exec.Command(bin, "-c", "", "passwd", "--new-passphrase-file", pass)
+	cmd.Env = append(os.Environ(), append(base, "BS3_ENCRYPTION_KEY_FILE="+key)...)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("bs3 passwd: %v\n%s", err, out)
+	}
+	cmd = exec.Command(bin, "-c", "")
+	cmd.Env = append(os.Environ(), append(base, "BS3_ENCRYPTION_KEY_FILE="+key)...)
+	if out, err := cmd.CombinedOutput(); err == nil || !strings.Contains(string(out), "key") {
+		t.Fatalf("start with the old key after passwd: %v, want a refusal naming the key\n%s", err, out)
+	}
+	d = shutdownStart(t, bin, "NBD export", append(base, "BS3_ENCRYPTION_PASSPHRASE_FILE="+pass)...)
+	n = shutdownDialNBD(t, addr, "bs3")
+	for i := range uint64(16) {
+		if got := n.read(t, i*4096, 4096); !bytes.Equal(got, pattern) {
+			t.Fatalf("block %d after passwd differs from what was written", i)
+		}
+	}
+	n.disconnect(t)
+	d.signal(t, syscall.SIGTERM)
+	if code := d.waitExit(t, time.Minute); code != 0 {
+		t.Fatalf("exit status %d", code)
+	}
 }
