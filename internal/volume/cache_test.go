@@ -505,8 +505,13 @@ func TestDiskCacheRestartAndDamage(t *testing.T) {
 	}
 	n := damage(t, dir)
 	hurt := run("after damaging every file")
-	if hurt.DiskHits != 0 || hurt.DiskDropped == 0 || hurt.Fetches == 0 {
-		t.Fatalf("damaged %d files: disk hits %d, dropped %d, fetches %d; want no hit, drops, fetches", n, hurt.DiskHits, hurt.DiskDropped, hurt.Fetches)
+	// Every damaged file is looked up and dropped, so none is served; the
+	// only disk hits are of files this run wrote again after a refetch
+	// (a lookup that finds a window on disk before memory, e.g. while
+	// planning a stream's fetch of a whole object).
+	if hurt.DiskDropped != int64(n) || hurt.Fetches == 0 || hurt.DiskHits > hurt.DiskWritten {
+		t.Fatalf("damaged %d files: dropped %d, fetches %d, disk hits %d of %d files written again; want every damaged file dropped, fetches, and hits only on rewritten files",
+			n, hurt.DiskDropped, hurt.Fetches, hurt.DiskHits, hurt.DiskWritten)
 	}
 	again := run("after the refetch")
 	if again.DiskHits == 0 || again.DiskDropped != 0 {
