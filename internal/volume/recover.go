@@ -286,10 +286,10 @@ func (v *Volume) fetchHeader(ctx context.Context, key, md int64) header {
 		}
 		return header{claim: &c}
 	}
-	if int64(n) < md {
-		return header{err: fmt.Errorf("roll-forward: object %s (key %d) is %d bytes, shorter than its %d-byte metadata area: the object is corrupt; refusing to attach so that no later data is dropped (inspect or remove it by hand)", store.DataName(key), key, n, md)}
-	}
-	p, err := v.layout.Parse(buf, -1, v.devSectors())
+	// A compact object may be shorter than md; Parse reads the layout
+	// from its end slot and refuses a short object of the BUSE layout
+	// (docs/ARCHITECTURE.md §3).
+	p, err := v.layout.Parse(buf[:n], -1, v.devSectors())
 	if err != nil {
 		return header{err: fmt.Errorf("roll-forward: object %s (key %d) is corrupt: %v; refusing to attach so that no later data is dropped", store.DataName(key), key, err)}
 	}
