@@ -274,6 +274,11 @@ func (d *daemon) start(ctx context.Context, shrink bool) error {
 			}
 			d.onStop("read cache", func(context.Context) error { rc.Close(); return nil })
 		}
+		// A chunk's buffer is reused once its object is stored, so more
+		// chunks than buffers may wait for their in-order apply behind a
+		// slow upload (docs/ARCHITECTURE.md §4.4); the claim window of
+		// the next attach covers them all.
+		inflight := 2 * buffers
 		vol, err := volume.Open(ctx, objs, volume.Options{
 			Size:               cfg.SizeBytes(),
 			BlockSize:          int64(cfg.BlockSize),
@@ -283,7 +288,7 @@ func (d *daemon) start(ctx context.Context, shrink bool) error {
 			SkipCheckpoint:     cfg.SkipCheckpoint,
 			CheckpointInterval: cfg.CheckpointInterval(),
 			CheckpointObjects:  int64(cfg.Checkpoint.Objects),
-			MaxInflight:        int64(buffers),
+			MaxInflight:        int64(inflight),
 			MapIdleTimeout:     cfg.GCIdleTimeout(),
 			LeaseInterval:      leaseInterval,
 			Cache:              rc,
@@ -306,6 +311,7 @@ func (d *daemon) start(ctx context.Context, shrink bool) error {
 			ch := chunker.New(vol, chunker.Options{
 				Durable:       cfg.Write.Durable,
 				Buffers:       buffers,
+				MaxInflight:   inflight,
 				CollisionArea: cfg.CollisionBytes(),
 				Logger:        log.With().Str("component", "chunker").Logger(),
 			})

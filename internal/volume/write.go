@@ -108,6 +108,11 @@ func (v *Volume) commit(ctx context.Context, key int64, buf []byte, items int, u
 		// are immutable); nothing looks them up before the map points here.
 		v.cache.PutObject(v.sb.VolumeID, key, body[p.DataStart:])
 	}
+	if stored := chunk.StoredHook(ctx); stored != nil {
+		// The frontend may reuse buf from now on and serves reads of
+		// these writes with ReadUnapplied until the apply is done.
+		stored(p.DataStart)
+	}
 	// Wait for every earlier key to be applied (they may still be
 	// uploading), then apply this one.
 	v.applyMu.Lock()
