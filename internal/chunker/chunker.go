@@ -77,8 +77,9 @@ type Options struct {
 // pending is a chunk buffer from the moment it is opened until its commit
 // is done.
 type pending struct {
-	buf    []byte // nil once released (the object is stored)
-	b      *chunk.Builder
+	buf    []byte         // nil once released (the object is stored)
+	b      *chunk.Builder // over buf; nil once released
+	items  int            // items, counted at close
 	key    int64 // -1 while open
 	opened time.Time
 	done   chan struct{}
@@ -97,6 +98,15 @@ type pending struct {
 	writes, acked      int64 // requests, and those acknowledged
 	bytes, ackedBytes  int64 // device bytes their parts cover here
 	firstByte, endByte int64 // device byte range the parts cover
+}
+
+// count is the number of items in p: counted by its builder while open,
+// at close afterwards.
+func (p *pending) count() int {
+	if p.key < 0 && p.b != nil {
+		return p.b.Items()
+	}
+	return p.items
 }
 
 // part is the share of one request in one chunk.
@@ -122,7 +132,8 @@ type Chunker struct {
 	mu       sync.Mutex
 	cond     *sync.Cond
 	open     *pending
-	free     [][]byte
+	free     []*chunk.Builder // builders over free chunk buffers
+	freeRuns [][][2]int64     // run lists of applied chunks, for reuse
 	inflight map[int64]*pending
 	overlay  *overlay
 	touched  []part     // scratch of WriteAt and Zero, under mu
@@ -177,7 +188,7 @@ func New(e Engine, o Options) *Chunker {
 	c.ur, _ = e.(UnappliedReader)
 	c.cond = sync.NewCond(&c.mu)
 	for i := 0; i < o.Buffers; i++ {
-		c.free = append(c.free, make([]byte, l.BufferSize()))
+		c.free = append(c.free, chunk.NewBuilder(l, make([]byte, l.BufferSize())))
 	}
 	go c.ageLoop()
 	return c
@@ -217,9 +228,14 @@ func (c *Chunker) openLocked() (*pending, error) {
 		// Keys handed out and not applied stay within MaxInflight (the
 		// claim window of the next attach covers them).
 		if n := len(c.free); n > 0 && len(c.inflight) < c.maxInf {
-			buf := c.free[n-1]
+			b := c.free[n-1]
 			c.free = c.free[:n-1]
-			c.open = &pending{buf: buf, b: chunk.NewBuilder(c.layout, buf), key: -1, opened: time.Now(), done: make(chan struct{}), firstByte: -1}
+			b.Reset()
+			c.open = &pending{buf: b.Buffer(), b: b, key: -1, opened: time.Now(), done: make(chan struct{}), firstByte: -1}
+			if k := len(c.freeRuns); k > 0 {
+				c.open.runs = c.freeRuns[k-1][:0]
+				c.freeRuns = c.freeRuns[:k-1]
+			}
 			break
 		}
 		c.cond.Wait()
@@ -235,15 +251,16 @@ func (c *Chunker) closeLocked() {
 		return
 	}
 	c.open = nil
-	if p.b.Items() == 0 {
-		c.free = append(c.free, p.buf)
+	p.items = p.b.Items()
+	if p.items == 0 {
+		c.releaseLocked(p)
 		return
 	}
 	// No Seal: Commit gets the item count and finishes the metadata
 	// itself (docs/ARCHITECTURE.md §3).
 	p.key = c.e.NextKey()
 	c.inflight[p.key] = p
-	go c.commit(p, p.b.Items())
+	go c.commit(p, p.items)
 }
 
 func (c *Chunker) commit(p *pending, items int) {
@@ -268,6 +285,8 @@ func (c *Chunker) commit(p *pending, items int) {
 	} else {
 		c.overlay.drop(p)
 		c.releaseLocked(p)
+		c.freeRuns = append(c.freeRuns, p.runs)
+		p.runs = nil
 	}
 	close(p.done)
 	c.cond.Broadcast()
@@ -284,11 +303,12 @@ func (c *Chunker) stored(p *pending, dataStart int64) {
 	c.cond.Broadcast()
 }
 
-// releaseLocked returns p's buffer to the free list, once.
+// releaseLocked returns p's buffer (and its builder) to the free list,
+// once. p.b must not be used afterwards; p.items keeps the item count.
 func (c *Chunker) releaseLocked(p *pending) {
 	if p.buf != nil {
-		c.free = append(c.free, p.buf)
-		p.buf = nil
+		c.free = append(c.free, p.b)
+		p.buf, p.b = nil, nil
 	}
 }
 
@@ -367,6 +387,9 @@ func (c *Chunker) finishLocked(touched []part, fua bool) error {
 			c.closeLocked()
 		}
 	}
+	// touched is c.touched's array, which the next request reuses once
+	// c.mu is released.
+	touched = append([]part(nil), touched...)
 	c.mu.Unlock()
 	defer c.mu.Lock()
 	for _, t := range touched {
@@ -388,7 +411,7 @@ func (c *Chunker) WriteAt(ctx context.Context, data []byte, off int64, fua bool)
 	if err := c.usableLocked(); err != nil {
 		return err
 	}
-	var touched []part
+	touched := c.touched[:0]
 	var err error
 	c.seq.Split(off, int64(len(data)), func(o, l int64, seq uint64) {
 		if err != nil {
@@ -403,6 +426,7 @@ func (c *Chunker) WriteAt(ctx context.Context, data []byte, off int64, fua bool)
 		}
 		return err
 	}
+	c.touched = touched[:0] // reused by the next request: no allocation per write
 	return c.finishLocked(touched, fua)
 }
 
@@ -433,7 +457,7 @@ func (c *Chunker) Zero(ctx context.Context, off, length int64, discard, fua bool
 	if err := c.e.Mapped(ctx, block, n, func(b, n int64) { runs = append(runs, [2]int64{b, n}) }); err != nil {
 		return err
 	}
-	var touched []part
+	touched := c.touched[:0]
 	for _, r := range mergeRuns(runs) {
 		var err error
 		c.seq.Split(r[0]*c.bs, r[1]*c.bs, func(o, l int64, seq uint64) {
@@ -448,6 +472,7 @@ func (c *Chunker) Zero(ctx context.Context, off, length int64, discard, fua bool
 			return err
 		}
 	}
+	c.touched = touched[:0]
 	return c.finishLocked(touched, fua)
 }
 
@@ -668,7 +693,7 @@ func (c *Chunker) Unstored() Unstored {
 func (c *Chunker) unstoredLocked() Unstored {
 	u := Unstored{FirstKey: -1, LastKey: -1, FirstByte: -1, Durable: c.o.Durable}
 	add := func(p *pending) {
-		if p == nil || p.b.Items() == 0 {
+		if p == nil || p.count() == 0 {
 			return
 		}
 		u.Chunks++

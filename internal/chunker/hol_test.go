@@ -48,7 +48,12 @@ func TestSlowUploadDoesNotBlockLaterWrites(t *testing.T) {
 		if compact {
 			name = "compact"
 		}
-		t.Run(name, func(t *testing.T) { testSlowUpload(t, compact) })
+		t.Run(name, func(t *testing.T) {
+			if compact && !volume.ReadsCompactObjects {
+				t.Skip("the read path does not resolve per-object data starts yet (volume.ReadsCompactObjects)")
+			}
+			testSlowUpload(t, compact)
+		})
 	}
 }
 

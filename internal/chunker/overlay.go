@@ -57,18 +57,32 @@ func (o *overlay) each(start, end int64, fn func(ovExt) bool) {
 }
 
 // set records n blocks at start as written to p at buffer offset off
-// (-1: zeros), replacing whatever covered them.
+// (-1: zeros), replacing whatever covered them. A write to blocks no
+// pending write covers (the common case) costs three tree walks.
 func (o *overlay) set(start, n int64, p *pending, off int64) {
 	end := start + n
 	o.scratch = o.scratch[:0]
-	o.each(start, end, func(e ovExt) bool {
+	var left ovExt // the extent ending at start, if any: may merge
+	o.t.DescendLessOrEqual(ovExt{start: start}, func(e ovExt) bool {
+		if e.end() > start {
+			o.scratch = append(o.scratch, e)
+		} else if e.end() == start {
+			left = e
+		}
+		return false
+	})
+	o.t.AscendGreaterOrEqual(ovExt{start: start + 1}, func(e ovExt) bool {
+		if e.start >= end {
+			return false
+		}
 		o.scratch = append(o.scratch, e)
 		return true
 	})
 	for _, e := range o.scratch {
 		o.t.Delete(e)
 		if e.start < start {
-			o.t.ReplaceOrInsert(e.sub(e.start, start, o.bs))
+			left = e.sub(e.start, start, o.bs)
+			o.t.ReplaceOrInsert(left)
 		}
 		if e.end() > end {
 			o.t.ReplaceOrInsert(e.sub(end, e.end(), o.bs))
@@ -77,19 +91,24 @@ func (o *overlay) set(start, n int64, p *pending, off int64) {
 	ne := ovExt{start: start, n: n, p: p, off: off}
 	// A write that continues the previous one in the same chunk extends
 	// its extent: sequential writes cost one entry per chunk.
-	o.t.DescendLessOrEqual(ovExt{start: start - 1}, func(e ovExt) bool {
-		if e.end() == start && e.p == p && ((e.off < 0 && off < 0) || (e.off >= 0 && off >= 0 && e.off+e.n*o.bs == off)) {
-			o.t.Delete(e)
-			ne.start, ne.n, ne.off = e.start, e.n+n, e.off
-		}
-		return false
-	})
+	if left.p == p && left.n > 0 && ((left.off < 0 && off < 0) || (left.off >= 0 && off >= 0 && left.off+left.n*o.bs == off)) {
+		o.t.Delete(left)
+		ne.start, ne.n, ne.off = left.start, left.n+n, left.off
+	}
 	o.t.ReplaceOrInsert(ne)
 }
 
-// drop removes the extents of p within the runs it was written to.
+// drop removes the extents of p within the runs it was written to. A run
+// still covered by one extent of p starting where it does (the common
+// case) costs one tree walk.
 func (o *overlay) drop(p *pending) {
 	for _, r := range p.runs {
+		if e, ok := o.t.Delete(ovExt{start: r[0]}); ok {
+			if e.p == p && e.end() >= r[0]+r[1] {
+				continue
+			}
+			o.t.ReplaceOrInsert(e) // not all of it: look properly
+		}
 		o.scratch = o.scratch[:0]
 		o.each(r[0], r[0]+r[1], func(e ovExt) bool {
 			if e.p == p {
