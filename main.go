@@ -5,6 +5,7 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"flag"
 	"fmt"
@@ -265,7 +266,8 @@ func (d *daemon) start(ctx context.Context, shrink bool) error {
 		if cfg.CacheMemoryBytes() > 0 {
 			if rc, err = cache.New(cache.Options{
 				MemoryBytes: cfg.CacheMemoryBytes(),
-				Window:      cfg.CacheFetchBytes(),
+				Window:      cache.WindowFor(cfg.CacheFetchBytes()),
+				FetchSize:   cfg.CacheFetchBytes(),
 				Dir:         cfg.Cache.Dir,
 				DiskBytes:   cfg.CacheDiskBytes(),
 				Logger:      log.With().Str("component", "cache").Logger(),
@@ -344,11 +346,21 @@ func (d *daemon) start(ctx context.Context, shrink bool) error {
 		d.onStop("BUSE device", func(context.Context) error { return b.Stop() })
 		d.watchEnd(config.FrontendBUSE, b.Done())
 	case config.FrontendNBD:
+		var tlsCfg *tls.Config
+		if cfg.NBD.TLS != config.NBDTLSOff {
+			var err error
+			if tlsCfg, err = nbd.LoadTLS(cfg.NBD.TLSCert, cfg.NBD.TLSKey, cfg.NBD.TLSCA); err != nil {
+				return fmt.Errorf("start NBD server: %w", err)
+			}
+		}
 		srv, err := nbd.New(dev, nbd.Options{
 			Listen: cfg.NBD.Listen, Export: cfg.NBD.Export,
 			HandshakeTimeout: cfg.NBD.HandshakeTimeoutDuration(),
 			MaxConnections:   cfg.NBD.MaxConnections,
 			MaxBuffered:      cfg.NBD.MaxBufferedBytes(),
+			TLS:              tlsCfg,
+			TLSRequired:      cfg.NBD.TLS == config.NBDTLSRequire,
+			SocketGroup:      cfg.NBD.SocketGroup,
 			Logger:           log.With().Str("component", "nbd").Logger(),
 		})
 		if err != nil {

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the tests need on a fresh Debian machine: the NBD clients,
-# fio, e2fsprogs and fuse3 from Debian, and a MinIO server built from the Go
-# module proxy into the Go-style cache directory (not into the repo).
+# fio, e2fsprogs, fuse3 and s3backer (for a benchmark) from Debian, and a
+# MinIO server built from the Go module proxy into the Go-style cache
+# directory (not into the repo).
 # Safe to run again: it only installs what is missing.
 set -euo pipefail
 
@@ -17,6 +18,7 @@ command -v mkfs.ext4 >/dev/null || need+=(e2fsprogs)
 command -v fusermount3 >/dev/null || need+=(fuse3)
 command -v nbdkit >/dev/null || need+=(nbdkit)
 command -v losetup >/dev/null || need+=(util-linux)
+command -v s3backer >/dev/null || need+=(s3backer) # BenchmarkVsS3backer
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "deps: missing packages ${need[*]}; run as root or install them: apt-get install ${need[*]}" >&2

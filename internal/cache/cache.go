@@ -4,7 +4,8 @@
 // blocks does not go to the object store again. Both tiers are bounded.
 //
 // An entry is one aligned *window* of an object's data area (Window bytes,
-// the last window of an object may be shorter), keyed by the volume id,
+// 64 KiB by default; the last window of an object may be shorter), keyed
+// by the volume id,
 // the object key and the window index. The key is that complete because a
 // data object is immutable once stored and its key is never reused within
 // one volume, while a wiped bucket or prefix may hold a new volume that
@@ -36,6 +37,15 @@ const (
 	MaxWindow = 4 << 20
 )
 
+// DefaultWindow is the entry size main uses: a GET of 64 KiB costs about
+// what a GET of 4 KiB costs on S3 (the request dominates), so an isolated
+// random read pays no more than a ranged GET of its own bytes, while a
+// stream fetches FetchSize (several windows) per GET.
+const DefaultWindow = 64 << 10
+
+// WindowFor is the window used with a fetch size of fetch bytes.
+func WindowFor(fetch int64) int64 { return min(fetch, DefaultWindow) }
+
 // entryOverhead approximates the memory of one entry beyond its bytes
 // (key, slice header, the cache's node), so that the bound holds for many
 // small entries too.
@@ -49,6 +59,10 @@ type Options struct {
 	// Window is the size and alignment of an entry inside an object's data
 	// area, a power of two in [MinWindow, MaxWindow].
 	Window int64
+	// FetchSize is what a read that streams, or reads much, fetches
+	// around a miss: a power-of-two multiple of Window up to MaxWindow (0
+	// means Window). The cache only carries it for the read path.
+	FetchSize int64
 	// Dir, when not empty, holds the disk tier, bounded by DiskBytes: it
 	// survives a restart, and every window it serves is verified first
 	// (see disk.go).
@@ -67,8 +81,9 @@ type Key struct {
 // Cache is the memory tier. All methods are safe for concurrent use.
 type Cache struct {
 	window int64
+	fetch  int64
 	max    uint64
-	mem    *otter.Cache[Key, []byte]
+	mem    *otter.Cache[Key, *entry]
 	disk   *diskTier // nil: memory only
 	log    zerolog.Logger
 	c      counters
@@ -82,16 +97,22 @@ func New(o Options) (*Cache, error) {
 	if o.Window < MinWindow || o.Window > MaxWindow || bits.OnesCount64(uint64(o.Window)) != 1 {
 		return nil, fmt.Errorf("cache window %d: must be a power of two from %d to %d bytes", o.Window, MinWindow, MaxWindow)
 	}
-	mem, err := otter.New(&otter.Options[Key, []byte]{
+	if o.FetchSize == 0 {
+		o.FetchSize = o.Window
+	}
+	if o.FetchSize < o.Window || o.FetchSize > MaxWindow || bits.OnesCount64(uint64(o.FetchSize)) != 1 {
+		return nil, fmt.Errorf("cache fetch size %d: must be a power of two from the window (%d) to %d bytes", o.FetchSize, o.Window, MaxWindow)
+	}
+	mem, err := otter.New(&otter.Options[Key, *entry]{
 		MaximumWeight: uint64(o.MemoryBytes),
-		Weigher: func(k Key, v []byte) uint32 {
-			return uint32(len(v) + len(k.Volume) + entryOverhead)
+		Weigher: func(k Key, e *entry) uint32 {
+			return uint32(len(e.data) + len(k.Volume) + entryOverhead)
 		},
 	})
 	if err != nil {
 		return nil, fmt.Errorf("create the memory cache: %w", err)
 	}
-	c := &Cache{window: o.Window, max: uint64(o.MemoryBytes), mem: mem, log: o.Logger}
+	c := &Cache{window: o.Window, fetch: o.FetchSize, max: uint64(o.MemoryBytes), mem: mem, log: o.Logger}
 	if o.Dir != "" {
 		if o.DiskBytes <= 0 {
 			return nil, fmt.Errorf("cache disk size %d: must be positive with a cache directory", o.DiskBytes)
@@ -103,36 +124,62 @@ func New(o Options) (*Cache, error) {
 	return c, nil
 }
 
+// entry is a cached window. ahead marks a window readahead fetched that
+// no read has used yet, so that the first read to use it counts a
+// readahead hit.
+type entry struct {
+	data  []byte
+	ahead atomic.Bool
+}
+
 // Window is the size and alignment of an entry in bytes.
 func (c *Cache) Window() int64 { return c.window }
+
+// FetchSize is the span a streaming or large read fetches around a miss,
+// a multiple of Window.
+func (c *Cache) FetchSize() int64 { return c.fetch }
 
 // Get returns the bytes cached for k (shared: never modify them) and
 // counts a hit or a miss.
 func (c *Cache) Get(k Key) ([]byte, bool) {
-	v, ok := c.mem.GetIfPresent(k)
+	e, ok := c.mem.GetIfPresent(k)
 	if !ok && c.disk != nil {
+		var v []byte
 		if v, ok = c.disk.get(k); ok {
-			c.mem.Set(k, v)
+			e = &entry{data: v}
+			c.mem.Set(k, e)
 		}
 	}
-	if ok {
-		c.c.hits.Add(1)
-		c.c.hitBytes.Add(int64(len(v)))
-	} else {
+	if !ok {
 		c.c.misses.Add(1)
+		return nil, false
 	}
-	return v, ok
+	c.c.hits.Add(1)
+	c.c.hitBytes.Add(int64(len(e.data)))
+	if e.ahead.Load() && e.ahead.CompareAndSwap(true, false) {
+		c.c.raHits.Add(1)
+		c.c.raHitBytes.Add(int64(len(e.data)))
+	}
+	return e.data, true
 }
 
 // Put stores data as the content of window k. The cache keeps data: the
 // caller must not modify it afterwards. data must start at the window's
 // first byte and hold the whole window, or everything up to the object's
 // end for its last window.
-func (c *Cache) Put(k Key, data []byte) {
+func (c *Cache) Put(k Key, data []byte) { c.put(k, data, false) }
+
+// PutAhead is Put for a window readahead fetched: the first read that
+// uses it counts a readahead hit.
+func (c *Cache) PutAhead(k Key, data []byte) { c.put(k, data, true) }
+
+func (c *Cache) put(k Key, data []byte, ahead bool) {
 	if len(data) == 0 || int64(len(data)) > c.window || k.Window < 0 || k.Object < 0 {
 		return // nothing to keep, or a caller bug that must not poison the cache
 	}
-	c.mem.Set(k, data)
+	e := &entry{data: data}
+	e.ahead.Store(ahead)
+	c.mem.Set(k, e)
 	if c.disk != nil {
 		c.disk.put(k, data)
 	}
@@ -208,7 +255,7 @@ func (c *Cache) Contains(k Key) bool {
 	}
 	if c.disk != nil {
 		if v, ok := c.disk.get(k); ok {
-			c.mem.Set(k, v)
+			c.mem.Set(k, &entry{data: v})
 			return true
 		}
 	}
@@ -224,6 +271,7 @@ type counters struct {
 	fetches, fetchedBytes   atomic.Int64
 	returnedBytes           atomic.Int64
 	raFetches, raBytes      atomic.Int64
+	raHits, raHitBytes      atomic.Int64
 }
 
 // Stats is a snapshot of the cache counters, kept for the metrics export.
@@ -236,6 +284,8 @@ type Stats struct {
 	FetchedBytes   int64 // bytes those GETs returned
 	RAFetches      int64 // GETs issued by readahead
 	RAFetchedBytes int64
+	RAHits         int64 // prefetched windows a read then used
+	RAHitBytes     int64
 	ReturnedBytes  int64 // mapped bytes returned to readers
 	MemoryBytes    int64 // weight held now
 	MemoryLimit    int64
@@ -254,6 +304,7 @@ func (c *Cache) Stats() Stats {
 		Fetches: c.c.fetches.Load(), FetchedBytes: c.c.fetchedBytes.Load(),
 		ReturnedBytes: c.c.returnedBytes.Load(),
 		RAFetches:     c.c.raFetches.Load(), RAFetchedBytes: c.c.raBytes.Load(),
+		RAHits: c.c.raHits.Load(), RAHitBytes: c.c.raHitBytes.Load(),
 		MemoryBytes: int64(c.mem.WeightedSize()), MemoryLimit: int64(c.max),
 	}
 	if d := c.disk; d != nil {
@@ -269,6 +320,7 @@ func (s Stats) MarshalZerologObject(e *zerolog.Event) {
 		Int64("inserted", s.Inserted).Int64("inserted_bytes", s.InsertedBytes).
 		Int64("fetches", s.Fetches).Int64("fetched_bytes", s.FetchedBytes).
 		Int64("readahead_fetches", s.RAFetches).Int64("readahead_bytes", s.RAFetchedBytes).
+		Int64("readahead_hits", s.RAHits).Int64("readahead_hit_bytes", s.RAHitBytes).
 		Int64("returned_bytes", s.ReturnedBytes).
 		Int64("memory_bytes", s.MemoryBytes).Int64("memory_limit", s.MemoryLimit).
 		Int64("disk_hits", s.DiskHits).Int64("disk_dropped", s.DiskDropped).Int64("disk_written", s.DiskWritten).

@@ -115,9 +115,47 @@ func TestMemoryBound(t *testing.T) {
 	}
 	var data int64 // measured from the entries, not from the weigher
 	for _, v := range c.mem.All() {
-		data += int64(len(v))
+		data += int64(len(v.data))
 	}
 	if data > limit {
 		t.Errorf("entries hold %d bytes of data, over the %d-byte limit", data, limit)
+	}
+}
+
+// TestReadaheadHits: a window stored by readahead counts one readahead hit
+// at its first use, and none after; a window stored by a read counts none.
+func TestReadaheadHits(t *testing.T) {
+	c := newTest(t, 1<<20, MinWindow)
+	k := func(w int64) Key { return Key{Volume: "v", Object: 1, Window: w} }
+	c.PutAhead(k(0), make([]byte, MinWindow))
+	c.Put(k(1), make([]byte, MinWindow))
+	for range 3 {
+		for w := int64(0); w < 2; w++ {
+			if _, ok := c.Get(k(w)); !ok {
+				t.Fatalf("window %d not found", w)
+			}
+		}
+	}
+	s := c.Stats()
+	if s.RAHits != 1 || s.RAHitBytes != MinWindow || s.Hits != 6 {
+		t.Fatalf("readahead hits %d (%d bytes), hits %d: want 1 (%d bytes) and 6", s.RAHits, s.RAHitBytes, s.Hits, MinWindow)
+	}
+}
+
+// TestFetchSizeChecked: the fetch size must be a power-of-two multiple of
+// the window, and defaults to it.
+func TestFetchSizeChecked(t *testing.T) {
+	for _, fetch := range []int64{MinWindow / 2, 3 * MinWindow, 2 * MaxWindow} {
+		if _, err := New(Options{MemoryBytes: 1 << 20, Window: MinWindow, FetchSize: fetch}); err == nil {
+			t.Errorf("fetch size %d accepted", fetch)
+		}
+	}
+	c, err := New(Options{MemoryBytes: 1 << 20, Window: 2 * MinWindow})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if c.FetchSize() != 2*MinWindow {
+		t.Fatalf("default fetch size %d, want the window %d", c.FetchSize(), 2*MinWindow)
 	}
 }

@@ -342,7 +342,7 @@ func decodeWindow(raw []byte, k Key, win int64) ([]byte, error) {
 	key, w := int64(le.Uint64(raw[16:])), int64(le.Uint64(raw[24:]))
 	idLen := int(le.Uint16(raw[32:]))
 	if fwin != win || length <= 0 || length > win {
-		return nil, fmt.Errorf("window size %d, length %d: written with another fetch_size or garbled", fwin, length)
+		return nil, fmt.Errorf("window size %d, length %d: written with another window size or garbled", fwin, length)
 	}
 	nCRC := int((length + crcBlock - 1) / crcBlock)
 	hdr := fixed + idLen + 4*nCRC

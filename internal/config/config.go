@@ -156,7 +156,19 @@ type NBDConfig struct {
 	HandshakeTimeout int    `toml:"handshake_timeout" env:"HANDSHAKE_TIMEOUT" env-description:"seconds a new NBD connection has to choose the export before it is closed"`
 	MaxConnections   int    `toml:"max_connections" env:"MAX_CONNECTIONS" env-description:"NBD connections served at once, handshakes included; more are refused"`
 	MaxBuffered      int    `toml:"max_buffered" env:"MAX_BUFFERED" env-description:"MiB of NBD request payloads held in memory across all connections; requests beyond wait"`
+	TLS              string `toml:"tls" env:"TLS" env-description:"NBD over TLS (NBD_OPT_STARTTLS): off, on (clients may upgrade) or require (plain clients are refused)"`
+	TLSCert          string `toml:"tls_cert" env:"TLS_CERT" env-description:"PEM certificate chain of the NBD server (tls = on or require)"`
+	TLSKey           string `toml:"tls_key" env:"TLS_KEY" env-description:"PEM private key of tls_cert; must not be readable by others"`
+	TLSCA            string `toml:"tls_ca" env:"TLS_CA" env-description:"PEM CA that NBD clients' certificates must chain to; empty = no client certificates"`
+	SocketGroup      string `toml:"socket_group" env:"SOCKET_GROUP" env-description:"group allowed to connect to a unix:/path NBD socket (mode 0660); empty = root only (0600)"`
 }
+
+// NBD TLS modes (nbd.tls).
+const (
+	NBDTLSOff     = "off"
+	NBDTLSOn      = "on"
+	NBDTLSRequire = "require"
+)
 
 // HandshakeTimeoutDuration is nbd.handshake_timeout as a duration.
 func (n NBDConfig) HandshakeTimeoutDuration() time.Duration {
@@ -180,7 +192,7 @@ type DirConfig struct {
 // CacheConfig is the [cache] section: the read cache.
 type CacheConfig struct {
 	MemorySize int    `toml:"memory_size" env:"MEMORY_SIZE" env-description:"read cache in memory, MiB (recently written and read data); 0 = off"`
-	FetchSize  int    `toml:"fetch_size" env:"FETCH_SIZE" env-description:"KiB a read fetches and caches around a miss (aligned inside the object); a power of two from 4 to 4096"`
+	FetchSize  int    `toml:"fetch_size" env:"FETCH_SIZE" env-description:"KiB a streaming or large read fetches and caches around a miss (aligned inside the object; cached as 64 KiB windows); a power of two from 4 to 4096"`
 	Dir        string `toml:"dir" env:"DIR" env-description:"directory of the read cache on local disk (survives restarts; every 4 KiB block checked with CRC32C); empty = memory only"`
 	DiskSize   int    `toml:"disk_size" env:"DISK_SIZE" env-description:"GiB the read cache may use under dir"`
 }
@@ -221,7 +233,7 @@ func Default() Config {
 		GC:         GCConfig{Step: 1 << 20, LiveData: 0.3, IdleTimeout: 200, Wait: 600},
 		Log:        LogConfig{Level: "info"},
 		Checkpoint: CheckpointConfig{Interval: 300, Objects: 1024},
-		NBD:        NBDConfig{Listen: "127.0.0.1:10809", Export: "bs3", HandshakeTimeout: 10, MaxConnections: 16, MaxBuffered: 256},
+		NBD:        NBDConfig{Listen: "127.0.0.1:10809", Export: "bs3", HandshakeTimeout: 10, MaxConnections: 16, MaxBuffered: 256, TLS: NBDTLSOff},
 		FUSE:       FUSEConfig{Mountpoint: "/run/bs3/fuse", Loop: true},
 		Dir:        DirConfig{Path: "/var/lib/bs3/objects"},
 		Cache:      CacheConfig{MemorySize: 256, FetchSize: 256, DiskSize: 10},
@@ -462,6 +474,19 @@ func (c Config) Validate() error {
 	atLeast("nbd.max_connections", int64(c.NBD.MaxConnections), 1, "")
 	if b := c.NBD.MaxBuffered; b < 1 || b > 1<<20 {
 		bad("nbd.max_buffered", b, "must be in 1..1048576 (MiB); requests larger than it are served one at a time")
+	}
+	oneOf("nbd.tls", c.NBD.TLS, []string{NBDTLSOff, NBDTLSOn, NBDTLSRequire})
+	if c.NBD.TLS == NBDTLSOn || c.NBD.TLS == NBDTLSRequire {
+		if c.NBD.TLSCert == "" {
+			bad("nbd.tls_cert", c.NBD.TLSCert, "required when nbd.tls = %q (a PEM certificate chain)", c.NBD.TLS)
+		}
+		if c.NBD.TLSKey == "" {
+			bad("nbd.tls_key", c.NBD.TLSKey, "required when nbd.tls = %q (the PEM key of tls_cert)", c.NBD.TLS)
+		} else if fi, err := os.Stat(c.NBD.TLSKey); err == nil && fi.Mode().Perm()&0o004 != 0 {
+			bad("nbd.tls_key", c.NBD.TLSKey, "is readable by every user (mode %v): chmod o-r it", fi.Mode().Perm())
+		}
+	} else if c.NBD.TLSCA != "" {
+		bad("nbd.tls_ca", c.NBD.TLSCA, "needs nbd.tls = on or require")
 	}
 	if c.Frontend == FrontendFUSE && c.FUSE.Mountpoint == "" {
 		bad("fuse.mountpoint", c.FUSE.Mountpoint, "required when frontend = %q", FrontendFUSE)

@@ -132,6 +132,11 @@ func TestDefaultsForMinimalFile(t *testing.T) {
 		{"nbd.handshake_timeout", c.NBD.HandshakeTimeout, 10},
 		{"nbd.max_connections", c.NBD.MaxConnections, 16},
 		{"nbd.max_buffered", c.NBD.MaxBuffered, 256},
+		{"nbd.tls", c.NBD.TLS, "off"},
+		{"nbd.tls_cert", c.NBD.TLSCert, ""},
+		{"nbd.tls_key", c.NBD.TLSKey, ""},
+		{"nbd.tls_ca", c.NBD.TLSCA, ""},
+		{"nbd.socket_group", c.NBD.SocketGroup, ""},
 		{"fuse.mountpoint", c.FUSE.Mountpoint, "/run/bs3/fuse"},
 		{"fuse.loop", c.FUSE.Loop, true},
 		{"dir.path", c.Dir.Path, "/var/lib/bs3/objects"},
@@ -301,6 +306,18 @@ func valid() Config {
 	return c
 }
 
+// worldReadable is a key file every user can read.
+func worldReadable(t *testing.T) string {
+	p := filepath.Join(t.TempDir(), "tls.key")
+	if err := os.WriteFile(p, []byte("key"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(p, 0o644); err != nil { // whatever the umask
+		t.Fatal(err)
+	}
+	return p
+}
+
 func TestValidateRefusals(t *testing.T) {
 	if err := valid().Validate(); err != nil {
 		t.Fatalf("valid config refused: %v", err)
@@ -360,6 +377,14 @@ func TestValidateRefusals(t *testing.T) {
 		{"nbd max connections zero", func(c *Config) { c.NBD.MaxConnections = 0 }, "nbd.max_connections", "0", ""},
 		{"nbd handshake timeout zero", func(c *Config) { c.NBD.HandshakeTimeout = 0 }, "nbd.handshake_timeout", "0", ""},
 		{"fuse mountpoint empty", func(c *Config) { c.Frontend = "fuse"; c.FUSE.Mountpoint = "" }, "fuse.mountpoint", `""`, "required"},
+		{"nbd tls unknown", func(c *Config) { c.NBD.TLS = "maybe" }, "nbd.tls", `"maybe"`, "require"},
+		{"nbd tls without cert", func(c *Config) { c.NBD.TLS = "require"; c.NBD.TLSKey = "/k" }, "nbd.tls_cert", `""`, "required"},
+		{"nbd tls without key", func(c *Config) { c.NBD.TLS = "on"; c.NBD.TLSCert = "/c" }, "nbd.tls_key", `""`, "required"},
+		{"nbd tls ca without tls", func(c *Config) { c.NBD.TLSCA = "/ca" }, "nbd.tls_ca", `"/ca"`, "require"},
+		{"nbd tls fine", func(c *Config) { c.NBD.TLS = "require"; c.NBD.TLSCert = "/c"; c.NBD.TLSKey = "/k"; c.NBD.TLSCA = "/ca" }, "", "", ""},
+		{"nbd tls key world-readable", func(c *Config) {
+			c.NBD.TLS, c.NBD.TLSCert, c.NBD.TLSKey = "on", "/c", worldReadable(t)
+		}, "nbd.tls_key", "tls.key", "chmod"},
 		{"profiler port zero", func(c *Config) { c.ProfilerPort = 0 }, "profiler_port", "0", "65535"},
 		{"profiler port high", func(c *Config) { c.ProfilerPort = 70000 }, "profiler_port", "70000", "65535"},
 		{"threads negative", func(c *Config) { c.Threads = -1 }, "threads", "-1", ""},

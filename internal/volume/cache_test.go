@@ -607,8 +607,11 @@ func TestReadahead(t *testing.T) {
 	s := rc.Stats()
 	fg := (s.Fetches - s.RAFetches) - (s0.Fetches - s0.RAFetches)
 	ra := s.RAFetches - s0.RAFetches
-	t.Logf("sequential read of %d MiB in 64 KiB reads: %d GETs by reads, %d by readahead (%d MiB)", blocks*bs>>20, fg, ra, (s.RAFetchedBytes-s0.RAFetchedBytes)>>20)
+	t.Logf("sequential read of %d MiB in 64 KiB reads: %d GETs by reads, %d by readahead (%d MiB), %d readahead hits", blocks*bs>>20, fg, ra, (s.RAFetchedBytes-s0.RAFetchedBytes)>>20, s.RAHits-s0.RAHits)
 	if ra == 0 || fg > 4 {
 		t.Fatalf("readahead made %d GETs, the reads %d: want readahead to fetch ahead of nearly every read", ra, fg)
+	}
+	if hits := s.RAHits - s0.RAHits; hits < blocks*bs/rc.Window()/2 {
+		t.Fatalf("%d readahead hits over %d windows read: want most windows read to come from readahead", hits, blocks*bs/rc.Window())
 	}
 }

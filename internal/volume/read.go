@@ -47,7 +47,10 @@ type fetchRun struct {
 // blocks read as zeros; mapped ones come from the read cache or from
 // ranged GETs, concurrently across objects (docs/ARCHITECTURE.md §1, read
 // path). The ranges of one object are coalesced: with the cache, missing
-// aligned windows are fetched whole and kept; without it, the pieces
+// windows are fetched and kept (a whole fetch span around a miss when the
+// read streams or is large, only the windows it touches when it is an
+// isolated small read), and a window another read or readahead is already
+// fetching is waited for, not fetched twice; without the cache, the pieces
 // themselves, read through gaps below coalesceGap.
 func (v *Volume) Read(ctx context.Context, block, n int64, buf []byte) error {
 	bs := v.o.BlockSize
@@ -92,25 +95,53 @@ func (v *Volume) Read(ctx context.Context, block, n int64, buf []byte) error {
 		byKey[p.key] = append(byKey[p.key], p)
 		total += p.length
 	}
-	var runs []fetchRun
+	if v.cache != nil {
+		v.cache.CountReturned(total)
+	}
+	wide := v.cache != nil && (n*bs >= 2*v.cache.Window() || v.continuesStream(block))
+	// Every byte not served by the cache is inside one run or one window
+	// another fetch is getting; the pins stay until every GET has returned
+	// (the deferred unpin runs after the fetches).
+	plans := make([]objectPlan, 0, len(keys))
 	for _, k := range keys {
-		r, err := v.planObject(ctx, k, byKey[k])
+		plans = append(plans, v.planObject(k, byKey[k], wide))
+	}
+	var runs []fetchRun
+	for i := range plans {
+		runs = append(runs, plans[i].runs...)
+	}
+	err = v.fetchAll(ctx, runs, byKey)
+	for i := range plans {
+		v.release(&plans[i])
+	}
+	if err != nil {
+		return err
+	}
+	// The windows other fetches were getting: wait, take them from the
+	// cache, and fetch what is still missing (that fetch failed, or the
+	// window was evicted already).
+	runs = runs[:0]
+	for i := range plans {
+		r, err := v.awaitFlights(ctx, &plans[i])
 		if err != nil {
 			return err
 		}
 		runs = append(runs, r...)
 	}
-	if v.cache != nil {
-		v.cache.CountReturned(total)
-	}
-	// Every byte not served by the cache is inside one run; the pins stay
-	// until every GET has returned (the deferred unpin runs after Wait).
-	if len(runs) == 1 {
-		err := v.fetch(ctx, objproxy.High, runs[0], byKey[runs[0].key])
-		if err == nil {
-			v.observeRead(block, n)
-		}
+	if err := v.fetchAll(ctx, runs, byKey); err != nil {
 		return err
+	}
+	v.observeRead(block, n)
+	return nil
+}
+
+// fetchAll issues runs at high priority, concurrently.
+func (v *Volume) fetchAll(ctx context.Context, runs []fetchRun, byKey map[int64][]readPiece) error {
+	switch len(runs) {
+	case 0:
+		return nil
+	case 1:
+		return v.fetch(ctx, objproxy.High, runs[0], byKey[runs[0].key])
 	}
 	var wg sync.WaitGroup
 	errs := make([]error, len(runs))
@@ -122,88 +153,187 @@ func (v *Volume) Read(ctx context.Context, block, n int64, buf []byte) error {
 		}()
 	}
 	wg.Wait()
-	if err := errors.Join(errs...); err != nil {
-		return err
-	}
-	v.observeRead(block, n)
-	return nil
+	return errors.Join(errs...)
+}
+
+// flight is a fetch of some windows in progress: reads that need one of
+// them wait for done instead of fetching it again. ahead marks readahead's
+// fetches, which run at low priority and are waited for at most raWait.
+type flight struct {
+	done  chan struct{}
+	ahead bool
+}
+
+// objectPlan is what one read does about one object: the GETs it issues
+// itself (their windows claimed in the in-flight table until release) and
+// the windows it waits for.
+type objectPlan struct {
+	key    int64
+	pieces []readPiece
+	runs   []fetchRun
+	waits  map[int64]*flight // by window index
+	mine   []cache.Key
+	own    *flight
 }
 
 // planObject serves what it can of the pieces of object key from the
-// cache and returns the GETs that fetch the rest.
-func (v *Volume) planObject(ctx context.Context, key int64, pieces []readPiece) ([]fetchRun, error) {
-	var spans []span
+// cache and plans the rest: windows nobody fetches are claimed and become
+// this read's GETs; windows in flight are waited for. A wide read also
+// fetches the missing windows of the fetch spans around its misses.
+func (v *Volume) planObject(key int64, pieces []readPiece, wide bool) objectPlan {
+	plan := objectPlan{key: key, pieces: pieces}
 	if v.cache == nil {
+		var spans []span
 		for _, p := range pieces {
 			for off := int64(0); off < p.length; off += maxReadPiece {
 				l := min(p.length-off, maxReadPiece)
 				spans = append(spans, span{p.off + off, p.off + off + l, p.buf[off : off+l]})
 			}
 		}
-	} else {
-		w := v.cache.Window()
-		missing := make(map[int64]bool)
-		var waiting map[int64]chan struct{} // windows readahead is fetching
-		serve := func(again bool) {
-			for _, p := range pieces {
-				for win := p.off / w; win*w < p.off+p.length; win++ {
-					if missing[win] || (again && waiting[win] == nil) || (!again && waiting[win] != nil) {
-						continue
-					}
-					lo, hi := max(p.off, win*w), min(p.off+p.length, (win+1)*w)
-					ck := cache.Key{Volume: v.sb.VolumeID, Object: key, Window: win}
-					data, ok := v.cache.Get(ck)
-					if !ok || int64(len(data)) < hi-win*w {
-						// A short entry is an object's last window; a piece
-						// past it is refetched, and then reported as corrupt.
-						if ch := v.prefetching(ck); ch != nil && !again {
-							if waiting == nil {
-								waiting = make(map[int64]chan struct{})
-							}
-							waiting[win] = ch
-							continue
-						}
-						missing[win] = true
-						continue
-					}
-					copy(p.buf[lo-p.off:hi-p.off], data[lo-win*w:hi-win*w])
-				}
-			}
-		}
-		serve(false)
-		if waiting != nil {
-			// Readahead is already fetching these: wait for it rather
-			// than fetch them twice, then take them from the cache (or
-			// fetch them after all if it failed, was evicted, or is still
-			// queued behind user I/O after raWait: its GETs are low
-			// priority and must not hold a read back).
-			timer := time.NewTimer(raWait)
-			defer timer.Stop()
-		wait:
-			for _, ch := range waiting {
-				select {
-				case <-ch:
-				case <-timer.C:
-					break wait
-				case <-ctx.Done():
-					return nil, fmt.Errorf("wait for readahead of key %d: %w", key, ctx.Err())
-				}
-			}
-			serve(true)
-		}
+		plan.runs = v.coalesce(key, spans)
+		return plan
+	}
+	w := v.cache.Window()
+	missing := v.serveCached(key, pieces, nil)
+	if len(missing) == 0 {
+		return plan
+	}
+	want := make(map[int64]bool, len(missing))
+	for win := range missing {
+		want[win] = true
+	}
+	if per := v.cache.FetchSize() / w; wide && per > 1 {
 		for win := range missing {
-			spans = append(spans, span{start: win * w, end: (win + 1) * w})
+			for x := win / per * per; x < (win/per+1)*per; x++ {
+				if !want[x] && !v.cache.Contains(v.cacheKey(key, x)) {
+					want[x] = true
+				}
+			}
 		}
 	}
-	return v.coalesce(key, spans), nil
+	plan.own = &flight{done: make(chan struct{})}
+	var spans []span
+	v.ra.mu.Lock()
+	if v.ra.pending == nil {
+		v.ra.pending = make(map[cache.Key]*flight)
+	}
+	for win := range want {
+		k := v.cacheKey(key, win)
+		if f := v.ra.pending[k]; f != nil {
+			if missing[win] {
+				if plan.waits == nil {
+					plan.waits = make(map[int64]*flight)
+				}
+				plan.waits[win] = f
+			}
+			continue
+		}
+		v.ra.pending[k] = plan.own
+		plan.mine = append(plan.mine, k)
+		spans = append(spans, span{start: win * w, end: (win + 1) * w})
+	}
+	v.ra.mu.Unlock()
+	plan.runs = v.coalesce(key, spans)
+	return plan
 }
 
-// prefetching returns a channel closed when readahead's fetch of window k
-// ends, or nil when no readahead fetches it.
-func (v *Volume) prefetching(k cache.Key) chan struct{} {
+// release ends the plan's claims on the in-flight table: its GETs have
+// returned, and the windows they read are in the cache (or failed).
+func (v *Volume) release(p *objectPlan) {
+	if p.own == nil {
+		return
+	}
+	v.ra.mu.Lock()
+	for _, k := range p.mine {
+		delete(v.ra.pending, k)
+	}
+	v.ra.mu.Unlock()
+	close(p.own.done)
+	p.own, p.mine = nil, nil
+}
+
+// serveCached copies into the pieces what the cache holds, and returns
+// the windows it lacks. only, when not nil, limits it to those windows.
+func (v *Volume) serveCached(key int64, pieces []readPiece, only map[int64]*flight) map[int64]bool {
+	w := v.cache.Window()
+	var missing map[int64]bool
+	for _, p := range pieces {
+		for win := p.off / w; win*w < p.off+p.length; win++ {
+			if only != nil && only[win] == nil {
+				continue
+			}
+			if missing[win] {
+				continue
+			}
+			lo, hi := max(p.off, win*w), min(p.off+p.length, (win+1)*w)
+			data, ok := v.cache.Get(v.cacheKey(key, win))
+			if !ok || int64(len(data)) < hi-win*w {
+				// A short entry is an object's last window; a piece
+				// past it is refetched, and then reported as corrupt.
+				if missing == nil {
+					missing = make(map[int64]bool)
+				}
+				missing[win] = true
+				continue
+			}
+			copy(p.buf[lo-p.off:hi-p.off], data[lo-win*w:hi-win*w])
+		}
+	}
+	return missing
+}
+
+// awaitFlights waits for the windows of plan that other fetches were
+// getting, serves them from the cache, and returns the GETs for what is
+// still missing. Readahead's fetches are low priority and are waited for
+// at most raWait, so that they never hold a read back.
+func (v *Volume) awaitFlights(ctx context.Context, plan *objectPlan) ([]fetchRun, error) {
+	if len(plan.waits) == 0 {
+		return nil, nil
+	}
+	timer := time.NewTimer(raWait)
+	defer timer.Stop()
+	expired := false
+	for _, f := range plan.waits {
+		if f.ahead && expired {
+			continue
+		}
+		var timeout <-chan time.Time
+		if f.ahead {
+			timeout = timer.C
+		}
+		select {
+		case <-f.done:
+		case <-timeout:
+			expired = true
+		case <-ctx.Done():
+			return nil, fmt.Errorf("wait for the fetch of key %d: %w", plan.key, ctx.Err())
+		}
+	}
+	missing := v.serveCached(plan.key, plan.pieces, plan.waits)
+	w := v.cache.Window()
+	var spans []span
+	for win := range missing {
+		spans = append(spans, span{start: win * w, end: (win + 1) * w})
+	}
+	return v.coalesce(plan.key, spans), nil
+}
+
+// cacheKey names window win of object key of this volume.
+func (v *Volume) cacheKey(key, win int64) cache.Key {
+	return cache.Key{Volume: v.sb.VolumeID, Object: key, Window: win}
+}
+
+// continuesStream reports whether a read at block continues a stream
+// readahead follows.
+func (v *Volume) continuesStream(block int64) bool {
 	v.ra.mu.Lock()
 	defer v.ra.mu.Unlock()
-	return v.ra.pending[k]
+	for _, s := range v.ra.streams {
+		if s.next == block {
+			return true
+		}
+	}
+	return false
 }
 
 // span is a byte range of an object's data area a read needs.
@@ -278,8 +408,12 @@ func (v *Volume) fetch(ctx context.Context, prio objproxy.Priority, r fetchRun, 
 			if end < (win+1)*w && avail == r.end {
 				break // a window cut by the run, not by the object's end
 			}
-			v.cache.Put(cache.Key{Volume: v.sb.VolumeID, Object: r.key, Window: win},
-				append([]byte(nil), dst[win*w-r.start:end-r.start]...))
+			data := append([]byte(nil), dst[win*w-r.start:end-r.start]...)
+			if prio == objproxy.Low {
+				v.cache.PutAhead(v.cacheKey(r.key, win), data)
+			} else {
+				v.cache.Put(v.cacheKey(r.key, win), data)
+			}
 		}
 	}
 	return nil
@@ -370,9 +504,9 @@ type readahead struct {
 	inflight int
 	closed   bool
 	wg       sync.WaitGroup
-	// pending maps the windows a prefetch is fetching to a channel closed
-	// when that GET ends, so that a read waits instead of fetching again.
-	pending map[cache.Key]chan struct{}
+	// pending maps the windows being fetched (by a read or a prefetch) to
+	// their flight, so that a read waits instead of fetching them again.
+	pending map[cache.Key]*flight
 }
 
 type raStream struct {
@@ -463,27 +597,48 @@ func (v *Volume) prefetch(ctx context.Context, block, n int64) error {
 		return fmt.Errorf("readahead: look up blocks %d+%d: %w", block, n, err)
 	}
 	w := v.cache.Window()
-	missing := make(map[int64]map[int64]bool)
-	var keys []int64
+	// The windows the cache lacks (Contains may read the disk tier, so not
+	// under the lock).
+	var lacking []cache.Key
 	for _, p := range pieces {
 		for win := p.off / w; win*w < p.off+p.length; win++ {
-			if v.cache.Contains(cache.Key{Volume: v.sb.VolumeID, Object: p.key, Window: win}) {
-				continue
+			if k := v.cacheKey(p.key, win); !v.cache.Contains(k) {
+				lacking = append(lacking, k)
 			}
-			if missing[p.key] == nil {
-				missing[p.key] = make(map[int64]bool)
-				keys = append(keys, p.key)
-			}
-			missing[p.key][win] = true
 		}
 	}
-	for _, k := range keys {
-		var spans []span
-		for win := range missing[k] {
-			spans = append(spans, span{start: win * w, end: (win + 1) * w})
+	// Those nobody fetches yet become runs; each run is claimed as one
+	// flight, so a read waits only for the GET that brings its window.
+	spans := make(map[int64][]span)
+	var keys []int64
+	v.ra.mu.Lock()
+	for _, k := range lacking {
+		if v.ra.pending[k] != nil {
+			continue
 		}
-		for _, r := range v.coalesce(k, spans) {
-			if err := v.prefetchRun(ctx, r); err != nil {
+		if spans[k.Object] == nil {
+			keys = append(keys, k.Object)
+		}
+		spans[k.Object] = append(spans[k.Object], span{start: k.Window * w, end: (k.Window + 1) * w})
+	}
+	v.ra.mu.Unlock()
+	for _, key := range keys {
+		for _, r := range v.coalesce(key, spans[key]) {
+			plan := objectPlan{key: key, own: &flight{done: make(chan struct{}), ahead: true}}
+			v.ra.mu.Lock()
+			if v.ra.pending == nil {
+				v.ra.pending = make(map[cache.Key]*flight)
+			}
+			for win := r.start / w; win*w < r.end; win++ {
+				if k := v.cacheKey(key, win); v.ra.pending[k] == nil {
+					v.ra.pending[k] = plan.own
+					plan.mine = append(plan.mine, k)
+				}
+			}
+			v.ra.mu.Unlock()
+			err := v.fetch(ctx, objproxy.Low, r, nil)
+			v.release(&plan)
+			if err != nil {
 				return fmt.Errorf("readahead: %w", err)
 			}
 		}
@@ -501,32 +656,4 @@ func (v *Volume) stopReadahead() {
 	v.ra.streams = nil
 	v.ra.mu.Unlock()
 	v.ra.wg.Wait()
-}
-
-// prefetchRun fetches one run of windows, announcing it to reads.
-func (v *Volume) prefetchRun(ctx context.Context, r fetchRun) error {
-	w := v.cache.Window()
-	done := make(chan struct{})
-	var mine []cache.Key
-	v.ra.mu.Lock()
-	if v.ra.pending == nil {
-		v.ra.pending = make(map[cache.Key]chan struct{})
-	}
-	for win := r.start / w; win*w < r.end; win++ {
-		k := cache.Key{Volume: v.sb.VolumeID, Object: r.key, Window: win}
-		if _, ok := v.ra.pending[k]; !ok {
-			v.ra.pending[k] = done
-			mine = append(mine, k)
-		}
-	}
-	v.ra.mu.Unlock()
-	defer func() {
-		v.ra.mu.Lock()
-		for _, k := range mine {
-			delete(v.ra.pending, k)
-		}
-		v.ra.mu.Unlock()
-		close(done)
-	}()
-	return v.fetch(ctx, objproxy.Low, r, nil)
 }

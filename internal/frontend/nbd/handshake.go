@@ -25,6 +25,7 @@ func (c *conn) negotiate() error {
 	if err != nil {
 		return err
 	}
+	secured := false // NBD_OPT_STARTTLS done
 	for {
 		opt, data, err := c.readOption()
 		if err != nil {
@@ -37,6 +38,27 @@ func (c *conn) negotiate() error {
 		}
 		c.log.Debug().Uint32("option", opt).Int("len", len(data)).Msg("option")
 
+		if c.s.tlsRequired && !secured && opt != optStartTLS && opt != optAbort {
+			if opt == optExportName {
+				// It cannot carry an error reply: closing is the answer.
+				return errors.New("client chose the export without TLS, which this server requires (nbd.tls = \"require\")")
+			}
+			if err := c.optReply(opt, repErrTLSReqd, []byte("this server requires TLS: use NBD_OPT_STARTTLS (an nbds:// URI)")); err != nil {
+				return err
+			}
+			continue
+		}
+		switch opt {
+		case optStartTLS:
+			if err := c.optStartTLS(data, secured); err != nil {
+				if errors.Is(err, errNotUpgraded) {
+					continue
+				}
+				return err
+			}
+			secured = true
+			continue
+		}
 		switch opt {
 		case optExportName:
 			return c.optExportName(string(data), noZeroes)
@@ -56,8 +78,8 @@ func (c *conn) negotiate() error {
 				return err
 			}
 		default:
-			// Includes STARTTLS and STRUCTURED_REPLY: we serve neither,
-			// and simple replies are always allowed.
+			// Includes STRUCTURED_REPLY, which we do not serve: simple
+			// replies are always allowed.
 			if err := c.optReply(opt, repErrUnsup, []byte("option not supported")); err != nil {
 				return err
 			}

@@ -36,6 +36,7 @@ const (
 	optExportName uint32 = 1
 	optAbort      uint32 = 2
 	optList       uint32 = 3
+	optStartTLS   uint32 = 5
 	optInfo       uint32 = 6
 	optGo         uint32 = 7
 )
@@ -48,6 +49,7 @@ const (
 	repErrUnsup   uint32 = 1<<31 + 1
 	repErrPolicy  uint32 = 1<<31 + 2
 	repErrInvalid uint32 = 1<<31 + 3
+	repErrTLSReqd uint32 = 1<<31 + 5
 	repErrUnknown uint32 = 1<<31 + 6
 )
 

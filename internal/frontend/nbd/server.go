@@ -32,6 +32,7 @@ package nbd
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"math/bits"
@@ -114,6 +115,13 @@ type Options struct {
 	// larger than the bound waits until nothing else is buffered and then
 	// runs alone. Zero means DefaultMaxBuffered.
 	MaxBuffered int64
+	// TLS, when not nil, lets clients upgrade with NBD_OPT_STARTTLS;
+	// TLSRequired (which needs TLS) refuses clients that do not.
+	TLS         *tls.Config
+	TLSRequired bool
+	// SocketGroup, for a unix socket, is the group allowed to connect
+	// (mode 0660); empty means the owner only (mode 0600).
+	SocketGroup string
 	// Logger receives connection events and protocol violations.
 	Logger zerolog.Logger
 
@@ -132,6 +140,8 @@ type Server struct {
 
 	handshakeTimeout time.Duration
 	maxConns         int
+	tls              *tls.Config
+	tlsRequired      bool
 	stall            time.Duration
 	// buffered bounds the payload memory of all connections.
 	buffered *budget
@@ -174,12 +184,16 @@ func New(dev frontend.Device, o Options) (*Server, error) {
 		handshakeTimeout: o.HandshakeTimeout,
 		maxConns:         o.MaxConnections,
 		stall:            o.stallTimeout,
+		tls:              o.TLS,
+		tlsRequired:      o.TLSRequired,
 		log:              o.Logger.With().Str("component", "nbd").Logger(),
 		devCtx:           context.Background(),
 		conns:            make(map[*conn]struct{}),
 		refusing:         make(map[*conn]struct{}),
 	}
 	switch {
+	case o.TLSRequired && o.TLS == nil:
+		return nil, errors.New("nbd: TLS is required but not configured (nbd.tls = \"require\" needs tls_cert and tls_key)")
 	case o.HandshakeTimeout < 0:
 		return nil, fmt.Errorf("nbd: handshake timeout %v is negative", o.HandshakeTimeout)
 	case o.MaxConnections < 0:
@@ -226,7 +240,7 @@ func New(dev frontend.Device, o Options) (*Server, error) {
 			Msg("requests larger than max_buffered are served one at a time")
 	}
 
-	ln, network, err := listen(o.Listen)
+	ln, network, err := listen(o.Listen, o.SocketGroup)
 	if err != nil {
 		return nil, err
 	}
@@ -239,7 +253,7 @@ func New(dev frontend.Device, o Options) (*Server, error) {
 }
 
 // listen opens a TCP or unix listener for addr ("unix:/path" or host:port).
-func listen(addr string) (net.Listener, string, error) {
+func listen(addr, group string) (net.Listener, string, error) {
 	if addr == "" {
 		return nil, "", errors.New("nbd: empty listen address")
 	}
@@ -257,9 +271,9 @@ func listen(addr string) (net.Listener, string, error) {
 	if err := removeStaleSocket(path); err != nil {
 		return nil, "", err
 	}
-	ln, err := net.Listen("unix", path)
+	ln, err := listenUnixPrivate(path, group)
 	if err != nil {
-		return nil, "", fmt.Errorf("nbd: listen on unix socket %s: %w", path, err)
+		return nil, "", err
 	}
 	return ln, "unix", nil
 }

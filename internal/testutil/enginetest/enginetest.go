@@ -34,7 +34,7 @@ type Options struct {
 	Size, BlockSize int64
 	ChunkSize       int64 // default 4 MiB
 	Durable         bool
-	// The read cache is on by default (64 MiB, 256 KiB windows), as in
+	// The read cache is on by default (64 MiB, 64 KiB windows, 256 KiB fetch spans), as in
 	// production: NoCache turns it off, Cache shares one between engines
 	// (a restart that keeps the process's cache).
 	NoCache bool
@@ -50,7 +50,7 @@ func New(st store.Store, o Options) (*Engine, error) {
 	rc := o.Cache
 	if rc == nil && !o.NoCache {
 		var err error
-		if rc, err = cache.New(cache.Options{MemoryBytes: 64 << 20, Window: 256 << 10, Logger: zerolog.Nop()}); err != nil {
+		if rc, err = cache.New(cache.Options{MemoryBytes: 64 << 20, Window: cache.DefaultWindow, FetchSize: 256 << 10, Logger: zerolog.Nop()}); err != nil {
 			return nil, fmt.Errorf("read cache: %w", err)
 		}
 	}

@@ -1,0 +1,123 @@
+package volume_test
+
+// Tests of how the read path fetches with the cache on (docs/ARCHITECTURE.md
+// §1, read path): how much a miss fetches, and that concurrent misses of
+// one window share one GET.
+
+import (
+	"context"
+	"errors"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/bs3/bs3/internal/cache"
+	"github.com/bs3/bs3/internal/store"
+	"github.com/bs3/bs3/internal/store/mem"
+	"github.com/bs3/bs3/internal/testutil/enginetest"
+)
+
+// slowStore delays every ranged GET of a data object, so that reads
+// started together overlap.
+type slowStore struct {
+	store.Store
+	delay time.Duration
+}
+
+func (s slowStore) GetRange(ctx context.Context, name string, off int64, buf []byte) (int, error) {
+	if _, ok := store.ParseDataName(name); ok {
+		select {
+		case <-time.After(s.delay):
+		case <-ctx.Done():
+			return 0, ctx.Err()
+		}
+	}
+	return s.Store.GetRange(ctx, name, off, buf)
+}
+
+// fetchEngine writes blocks [0, blocks) in 256-block writes and returns
+// the engine, its model and its cache, purged.
+func fetchEngine(t *testing.T, st store.Store, blocks int64) (*enginetest.Engine, *vmodel, *cache.Cache) {
+	t.Helper()
+	const bs = 4096
+	rc, err := cache.New(cache.Options{MemoryBytes: 64 * mib, Window: 64 * kib, FetchSize: 256 * kib})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(rc.Close)
+	e := enginetest.Open(t, st, enginetest.Options{Size: 64 * mib, BlockSize: bs, ChunkSize: 4 * mib, Cache: rc})
+	m := newVModel(bs)
+	for b := int64(0); b < blocks; b += 256 {
+		m.write(t, e.Dev, b, 256)
+	}
+	drainEngine(t, e)
+	rc.Purge()
+	return e, m, rc
+}
+
+// TestFetchWidth: an isolated small read fetches only the window it
+// touches; a read of two windows or more fetches the whole fetch span
+// around its misses.
+func TestFetchWidth(t *testing.T) {
+	e, m, rc := fetchEngine(t, mem.New(), 4096)
+	fetched := func() int64 { return rc.Stats().FetchedBytes }
+
+	before := fetched()
+	m.verifyRange(t, e.Dev, 2000, 2001, 1) // one 4 KiB block
+	if n := fetched() - before; n <= 0 || n > 64*kib {
+		t.Fatalf("an isolated 4 KiB read fetched %d bytes, want one 64 KiB window at most", n)
+	}
+	before = fetched()
+	m.verifyRange(t, e.Dev, 1000, 1032, 32) // 128 KiB: wide
+	if n := fetched() - before; n < 256*kib {
+		t.Fatalf("a 128 KiB read fetched %d bytes, want at least its 256 KiB fetch span", n)
+	}
+	before = fetched()
+	m.verifyRange(t, e.Dev, 3000, 3001, 1)
+	m.verifyRange(t, e.Dev, 3001, 3002, 1) // continues a stream: wide
+	if n := fetched() - before; n < 256*kib {
+		t.Fatalf("two adjacent 4 KiB reads fetched %d bytes, want the second to fetch a 256 KiB span", n)
+	}
+}
+
+// TestFetchSingleFlight: eight readers of the same cold megabyte, started
+// together over a slow store, fetch each window once between them, and
+// all read the right bytes.
+func TestFetchSingleFlight(t *testing.T) {
+	e, m, rc := fetchEngine(t, slowStore{mem.New(), 50 * time.Millisecond}, 1024)
+	before := rc.Stats().FetchedBytes
+	var wg sync.WaitGroup
+	start := make(chan struct{})
+	for range 8 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			<-start
+			m.verifyRange(t, e.Dev, 256, 512, 256) // 1 MiB
+		}()
+	}
+	close(start)
+	wg.Wait()
+	// 1 MiB plus at most the fetch spans at both ends.
+	if n := rc.Stats().FetchedBytes - before; n > mib+2*256*kib {
+		t.Fatalf("8 concurrent readers of 1 MiB fetched %d KiB, want each window fetched once (at most %d KiB)", n>>10, (mib+2*256*kib)>>10)
+	}
+}
+
+// TestFetchWaiterRefetches: a read waiting for a window another read is
+// fetching fetches it itself when that fetch fails (here: the first
+// reader gives up), and returns the right bytes.
+func TestFetchWaiterRefetches(t *testing.T) {
+	e, m, _ := fetchEngine(t, slowStore{mem.New(), 300 * time.Millisecond}, 256)
+	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+	defer cancel()
+	first := make(chan error, 1)
+	go func() {
+		first <- e.Dev.ReadAt(ctx, make([]byte, 4096), 10*4096)
+	}()
+	time.Sleep(20 * time.Millisecond) // the first read has claimed the window
+	m.verifyRange(t, e.Dev, 10, 11, 1)
+	if err := <-first; !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("the first read returned %v, want its deadline exceeded", err)
+	}
+}
