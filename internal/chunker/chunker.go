@@ -80,7 +80,7 @@ type pending struct {
 	buf    []byte         // nil once released (the object is stored)
 	b      *chunk.Builder // over buf; nil once released
 	items  int            // items, counted at close
-	key    int64 // -1 while open
+	key    int64          // -1 while open
 	opened time.Time
 	done   chan struct{}
 	err    error
