@@ -295,6 +295,9 @@ func (d *daemon) start(ctx context.Context, shrink bool) error {
 			LeaseInterval:      leaseInterval,
 			Cache:              rc,
 			Logger:             log,
+			// Compact objects once the read path resolves their data
+			// start (docs/ARCHITECTURE.md §3).
+			CompactChunks: volume.ReadsCompactObjects,
 		})
 		if err != nil {
 			return fmt.Errorf("attach volume: %w", err)
