@@ -85,9 +85,8 @@ func objectLayouts(t *testing.T, st store.Store, l chunk.Layout, devSectors uint
 	return compact, full
 }
 
-func superblockFormat(t *testing.T, st store.Store) int {
+func superblockFormat(t *testing.T, st store.Store, o Options) int {
 	t.Helper()
-	o := testOptions(64*mib, 4096)
 	objs := newProxy(st)
 	defer objs.Close()
 	sb, _, err := readSuperblock(context.Background(), objs, o)
@@ -117,7 +116,7 @@ func TestCompactObjectsMixedWithBUSELayout(t *testing.T) {
 		t.Fatal(err)
 	}
 	objs.Close()
-	if f := superblockFormat(t, st); f != FormatBUSELayout {
+	if f := superblockFormat(t, st, o); f != FormatBUSELayout {
 		t.Fatalf("superblock format %d without compact objects, want %d", f, FormatBUSELayout)
 	}
 	if c, f := objectLayouts(t, st, l, sectors, wm1); c != 0 || f == 0 {
@@ -126,7 +125,7 @@ func TestCompactObjectsMixedWithBUSELayout(t *testing.T) {
 
 	o.CompactChunks = true
 	v, objs = open(t, st, o)
-	if f := superblockFormat(t, st); f != FormatVersion {
+	if f := superblockFormat(t, st, o); f != FormatVersion {
 		t.Fatalf("superblock format %d after an attach with CompactChunks, want %d", f, FormatVersion)
 	}
 	m.verify(t, v.Size()/4096, v.directReadFn(st), rng)
