@@ -16,20 +16,22 @@ import (
 	"os/signal"
 	"path"
 	"strconv"
-	"strings"
 	"syscall"
 	"time"
 
 	"github.com/rs/zerolog"
 
 	"github.com/bs3/bs3/internal/cache"
+	"github.com/bs3/bs3/internal/chunk"
 	"github.com/bs3/bs3/internal/chunker"
 	"github.com/bs3/bs3/internal/config"
 	"github.com/bs3/bs3/internal/frontend"
 	"github.com/bs3/bs3/internal/frontend/buse"
 	"github.com/bs3/bs3/internal/frontend/fuse"
 	"github.com/bs3/bs3/internal/frontend/nbd"
+	"github.com/bs3/bs3/internal/frontend/ublk"
 	"github.com/bs3/bs3/internal/gc"
+	"github.com/bs3/bs3/internal/metrics"
 	"github.com/bs3/bs3/internal/null"
 	"github.com/bs3/bs3/internal/objproxy"
 	"github.com/bs3/bs3/internal/store"
@@ -137,6 +139,7 @@ type daemon struct {
 	collector *gc.Collector
 	chunker   *chunker.Chunker
 	ended     chan frontendEnd // a frontend's end, at most one
+	metrics   *metrics.Metrics // nil: [metrics] listen is empty
 }
 
 // onStop registers a step that ignores its context: the stop abandons it
@@ -177,6 +180,12 @@ func serve(cfg config.Config, shrink bool, log zerolog.Logger) error {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	d := &daemon{cfg: cfg, log: log, ended: make(chan frontendEnd, 1)}
+	m, stopMetrics, err := startMetrics(cfg, log)
+	if err != nil {
+		return err
+	}
+	defer stopMetrics()
+	d.metrics = m
 	stopSig, err := d.startOrSignal(ctx, cancel, shrink, signals)
 	if errors.Is(err, errAborted) {
 		return err
@@ -239,6 +248,13 @@ func (d *daemon) startOrSignal(ctx context.Context, cancel context.CancelFunc, s
 // the part exists, so that the stop sequence undoes a partial start too.
 func (d *daemon) start(ctx context.Context, shrink bool) error {
 	cfg, log := d.cfg, d.log
+	if cfg.Frontend == config.FrontendUBLK {
+		// Before the volume is attached: without the driver there is
+		// nothing to serve, and the lease need not be taken.
+		if err := ublk.Available(ublk.DefaultControlPath); err != nil {
+			return fmt.Errorf("start ublk frontend: %w", err)
+		}
+	}
 	var dev frontend.Device
 	var rw interface {
 		BuseRead(int64, int64, []byte) error
@@ -258,6 +274,7 @@ func (d *daemon) start(ctx context.Context, shrink bool) error {
 		objs := objproxy.New(st, objproxy.Options{
 			Uploaders:   cfg.S3.Uploaders,
 			Downloaders: cfg.S3.Downloaders,
+			Observer:    d.metrics.StoreObserver(),
 			Logger:      log.With().Str("component", "objproxy").Logger(),
 		})
 		d.onStop("object proxy", func(context.Context) error { objs.Close(); return nil })
@@ -324,7 +341,11 @@ func (d *daemon) start(ctx context.Context, shrink bool) error {
 			d.onBoundedStop(chunkerStep, ch.Shutdown)
 			dev = ch
 		}
+		if err := d.metrics.AddEngine(metrics.Engine{Proxy: objs, Volume: vol, Chunker: d.chunker, Cache: rc, GC: d.collector}); err != nil {
+			return err
+		}
 	}
+	dev, rw = d.metrics.Device(dev), d.metrics.Buse(rw, chunk.Layout{ChunkSize: cfg.ChunkBytes(), BlockSize: int64(cfg.BlockSize)})
 
 	switch cfg.Frontend {
 	case config.FrontendBUSE:
@@ -383,6 +404,23 @@ func (d *daemon) start(ctx context.Context, shrink bool) error {
 		d.watchEnd(config.FrontendNBD, served)
 		fmt.Fprintf(os.Stderr, "\nbs3: NBD export %q on %s\n  try: nbdinfo nbd://%s/%s   or   nbd-client %s /dev/nbd0 -N %s -b %d\n\n",
 			cfg.NBD.Export, srv.Addr(), srv.Addr(), cfg.NBD.Export, srv.Addr(), cfg.NBD.Export, cfg.BlockSize)
+	case config.FrontendUBLK:
+		u, err := ublk.Start(dev, ublk.Options{
+			ID:         cfg.Major,
+			Queues:     cfg.Threads,
+			QueueDepth: cfg.QueueDepth,
+			BlockSize:  int64(cfg.BlockSize),
+			IOMin:      int64(cfg.IOMinBytes()),
+			IOOpt:      int64(cfg.IOOptBytes()),
+			Logger:     log.With().Str("component", "ublk").Logger(),
+		})
+		if err != nil {
+			return fmt.Errorf("start ublk frontend: %w", err)
+		}
+		d.onStop("ublk device", func(context.Context) error { return u.Stop() })
+		d.watchEnd(config.FrontendUBLK, u.Done())
+		fmt.Fprintf(os.Stderr, "\nbs3: block device %s\n  try: mkfs.ext4 %s && mkdir -p /mnt/bs3 && mount %s /mnt/bs3\n  stop with Ctrl-C (unmount the filesystem first)\n\n",
+			u.Path(), u.Path(), u.Path())
 	case config.FrontendFUSE:
 		m, err := fuse.Mount(dev, fuse.Options{Mountpoint: cfg.FUSE.Mountpoint, Loop: cfg.FUSE.Loop, Logger: log.With().Str("component", "fuse").Logger()})
 		if err != nil {
@@ -586,13 +624,18 @@ func openStore(ctx context.Context, cfg config.Config, log zerolog.Logger) (stor
 			SecretKey:    cfg.S3.SecretKey,
 			MaxConns:     cfg.S3.Uploaders + cfg.S3.Downloaders,
 			CreateBucket: true,
-			// Over TLS the transport protects the body, so the SHA-256 of
-			// every 4 MiB chunk (the largest CPU cost of a PUT) is skipped;
-			// over plain HTTP the signature is the only integrity check.
-			UnsignedPayload: !strings.HasPrefix(cfg.S3.Remote, "http://"),
+			// The SHA-256 of every body is the largest CPU cost of a PUT:
+			// a CRC32C the store verifies replaces it where it can
+			// (docs/ARCHITECTURE.md "Upload integrity and CPU").
+			PayloadChecksum: s3store.PayloadMode(cfg.S3.PayloadChecksum),
 			Logger:          log.With().Str("component", "s3").Logger(),
 		})
 		if err != nil {
+			return nil, err
+		}
+		// A name of its own per start, as for the conditional-write probe.
+		probe := fmt.Sprintf("payload-checksum-probe-%d-%d", os.Getpid(), time.Now().UnixNano())
+		if _, err := st.ProbePayloadChecksum(ctx, path.Join(cfg.S3.Prefix, probe)); err != nil {
 			return nil, err
 		}
 		if cfg.S3.ConditionalWrites {

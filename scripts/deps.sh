@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the tests need on a fresh Debian machine: the NBD clients,
-# fio, e2fsprogs, fuse3 and s3backer (for a benchmark) from Debian, and a
-# MinIO server built from the Go module proxy into the Go-style cache
-# directory (not into the repo).
+# fio, e2fsprogs, fuse3, s3backer (for a benchmark) and QEMU with busybox
+# (for the guest tests) from Debian, and a MinIO server built from the Go
+# module proxy into the Go-style cache directory (not into the repo).
 # Safe to run again: it only installs what is missing.
 set -euo pipefail
 
@@ -19,6 +19,13 @@ command -v fusermount3 >/dev/null || need+=(fuse3)
 command -v nbdkit >/dev/null || need+=(nbdkit)
 command -v losetup >/dev/null || need+=(util-linux)
 command -v s3backer >/dev/null || need+=(s3backer) # BenchmarkVsS3backer
+# The guest tests (scripts/ublk-guest-test.sh): QEMU, a static busybox for
+# the initramfs, nbd-client, xz for the kernel modules.
+command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
+# (the initramfs needs a static busybox: ldd fails on it)
+{ command -v busybox >/dev/null && ! ldd "$(command -v busybox)" >/dev/null 2>&1; } || need+=(busybox-static)
+command -v nbd-client >/dev/null || need+=(nbd-client)
+command -v xz >/dev/null || need+=(xz-utils)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "deps: missing packages ${need[*]}; run as root or install them: apt-get install ${need[*]}" >&2

@@ -147,13 +147,23 @@ func mbps(bytes int64, d time.Duration) float64 { return float64(bytes) / 1e6 / 
 func BenchmarkThroughput(b *testing.B) {
 	ctx := context.Background()
 	srv := minio.Start(b)
-	// BS3_BENCH_UNSIGNED=1 measures both sides without the payload SHA-256,
-	// as bs3 runs against https endpoints.
-	unsigned := os.Getenv("BS3_BENCH_UNSIGNED") == "1"
+	// Both sides use the payload mode bs3 picks (auto: CRC32C on MinIO);
+	// BS3_BENCH_PAYLOAD=signed|unsigned|md5|crc32c forces one, and
+	// BS3_BENCH_UNSIGNED=1 means unsigned, as bs3 ran against https
+	// endpoints before the probe.
+	payload := s3.PayloadMode(os.Getenv("BS3_BENCH_PAYLOAD"))
+	if os.Getenv("BS3_BENCH_UNSIGNED") == "1" {
+		payload = s3.PayloadUnsigned
+	}
 	openStore := func() *s3.Store {
 		o := srv.Options(b, srv.Bucket(b))
-		o.UnsignedPayload = unsigned
-		return srv.StoreWith(b, o)
+		o.PayloadChecksum = payload
+		st := srv.StoreWith(b, o)
+		var err error
+		if payload, err = st.ProbePayloadChecksum(ctx, "payload-probe"); err != nil {
+			b.Fatal(err)
+		}
+		return st
 	}
 	raw := openStore()
 	var results []result
@@ -295,7 +305,7 @@ func BenchmarkThroughput(b *testing.B) {
 	runtime.ReadMemStats(&ms1)
 
 	fmt.Println()
-	fmt.Printf("bs3 bench (MinIO on loopback, scale %.2f, %d uploaders, %d downloaders, %d CPUs, unsigned payload %t, %d chunk buffers)\n", scale(), uploaders, downloaders, runtime.NumCPU(), unsigned, buffers)
+	fmt.Printf("bs3 bench (MinIO on loopback, scale %.2f, %d uploaders, %d downloaders, %d CPUs, payload %s, %d chunk buffers)\n", scale(), uploaders, downloaders, runtime.NumCPU(), payload, buffers)
 	for _, r := range results {
 		fmt.Println(r)
 	}

@@ -43,6 +43,7 @@ const (
 	FrontendBUSE = "buse"
 	FrontendNBD  = "nbd"
 	FrontendFUSE = "fuse"
+	FrontendUBLK = "ublk"
 
 	StoreS3  = "s3"
 	StoreDir = "dir"
@@ -58,7 +59,7 @@ const (
 )
 
 var (
-	frontends = []string{FrontendBUSE, FrontendNBD, FrontendFUSE}
+	frontends = []string{FrontendBUSE, FrontendNBD, FrontendFUSE, FrontendUBLK}
 	stores    = []string{StoreS3, StoreDir}
 	logLevels = []string{"trace", "debug", "info", "warn", "error", "fatal", "panic", "disabled"}
 )
@@ -70,8 +71,8 @@ const redactedMark = "<redacted>"
 // file, env (with the section's env-prefix) the overriding variable, and
 // env-description the meaning printed by Usage.
 type Config struct {
-	Major          int    `toml:"major" env:"BS3_MAJOR" env-description:"BUSE device number: the device is /dev/buse<major>"`
-	Threads        int    `toml:"threads" env:"BS3_THREADS" env-description:"worker threads (BUSE hardware queues); 0 = number of CPUs"`
+	Major          int    `toml:"major" env:"BS3_MAJOR" env-description:"device number: the device is /dev/buse<major> (BUSE) or /dev/ublkb<major> (ublk)"`
+	Threads        int    `toml:"threads" env:"BS3_THREADS" env-description:"worker threads (BUSE and ublk hardware queues); 0 = number of CPUs"`
 	Size           int64  `toml:"size" env:"BS3_SIZE" env-description:"device size in GiB"`
 	BlockSize      int    `toml:"block_size" env:"BS3_BLOCK_SIZE" env-description:"logical block size in bytes: 512 or 4096"`
 	IOMin          int    `toml:"io_min" env:"BS3_IO_MIN" env-description:"minimum I/O size advertised to the kernel, bytes; 0 = block_size"`
@@ -82,7 +83,7 @@ type Config struct {
 	Profiler       bool   `toml:"profiler" env:"BS3_PROFILER" env-description:"serve Go pprof on localhost:profiler_port"`
 	ProfilerPort   int    `toml:"profiler_port" env:"BS3_PROFILER_PORT" env-description:"TCP port of the profiler, 1..65535"`
 	SkipCheckpoint bool   `toml:"skip_checkpoint" env:"BS3_SKIP_CHECKPOINT" env-description:"neither load nor write checkpoints: every start replays all objects (refused once garbage collection may have deleted keys a checkpoint covers)"`
-	Frontend       string `toml:"frontend" env:"BS3_FRONTEND" env-description:"how the device is exposed: buse, nbd or fuse (file + loop device)"`
+	Frontend       string `toml:"frontend" env:"BS3_FRONTEND" env-description:"how the device is exposed: buse, nbd, fuse (file + loop device) or ublk (Linux 6.0+)"`
 	Store          string `toml:"store" env:"BS3_STORE" env-description:"where objects live: s3, or dir (a local directory, for tests)"`
 
 	// ShutdownTimeout must stay below the unit's TimeoutStopSec (see
@@ -99,6 +100,7 @@ type Config struct {
 	FUSE       FUSEConfig       `toml:"fuse" env-prefix:"BS3_FUSE_"`
 	Dir        DirConfig        `toml:"dir" env-prefix:"BS3_DIR_"`
 	Cache      CacheConfig      `toml:"cache" env-prefix:"BS3_CACHE_"`
+	Metrics    MetricsConfig    `toml:"metrics" env-prefix:"BS3_METRICS_"`
 }
 
 // S3Config is the [s3] section.
@@ -112,7 +114,12 @@ type S3Config struct {
 	Downloaders       int    `toml:"downloaders" env:"DOWNLOADERS" env-description:"concurrent downloads"`
 	Prefix            string `toml:"prefix" env:"PREFIX" env-description:"prefix of the volume's objects inside the bucket (several volumes may share a bucket)"`
 	ConditionalWrites bool   `toml:"conditional_writes" env:"CONDITIONAL_WRITES" env-description:"create objects with If-None-Match: * so a second writer is detected; disable for stores without conditional writes"`
+	PayloadChecksum   string `toml:"payload_checksum" env:"PAYLOAD_CHECKSUM" env-description:"how uploads are protected: auto (CRC32C with UNSIGNED-PAYLOAD if the store verifies it, probed at start-up), crc32c, md5, signed (SigV4 SHA-256 of every body) or unsigned (TLS only)"`
 }
+
+// PayloadChecksums are the accepted s3.payload_checksum values (the s3
+// store's payload modes).
+var PayloadChecksums = []string{"auto", "crc32c", "md5", "signed", "unsigned"}
 
 // WriteConfig is the [write] section.
 type WriteConfig struct {
@@ -197,6 +204,11 @@ type CacheConfig struct {
 	DiskSize   int    `toml:"disk_size" env:"DISK_SIZE" env-description:"GiB the read cache may use under dir"`
 }
 
+// MetricsConfig is the [metrics] section: the Prometheus endpoint.
+type MetricsConfig struct {
+	Listen string `toml:"listen" env:"LISTEN" env-description:"host:port serving Prometheus metrics on /metrics (e.g. 127.0.0.1:9101); empty = off"`
+}
+
 // CacheMemoryBytes is cache.memory_size in bytes.
 func (c Config) CacheMemoryBytes() int64 { return int64(c.Cache.MemorySize) * mib }
 
@@ -223,6 +235,7 @@ func Default() Config {
 			Uploaders:         16,
 			Downloaders:       16,
 			ConditionalWrites: true,
+			PayloadChecksum:   "auto",
 		},
 		Write: WriteConfig{
 			SharedBufferSize:   32,
@@ -422,6 +435,7 @@ func (c Config) Validate() error {
 			bad("s3.remote", r, "must be empty (AWS) or an http:// or https:// URL")
 		}
 	}
+	oneOf("s3.payload_checksum", c.S3.PayloadChecksum, PayloadChecksums)
 	if c.Store == StoreDir && !c.Null && c.Dir.Path == "" {
 		bad("dir.path", c.Dir.Path, "required when store = %q", StoreDir)
 	}
@@ -452,6 +466,14 @@ func (c Config) Validate() error {
 			bad("cache.dir", c.Cache.Dir, "needs cache.memory_size > 0 (the disk cache sits behind the memory cache)")
 		}
 		atLeast("cache.disk_size", int64(c.Cache.DiskSize), 1, " (GiB)")
+	}
+
+	if l := c.Metrics.Listen; l != "" {
+		if _, port, err := net.SplitHostPort(l); err != nil {
+			bad("metrics.listen", l, "must be host:port (e.g. 127.0.0.1:9101), or empty to turn metrics off")
+		} else if p, err := strconv.Atoi(port); err != nil || p < 0 || p > 65535 {
+			bad("metrics.listen", l, "port must be a number in 0..65535")
+		}
 	}
 
 	// Frontends.
@@ -487,6 +509,17 @@ func (c Config) Validate() error {
 		}
 	} else if c.NBD.TLSCA != "" {
 		bad("nbd.tls_ca", c.NBD.TLSCA, "needs nbd.tls = on or require")
+	}
+	if c.Frontend == FrontendUBLK {
+		if c.QueueDepth > 4096 {
+			bad("queue_depth", c.QueueDepth, "must be at most 4096 with frontend = %q", FrontendUBLK)
+		}
+		if c.Threads > 4096 {
+			bad("threads", c.Threads, "must be at most 4096 with frontend = %q (ublk queues)", FrontendUBLK)
+		}
+		if c.Major >= 1<<20 {
+			bad("major", c.Major, "must be at most %d with frontend = %q (the ublk device number)", 1<<20-1, FrontendUBLK)
+		}
 	}
 	if c.Frontend == FrontendFUSE && c.FUSE.Mountpoint == "" {
 		bad("fuse.mountpoint", c.FUSE.Mountpoint, "required when frontend = %q", FrontendFUSE)

@@ -113,6 +113,7 @@ func TestDefaultsForMinimalFile(t *testing.T) {
 		{"s3.downloaders", c.S3.Downloaders, 16},
 		{"s3.prefix", c.S3.Prefix, ""},
 		{"s3.conditional_writes", c.S3.ConditionalWrites, true},
+		{"s3.payload_checksum", c.S3.PayloadChecksum, "auto"},
 		{"write.durable", c.Write.Durable, false},
 		{"write.shared_buffer_size", c.Write.SharedBufferSize, 32},
 		{"write.chunk_size", c.Write.ChunkSize, 4},
@@ -144,6 +145,7 @@ func TestDefaultsForMinimalFile(t *testing.T) {
 		{"cache.fetch_size", c.Cache.FetchSize, 256},
 		{"cache.dir", c.Cache.Dir, ""},
 		{"cache.disk_size", c.Cache.DiskSize, 10},
+		{"metrics.listen", c.Metrics.Listen, ""},
 	}
 	for _, ck := range checks {
 		if ck.got != ck.want {
@@ -365,6 +367,7 @@ func TestValidateRefusals(t *testing.T) {
 		{"frontend", func(c *Config) { c.Frontend = "iscsi" }, "frontend", `"iscsi"`, "nbd"},
 		{"store", func(c *Config) { c.Store = "gcs" }, "store", `"gcs"`, "dir"},
 		{"log level", func(c *Config) { c.Log.Level = "verbose" }, "log.level", `"verbose"`, "debug"},
+		{"payload checksum", func(c *Config) { c.S3.PayloadChecksum = "sha1" }, "s3.payload_checksum", `"sha1"`, "crc32c"},
 		{"bucket empty", func(c *Config) { c.S3.Bucket = "" }, "s3.bucket", `""`, "required"},
 		{"bucket empty but null", func(c *Config) { c.S3.Bucket = ""; c.Null = true }, "", "", ""},
 		{"bucket empty but dir", func(c *Config) { c.S3.Bucket = ""; c.Store = "dir" }, "", "", ""},
@@ -374,6 +377,11 @@ func TestValidateRefusals(t *testing.T) {
 		{"nbd listen bad", func(c *Config) { c.Frontend = "nbd"; c.NBD.Listen = "localhost" }, "nbd.listen", `"localhost"`, "host:port"},
 		{"nbd listen unix", func(c *Config) { c.Frontend = "nbd"; c.NBD.Listen = "unix:/run/bs3.sock" }, "", "", ""},
 		{"nbd listen ignored for buse", func(c *Config) { c.NBD.Listen = "" }, "", "", ""},
+		{"metrics listen no port", func(c *Config) { c.Metrics.Listen = "127.0.0.1" }, "metrics.listen", `"127.0.0.1"`, "host:port"},
+		{"metrics listen bad port", func(c *Config) { c.Metrics.Listen = "127.0.0.1:http" }, "metrics.listen", `"127.0.0.1:http"`, "0..65535"},
+		{"metrics listen port too big", func(c *Config) { c.Metrics.Listen = ":70000" }, "metrics.listen", `":70000"`, "0..65535"},
+		{"metrics listen", func(c *Config) { c.Metrics.Listen = "127.0.0.1:9101" }, "", "", ""},
+		{"metrics listen all interfaces", func(c *Config) { c.Metrics.Listen = ":9101" }, "", "", ""},
 		{"nbd max connections zero", func(c *Config) { c.NBD.MaxConnections = 0 }, "nbd.max_connections", "0", ""},
 		{"nbd handshake timeout zero", func(c *Config) { c.NBD.HandshakeTimeout = 0 }, "nbd.handshake_timeout", "0", ""},
 		{"fuse mountpoint empty", func(c *Config) { c.Frontend = "fuse"; c.FUSE.Mountpoint = "" }, "fuse.mountpoint", `""`, "required"},
@@ -385,6 +393,10 @@ func TestValidateRefusals(t *testing.T) {
 		{"nbd tls key world-readable", func(c *Config) {
 			c.NBD.TLS, c.NBD.TLSCert, c.NBD.TLSKey = "on", "/c", worldReadable(t)
 		}, "nbd.tls_key", "tls.key", "chmod"},
+		{"ublk", func(c *Config) { c.Frontend = "ublk"; c.Major = 3; c.Threads = 2; c.QueueDepth = 4096 }, "", "", ""},
+		{"ublk queue depth", func(c *Config) { c.Frontend = "ublk"; c.QueueDepth = 4097 }, "queue_depth", "4097", "4096"},
+		{"ublk threads", func(c *Config) { c.Frontend = "ublk"; c.Threads = 5000 }, "threads", "5000", "ublk queues"},
+		{"ublk major", func(c *Config) { c.Frontend = "ublk"; c.Major = 1 << 20 }, "major", "1048576", "1048575"},
 		{"profiler port zero", func(c *Config) { c.ProfilerPort = 0 }, "profiler_port", "0", "65535"},
 		{"profiler port high", func(c *Config) { c.ProfilerPort = 70000 }, "profiler_port", "70000", "65535"},
 		{"threads negative", func(c *Config) { c.Threads = -1 }, "threads", "-1", ""},
@@ -635,5 +647,22 @@ func TestSecretsNeverShown(t *testing.T) {
 	assertNoSecret("zerolog", log.String())
 	if !strings.Contains(log.String(), `"s3.bucket":"b"`) {
 		t.Errorf("zerolog rendering lacks s3.bucket: %s", log.String())
+	}
+}
+
+// TestMetricsOffByDefault: no metrics endpoint unless one is configured.
+func TestMetricsOffByDefault(t *testing.T) {
+	clearEnv(t)
+	t.Setenv("BS3_S3_BUCKET", "b")
+	c, err := Load("")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Metrics.Listen != "" {
+		t.Errorf("metrics.listen defaults to %q, want empty (off)", c.Metrics.Listen)
+	}
+	t.Setenv("BS3_METRICS_LISTEN", "127.0.0.1:9101")
+	if c, err = Load(""); err != nil || c.Metrics.Listen != "127.0.0.1:9101" {
+		t.Errorf("BS3_METRICS_LISTEN: listen %q, err %v", c.Metrics.Listen, err)
 	}
 }

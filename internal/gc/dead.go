@@ -47,6 +47,7 @@ func (c *Collector) CollectDead(ctx context.Context) (Stats, error) {
 	start := time.Now()
 	st, err := c.collectDead(ctx)
 	st.Duration = time.Since(start)
+	c.totals.record(KindDead, st, err)
 	switch {
 	case err != nil:
 		c.log.Warn().Err(err).Int64("reclaimed", st.Reclaimed).Int64("placeholders", st.Placeholders).Msg("dead GC pass failed")

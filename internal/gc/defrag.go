@@ -85,6 +85,7 @@ func (c *Collector) defrag(ctx context.Context, r Range) (Stats, error) {
 		st.add(ds)
 	}
 	st.Duration = time.Since(start)
+	c.totals.record(KindDefrag, st, err)
 	logRun(log, st, err, "defragmentation run")
 	if err != nil {
 		return st, fmt.Errorf("defragment: %w", err)

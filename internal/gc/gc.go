@@ -147,6 +147,8 @@ type Collector struct {
 	// threshold run: "read" once a chunk's data is read (no key taken
 	// yet), "key" once its key is taken (before CommitCopies).
 	hook func(stage string)
+
+	totals totals // for Totals (totals.go)
 }
 
 // New returns a collector for v. Zero Options fields take the defaults.

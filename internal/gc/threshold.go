@@ -88,6 +88,7 @@ func (c *Collector) threshold(ctx context.Context) (Stats, error) {
 		st.add(ds)
 	}
 	st.Duration = time.Since(start)
+	c.totals.record(KindThreshold, st, err)
 	ev := c.log.Info()
 	if err != nil {
 		ev = c.log.Error().Err(err)

@@ -68,7 +68,9 @@ type Options struct {
 	// last error. 0 retries until the caller's context ends: a block
 	// device must not drop writes because of a transient outage.
 	MaxAttempts int
-	Logger      zerolog.Logger
+	// Observer, when not nil, hears of every store call (metrics).
+	Observer Observer
+	Logger   zerolog.Logger
 }
 
 func (o *Options) setDefaults() {
@@ -353,7 +355,11 @@ func (p *Proxy) attempt(pl *pool, r *request) {
 	r.attempt++
 	c.attempts.Add(1)
 	actx, cancel := context.WithTimeout(r.ctx, p.o.AttemptTimeout)
+	start := time.Now()
+	pl.running.Add(1)
 	err := p.call(actx, r)
+	pl.running.Add(-1)
+	p.observe(r, err, time.Since(start))
 	cancel()
 	if err == nil {
 		complete(r, nil)

@@ -3,6 +3,7 @@ package objproxy
 import (
 	"context"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -66,10 +67,24 @@ type pool struct {
 	waiting map[*request]struct{} // requests whose retry timer is pending
 	closed  bool
 	wg      sync.WaitGroup
+
+	// For PoolStats: the pool size, the store calls in progress, and per
+	// queue (index: priority) the abandoned requests it still holds.
+	workers int
+	running atomic.Int64
+	stale   [2]int
+}
+
+// queueIndex is the index in stale of the queue prio waits in.
+func queueIndex(prio Priority) int {
+	if prio >= High {
+		return int(High)
+	}
+	return int(Low)
 }
 
 func newPool(p *Proxy, workers int) *pool {
-	pl := &pool{p: p, waiting: make(map[*request]struct{})}
+	pl := &pool{p: p, waiting: make(map[*request]struct{}), workers: workers}
 	pl.work.L = &pl.mu
 	pl.wg.Add(workers)
 	for range workers {
@@ -101,6 +116,7 @@ func (pl *pool) next() *request {
 		}
 		if r != nil {
 			if r.state == stateAbandoned {
+				pl.stale[queueIndex(r.prio)]--
 				continue // its caller is gone; skipped lazily
 			}
 			r.state = stateRunning
@@ -146,6 +162,7 @@ func (pl *pool) abandon(r *request) (attempts int, lastErr error, ok bool) {
 	case stateQueued:
 		// Left in its queue and skipped by next: removing it from the
 		// middle of a ring is not worth it.
+		pl.stale[queueIndex(r.prio)]++
 	case stateWaiting:
 		r.timer.Stop()
 		delete(pl.waiting, r)
@@ -220,6 +237,7 @@ func (pl *pool) close() {
 		failed = append(failed, r)
 	}
 	clear(pl.waiting)
+	pl.stale = [2]int{}
 	for _, r := range failed {
 		r.state = stateRunning // owned by close now; requeue and abandon leave it alone
 	}

@@ -259,7 +259,7 @@ func TestMissingSuperblock(t *testing.T) {
 func TestConcurrentAttachOneWins(t *testing.T) {
 	st := mem.New()
 	o := testOptions(64*mib, 4096)
-	o.LeaseInterval = 40 * time.Millisecond
+	o.LeaseInterval = 500 * time.Millisecond // a loaded machine must not starve the renewals for 2.5 intervals
 	v, objs := open(t, st, o)
 	writeFlushed(t, v, 0, 1)
 	if err := v.Close(context.Background()); err != nil {

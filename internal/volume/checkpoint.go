@@ -104,6 +104,7 @@ func (v *Volume) Checkpoint(ctx context.Context) error {
 		return fmt.Errorf("upload checkpoint %s: %w", name, err)
 	}
 	v.sinceCkpt.Add(-applied)
+	v.stats.checkpointWritten(len(body))
 	v.log.Info().Int64("watermark", wm).Int("bytes", len(body)).Dur("took", time.Since(start)).Msg("checkpoint written")
 	return v.pruneCheckpoints(ctx, name)
 }

@@ -132,6 +132,7 @@ func (v *Volume) leaseLoop() {
 			err = v.putLease(ctx, counter, false)
 		}
 		cancel()
+		v.stats.leaseRenewed(err)
 		if err != nil {
 			v.log.Warn().Err(err).Msg("lease renewal failed; will retry")
 		}

@@ -496,6 +496,7 @@ const (
 	raBytes    = 4 << 20
 	raTimeout  = 30 * time.Second
 	raWait     = 200 * time.Millisecond // longest a read waits for a prefetch
+	raParallel = 8                      // GETs one prefetch issues at once
 )
 
 type readahead struct {
@@ -622,28 +623,49 @@ func (v *Volume) prefetch(ctx context.Context, block, n int64) error {
 		spans[k.Object] = append(spans[k.Object], span{start: k.Window * w, end: (k.Window + 1) * w})
 	}
 	v.ra.mu.Unlock()
+	// Claim every run first (one flight each, so a read waits only for
+	// the GET that brings its window), then fetch raParallel at a time:
+	// a prefetch of a fragmented range is many small GETs, and one after
+	// the other they would fall behind the stream they serve.
+	var runs []fetchRun
+	var plans []objectPlan
+	v.ra.mu.Lock()
+	if v.ra.pending == nil {
+		v.ra.pending = make(map[cache.Key]*flight)
+	}
 	for _, key := range keys {
 		for _, r := range v.coalesce(key, spans[key]) {
 			plan := objectPlan{key: key, own: &flight{done: make(chan struct{}), ahead: true}}
-			v.ra.mu.Lock()
-			if v.ra.pending == nil {
-				v.ra.pending = make(map[cache.Key]*flight)
-			}
 			for win := r.start / w; win*w < r.end; win++ {
 				if k := v.cacheKey(key, win); v.ra.pending[k] == nil {
 					v.ra.pending[k] = plan.own
 					plan.mine = append(plan.mine, k)
 				}
 			}
-			v.ra.mu.Unlock()
-			err := v.fetch(ctx, objproxy.Low, r, nil)
-			v.release(&plan)
-			if err != nil {
-				return fmt.Errorf("readahead: %w", err)
-			}
+			runs, plans = append(runs, r), append(plans, plan)
 		}
 	}
-	return nil
+	v.ra.mu.Unlock()
+	sem := make(chan struct{}, raParallel)
+	var wg sync.WaitGroup
+	errs := make([]error, len(runs))
+	for i := range runs {
+		sem <- struct{}{}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			defer func() { <-sem }()
+			if ctx.Err() == nil {
+				errs[i] = v.fetch(ctx, objproxy.Low, runs[i], nil)
+			}
+			v.release(&plans[i])
+		}()
+	}
+	wg.Wait()
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("readahead: %w", err)
+	}
+	return ctx.Err()
 }
 
 // stopReadahead cancels every prefetch and waits for them.

@@ -124,6 +124,8 @@ type Volume struct {
 
 	closeOnce sync.Once
 	closeErr  error
+
+	stats statCounters // for Stats (stats.go)
 }
 
 // Open attaches the volume stored behind objs: superblock, newest valid
@@ -168,6 +170,7 @@ func Open(ctx context.Context, objs *objproxy.Proxy, o Options) (*Volume, error)
 		v.bgCancel()
 		return nil, err
 	}
+	v.stats.attached.Store(time.Now().UnixNano())
 	go v.checkpointLoop()
 	return v, nil
 }

@@ -7,6 +7,9 @@
 // retry (the object proxy above retries with its own backoff; SDK retries
 // would multiply them), never set a per-request overall timeout (the proxy
 // sets per-attempt contexts), and never log credentials.
+//
+// It also owns how an upload's body is protected (the payload mode, see
+// payload.go and docs/ARCHITECTURE.md "Upload integrity and CPU").
 package s3
 
 import (
@@ -14,13 +17,13 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"github.com/aws/smithy-go/logging"
 	"io"
 	"net"
 	"net/http"
 	"slices"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/aws/aws-sdk-go-v2/aws"
@@ -31,6 +34,7 @@ import (
 	"github.com/aws/aws-sdk-go-v2/service/s3"
 	"github.com/aws/aws-sdk-go-v2/service/s3/types"
 	"github.com/aws/smithy-go"
+	"github.com/aws/smithy-go/logging"
 	smithyhttp "github.com/aws/smithy-go/transport/http"
 	"github.com/rs/zerolog"
 
@@ -53,21 +57,30 @@ type Options struct {
 	MaxConns int
 	// CreateBucket creates the bucket if it does not exist.
 	CreateBucket bool
-	// UnsignedPayload skips the SHA-256 of Put bodies in SigV4, saving CPU.
-	// Only sensible over TLS or loopback: the body is then not covered by
-	// the signature.
-	UnsignedPayload bool
-	Logger          zerolog.Logger
+	// PayloadChecksum selects how Put bodies are protected (see
+	// PayloadMode); empty means PayloadAuto.
+	PayloadChecksum PayloadMode
+	// WrapTransport, if set, wraps the HTTP transport of every request:
+	// tests use it to damage bodies after they were checksummed.
+	WrapTransport func(http.RoundTripper) http.RoundTripper
+	Logger        zerolog.Logger
 }
 
 // Store is an S3 bucket seen as a store.Store. Safe for concurrent use.
 type Store struct {
-	client    *s3.Client
+	client *s3.Client
+	// unsigned is client with UNSIGNED-PAYLOAD in place of the payload's
+	// SHA-256; Put uses it in every mode but PayloadSigned.
+	unsigned  *s3.Client
 	transport *http.Transport
 	bucket    string
 	endpoint  string // for messages: the URL, or "AWS S3 (region)"
-	putOpts   []func(*s3.Options)
-	log       zerolog.Logger
+	tls       bool   // requests go over https
+	// want is the configured mode; payload the one Put uses now (an
+	// auto store starts with its fallback and switches after the probe).
+	want    PayloadMode
+	payload atomic.Pointer[PayloadMode]
+	log     zerolog.Logger
 }
 
 var _ store.Store = (*Store)(nil)
@@ -84,6 +97,13 @@ func New(ctx context.Context, o Options) (*Store, error) {
 	}
 	if (o.AccessKey == "") != (o.SecretKey == "") {
 		return nil, errors.New("s3: set both access key and secret key, or neither to use the AWS default credential chain")
+	}
+	want := o.PayloadChecksum
+	if want == "" {
+		want = PayloadAuto
+	}
+	if err := want.Check(); err != nil {
+		return nil, fmt.Errorf("s3: %w", err)
 	}
 	maxConns := o.MaxConns
 	if maxConns <= 0 {
@@ -119,8 +139,12 @@ func New(ctx context.Context, o Options) (*Store, error) {
 	// transport so settings it loaded (AWS_CA_BUNDLE, proxies, TLS
 	// minimum) are kept.
 	transport := newTransport(cfg.HTTPClient, maxConns)
+	var rt http.RoundTripper = transport
+	if o.WrapTransport != nil {
+		rt = o.WrapTransport(rt)
+	}
 	cfg.HTTPClient = &http.Client{
-		Transport: transport,
+		Transport: rt,
 		// S3 redirects (wrong region) are errors to report, not to follow.
 		CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },
 	}
@@ -129,7 +153,7 @@ func New(ctx context.Context, o Options) (*Store, error) {
 	if endpoint == "" {
 		endpoint = fmt.Sprintf("AWS S3 (%s)", cfg.Region)
 	}
-	client := s3.NewFromConfig(cfg, func(so *s3.Options) {
+	clientOpts := func(so *s3.Options) {
 		if o.Endpoint != "" {
 			so.BaseEndpoint = aws.String(o.Endpoint)
 			// Custom endpoints rarely have per-bucket DNS names.
@@ -139,27 +163,35 @@ func New(ctx context.Context, o Options) (*Store, error) {
 		// No "Expect: 100-continue" on large Puts: it costs a round trip
 		// per chunk, and our bodies are never rejected for their size.
 		so.ContinueHeaderThresholdBytes = -1
+	}
+	client := s3.NewFromConfig(cfg, clientOpts)
+	// A client of its own rather than a per-call option: per-call options
+	// copy the middleware list on every request.
+	unsigned := s3.NewFromConfig(cfg, clientOpts, func(so *s3.Options) {
+		// Clipped: the list may share its array with client's.
+		so.APIOptions = append(slices.Clip(so.APIOptions), v4.SwapComputePayloadSHA256ForUnsignedPayloadMiddleware)
 	})
 
 	s := &Store{
 		client:    client,
+		unsigned:  unsigned,
 		transport: transport,
 		bucket:    o.Bucket,
 		endpoint:  endpoint,
+		tls:       o.Endpoint == "" || strings.HasPrefix(strings.ToLower(o.Endpoint), "https://"),
+		want:      want,
 		log:       o.Logger.With().Str("component", "s3").Str("bucket", o.Bucket).Str("endpoint", endpoint).Logger(),
 	}
-	if o.UnsignedPayload {
-		s.putOpts = []func(*s3.Options){func(so *s3.Options) {
-			// Clip so the append never writes into the client's shared
-			// slice from concurrent calls.
-			so.APIOptions = append(slices.Clip(so.APIOptions), v4.SwapComputePayloadSHA256ForUnsignedPayloadMiddleware)
-		}}
+	mode := want
+	if mode == PayloadAuto {
+		mode = s.fallback()
 	}
+	s.payload.Store(&mode)
 	if err := s.checkBucket(ctx, o.CreateBucket, cfg.Region); err != nil {
 		return nil, err
 	}
 	s.log.Info().Str("region", cfg.Region).Str("credentials", creds).
-		Int("max_conns", maxConns).Bool("unsigned_payload", o.UnsignedPayload).Msg("s3 store ready")
+		Int("max_conns", maxConns).Str("payload_checksum", string(want)).Str("payload_mode", string(mode)).Msg("s3 store ready")
 	return s, nil
 }
 
@@ -271,8 +303,16 @@ func errorCode(err error) string {
 }
 
 // Put implements store.Store. A conditional Put sends If-None-Match: *;
-// HTTP 412 becomes store.ErrExists and 409 store.ErrConflict.
+// HTTP 412 becomes store.ErrExists and 409 store.ErrConflict. The body is
+// protected as the payload mode says; a body the store found damaged
+// yields ErrChecksumMismatch (retryable: the damage happened in transit).
 func (s *Store) Put(ctx context.Context, name string, body []byte, ifAbsent bool) error {
+	return s.put(ctx, name, body, ifAbsent, *s.payload.Load(), "")
+}
+
+// put is Put in the given mode; a non-empty sum replaces the computed
+// checksum (the probe sends a wrong one on purpose).
+func (s *Store) put(ctx context.Context, name string, body []byte, ifAbsent bool, mode PayloadMode, sum string) error {
 	in := &s3.PutObjectInput{
 		Bucket:        aws.String(s.bucket),
 		Key:           aws.String(name),
@@ -282,13 +322,32 @@ func (s *Store) Put(ctx context.Context, name string, body []byte, ifAbsent bool
 	if ifAbsent {
 		in.IfNoneMatch = aws.String("*")
 	}
-	_, err := s.client.PutObject(ctx, in, s.putOpts...)
+	client := s.unsigned
+	switch mode {
+	case PayloadCRC32C:
+		if sum == "" {
+			sum = crc32cBase64(body)
+		}
+		// Set by us, the SDK sends it as it is and hashes nothing.
+		in.ChecksumCRC32C = aws.String(sum)
+	case PayloadMD5:
+		if sum == "" {
+			sum = md5Base64(body)
+		}
+		in.ContentMD5 = aws.String(sum)
+	case PayloadSigned:
+		client = s.client
+	}
+	_, err := client.PutObject(ctx, in)
 	if err != nil {
 		switch httpStatus(err) {
 		case http.StatusPreconditionFailed:
 			return fmt.Errorf("s3 put %q: %w: %w", name, store.ErrExists, err)
 		case http.StatusConflict:
 			return fmt.Errorf("s3 put %q: %w: %w", name, store.ErrConflict, err)
+		}
+		if checksumMismatch(err) {
+			return fmt.Errorf("s3 put %q (%s payload): %w: %w", name, mode, ErrChecksumMismatch, err)
 		}
 		return fmt.Errorf("s3 put %q: %w", name, err)
 	}

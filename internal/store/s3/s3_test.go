@@ -3,9 +3,13 @@ package s3_test
 import (
 	"bytes"
 	"context"
+	"crypto/md5"
 	"crypto/sha256"
+	"encoding/base64"
+	"encoding/binary"
 	"encoding/hex"
 	"errors"
+	"hash/crc32"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -59,7 +63,8 @@ func TestProbeConditionalWrites(t *testing.T) {
 // rewrite responses, to reproduce stores that behave differently. Only
 // responses are changed, so SigV4 signatures stay valid.
 type proxy struct {
-	URL string
+	URL       string
+	Transport http.RoundTripper // for a TLS proxy: trusts its certificate
 
 	mu       sync.Mutex
 	requests []*http.Request // clones of what reached the proxy
@@ -67,7 +72,11 @@ type proxy struct {
 	handle   func(http.ResponseWriter, *http.Request) bool // true: answered, do not forward
 }
 
-func newProxy(t *testing.T, target string) *proxy {
+func newProxy(t *testing.T, target string) *proxy { return startProxy(t, target, false) }
+
+// startProxy starts the proxy, serving https with a test certificate if
+// tls is set; then p.Transport is a transport that trusts it.
+func startProxy(t *testing.T, target string, tls bool) *proxy {
 	u, err := url.Parse(target)
 	if err != nil {
 		t.Fatal(err)
@@ -83,7 +92,7 @@ func newProxy(t *testing.T, target string) *proxy {
 		}
 		return nil
 	}
-	ts := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	ts := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		p.mu.Lock()
 		p.requests = append(p.requests, r.Clone(context.Background()))
 		handle := p.handle
@@ -93,6 +102,12 @@ func newProxy(t *testing.T, target string) *proxy {
 		}
 		rp.ServeHTTP(w, r)
 	}))
+	if tls {
+		ts.StartTLS()
+		p.Transport = ts.Client().Transport
+	} else {
+		ts.Start()
+	}
 	t.Cleanup(ts.Close)
 	p.URL = ts.URL
 	return p
@@ -110,12 +125,12 @@ func (p *proxy) puts() []*http.Request {
 	return out
 }
 
-func openVia(t *testing.T, srv *minio.Server, endpoint, bucket string, unsigned bool) *s3.Store {
+func openVia(t *testing.T, srv *minio.Server, endpoint, bucket string, mode s3.PayloadMode) *s3.Store {
 	t.Helper()
 	st, err := s3.New(ctxT(t), s3.Options{
 		Endpoint: endpoint, Region: srv.Region, Bucket: bucket,
 		AccessKey: srv.AccessKey, SecretKey: srv.SecretKey,
-		MaxConns: 4, CreateBucket: true, UnsignedPayload: unsigned,
+		MaxConns: 4, CreateBucket: true, PayloadChecksum: mode,
 		Logger: zerolog.Nop(),
 	})
 	if err != nil {
@@ -143,7 +158,7 @@ func putStatusRewrite(status int) func(*http.Response) error {
 func TestProbeDetectsStoresWithoutConditionalWrites(t *testing.T) {
 	srv := minio.Start(t)
 	p := newProxy(t, srv.Endpoint)
-	st := openVia(t, srv, p.URL, srv.Bucket(t), false)
+	st := openVia(t, srv, p.URL, srv.Bucket(t), s3.PayloadSigned)
 	ctx := ctxT(t)
 
 	cases := []struct {
@@ -187,37 +202,56 @@ func TestProbeDetectsStoresWithoutConditionalWrites(t *testing.T) {
 func TestRequestHeaders(t *testing.T) {
 	srv := minio.Start(t)
 	body := bytes.Repeat([]byte("bs3"), 100000)
-	sum := sha256.Sum256(body)
-	for _, unsigned := range []bool{false, true} {
+	sha := sha256.Sum256(body)
+	md := md5.Sum(body)
+	var crc [4]byte
+	binary.BigEndian.PutUint32(crc[:], crc32.Checksum(body, crc32.MakeTable(crc32.Castagnoli)))
+	cases := []struct {
+		mode                s3.PayloadMode
+		contentSHA, crc, md string
+	}{
+		{s3.PayloadSigned, hex.EncodeToString(sha[:]), "", ""},
+		{s3.PayloadUnsigned, "UNSIGNED-PAYLOAD", "", ""},
+		{s3.PayloadCRC32C, "UNSIGNED-PAYLOAD", base64.StdEncoding.EncodeToString(crc[:]), ""},
+		{s3.PayloadMD5, "UNSIGNED-PAYLOAD", "", base64.StdEncoding.EncodeToString(md[:])},
+	}
+	for _, c := range cases {
 		p := newProxy(t, srv.Endpoint)
-		st := openVia(t, srv, p.URL, srv.Bucket(t), unsigned)
+		st := openVia(t, srv, p.URL, srv.Bucket(t), c.mode)
+		if got := st.PayloadMode(); got != c.mode {
+			t.Errorf("%s: PayloadMode() = %s", c.mode, got)
+		}
 		if err := st.Put(ctxT(t), "h", body, false); err != nil {
-			t.Fatal(err)
+			t.Fatalf("%s: %v", c.mode, err)
 		}
 		buf := make([]byte, len(body))
 		if n, err := st.GetRange(ctxT(t), "h", 0, buf); err != nil || n != len(body) || !bytes.Equal(buf, body) {
-			t.Fatalf("unsigned=%v: read back %d bytes, %v", unsigned, n, err)
+			t.Fatalf("%s: read back %d bytes, %v", c.mode, n, err)
 		}
 		puts := p.puts()
 		if len(puts) != 1 {
-			t.Fatalf("unsigned=%v: saw %d object PUTs, want 1", unsigned, len(puts))
+			t.Fatalf("%s: saw %d object PUTs, want 1", c.mode, len(puts))
 		}
 		h := puts[0].Header
-		want := hex.EncodeToString(sum[:])
-		if unsigned {
-			want = "UNSIGNED-PAYLOAD"
+		if got := h.Get("X-Amz-Content-Sha256"); got != c.contentSHA {
+			t.Errorf("%s: x-amz-content-sha256 = %q, want %q", c.mode, got, c.contentSHA)
 		}
-		if got := h.Get("X-Amz-Content-Sha256"); got != want {
-			t.Errorf("unsigned=%v: x-amz-content-sha256 = %q, want %q", unsigned, got, want)
+		if got := h.Get("X-Amz-Checksum-Crc32c"); got != c.crc {
+			t.Errorf("%s: x-amz-checksum-crc32c = %q, want %q", c.mode, got, c.crc)
 		}
-		// Default SDK checksums are rejected by several S3-compatible stores.
+		if got := h.Get("Content-Md5"); got != c.md {
+			t.Errorf("%s: Content-MD5 = %q, want %q", c.mode, got, c.md)
+		}
+		// Only the checksum bs3 chose: the SDK's default checksums
+		// (CRC32, trailers) are rejected by several S3-compatible stores.
 		for k := range h {
-			if lk := strings.ToLower(k); strings.HasPrefix(lk, "x-amz-checksum-") || lk == "x-amz-sdk-checksum-algorithm" || lk == "x-amz-trailer" {
-				t.Errorf("unsigned=%v: PUT carries checksum header %s", unsigned, k)
+			lk := strings.ToLower(k)
+			if (strings.HasPrefix(lk, "x-amz-checksum-") && lk != "x-amz-checksum-crc32c") || lk == "x-amz-sdk-checksum-algorithm" || lk == "x-amz-trailer" {
+				t.Errorf("%s: PUT carries checksum header %s", c.mode, k)
 			}
 		}
 		if h.Get("Expect") != "" {
-			t.Errorf("unsigned=%v: PUT sent Expect: %s", unsigned, h.Get("Expect"))
+			t.Errorf("%s: PUT sent Expect: %s", c.mode, h.Get("Expect"))
 		}
 	}
 }
@@ -225,7 +259,7 @@ func TestRequestHeaders(t *testing.T) {
 func TestNoSDKRetries(t *testing.T) {
 	srv := minio.Start(t)
 	p := newProxy(t, srv.Endpoint)
-	st := openVia(t, srv, p.URL, srv.Bucket(t), false)
+	st := openVia(t, srv, p.URL, srv.Bucket(t), s3.PayloadSigned)
 	before := len(p.puts())
 	p.mu.Lock()
 	p.handle = func(w http.ResponseWriter, r *http.Request) bool {
@@ -253,7 +287,7 @@ func TestServerIgnoringRange(t *testing.T) {
 	bucket := srv.Bucket(t)
 	direct := srv.Store(t, bucket)
 	p := newProxy(t, srv.Endpoint)
-	st := openVia(t, srv, p.URL, bucket, false)
+	st := openVia(t, srv, p.URL, bucket, s3.PayloadSigned)
 	body := make([]byte, 10000)
 	for i := range body {
 		body[i] = byte(i * 7)

@@ -39,6 +39,8 @@ type Options struct {
 	// (a restart that keeps the process's cache).
 	NoCache bool
 	Cache   *cache.Cache
+	// StoreObserver, when set, hears of every store call (metrics tests).
+	StoreObserver objproxy.Observer
 }
 
 // New attaches the volume in st (creating it when new). Nothing stops it
@@ -54,7 +56,7 @@ func New(st store.Store, o Options) (*Engine, error) {
 			return nil, fmt.Errorf("read cache: %w", err)
 		}
 	}
-	objs := objproxy.New(st, objproxy.Options{Uploaders: 16, Downloaders: 16, Logger: zerolog.Nop()})
+	objs := objproxy.New(st, objproxy.Options{Uploaders: 16, Downloaders: 16, Observer: o.StoreObserver, Logger: zerolog.Nop()})
 	v, err := volume.Open(context.Background(), objs, volume.Options{
 		Size: o.Size, BlockSize: o.BlockSize, ChunkSize: o.ChunkSize, ConditionalWrites: true,
 		CheckpointInterval: time.Minute, CheckpointObjects: 256, MaxInflight: 18,

@@ -341,7 +341,7 @@ func (s *Server) Store(tb testing.TB, bucket string) *s3.Store {
 }
 
 // Options are the s3 store options Store uses for bucket, for callers that
-// change one (UnsignedPayload, MaxConns) before StoreWith.
+// change one (PayloadChecksum, MaxConns) before StoreWith.
 func (s *Server) Options(tb testing.TB, bucket string) s3.Options {
 	return s3.Options{
 		Endpoint:     s.Endpoint,
