@@ -12,7 +12,6 @@ import (
 	"crypto/rand"
 	"crypto/sha256"
 	"fmt"
-	"net"
 	"os"
 	"os/exec"
 	"sort"
@@ -154,15 +153,13 @@ func (d *attachDaemon) exited() bool {
 	}
 }
 
-// serving reports whether the NBD export accepts connections, i.e. the
-// daemon attached the volume (the export is opened only after that).
+// serving reports whether the NBD export answers, i.e. the daemon
+// attached the volume. The address is bound before the attach (so a busy
+// address fails first) and a connection made earlier waits in the
+// backlog, so a connect alone proves nothing: the server's greeting is
+// sent only once it serves.
 func (d *attachDaemon) serving() bool {
-	c, err := net.DialTimeout("tcp", d.addr, 200*time.Millisecond)
-	if err != nil {
-		return false
-	}
-	c.Close()
-	return true
+	return nbdGreets(d.addr, 200*time.Millisecond)
 }
 
 // Outcomes of a start.

@@ -5,9 +5,7 @@ package main
 
 import (
 	"context"
-	"crypto/tls"
 	"errors"
-	"flag"
 	"fmt"
 	"net"
 	"net/http"
@@ -16,6 +14,7 @@ import (
 	"os/signal"
 	"path"
 	"strconv"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -37,10 +36,9 @@ import (
 	"github.com/bs3/bs3/internal/store"
 	"github.com/bs3/bs3/internal/store/dir"
 	s3store "github.com/bs3/bs3/internal/store/s3"
+	"github.com/bs3/bs3/internal/store/sealed"
 	"github.com/bs3/bs3/internal/volume"
 )
-
-const defaultConfigPath = "/etc/bs3/config.toml"
 
 // leaseInterval is how often the daemon renews the volume lease; a second
 // daemon on the same volume waits 2.5 intervals before it may attach over
@@ -51,37 +49,9 @@ func main() {
 	os.Exit(run())
 }
 
+// run parses the command line (cli.go) and runs the command.
 func run() int {
-	fs := flag.NewFlagSet("bs3", flag.ContinueOnError)
-	cfgPath := fs.String("c", defaultConfigPath, "configuration file (TOML)")
-	shrink := fs.Bool("shrink", false, "allow attaching with a size smaller than the volume's (drops the data past the new end)")
-	fs.Usage = func() {
-		fmt.Fprintf(os.Stderr, "usage: bs3 [-c FILE] [--shrink]\n\nflags:\n")
-		fs.PrintDefaults()
-		fmt.Fprintln(os.Stderr)
-		config.Usage(os.Stderr)
-	}
-	if err := fs.Parse(os.Args[1:]); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			return exitOK
-		}
-		return exitUsage
-	}
-	cfg, err := config.Load(*cfgPath)
-	if err != nil {
-		fmt.Fprintf(os.Stderr, "bs3: %v\n", err)
-		return exitUsage
-	}
-	log := newLogger(cfg)
-	if err := serve(cfg, *shrink, log); err != nil {
-		if errors.Is(err, errAborted) {
-			log.Error().Err(err).Int("exit_status", exitAborted).Msg("bs3 stopped without a clean stop")
-			return exitAborted
-		}
-		log.Error().Err(err).Int("exit_status", exitFailure).Msg("bs3 stopped with an error")
-		return exitFailure
-	}
-	return exitOK
+	return runCLI(os.Args[1:])
 }
 
 func newLogger(cfg config.Config) zerolog.Logger {
@@ -140,6 +110,9 @@ type daemon struct {
 	chunker   *chunker.Chunker
 	ended     chan frontendEnd // a frontend's end, at most one
 	metrics   *metrics.Metrics // nil: [metrics] listen is empty
+	// nbdServing: the NBD server took over the listener bound by
+	// preflight (startup.go), which then no longer closes it.
+	nbdServing atomic.Bool
 }
 
 // onStop registers a step that ignores its context: the stop abandons it
@@ -199,8 +172,11 @@ func serve(cfg config.Config, shrink bool, log zerolog.Logger) error {
 	case err != nil:
 		reason = err
 	default:
+		stopWatchdog := notifyReady(log) // systemd: the device is usable
 		reason = d.wait(signals)
+		stopWatchdog()
 	}
+	notifyStopping(log)
 	if err := d.stop(signals); err != nil {
 		if reason != nil {
 			return fmt.Errorf("%w; then the stop failed: %w", reason, err)
@@ -248,12 +224,12 @@ func (d *daemon) startOrSignal(ctx context.Context, cancel context.CancelFunc, s
 // the part exists, so that the stop sequence undoes a partial start too.
 func (d *daemon) start(ctx context.Context, shrink bool) error {
 	cfg, log := d.cfg, d.log
-	if cfg.Frontend == config.FrontendUBLK {
-		// Before the volume is attached: without the driver there is
-		// nothing to serve, and the lease need not be taken.
-		if err := ublk.Available(ublk.DefaultControlPath); err != nil {
-			return fmt.Errorf("start ublk frontend: %w", err)
-		}
+	// The frontend's resources first: a start that cannot serve the
+	// device must fail before the attach bumps the generation and claims
+	// keys (docs/ARCHITECTURE.md §15).
+	prep, err := d.preflight()
+	if err != nil {
+		return err
 	}
 	var dev frontend.Device
 	var rw interface {
@@ -267,9 +243,18 @@ func (d *daemon) start(ctx context.Context, shrink bool) error {
 		dev, rw = n, n
 		log.Warn().Msg("null backend: writes are discarded, reads return zeros")
 	} else {
-		st, err := openStore(ctx, cfg, log)
+		st, err := openStore(ctx, cfg, log, false)
 		if err != nil {
 			return err
+		}
+		// Checks the key against the superblock before anything is
+		// written, and seals the objects of an encrypted volume.
+		st, enc, err := sealed.Open(ctx, st, sealed.KeyConfig{KeyFile: cfg.Encryption.KeyFile, PassphraseFile: cfg.Encryption.PassphraseFile})
+		if err != nil {
+			return fmt.Errorf("encryption: %w", err)
+		}
+		if enc != nil {
+			log.Info().Str("cipher", enc.Cipher).Str("kdf", enc.KDF).Msg("volume is encrypted")
 		}
 		objs := objproxy.New(st, objproxy.Options{
 			Uploaders:   cfg.S3.Uploaders,
@@ -311,6 +296,7 @@ func (d *daemon) start(ctx context.Context, shrink bool) error {
 			MapIdleTimeout:     cfg.GCIdleTimeout(),
 			LeaseInterval:      leaseInterval,
 			Cache:              rc,
+			Encryption:         enc,
 			Logger:             log,
 			// Compact objects once the read path resolves their data
 			// start (docs/ARCHITECTURE.md §3).
@@ -370,19 +356,12 @@ func (d *daemon) start(ctx context.Context, shrink bool) error {
 		d.onStop("BUSE device", func(context.Context) error { return b.Stop() })
 		d.watchEnd(config.FrontendBUSE, b.Done())
 	case config.FrontendNBD:
-		var tlsCfg *tls.Config
-		if cfg.NBD.TLS != config.NBDTLSOff {
-			var err error
-			if tlsCfg, err = nbd.LoadTLS(cfg.NBD.TLSCert, cfg.NBD.TLSKey, cfg.NBD.TLSCA); err != nil {
-				return fmt.Errorf("start NBD server: %w", err)
-			}
-		}
 		srv, err := nbd.New(dev, nbd.Options{
-			Listen: cfg.NBD.Listen, Export: cfg.NBD.Export,
+			Listen: cfg.NBD.Listen, Listener: prep.nbdListener, Export: cfg.NBD.Export,
 			HandshakeTimeout: cfg.NBD.HandshakeTimeoutDuration(),
 			MaxConnections:   cfg.NBD.MaxConnections,
 			MaxBuffered:      cfg.NBD.MaxBufferedBytes(),
-			TLS:              tlsCfg,
+			TLS:              prep.nbdTLS,
 			TLSRequired:      cfg.NBD.TLS == config.NBDTLSRequire,
 			SocketGroup:      cfg.NBD.SocketGroup,
 			Logger:           log.With().Str("component", "nbd").Logger(),
@@ -400,6 +379,7 @@ func (d *daemon) start(ctx context.Context, shrink bool) error {
 			}
 			served <- err
 		}()
+		d.nbdServing.Store(true) // the server owns the listener now
 		d.onStop("NBD server", func(context.Context) error { return srv.Close() })
 		d.watchEnd(config.FrontendNBD, served)
 		fmt.Fprintf(os.Stderr, "\nbs3: NBD export %q on %s\n  try: nbdinfo nbd://%s/%s   or   nbd-client %s /dev/nbd0 -N %s -b %d\n\n",
@@ -607,10 +587,16 @@ func (d *daemon) logUnstoredNow() {
 }
 
 // openStore builds the configured object store, under the volume prefix.
-func openStore(ctx context.Context, cfg config.Config, log zerolog.Logger) (store.Store, error) {
+// readOnly (status, check) creates nothing: no bucket, no probe object,
+// no cleanup of a running daemon's temporary files.
+func openStore(ctx context.Context, cfg config.Config, log zerolog.Logger, readOnly bool) (store.Store, error) {
 	switch cfg.Store {
 	case config.StoreDir:
-		st, err := dir.New(cfg.Dir.Path)
+		open := dir.New
+		if readOnly {
+			open = dir.OpenExisting
+		}
+		st, err := open(cfg.Dir.Path)
 		if err != nil {
 			return nil, fmt.Errorf("open dir store %s: %w", cfg.Dir.Path, err)
 		}
@@ -623,7 +609,7 @@ func openStore(ctx context.Context, cfg config.Config, log zerolog.Logger) (stor
 			AccessKey:    cfg.S3.AccessKey,
 			SecretKey:    cfg.S3.SecretKey,
 			MaxConns:     cfg.S3.Uploaders + cfg.S3.Downloaders,
-			CreateBucket: true,
+			CreateBucket: !readOnly,
 			// The SHA-256 of every body is the largest CPU cost of a PUT:
 			// a CRC32C the store verifies replaces it where it can
 			// (docs/ARCHITECTURE.md "Upload integrity and CPU").
@@ -632,6 +618,10 @@ func openStore(ctx context.Context, cfg config.Config, log zerolog.Logger) (stor
 		})
 		if err != nil {
 			return nil, err
+		}
+		if readOnly {
+			// status and check write nothing, not even probes.
+			return store.WithPrefix(st, cfg.S3.Prefix), nil
 		}
 		// A name of its own per start, as for the conditional-write probe.
 		probe := fmt.Sprintf("payload-checksum-probe-%d-%d", os.Getpid(), time.Now().UnixNano())

@@ -333,6 +333,34 @@ func (n *shutdownNBD) write(t *testing.T, off uint64, data []byte, fua bool) {
 
 func (n *shutdownNBD) flush(t *testing.T) { t.Helper(); n.do(t, 3, 0, 0, nil, 0) }
 
+// read sends NBD_CMD_READ and returns the payload of its reply.
+func (n *shutdownNBD) read(t *testing.T, off uint64, length uint32) []byte {
+	t.Helper()
+	n.handle++
+	req := binary.BigEndian.AppendUint32(nil, 0x25609513)
+	req = binary.BigEndian.AppendUint16(req, 0)
+	req = binary.BigEndian.AppendUint16(req, 0) // NBD_CMD_READ
+	req = binary.BigEndian.AppendUint64(req, n.handle)
+	req = binary.BigEndian.AppendUint64(req, off)
+	req = binary.BigEndian.AppendUint32(req, length)
+	n.c.SetDeadline(time.Now().Add(30 * time.Second))
+	defer n.c.SetDeadline(time.Time{})
+	if _, err := n.c.Write(req); err != nil {
+		t.Fatalf("NBD read: %v", err)
+	}
+	rep := make([]byte, 16+int(length))
+	if _, err := io.ReadFull(n.c, rep[:16]); err != nil {
+		t.Fatalf("NBD reply to read: %v", err)
+	}
+	if binary.BigEndian.Uint32(rep) != 0x67446698 || binary.BigEndian.Uint64(rep[8:]) != n.handle || binary.BigEndian.Uint32(rep[4:]) != 0 {
+		t.Fatalf("NBD reply to read: bad or failed reply % x", rep[:16])
+	}
+	if _, err := io.ReadFull(n.c, rep[16:]); err != nil {
+		t.Fatalf("NBD read payload: %v", err)
+	}
+	return rep[16:]
+}
+
 // disconnect sends NBD_CMD_DISC (no reply) and closes the connection.
 func (n *shutdownNBD) disconnect(t *testing.T) {
 	t.Helper()
@@ -646,4 +674,22 @@ func TestShutdownSystemdUnit(t *testing.T) {
 	if restart != "on-failure" && restart != "always" {
 		t.Errorf("Restart=%q: bs3 exits 1 when its frontend ends and must be restarted", restart)
 	}
+}
+
+// nbdGreets reports whether an NBD server at addr sends its greeting
+// (NBDMAGIC) within timeout: the export is being served.
+func nbdGreets(addr string, timeout time.Duration) bool {
+	c, err := net.DialTimeout("tcp", addr, timeout)
+	if err != nil {
+		return false
+	}
+	defer c.Close()
+	if err := c.SetReadDeadline(time.Now().Add(timeout)); err != nil {
+		return false
+	}
+	var magic [8]byte
+	if _, err := io.ReadFull(c, magic[:]); err != nil {
+		return false
+	}
+	return string(magic[:]) == "NBDMAGIC"
 }

@@ -23,7 +23,9 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/bs3/bs3/internal/objproxy"
+	"github.com/bs3/bs3/internal/store"
 	"github.com/bs3/bs3/internal/store/s3"
+	"github.com/bs3/bs3/internal/store/sealed"
 	"github.com/bs3/bs3/internal/testutil/minio"
 )
 
@@ -104,15 +106,19 @@ func BenchmarkUploadCPU(b *testing.B) {
 	type bs3Variant struct {
 		mode     s3.PayloadMode
 		viaProxy bool
+		sealed   bool // encrypted volume: the sealing layer under the proxy
 	}
 	for _, bv := range []bs3Variant{
-		{s3.PayloadSigned, false}, {s3.PayloadUnsigned, false}, {s3.PayloadCRC32C, false}, {s3.PayloadMD5, false}, {s3.PayloadAuto, false},
-		{s3.PayloadSigned, true}, {s3.PayloadAuto, true},
+		{s3.PayloadSigned, false, false}, {s3.PayloadUnsigned, false, false}, {s3.PayloadCRC32C, false, false}, {s3.PayloadMD5, false, false}, {s3.PayloadAuto, false, false},
+		{s3.PayloadSigned, true, false}, {s3.PayloadAuto, true, false}, {s3.PayloadAuto, true, true},
 	} {
-		mode, viaProxy := bv.mode, bv.viaProxy
+		mode, viaProxy, seal := bv.mode, bv.viaProxy, bv.sealed
 		name := "bs3-store-" + string(mode)
 		if viaProxy {
 			name = "bs3-objproxy-" + string(mode)
+		}
+		if seal {
+			name += "-sealed"
 		}
 		var put func(ctx context.Context, name string) error
 		variants = append(variants, variant{
@@ -123,12 +129,19 @@ func BenchmarkUploadCPU(b *testing.B) {
 				o.PayloadChecksum = mode
 				o.MaxConns = concurrency
 				st := srv.StoreWith(b, o)
-				if _, err := st.ProbePayloadChecksum(context.Background(), "probe"); err != nil {
+				_, err := st.ProbePayloadChecksum(context.Background(), "probe")
+				if err != nil {
 					b.Fatal(err)
 				}
 				put = func(ctx context.Context, name string) error { return st.Put(ctx, name, body, false) }
+				var under store.Store = st
+				if seal {
+					if under, err = sealed.New(st, bytes.Repeat([]byte{1}, 32), bytes.Repeat([]byte{2}, 16)); err != nil {
+						b.Fatal(err)
+					}
+				}
 				if viaProxy {
-					p := objproxy.New(st, objproxy.Options{Uploaders: concurrency, Downloaders: 1, Logger: zerolog.Nop()})
+					p := objproxy.New(under, objproxy.Options{Uploaders: concurrency, Downloaders: 1, Logger: zerolog.Nop()})
 					b.Cleanup(p.Close)
 					put = func(ctx context.Context, name string) error {
 						return p.Put(ctx, objproxy.High, name, body, false)

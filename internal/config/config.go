@@ -101,6 +101,7 @@ type Config struct {
 	Dir        DirConfig        `toml:"dir" env-prefix:"BS3_DIR_"`
 	Cache      CacheConfig      `toml:"cache" env-prefix:"BS3_CACHE_"`
 	Metrics    MetricsConfig    `toml:"metrics" env-prefix:"BS3_METRICS_"`
+	Encryption EncryptionConfig `toml:"encryption" env-prefix:"BS3_ENCRYPTION_"`
 }
 
 // S3Config is the [s3] section.
@@ -207,6 +208,14 @@ type CacheConfig struct {
 // MetricsConfig is the [metrics] section: the Prometheus endpoint.
 type MetricsConfig struct {
 	Listen string `toml:"listen" env:"LISTEN" env-description:"host:port serving Prometheus metrics on /metrics (e.g. 127.0.0.1:9101); empty = off"`
+}
+
+// EncryptionConfig is the [encryption] section: where the key of an
+// encrypted volume comes from (docs/ARCHITECTURE.md §16). Both empty =
+// the volume is not encrypted.
+type EncryptionConfig struct {
+	KeyFile        string `toml:"key_file" env:"KEY_FILE" env-description:"file with the volume's 256-bit key (32 raw bytes or 64 hex digits, mode 0600); empty = no key file"`
+	PassphraseFile string `toml:"passphrase_file" env:"PASSPHRASE_FILE" env-description:"file with a passphrase (mode 0600) stretched with Argon2id into the key that opens the volume's data key; empty = no passphrase"`
 }
 
 // CacheMemoryBytes is cache.memory_size in bytes.
@@ -466,6 +475,13 @@ func (c Config) Validate() error {
 			bad("cache.dir", c.Cache.Dir, "needs cache.memory_size > 0 (the disk cache sits behind the memory cache)")
 		}
 		atLeast("cache.disk_size", int64(c.Cache.DiskSize), 1, " (GiB)")
+	}
+	if c.Encryption.KeyFile != "" && c.Encryption.PassphraseFile != "" {
+		bad("encryption.passphrase_file", c.Encryption.PassphraseFile, "cannot be set together with encryption.key_file: set only one")
+	}
+	if (c.Encryption.KeyFile != "" || c.Encryption.PassphraseFile != "") && c.Cache.Dir != "" {
+		// The disk tier keeps fetched windows as plaintext files.
+		bad("cache.dir", c.Cache.Dir, "would keep plaintext of an encrypted volume on local disk: leave cache.dir empty when [encryption] is set")
 	}
 
 	if l := c.Metrics.Listen; l != "" {

@@ -146,6 +146,8 @@ func TestDefaultsForMinimalFile(t *testing.T) {
 		{"cache.dir", c.Cache.Dir, ""},
 		{"cache.disk_size", c.Cache.DiskSize, 10},
 		{"metrics.listen", c.Metrics.Listen, ""},
+		{"encryption.key_file", c.Encryption.KeyFile, ""},
+		{"encryption.passphrase_file", c.Encryption.PassphraseFile, ""},
 	}
 	for _, ck := range checks {
 		if ck.got != ck.want {
@@ -664,5 +666,23 @@ func TestMetricsOffByDefault(t *testing.T) {
 	t.Setenv("BS3_METRICS_LISTEN", "127.0.0.1:9101")
 	if c, err = Load(""); err != nil || c.Metrics.Listen != "127.0.0.1:9101" {
 		t.Errorf("BS3_METRICS_LISTEN: listen %q, err %v", c.Metrics.Listen, err)
+	}
+}
+
+func TestEncryptionKeys(t *testing.T) {
+	c := Default()
+	c.S3.Bucket = "b"
+	c.Encryption.KeyFile = "/etc/bs3/key"
+	if err := c.Validate(); err != nil {
+		t.Fatalf("key_file alone: %v", err)
+	}
+	c.Encryption.PassphraseFile = "/etc/bs3/pass"
+	if err := c.Validate(); err == nil || !strings.Contains(err.Error(), "set only one") {
+		t.Errorf("key_file and passphrase_file: %v, want a refusal naming both", err)
+	}
+	c.Encryption.KeyFile = ""
+	c.Cache.Dir = "/var/cache/bs3"
+	if err := c.Validate(); err == nil || !strings.Contains(err.Error(), "plaintext of an encrypted volume") {
+		t.Errorf("encryption with cache.dir: %v, want a refusal", err)
 	}
 }

@@ -314,8 +314,11 @@ func (p *Proxy) run(ctx context.Context, pl *pool, r *request) error {
 }
 
 // final reports whether err is an answer that a retry cannot change.
+// ErrCorrupt (a sealed object that fails its check) is final too: the
+// stored bytes are damaged, and retrying without limit would hang the
+// read instead of returning an I/O error (docs/ARCHITECTURE.md §16).
 func final(err error) bool {
-	return errors.Is(err, store.ErrNotFound) || errors.Is(err, store.ErrExists)
+	return errors.Is(err, store.ErrNotFound) || errors.Is(err, store.ErrExists) || errors.Is(err, store.ErrCorrupt)
 }
 
 // call makes one store call for r.

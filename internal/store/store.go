@@ -25,6 +25,11 @@ var (
 	// ErrConflict: a conditional Put raced with another request on the
 	// same name (HTTP 409). The caller may retry.
 	ErrConflict = errors.New("conflicting concurrent write")
+	// ErrCorrupt: the object's bytes fail their integrity check (a sealed
+	// object whose tag does not verify, or whose length is impossible).
+	// The bytes are never returned; a retry helps only when the damage
+	// happened in transit.
+	ErrCorrupt = errors.New("object is damaged")
 )
 
 // Store is a flat object namespace. All methods are safe for concurrent use.
@@ -82,6 +87,9 @@ const (
 	SuperblockName   = "superblock"
 	CheckpointPrefix = "checkpoint/"
 	AttachPrefix     = "attach/"
+	// LeaseName is the object an attached daemon renews to say it is
+	// alive (docs/ARCHITECTURE.md §9).
+	LeaseName = "lease"
 )
 
 // AttachName names the record that claims generation g for one attach.

@@ -13,7 +13,7 @@ import (
 )
 
 // LeaseName is the object an attached daemon renews to say it is alive.
-const LeaseName = "lease"
+const LeaseName = store.LeaseName
 
 // ErrAttachedElsewhere is returned by Open when another daemon holds the
 // volume's lease.

@@ -378,6 +378,11 @@ func (v *Volume) fetch(ctx context.Context, prio objproxy.Priority, r fetchRun, 
 		dst = make([]byte, r.end-r.start)
 	}
 	got, err := v.objs.GetRange(ctx, prio, store.DataName(r.key), md+r.start, dst)
+	if errors.Is(err, store.ErrCorrupt) {
+		// A sealed object failed its check (docs/ARCHITECTURE.md §16):
+		// the read fails with EIO; the log names what to inspect.
+		v.log.Error().Err(err).Int64("key", r.key).Int64("offset", md+r.start).Msg("damaged object: read refused")
+	}
 	if err != nil {
 		return fmt.Errorf("read key %d at %d: %w", r.key, md+r.start, err)
 	}

@@ -184,7 +184,6 @@ type header struct {
 // areas) are fetched concurrently in batches; they are applied strictly
 // in key order.
 func (v *Volume) rollForward(ctx context.Context, m *extentmap.Map, wm int64) (int64, error) {
-	md := v.layout.MetadataSize()
 	batch := int64(v.o.RecoveryConcurrency)
 	start := time.Now()
 	lastLog := start
@@ -205,7 +204,7 @@ func (v *Volume) rollForward(ctx context.Context, m *extentmap.Map, wm int64) (i
 			wg.Add(1)
 			go func() {
 				defer wg.Done()
-				hdrs[i] = v.fetchHeader(ctx, key+int64(i), md)
+				hdrs[i] = v.fetchHeader(ctx, key+int64(i))
 			}()
 		}
 		wg.Wait()
@@ -267,33 +266,21 @@ func (v *Volume) logReplay(n int64, start time.Time, done bool) {
 // fetchHeader reads and parses the metadata area of key. An empty object
 // is a placeholder for a collected object and parses as no items; a
 // short object starting with the claim magic is a claim record.
-func (v *Volume) fetchHeader(ctx context.Context, key, md int64) header {
-	buf := make([]byte, md)
-	n, err := v.objs.GetRange(ctx, objproxy.High, store.DataName(key), 0, buf)
-	if errors.Is(err, store.ErrNotFound) {
+func (v *Volume) fetchHeader(ctx context.Context, key int64) header {
+	h, err := ReadHeader(ctx, v.objs, objproxy.High, v.layout, v.devSectors(), key)
+	switch {
+	case err != nil:
+		return header{err: fmt.Errorf("roll-forward: %w", err)}
+	case h.Kind == KeyMissing:
 		return header{missing: true}
+	case h.Kind == KeyClaim && h.Err != nil:
+		return header{err: fmt.Errorf("roll-forward: %w; refusing to attach so that no later data is dropped (inspect object %s)", h.Err, store.DataName(key))}
+	case h.Kind == KeyClaim:
+		return header{claim: &h.Claim}
+	case h.Err != nil:
+		return header{err: fmt.Errorf("roll-forward: %w; refusing to attach so that no later data is dropped (inspect or remove it by hand)", h.Err)}
 	}
-	if err != nil {
-		return header{err: fmt.Errorf("roll-forward: read header of key %d: %w", key, err)}
-	}
-	if n == 0 {
-		return header{}
-	}
-	if int64(n) < md && IsClaimRecord(buf[:n]) {
-		c, err := decodeClaim(key, buf[:n])
-		if err != nil {
-			return header{err: fmt.Errorf("roll-forward: %w; refusing to attach so that no later data is dropped (inspect object %s)", err, store.DataName(key))}
-		}
-		return header{claim: &c}
-	}
-	// A compact object may be shorter than md; Parse reads the layout
-	// from its end slot and refuses a short object of the BUSE layout
-	// (docs/ARCHITECTURE.md §3).
-	p, err := v.layout.Parse(buf[:n], -1, v.devSectors())
-	if err != nil {
-		return header{err: fmt.Errorf("roll-forward: object %s (key %d) is corrupt: %v; refusing to attach so that no later data is dropped", store.DataName(key), key, err)}
-	}
-	return header{parsed: p}
+	return header{parsed: h.Parsed}
 }
 
 // claimWindow is how many keys an attach claims from the gap on: more than

@@ -1,6 +1,7 @@
 package volume
 
 import (
+	"bytes"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
@@ -12,6 +13,7 @@ import (
 
 	"github.com/bs3/bs3/internal/objproxy"
 	"github.com/bs3/bs3/internal/store"
+	"github.com/bs3/bs3/internal/store/sealed"
 )
 
 // FormatVersion is the newest on-bucket format this code writes and
@@ -42,6 +44,9 @@ type Superblock struct {
 	// once; after a crash, keys up to this far past the first gap may
 	// exist and are deleted by the next attach.
 	MaxInflight int64 `json:"max_inflight"`
+	// Encryption is set on an encrypted volume: how the configured key
+	// opens the data key that seals its objects (docs/ARCHITECTURE.md §16).
+	Encryption *sealed.Record `json:"encryption,omitempty"`
 }
 
 // GenerationBits is how many low bits of a stored seqno belong to the
@@ -79,6 +84,9 @@ func readSuperblock(ctx context.Context, objs *objproxy.Proxy, o Options) (Super
 			BlockSize: o.BlockSize,
 			ChunkSize: o.ChunkSize,
 			Created:   time.Now().UTC(),
+			// Recorded now, written with the superblock before any
+			// sealed object exists.
+			Encryption: o.Encryption,
 		}, true, nil
 	case err != nil:
 		return sb, false, fmt.Errorf("read superblock: %w", err)
@@ -88,6 +96,9 @@ func readSuperblock(ctx context.Context, objs *objproxy.Proxy, o Options) (Super
 	}
 	if sb.Format != FormatVersion && sb.Format != FormatBUSELayout {
 		return sb, false, fmt.Errorf("superblock format version %d is not supported (this bs3 reads versions %d and %d): use a newer bs3", sb.Format, FormatBUSELayout, FormatVersion)
+	}
+	if err := checkEncryption(sb, o); err != nil {
+		return sb, false, err
 	}
 	if sb.BlockSize != o.BlockSize {
 		return sb, false, fmt.Errorf("volume has block_size %d but the configuration says %d: set block_size = %d", sb.BlockSize, o.BlockSize, sb.BlockSize)
@@ -176,4 +187,19 @@ func readWhole(ctx context.Context, objs *objproxy.Proxy, name string) ([]byte, 
 		room *= 2
 	}
 	return nil, fmt.Errorf("read %s: the object kept growing past %d bytes while it was read", name, room)
+}
+
+// checkEncryption refuses an attach whose store does not match the
+// volume's encryption: the second line of defence behind sealed.Open,
+// which main calls first (docs/ARCHITECTURE.md §16.3).
+func checkEncryption(sb Superblock, o Options) error {
+	switch {
+	case sb.Encryption != nil && o.Encryption == nil:
+		return errors.New("volume is encrypted: set [encryption] key_file or passphrase_file")
+	case sb.Encryption == nil && o.Encryption != nil:
+		return errors.New("this volume is not encrypted; remove [encryption] or use a new bucket/prefix")
+	case sb.Encryption != nil && !bytes.Equal(sb.Encryption.SealID, o.Encryption.SealID):
+		return errors.New("the volume's superblock names another encryption seal than the key was opened with (was the superblock replaced?): refusing to attach")
+	}
+	return nil
 }

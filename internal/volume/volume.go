@@ -23,6 +23,7 @@ import (
 	"github.com/bs3/bs3/internal/extentmap"
 	"github.com/bs3/bs3/internal/mapproxy"
 	"github.com/bs3/bs3/internal/objproxy"
+	"github.com/bs3/bs3/internal/store/sealed"
 )
 
 // Options are the volume's settings, taken from the configuration by main.
@@ -63,8 +64,12 @@ type Options struct {
 	// Cache, when not nil, serves reads and keeps what they fetch and what
 	// commits store; its entries are keyed by this volume's id. main owns
 	// it (it may outlive the volume).
-	Cache  *cache.Cache
-	Logger zerolog.Logger
+	Cache *cache.Cache
+	// Encryption is the record sealed.Open returned when objs seals its
+	// objects, nil for a plaintext store. A new volume records it in its
+	// superblock; an existing one must record the same seal.
+	Encryption *sealed.Record
+	Logger     zerolog.Logger
 }
 
 // ErrFenced is returned by writes after another writer took the volume.

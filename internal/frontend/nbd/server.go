@@ -93,6 +93,11 @@ const closeWriteGrace = 10 * time.Second
 type Options struct {
 	// Listen is "host:port" for TCP or "unix:/path" for a unix socket.
 	Listen string
+	// Listener, when set, is used instead of listening on Listen: main
+	// binds the address (Listen) before it attaches the volume, so an
+	// address in use fails the start before anything is claimed. The
+	// server owns it once New succeeds (Close closes it).
+	Listener net.Listener
 	// Export is the export name; the empty name (the protocol's default
 	// export) is served too. Empty means DefaultExport.
 	Export string
@@ -240,9 +245,14 @@ func New(dev frontend.Device, o Options) (*Server, error) {
 			Msg("requests larger than max_buffered are served one at a time")
 	}
 
-	ln, network, err := listen(o.Listen, o.SocketGroup)
-	if err != nil {
-		return nil, err
+	ln, network := o.Listener, ""
+	if ln != nil {
+		network = ln.Addr().Network()
+	} else {
+		var err error
+		if ln, network, err = listen(o.Listen, o.SocketGroup); err != nil {
+			return nil, err
+		}
 	}
 	s.ln, s.network = ln, network
 	s.log.Info().Str("listen", s.Addr()).Str("export", s.export).Int64("size", s.size).

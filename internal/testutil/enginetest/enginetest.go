@@ -17,6 +17,7 @@ import (
 	"github.com/bs3/bs3/internal/chunker"
 	"github.com/bs3/bs3/internal/objproxy"
 	"github.com/bs3/bs3/internal/store"
+	"github.com/bs3/bs3/internal/store/sealed"
 	"github.com/bs3/bs3/internal/volume"
 )
 
@@ -41,6 +42,9 @@ type Options struct {
 	Cache   *cache.Cache
 	// StoreObserver, when set, hears of every store call (metrics tests).
 	StoreObserver objproxy.Observer
+	// Encryption is the record sealed.Open returned when st is a sealed
+	// store (nil for a plaintext one).
+	Encryption *sealed.Record
 }
 
 // New attaches the volume in st (creating it when new). Nothing stops it
@@ -60,7 +64,7 @@ func New(st store.Store, o Options) (*Engine, error) {
 	v, err := volume.Open(context.Background(), objs, volume.Options{
 		Size: o.Size, BlockSize: o.BlockSize, ChunkSize: o.ChunkSize, ConditionalWrites: true,
 		CheckpointInterval: time.Minute, CheckpointObjects: 256, MaxInflight: 18,
-		MapIdleTimeout: 100 * time.Millisecond, Cache: rc, Logger: zerolog.Nop(),
+		MapIdleTimeout: 100 * time.Millisecond, Cache: rc, Encryption: o.Encryption, Logger: zerolog.Nop(),
 	})
 	if err != nil {
 		objs.Close()
