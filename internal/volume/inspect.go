@@ -48,8 +48,8 @@ func DecodeSuperblock(raw []byte) (Superblock, error) {
 	if err := json.Unmarshal(raw, &sb); err != nil {
 		return sb, fmt.Errorf("superblock is corrupt: %w", err)
 	}
-	if sb.Format != FormatVersion {
-		return sb, fmt.Errorf("superblock format version %d is not supported (this bs3 reads version %d)", sb.Format, FormatVersion)
+	if sb.Format != FormatVersion && sb.Format != FormatBUSELayout {
+		return sb, fmt.Errorf("superblock format version %d is not supported (this bs3 reads versions %d and %d)", sb.Format, FormatBUSELayout, FormatVersion)
 	}
 	return sb, nil
 }
