@@ -106,6 +106,7 @@ func runCLI(args []string) int {
 		return c.Passwd.run(cfg)
 	}
 	log := newLogger(cfg)
+	cfg.LogNotices(log) // retired BS3 keys: accepted, said so
 	if err := serve(cfg, c.Serve.Shrink, log); err != nil {
 		if errors.Is(err, errAborted) {
 			log.Error().Err(err).Int("exit_status", exitAborted).Msg("bs3 stopped without a clean stop")

@@ -54,7 +54,14 @@ func run() int {
 	return runCLI(os.Args[1:])
 }
 
+// newLogger builds the daemon's logger. Each component's logger gets its
+// "component" field once, where this file wires the component; packages
+// add only their own context (bucket, mountpoint), so a JSON line never
+// repeats a key. Durations are logged by Dur as milliseconds (a float),
+// in fields whose names end in _ms.
 func newLogger(cfg config.Config) zerolog.Logger {
+	zerolog.DurationFieldUnit = time.Millisecond
+	zerolog.DurationFieldInteger = false
 	var w = zerolog.ConsoleWriter{Out: os.Stderr, TimeFormat: time.TimeOnly}
 	var log zerolog.Logger
 	if cfg.Log.Pretty {
@@ -201,7 +208,7 @@ func (d *daemon) startOrSignal(ctx context.Context, cancel context.CancelFunc, s
 		case err := <-started:
 			return stopSig, err
 		case <-deadline:
-			d.log.Error().Dur("shutdown_timeout", d.cfg.ShutdownTimeoutDuration()).Msg("start-up did not stop within shutdown_timeout of the signal; exiting without a clean stop")
+			d.log.Error().Dur("shutdown_timeout_ms", d.cfg.ShutdownTimeoutDuration()).Msg("start-up did not stop within shutdown_timeout of the signal; exiting without a clean stop")
 			return stopSig, fmt.Errorf("start-up did not stop within %v: %w", d.cfg.ShutdownTimeoutDuration(), errAborted)
 		case sig := <-signals:
 			switch {
@@ -297,7 +304,7 @@ func (d *daemon) start(ctx context.Context, shrink bool) error {
 			LeaseInterval:      leaseInterval,
 			Cache:              rc,
 			Encryption:         enc,
-			Logger:             log,
+			Logger:             log.With().Str("component", "volume").Logger(),
 			// Compact objects once the read path resolves their data
 			// start (docs/ARCHITECTURE.md §3).
 			CompactChunks: volume.ReadsCompactObjects,
@@ -311,7 +318,7 @@ func (d *daemon) start(ctx context.Context, shrink bool) error {
 			Step:     cfg.GC.Step,
 			LiveData: cfg.GC.LiveData,
 			Wait:     cfg.GCWait(),
-			Logger:   log,
+			Logger:   log.With().Str("component", "gc").Logger(),
 		})
 		d.collector.Start()
 		d.onStop("garbage collector", func(context.Context) error { d.collector.Stop(); return nil })
@@ -349,7 +356,7 @@ func (d *daemon) start(ctx context.Context, shrink bool) error {
 			CollisionArea:  cfg.CollisionBytes(),
 			QueueDepth:     int64(cfg.QueueDepth),
 			Scheduler:      cfg.Scheduler,
-		}, log)
+		}, log.With().Str("component", "buse").Logger())
 		if err != nil {
 			return err
 		}
@@ -463,10 +470,10 @@ func (d *daemon) wait(signals <-chan os.Signal) error {
 				}
 				continue
 			}
-			d.log.Info().Str("signal", sig.String()).Dur("shutdown_timeout", d.cfg.ShutdownTimeoutDuration()).Msg("stopping")
+			d.log.Info().Str("signal", sig.String()).Dur("shutdown_timeout_ms", d.cfg.ShutdownTimeoutDuration()).Msg("stopping")
 			return nil
 		case e := <-d.ended:
-			d.log.Error().Str("frontend", e.name).Err(e.err).Dur("shutdown_timeout", d.cfg.ShutdownTimeoutDuration()).
+			d.log.Error().Str("frontend", e.name).Err(e.err).Dur("shutdown_timeout_ms", d.cfg.ShutdownTimeoutDuration()).
 				Msg("frontend ended by itself, the device is gone: stopping bs3 (it will exit with status 1)")
 			return fmt.Errorf("%s frontend ended: %w", e.name, e.err)
 		}
@@ -546,7 +553,7 @@ func (d *daemon) runStops(ctx, hard context.Context) error {
 		errs = append(errs, fmt.Errorf("stop %s: %w", s.name, err))
 	}
 	if len(cut) > 0 {
-		ev := d.log.Error().Strs("not_finished", cut).Dur("shutdown_timeout", d.cfg.ShutdownTimeoutDuration()).Dur("took", time.Since(start))
+		ev := d.log.Error().Strs("not_finished", cut).Dur("shutdown_timeout_ms", d.cfg.ShutdownTimeoutDuration()).Dur("took_ms", time.Since(start))
 		switch writes {
 		case "stored":
 			ev.Msg("shutdown cut short by shutdown_timeout; every write the frontend handed over was stored, but the final checkpoint and lease release may be missing (the next start replays the objects since the last checkpoint and waits for the lease to expire)")
@@ -556,7 +563,7 @@ func (d *daemon) runStops(ctx, hard context.Context) error {
 			ev.Msg("shutdown cut short by shutdown_timeout; which writes were not stored is unknown (BUSE keeps them in the kernel module, or the chunker did not answer)")
 		}
 	} else if len(errs) == 0 {
-		d.log.Info().Dur("took", time.Since(start)).Msg("stopped cleanly")
+		d.log.Info().Dur("took_ms", time.Since(start)).Msg("stopped cleanly")
 	}
 	return errors.Join(errs...)
 }

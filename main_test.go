@@ -23,6 +23,7 @@ import (
 
 	"github.com/bs3/bs3/internal/chunker"
 	"github.com/bs3/bs3/internal/config"
+	"github.com/bs3/bs3/internal/testutil/logcheck"
 	"github.com/bs3/bs3/internal/testutil/minio"
 )
 
@@ -598,6 +599,16 @@ func TestShutdownWhenNBDServerEnds(t *testing.T) {
 	}
 	log := logs.String()
 	for _, want := range []string{`"frontend":"nbd"`, "frontend ended by itself", "checkpoint written", "stopped cleanly"} {
+		if !strings.Contains(log, want) {
+			t.Errorf("log lacks %q:\n%s", want, log)
+		}
+	}
+	// Every line of the whole run is one JSON object without a repeated
+	// key (each component named once, where serve wires it).
+	for _, p := range logcheck.Lines(strings.NewReader(log)) {
+		t.Errorf("log line: %s", p)
+	}
+	for _, want := range []string{`"component":"nbd"`, `"component":"volume"`, `"took_ms":`} {
 		if !strings.Contains(log, want) {
 			t.Errorf("log lacks %q:\n%s", want, log)
 		}

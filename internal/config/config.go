@@ -29,6 +29,7 @@ import (
 	"os"
 	"reflect"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -74,15 +75,15 @@ type Config struct {
 	Major          int    `toml:"major" env:"BS3_MAJOR" env-description:"device number: the device is /dev/buse<major> (BUSE) or /dev/ublkb<major> (ublk)"`
 	Threads        int    `toml:"threads" env:"BS3_THREADS" env-description:"worker threads (BUSE and ublk hardware queues); 0 = number of CPUs"`
 	Size           int64  `toml:"size" env:"BS3_SIZE" env-description:"device size in GiB"`
-	BlockSize      int    `toml:"block_size" env:"BS3_BLOCK_SIZE" env-description:"logical block size in bytes: 512 or 4096"`
+	BlockSize      int    `toml:"block_size" env:"BS3_BLOCK_SIZE,BS3_BLOCKSIZE" env-description:"logical block size in bytes: 512 or 4096"`
 	IOMin          int    `toml:"io_min" env:"BS3_IO_MIN" env-description:"minimum I/O size advertised to the kernel, bytes; 0 = block_size"`
 	IOOpt          int    `toml:"io_opt" env:"BS3_IO_OPT" env-description:"optimal I/O size advertised to the kernel, bytes; 0 = block_size"`
 	Scheduler      bool   `toml:"scheduler" env:"BS3_SCHEDULER" env-description:"let the kernel I/O scheduler merge and reorder requests (BUSE)"`
-	QueueDepth     int    `toml:"queue_depth" env:"BS3_QUEUE_DEPTH" env-description:"requests in flight per queue"`
+	QueueDepth     int    `toml:"queue_depth" env:"BS3_QUEUE_DEPTH,BS3_QUEUEDEPTH" env-description:"requests in flight per queue"`
 	Null           bool   `toml:"null" env:"BS3_NULL" env-description:"null backend: discard writes, read zeros, no object store (for benchmarks)"`
 	Profiler       bool   `toml:"profiler" env:"BS3_PROFILER" env-description:"serve Go pprof on localhost:profiler_port"`
 	ProfilerPort   int    `toml:"profiler_port" env:"BS3_PROFILER_PORT" env-description:"TCP port of the profiler, 1..65535"`
-	SkipCheckpoint bool   `toml:"skip_checkpoint" env:"BS3_SKIP_CHECKPOINT" env-description:"neither load nor write checkpoints: every start replays all objects (refused once garbage collection may have deleted keys a checkpoint covers)"`
+	SkipCheckpoint bool   `toml:"skip_checkpoint" env:"BS3_SKIP_CHECKPOINT,BS3_SKIP" env-description:"neither load nor write checkpoints: every start replays all objects (refused once garbage collection may have deleted keys a checkpoint covers)"`
 	Frontend       string `toml:"frontend" env:"BS3_FRONTEND" env-description:"how the device is exposed: buse, nbd, fuse (file + loop device) or ublk (Linux 6.0+)"`
 	Store          string `toml:"store" env:"BS3_STORE" env-description:"where objects live: s3, or dir (a local directory, for tests)"`
 
@@ -102,12 +103,16 @@ type Config struct {
 	Cache      CacheConfig      `toml:"cache" env-prefix:"BS3_CACHE_"`
 	Metrics    MetricsConfig    `toml:"metrics" env-prefix:"BS3_METRICS_"`
 	Encryption EncryptionConfig `toml:"encryption" env-prefix:"BS3_ENCRYPTION_"`
+
+	// notices name the retired BS3 keys and variables the configuration
+	// was read with (see Notices); unexported, so it is no key.
+	notices []Notice
 }
 
 // S3Config is the [s3] section.
 type S3Config struct {
-	AccessKey         string `toml:"access_key" env:"ACCESS_KEY" env-description:"access key; empty (with secret_key) = AWS default credential chain"`
-	SecretKey         string `toml:"secret_key" env:"SECRET_KEY" env-description:"secret key; empty (with access_key) = AWS default credential chain"`
+	AccessKey         string `toml:"access_key" env:"ACCESS_KEY,ACCESSKEY" env-description:"access key; empty (with secret_key) = AWS default credential chain"`
+	SecretKey         string `toml:"secret_key" env:"SECRET_KEY,SECRETKEY" env-description:"secret key; empty (with access_key) = AWS default credential chain"`
 	Bucket            string `toml:"bucket" env:"BUCKET" env-description:"bucket holding the volume; required when store = \"s3\""`
 	Remote            string `toml:"remote" env:"REMOTE" env-description:"endpoint URL (http:// or https://); empty = AWS"`
 	Region            string `toml:"region" env:"REGION" env-description:"region"`
@@ -125,29 +130,29 @@ var PayloadChecksums = []string{"auto", "crc32c", "md5", "signed", "unsigned"}
 // WriteConfig is the [write] section.
 type WriteConfig struct {
 	Durable            bool `toml:"durable" env:"DURABLE" env-description:"a flush returns only once every earlier chunk is in the store (false: flush is an ordering barrier)"`
-	SharedBufferSize   int  `toml:"shared_buffer_size" env:"SHARED_BUFFER_SIZE" env-description:"write buffer in MiB (BUSE: per queue); a multiple of chunk_size"`
-	ChunkSize          int  `toml:"chunk_size" env:"CHUNK_SIZE" env-description:"chunk (= object) size in MiB; fewer than 65536 blocks"`
-	CollisionChunkSize int  `toml:"collision_chunk_size" env:"COLLISION_CHUNK_SIZE" env-description:"width of a write-ordering (seqno) area in MiB"`
+	SharedBufferSize   int  `toml:"shared_buffer_size" env:"SHARED_BUFFER_SIZE,BUFSIZE" env-description:"write buffer in MiB (BUSE: per queue); a multiple of chunk_size"`
+	ChunkSize          int  `toml:"chunk_size" env:"CHUNK_SIZE,CHUNKSIZE" env-description:"chunk (= object) size in MiB; fewer than 65536 blocks"`
+	CollisionChunkSize int  `toml:"collision_chunk_size" env:"COLLISION_CHUNK_SIZE,COLSIZE" env-description:"width of a write-ordering (seqno) area in MiB"`
 }
 
 // ReadConfig is the [read] section.
 type ReadConfig struct {
-	SharedBufferSize int `toml:"shared_buffer_size" env:"SHARED_BUFFER_SIZE" env-description:"read buffer in MiB (BUSE: per queue)"`
+	SharedBufferSize int `toml:"shared_buffer_size" env:"SHARED_BUFFER_SIZE,BUFSIZE" env-description:"read buffer in MiB (BUSE: per queue)"`
 }
 
 // GCConfig is the [gc] section.
 type GCConfig struct {
 	Step        int64   `toml:"step" env:"STEP" env-description:"blocks scanned per threshold-GC step"`
-	LiveData    float64 `toml:"live_data" env:"LIVE_DATA" env-description:"threshold GC compacts objects whose live fraction is below this, in (0,1)"`
-	IdleTimeout int     `toml:"idle_timeout" env:"IDLE_TIMEOUT" env-description:"ms low-priority work waits for an idle moment before it runs anyway"`
+	LiveData    float64 `toml:"live_data" env:"LIVE_DATA,LIVEDATA" env-description:"threshold GC compacts objects whose live fraction is below this, in (0,1)"`
+	IdleTimeout int     `toml:"idle_timeout" env:"IDLE_TIMEOUT,IDLETIMEOUT" env-description:"ms low-priority work waits for an idle moment before it runs anyway"`
 	Wait        int     `toml:"wait" env:"WAIT" env-description:"seconds between dead-GC passes"`
 	DefragRange string  `toml:"defrag_range" env:"DEFRAG_RANGE" env-description:"byte range START-END (end excluded; K, M, G, T suffixes: KiB…TiB) that SIGUSR2 defragments; empty = the whole device"`
 }
 
 // LogConfig is the [log] section.
 type LogConfig struct {
-	Level  string `toml:"level" env:"LEVEL" env-description:"trace, debug, info, warn, error, fatal, panic or disabled"`
-	Pretty bool   `toml:"pretty" env:"PRETTY" env-description:"human-readable console logs instead of JSON"`
+	Level  Level `toml:"level" env:"LEVEL" env-description:"trace, debug, info, warn, error, fatal, panic or disabled; or BS3's numbers -1 (trace) to 5 (panic)"`
+	Pretty bool  `toml:"pretty" env:"PRETTY" env-description:"human-readable console logs instead of JSON"`
 }
 
 // CheckpointConfig is the [checkpoint] section: a checkpoint is written when
@@ -290,8 +295,9 @@ func read(path string) (Config, error) {
 		}
 	}
 	if err := cleanenv.ReadEnv(&c); err != nil {
-		return Config{}, fmt.Errorf("environment override: %v", c.scrub(err.Error()))
+		return Config{}, fmt.Errorf("environment override: %v", c.scrub(envAliasHint(err.Error())))
 	}
+	c.notices = append(c.notices, retiredEnvNotices()...)
 	return c, nil
 }
 
@@ -309,7 +315,12 @@ func decodeFile(path string, c *Config) error {
 	if err != nil {
 		return fmt.Errorf("config file %s: %v", path, parseErrorText(err, string(data)))
 	}
-	if unknown := unknownKeys(md); len(unknown) > 0 {
+	unknown, notices, err := retiredKeys(md, unknownKeys(md))
+	if err != nil {
+		return fmt.Errorf("config file %s: %w", path, err)
+	}
+	c.notices = append(c.notices, notices...)
+	if len(unknown) > 0 {
 		return fmt.Errorf("config file %s: unknown key(s) %s (see bs3 -h for the valid keys)",
 			path, strings.Join(unknown, ", "))
 	}
@@ -464,7 +475,9 @@ func (c Config) Validate() error {
 	atLeast("checkpoint.interval", int64(c.Checkpoint.Interval), 1, " (s)")
 	atLeast("checkpoint.objects", int64(c.Checkpoint.Objects), 1, "")
 
-	oneOf("log.level", c.Log.Level, logLevels)
+	if !slices.Contains(logLevels, string(c.Log.Level)) {
+		bad("log.level", string(c.Log.Level), "must be one of %s, or a BS3 level number from -1 (trace) to 5 (panic)", strings.Join(logLevels, ", "))
+	}
 
 	atLeast("cache.memory_size", int64(c.Cache.MemorySize), 0, " (MiB; 0 = off)")
 	if f := c.Cache.FetchSize; f < 4 || f > 4096 || bits.OnesCount(uint(f)) != 1 {
@@ -665,7 +678,7 @@ func (c Config) CheckpointInterval() time.Duration {
 // LogLevel is log.level as a zerolog level (info if it does not parse;
 // Validate refuses such values).
 func (c Config) LogLevel() zerolog.Level {
-	l, err := zerolog.ParseLevel(c.Log.Level)
+	l, err := zerolog.ParseLevel(string(c.Log.Level))
 	if err != nil {
 		return zerolog.InfoLevel
 	}
@@ -716,6 +729,7 @@ func (c Config) MarshalZerologObject(e *zerolog.Event) {
 // field is one key of Config, found by reflection.
 type field struct {
 	key, env, desc string
+	aliases        []string // BS3's names of env, honoured too
 	value          reflect.Value
 }
 
@@ -729,6 +743,9 @@ func fields(c Config) []field {
 		t := v.Type()
 		for i := 0; i < t.NumField(); i++ {
 			sf := t.Field(i)
+			if !sf.IsExported() {
+				continue // not a key (notices)
+			}
 			key := sf.Tag.Get("toml")
 			if section != "" {
 				key = section + "." + key
@@ -737,11 +754,18 @@ func fields(c Config) []field {
 				walk(v.Field(i), key, prefix+sf.Tag.Get("env-prefix"))
 				continue
 			}
+			// The first name is bs3's; the others are BS3's for the
+			// same key (cleanenv reads the first one set).
+			names := strings.Split(sf.Tag.Get("env"), ",")
+			for j := range names {
+				names[j] = prefix + names[j]
+			}
 			out = append(out, field{
-				key:   key,
-				env:   prefix + sf.Tag.Get("env"),
-				desc:  sf.Tag.Get("env-description"),
-				value: v.Field(i),
+				key:     key,
+				env:     names[0],
+				aliases: names[1:],
+				desc:    sf.Tag.Get("env-description"),
+				value:   v.Field(i),
 			})
 		}
 	}
@@ -767,7 +791,11 @@ the buffer and chunk sizes. Unknown keys are refused.
 		if f.value.Kind() == reflect.String {
 			def = fmt.Sprintf("%q", f.value.String())
 		}
-		fmt.Fprintf(w, "  %-26s  %-30s  default %s\n      %s\n", f.key, f.env, def, f.desc)
+		desc := f.desc
+		if len(f.aliases) > 0 {
+			desc += " (BS3's " + strings.Join(f.aliases, ", ") + " is honoured too)"
+		}
+		fmt.Fprintf(w, "  %-26s  %-30s  default %s\n      %s\n", f.key, f.env, def, desc)
 	}
 }
 

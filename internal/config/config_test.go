@@ -30,6 +30,9 @@ func tomlKeys(t *testing.T) []tomlKey {
 	ct := reflect.TypeOf(Config{})
 	for i := 0; i < ct.NumField(); i++ {
 		f := ct.Field(i)
+		if !f.IsExported() {
+			continue // not a key
+		}
 		name := f.Tag.Get("toml")
 		if name == "" {
 			t.Fatalf("field %s has no toml tag", f.Name)
@@ -124,7 +127,7 @@ func TestDefaultsForMinimalFile(t *testing.T) {
 		{"gc.idle_timeout", c.GC.IdleTimeout, 200},
 		{"gc.wait", c.GC.Wait, 600},
 		{"gc.defrag_range", c.GC.DefragRange, ""},
-		{"log.level", c.Log.Level, "info"},
+		{"log.level", c.Log.Level, Level("info")},
 		{"log.pretty", c.Log.Pretty, false},
 		{"checkpoint.interval", c.Checkpoint.Interval, 300},
 		{"checkpoint.objects", c.Checkpoint.Objects, 1024},

@@ -53,9 +53,9 @@ func (c *Collector) CollectDead(ctx context.Context) (Stats, error) {
 		c.log.Warn().Err(err).Int64("reclaimed", st.Reclaimed).Int64("placeholders", st.Placeholders).Msg("dead GC pass failed")
 	case st.Reclaimed > 0 || st.Placeholders > 0:
 		c.log.Info().Int64("reclaimed", st.Reclaimed).Int64("placeholders", st.Placeholders).
-			Int64("bytes_freed", st.BytesFreed).Int64("in_use", st.InUse).Dur("duration", st.Duration).Msg("dead GC pass")
+			Int64("bytes_freed", st.BytesFreed).Int64("in_use", st.InUse).Dur("duration_ms", st.Duration).Msg("dead GC pass")
 	default:
-		c.log.Debug().Int64("in_use", st.InUse).Dur("duration", st.Duration).Msg("dead GC pass: nothing to reclaim")
+		c.log.Debug().Int64("in_use", st.InUse).Dur("duration_ms", st.Duration).Msg("dead GC pass: nothing to reclaim")
 	}
 	return st, err
 }
@@ -118,6 +118,7 @@ func (c *Collector) collectDead(ctx context.Context) (Stats, error) {
 
 	var wg sync.WaitGroup
 	sem := make(chan struct{}, deadConcurrency)
+	rep := c.progress("dead pass", "objects", "bytes_freed", int64(len(actions)))
 	for _, a := range actions {
 		if ctx.Err() != nil {
 			break
@@ -128,9 +129,15 @@ func (c *Collector) collectDead(ctx context.Context) (Stats, error) {
 			defer wg.Done()
 			defer func() { <-sem }()
 			c.reclaim(ctx, a)
+			freed := int64(0)
+			if a.done {
+				freed = max(a.bytes, 0)
+			}
+			rep.Add(1, freed)
 		}()
 	}
 	wg.Wait()
+	rep.Finish()
 
 	// Record what was done, even if ctx ended meanwhile: a deleted object
 	// must be forgotten and an emptied one counted as empty, or the map

@@ -106,16 +106,19 @@ func (c *Collector) defragBlocks(ctx context.Context, from, to int64) (Stats, er
 		return st, fmt.Errorf("read watermark: %w", err)
 	}
 	var victims []int64
+	rep := c.progress("find objects to defragment", "blocks", "", to-from)
 	err := c.scanWindows(ctx, from, to, func(e extentmap.Extent, _ uint64) {
 		if !e.Zero && e.Key < wm-1 {
 			victims = append(victims, e.Key)
 		}
-	}, func() error {
+	}, func(end int64) error {
 		// Keep the list small between windows.
 		slices.Sort(victims)
 		victims = slices.Compact(victims)
+		rep.Set(end-from, 0)
 		return nil
 	})
+	rep.Finish()
 	if err != nil {
 		return st, fmt.Errorf("list objects: %w", err)
 	}
@@ -138,5 +141,5 @@ func logRun(log zerolog.Logger, st Stats, err error, msg string) {
 	ev.Int64("examined", st.Examined).Int64("compacted", st.Compacted).
 		Int64("bytes_read", st.BytesRead).Int64("bytes_written", st.BytesWritten).
 		Int64("reclaimed", st.Reclaimed).Int64("placeholders", st.Placeholders).
-		Int64("bytes_freed", st.BytesFreed).Dur("duration", st.Duration).Msg(msg)
+		Int64("bytes_freed", st.BytesFreed).Dur("duration_ms", st.Duration).Msg(msg)
 }

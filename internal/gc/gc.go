@@ -26,6 +26,10 @@
 // they cost one metadata area each and die when their discards are
 // overwritten.
 //
+// A phase that lasts logs "GC progress" lines at a steady interval
+// (internal/progress): dead pass in objects, live-data count and copy in
+// device blocks.
+//
 // Both run at low priority on the map proxy and the object proxy, so user
 // I/O overtakes them. The collector must never delete or empty an object
 // that the map or an in-flight read references, never touch the newest
@@ -45,6 +49,7 @@ import (
 
 	"github.com/rs/zerolog"
 
+	"github.com/bs3/bs3/internal/progress"
 	"github.com/bs3/bs3/internal/volume"
 )
 
@@ -143,6 +148,9 @@ type Collector struct {
 	// live pieces of an object at once.
 	gap int64
 
+	// now, if set (tests only), is the clock of the progress lines.
+	now func() time.Time
+
 	// hook, if set (tests only), is called at named points of a
 	// threshold run: "read" once a chunk's data is read (no key taken
 	// yet), "key" once its key is taken (before CommitCopies).
@@ -166,13 +174,21 @@ func New(v *volume.Volume, o Options) *Collector {
 	return &Collector{
 		v:      v,
 		o:      o,
-		log:    o.Logger.With().Str("component", "gc").Logger(),
+		log:    o.Logger,
 		ctx:    ctx,
 		cancel: cancel,
 		empty:  make(map[int64]struct{}),
 		gets:   getConcurrency,
 		gap:    coalesceGap,
 	}
+}
+
+// progress starts the progress lines of one phase of a run ("GC
+// progress", with the phase named): total units of unit, and bytes under
+// bytesName ("" for none).
+func (c *Collector) progress(phase, unit, bytesName string, total int64) *progress.Reporter {
+	return progress.New(c.log.With().Str("phase", phase).Logger(), "GC progress",
+		progress.Options{Unit: unit, BytesName: bytesName, Total: total, Now: c.now})
 }
 
 // enter registers a run (or the loop) so that Stop waits for it; false

@@ -97,7 +97,7 @@ func (c *Collector) threshold(ctx context.Context) (Stats, error) {
 		Int64("bytes_read", st.BytesRead).Int64("bytes_written", st.BytesWritten).
 		Int64("reclaimed", st.Reclaimed).Int64("placeholders", st.Placeholders).
 		Int64("bytes_freed", st.BytesFreed).Float64("live_data", c.o.LiveData).
-		Dur("duration", st.Duration).Msg("threshold GC run")
+		Dur("duration_ms", st.Duration).Msg("threshold GC run")
 	if err != nil {
 		return st, fmt.Errorf("threshold GC: %w", err)
 	}
@@ -192,23 +192,29 @@ func (c *Collector) copyLive(ctx context.Context, victims []int64, from, to int6
 	}
 	vs := candidates{keys: victims}
 	var pieces []piece
+	// Progress in device blocks: the copy goes window by window over
+	// [from, to), not object by object.
+	rep := c.progress("copy live data", "blocks", "bytes_written", to-from)
 	err = c.scanWindows(ctx, from, to, func(e extentmap.Extent, seq uint64) {
 		if vs.find(e.Key) < 0 {
 			return
 		}
 		pieces = append(pieces, piece{block: e.Block, n: e.N, key: e.Key, off: e.Off, seq: seq, zero: e.Zero})
-	}, func() error {
+	}, func(end int64) error {
 		// Scan order is block order.
 		for _, p := range pieces {
 			r.add(p)
 		}
 		pieces = pieces[:0]
+		rep.Set(end-from, r.bytesWritten.Load())
 		return r.failed()
 	})
 	if err == nil {
 		r.flush()
 	}
 	cerr := r.wait()
+	rep.Set(to-from, r.bytesWritten.Load())
+	rep.Finish()
 	if err == nil {
 		err = cerr
 	}
@@ -221,14 +227,21 @@ func (c *Collector) copyLive(ctx context.Context, victims []int64, from, to int6
 // scan calls fn for every written extent of the device, one Step-block
 // window per low-priority map request.
 func (c *Collector) scan(ctx context.Context, fn func(extentmap.Extent, uint64)) error {
-	return c.scanWindows(ctx, 0, c.v.Size()/c.v.BlockSize(), fn, nil)
+	blocks := c.v.Size() / c.v.BlockSize()
+	rep := c.progress("count live data", "blocks", "", blocks)
+	err := c.scanWindows(ctx, 0, blocks, fn, func(end int64) error {
+		rep.Set(end, 0)
+		return nil
+	})
+	rep.Finish()
+	return err
 }
 
 // scanWindows calls fn for every written extent of blocks [from, to), in
 // block order, one Step-block window per low-priority map request, and
-// after, off the map goroutine, after each window. It stops between
-// windows when ctx ends or after fails.
-func (c *Collector) scanWindows(ctx context.Context, from, to int64, fn func(extentmap.Extent, uint64), after func() error) error {
+// after, off the map goroutine, after each window with the block the
+// window ends at. It stops between windows when ctx ends or after fails.
+func (c *Collector) scanWindows(ctx context.Context, from, to int64, fn func(extentmap.Extent, uint64), after func(end int64) error) error {
 	for ; from < to; from += c.o.Step {
 		if err := ctx.Err(); err != nil {
 			return err
@@ -244,7 +257,7 @@ func (c *Collector) scanWindows(ctx context.Context, from, to int64, fn func(ext
 			return fmt.Errorf("scan blocks %d+%d: %w", from, n, err)
 		}
 		if after != nil {
-			if err := after(); err != nil {
+			if err := after(from + n); err != nil {
 				return err
 			}
 		}

@@ -77,7 +77,7 @@ func (m *Metrics) Handler() http.Handler {
 type promLogger struct{ log zerolog.Logger }
 
 func (l promLogger) Println(v ...any) {
-	l.log.Warn().Str("component", "metrics").Msg(fmt.Sprint(v...))
+	l.log.Warn().Msg(fmt.Sprint(v...)) // main named the component
 }
 
 // StoreObserver is the objproxy.Observer that counts store calls; nil

@@ -397,7 +397,7 @@ func (p *Proxy) attempt(pl *pool, r *request) {
 	switch pl.retryLater(r, err, delay) {
 	case retryScheduled:
 		c.retries.Add(1)
-		p.log.Warn().Str("op", r.op.String()).Str("name", r.name).Int("attempt", attempt).Err(err).Dur("retry_in", delay).Msg("object store request failed, will retry")
+		p.log.Warn().Str("op", r.op.String()).Str("name", r.name).Int("attempt", attempt).Err(err).Dur("retry_in_ms", delay).Msg("object store request failed, will retry")
 	case retryClosed:
 		c.failures.Add(1)
 		complete(r, fmt.Errorf("%s %q: %w (last error: %w)", r.op, r.name, ErrClosed, err))

@@ -105,7 +105,7 @@ func (v *Volume) Checkpoint(ctx context.Context) error {
 	}
 	v.sinceCkpt.Add(-applied)
 	v.stats.checkpointWritten(len(body))
-	v.log.Info().Int64("watermark", wm).Int("bytes", len(body)).Dur("took", time.Since(start)).Msg("checkpoint written")
+	v.log.Info().Int64("watermark", wm).Int("bytes", len(body)).Dur("took_ms", time.Since(start)).Msg("checkpoint written")
 	return v.pruneCheckpoints(ctx, name)
 }
 

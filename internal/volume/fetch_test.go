@@ -123,3 +123,40 @@ func TestFetchWaiterRefetches(t *testing.T) {
 		t.Fatalf("the first read returned %v, want its deadline exceeded", err)
 	}
 }
+
+// TestFetchScatteredWhole: a stream that takes a few scattered blocks of
+// an object (random overwrites that landed together) fetches all of that
+// object at once, since the stream will need the rest of it further on,
+// instead of span by span.
+func TestFetchScatteredWhole(t *testing.T) {
+	const bs = 4096
+	rc, err := cache.New(cache.Options{MemoryBytes: 64 * mib, Window: 64 * kib, FetchSize: 256 * kib})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(rc.Close)
+	e := enginetest.Open(t, mem.New(), enginetest.Options{Size: 64 * mib, BlockSize: bs, ChunkSize: 4 * mib, Cache: rc})
+	m := newVModel(bs)
+	for b := int64(0); b < 4096; b += 256 {
+		m.write(t, e.Dev, b, 256)
+	}
+	drainEngine(t, e)
+	for b := int64(0); b < 4096; b += 8 { // 512 blocks, 2 MiB, in one object
+		m.write(t, e.Dev, b, 1)
+	}
+	drainEngine(t, e)
+	scattered := e.Volume.Watermark() - 1
+	rc.Purge()
+	m.verifyRange(t, e.Dev, 0, 256, 256)   // 1 MiB: not yet a stream
+	m.verifyRange(t, e.Dev, 256, 512, 256) // continues it: 32 scattered blocks of that object
+	id := e.Volume.Superblock().VolumeID
+	missing := 0
+	for w := int64(0); w < 2*mib/(64*kib); w++ {
+		if !rc.Contains(cache.Key{Volume: id, Object: scattered, Window: w}) {
+			missing++
+		}
+	}
+	if missing != 0 {
+		t.Fatalf("after a stream took 64 scattered blocks of key %d, %d of its 32 windows are not cached: want the whole object fetched", scattered, missing)
+	}
+}

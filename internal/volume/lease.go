@@ -68,7 +68,7 @@ func (v *Volume) checkLease(ctx context.Context, latest uint64) error {
 	}
 	wait := v.o.LeaseInterval * 5 / 2
 	v.log.Warn().Str("holder_host", l.Host).Int("holder_pid", l.PID).Uint64("holder_generation", l.Generation).
-		Uint64("latest_generation", latest).Dur("wait", wait).
+		Uint64("latest_generation", latest).Dur("wait_ms", wait).
 		Msg("volume lease was not released (crash, or attached elsewhere); checking whether its holder is alive")
 	deadline := time.Now().Add(wait)
 	for time.Now().Before(deadline) {

@@ -57,8 +57,13 @@ func (v *Volume) Read(ctx context.Context, block, n int64, buf []byte) error {
 	if block < 0 || n < 0 || (block+n)*bs > v.sb.Size || int64(len(buf)) < n*bs {
 		return fmt.Errorf("read of %d blocks at block %d: outside the %d-byte device or buffer too small", n, block, v.sb.Size)
 	}
+	// Streams are recognized in the order reads arrive, not the order they
+	// complete: a client with many reads in flight issues them in order,
+	// but they finish in any order.
+	stream := v.observeRead(block, n)
 	var pieces []readPiece
 	var pinned []int64
+	var dataSize map[int64]int64 // bytes in the data area of the objects a stream reads
 	defer func() { v.unpin(pinned) }()
 	err := v.maps.Do(ctx, mapproxy.High, func(m *extentmap.Map) {
 		// Pinned on the map owner goroutine: dead GC decides there too,
@@ -73,6 +78,12 @@ func (v *Volume) Read(ctx context.Context, block, n int64, buf []byte) error {
 			if k := len(pinned); k == 0 || pinned[k-1] != e.Key {
 				pinned = append(pinned, e.Key)
 				v.pin(e.Key)
+				if _, total, ok := m.Live(e.Key); ok && stream && v.cache != nil {
+					if dataSize == nil {
+						dataSize = make(map[int64]int64)
+					}
+					dataSize[e.Key] = total * bs
+				}
 			}
 			pieces = append(pieces, readPiece{key: e.Key, off: e.Off * bs, length: length, buf: buf[start : start+length]})
 		})
@@ -81,7 +92,6 @@ func (v *Volume) Read(ctx context.Context, block, n int64, buf []byte) error {
 		return fmt.Errorf("look up blocks %d+%d: %w", block, n, err)
 	}
 	if len(pieces) == 0 {
-		v.observeRead(block, n)
 		return nil
 	}
 	// Group by object, in the order objects first appear.
@@ -98,13 +108,17 @@ func (v *Volume) Read(ctx context.Context, block, n int64, buf []byte) error {
 	if v.cache != nil {
 		v.cache.CountReturned(total)
 	}
-	wide := v.cache != nil && (n*bs >= 2*v.cache.Window() || v.continuesStream(block))
+	wide := v.cache != nil && (n*bs >= 2*v.cache.Window() || stream)
 	// Every byte not served by the cache is inside one run or one window
 	// another fetch is getting; the pins stay until every GET has returned
 	// (the deferred unpin runs after the fetches).
 	plans := make([]objectPlan, 0, len(keys))
 	for _, k := range keys {
-		plans = append(plans, v.planObject(k, byKey[k], wide))
+		var whole int64 // fetch the object's first whole bytes: it is scattered over a stream
+		if stream && scattered(byKey[k], n*bs) {
+			whole = dataSize[k]
+		}
+		plans = append(plans, v.planObject(k, byKey[k], wide, whole))
 	}
 	var runs []fetchRun
 	for i := range plans {
@@ -128,11 +142,7 @@ func (v *Volume) Read(ctx context.Context, block, n int64, buf []byte) error {
 		}
 		runs = append(runs, r...)
 	}
-	if err := v.fetchAll(ctx, runs, byKey); err != nil {
-		return err
-	}
-	v.observeRead(block, n)
-	return nil
+	return v.fetchAll(ctx, runs, byKey)
 }
 
 // fetchAll issues runs at high priority, concurrently.
@@ -179,8 +189,10 @@ type objectPlan struct {
 // planObject serves what it can of the pieces of object key from the
 // cache and plans the rest: windows nobody fetches are claimed and become
 // this read's GETs; windows in flight are waited for. A wide read also
-// fetches the missing windows of the fetch spans around its misses.
-func (v *Volume) planObject(key int64, pieces []readPiece, wide bool) objectPlan {
+// fetches the missing windows of the fetch spans around its misses; a
+// stream that takes scattered blocks of the object fetches the missing
+// windows of its first whole bytes (its data area) at once.
+func (v *Volume) planObject(key int64, pieces []readPiece, wide bool, whole int64) objectPlan {
 	plan := objectPlan{key: key, pieces: pieces}
 	if v.cache == nil {
 		var spans []span
@@ -195,14 +207,22 @@ func (v *Volume) planObject(key int64, pieces []readPiece, wide bool) objectPlan
 	}
 	w := v.cache.Window()
 	missing := v.serveCached(key, pieces, nil)
-	if len(missing) == 0 {
-		return plan
-	}
 	want := make(map[int64]bool, len(missing))
 	for win := range missing {
 		want[win] = true
 	}
-	if per := v.cache.FetchSize() / w; wide && per > 1 {
+	if whole > 0 {
+		// A stream takes a few scattered blocks of this object: random
+		// writes that landed together in it are scattered over the
+		// stream's way ahead too, so take the rest of it now (even when
+		// this read found its own blocks cached), in GETs of
+		// maxReadPiece, rather than span by span.
+		for x := int64(0); x*w < whole; x++ {
+			if !want[x] && !v.cache.Contains(v.cacheKey(key, x)) {
+				want[x] = true
+			}
+		}
+	} else if per := v.cache.FetchSize() / w; wide && per > 1 {
 		for win := range missing {
 			for x := win / per * per; x < (win/per+1)*per; x++ {
 				if !want[x] && !v.cache.Contains(v.cacheKey(key, x)) {
@@ -210,6 +230,9 @@ func (v *Volume) planObject(key int64, pieces []readPiece, wide bool) objectPlan
 				}
 			}
 		}
+	}
+	if len(want) == 0 {
+		return plan
 	}
 	plan.own = &flight{done: make(chan struct{})}
 	var spans []span
@@ -235,6 +258,17 @@ func (v *Volume) planObject(key int64, pieces []readPiece, wide bool) objectPlan
 	v.ra.mu.Unlock()
 	plan.runs = v.coalesce(key, spans)
 	return plan
+}
+
+// scattered reports whether the pieces a read of readBytes takes from one
+// object are a small part of the read spread out: at most an eighth of
+// it, in more than one piece or in one piece of at most 64 KiB.
+func scattered(pieces []readPiece, readBytes int64) bool {
+	var n int64
+	for _, p := range pieces {
+		n += p.length
+	}
+	return n*8 <= readBytes && (len(pieces) > 1 || n <= 64<<10)
 }
 
 // release ends the plan's claims on the in-flight table: its GETs have
@@ -321,19 +355,6 @@ func (v *Volume) awaitFlights(ctx context.Context, plan *objectPlan) ([]fetchRun
 // cacheKey names window win of object key of this volume.
 func (v *Volume) cacheKey(key, win int64) cache.Key {
 	return cache.Key{Volume: v.sb.VolumeID, Object: key, Window: win}
-}
-
-// continuesStream reports whether a read at block continues a stream
-// readahead follows.
-func (v *Volume) continuesStream(block int64) bool {
-	v.ra.mu.Lock()
-	defer v.ra.mu.Unlock()
-	for _, s := range v.ra.streams {
-		if s.next == block {
-			return true
-		}
-	}
-	return false
 }
 
 // span is a byte range of an object's data area a read needs.
@@ -523,17 +544,17 @@ type raStream struct {
 	cancel context.CancelFunc
 }
 
-// observeRead notes a completed read of n blocks at block and starts a
-// prefetch when it continues a stream.
-func (v *Volume) observeRead(block, n int64) {
+// observeRead notes a read of n blocks at block as it arrives, reports
+// whether it continues a stream, and starts a prefetch when it does.
+func (v *Volume) observeRead(block, n int64) bool {
 	if v.cache == nil || n == 0 {
-		return
+		return false
 	}
 	ra := &v.ra
 	ra.mu.Lock()
 	defer ra.mu.Unlock()
 	if ra.closed {
-		return
+		return false
 	}
 	var s *raStream
 	for i, x := range ra.streams {
@@ -550,7 +571,7 @@ func (v *Volume) observeRead(block, n int64) {
 		}
 		ctx, cancel := context.WithCancel(v.bgCtx)
 		ra.streams = append(ra.streams, &raStream{next: block + n, reads: 1, ahead: block + n, ctx: ctx, cancel: cancel})
-		return
+		return false
 	}
 	s.next, s.reads = block+n, s.reads+1
 	// At least two reads ahead, at most an eighth of the cache, so that
@@ -560,7 +581,7 @@ func (v *Volume) observeRead(block, n int64) {
 	s.ahead = max(s.ahead, s.next)
 	// Top up once half the distance is used, so prefetches are few and big.
 	if target-s.ahead < dist/2 || ra.inflight >= raInflight {
-		return
+		return true
 	}
 	from, cnt, ctx := s.ahead, target-s.ahead, s.ctx
 	s.ahead = target
@@ -575,6 +596,7 @@ func (v *Volume) observeRead(block, n int64) {
 		ra.inflight--
 		ra.mu.Unlock()
 	}()
+	return true
 }
 
 // prefetch fetches the windows of the mapped blocks in [block, block+n)

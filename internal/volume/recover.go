@@ -7,11 +7,11 @@ import (
 	"errors"
 	"fmt"
 	"sync"
-	"time"
 
 	"github.com/bs3/bs3/internal/chunk"
 	"github.com/bs3/bs3/internal/extentmap"
 	"github.com/bs3/bs3/internal/objproxy"
+	"github.com/bs3/bs3/internal/progress"
 	"github.com/bs3/bs3/internal/store"
 )
 
@@ -185,8 +185,13 @@ type header struct {
 // in key order.
 func (v *Volume) rollForward(ctx context.Context, m *extentmap.Map, wm int64) (int64, error) {
 	batch := int64(v.o.RecoveryConcurrency)
-	start := time.Now()
-	lastLog := start
+	rep := progress.New(v.log, "roll-forward", progress.Options{
+		Unit: "objects", BytesName: "write_bytes", Always: true,
+	})
+	stopCount := func() {}
+	defer func() { stopCount() }()
+	counting := false
+	var wbytes int64 // bytes of the writes replayed
 	key := wm
 	window := int64(-1) // keys below window are in a claimed window
 	for {
@@ -220,7 +225,8 @@ func (v *Volume) rollForward(ctx context.Context, m *extentmap.Map, wm int64) (i
 				return 0, h.err
 			}
 			if h.missing {
-				v.logReplay(key-wm, start, true)
+				rep.Set(key-wm, wbytes)
+				rep.Finish()
 				return key, nil
 			}
 			if h.claim != nil {
@@ -235,13 +241,61 @@ func (v *Volume) rollForward(ctx context.Context, m *extentmap.Map, wm int64) (i
 			if err := v.applyItems(m, key, h.parsed); err != nil {
 				return 0, fmt.Errorf("roll-forward: apply key %d: %w", key, err)
 			}
+			for _, it := range h.parsed.Items {
+				if it.HasData() {
+					wbytes += it.Bytes()
+				}
+			}
 			key++
 		}
-		if time.Since(lastLog) > 3*time.Second {
-			v.logReplay(key-wm, start, false)
-			lastLog = time.Now()
+		rep.Set(key-wm, wbytes)
+		if !counting && wm == 0 && rep.Elapsed() >= progress.DefaultEvery {
+			counting = true
+			stopCount = v.countKeys(ctx, wm, rep)
 		}
 	}
+}
+
+// countKeys estimates, for the progress lines of a roll-forward from
+// key from, how many keys it will visit, by listing the bucket in the
+// background, and returns the function that stops the listing.
+// rollForward starts it only for a replay from key 0 (no usable
+// checkpoint, or skip_checkpoint) that has run for a progress interval:
+// that is the replay that can be long, and there the listing costs a
+// request per thousand objects against the roll-forward's one per object;
+// after a checkpoint the roll-forward is bounded by checkpoint.objects,
+// and a short replay (every attach in the crash tests) makes no extra
+// request. The count is of the data objects at or above from, an upper
+// bound: the roll-forward ends at the first missing key, before any
+// orphan past it.
+func (v *Volume) countKeys(ctx context.Context, from int64, rep *progress.Reporter) (stop func()) {
+	ctx, cancel := context.WithCancel(ctx)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		n, err := v.countDataKeys(ctx, from)
+		if err == nil {
+			rep.SetTotal(n)
+		} else if ctx.Err() == nil {
+			v.log.Debug().Err(err).Msg("roll-forward: could not count the objects for the progress lines")
+		}
+	}()
+	return func() { cancel(); <-done }
+}
+
+// countDataKeys counts the data objects at or above key from.
+func (v *Volume) countDataKeys(ctx context.Context, from int64) (int64, error) {
+	var n int64
+	err := v.objs.List(ctx, objproxy.High, "", func(name string, _ int64) error {
+		if k, ok := store.ParseDataName(name); ok && k >= from {
+			n++
+		}
+		return ctx.Err()
+	})
+	if err != nil {
+		return 0, fmt.Errorf("count data objects: %w", err)
+	}
+	return n, nil
 }
 
 // itemsGeneration is the highest generation among the items of p.
@@ -251,16 +305,6 @@ func itemsGeneration(p chunk.Parsed) uint64 {
 		g = max(g, it.Seqno>>GenerationBits)
 	}
 	return g
-}
-
-func (v *Volume) logReplay(n int64, start time.Time, done bool) {
-	el := time.Since(start)
-	ev := v.log.Info()
-	if !done {
-		ev = v.log.Info().Bool("in_progress", true)
-	}
-	ev.Int64("objects", n).Dur("elapsed", el).
-		Float64("objects_per_s", float64(n)/max(el.Seconds(), 1e-3)).Msg("roll-forward")
 }
 
 // fetchHeader reads and parses the metadata area of key. An empty object

@@ -90,7 +90,7 @@ func Mount(dev frontend.Device, o Options) (*Mounted, error) {
 		return nil, fmt.Errorf("fuse: create mountpoint: %w", err)
 	}
 
-	lg := o.Logger.With().Str("component", "fuse").Str("mountpoint", mp).Logger()
+	lg := o.Logger.With().Str("mountpoint", mp).Logger()
 	fs := newFileSystem(dev, name, lg)
 	opts := &gofuse.MountOptions{
 		FsName: "bs3",

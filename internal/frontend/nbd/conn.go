@@ -120,7 +120,7 @@ func (c *conn) serve() {
 		case errors.Is(err, errAbort):
 			c.log.Debug().Msg("client aborted negotiation")
 		case errors.Is(err, os.ErrDeadlineExceeded) && !c.stopping.Load():
-			c.log.Warn().Err(err).Dur("handshake_timeout", c.s.handshakeTimeout).
+			c.log.Warn().Err(err).Dur("handshake_timeout_ms", c.s.handshakeTimeout).
 				Msg("handshake not completed in time; closing connection")
 		case c.stopping.Load() || isDisconnect(err):
 			c.log.Debug().Err(err).Msg("negotiation ended")

@@ -69,7 +69,7 @@ func (c *conn) refuse() {
 	case errors.Is(err, errAbort), errors.Is(err, errRefused):
 		c.log.Debug().Err(err).Msg("refused connection ended")
 	case errors.Is(err, os.ErrDeadlineExceeded) && !c.stopping.Load():
-		c.log.Debug().Dur("handshake_timeout", c.s.handshakeTimeout).Msg("refused connection timed out")
+		c.log.Debug().Dur("handshake_timeout_ms", c.s.handshakeTimeout).Msg("refused connection timed out")
 	default:
 		c.log.Debug().Err(err).Msg("refused connection ended")
 	}

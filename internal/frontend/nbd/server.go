@@ -191,7 +191,7 @@ func New(dev frontend.Device, o Options) (*Server, error) {
 		stall:            o.stallTimeout,
 		tls:              o.TLS,
 		tlsRequired:      o.TLSRequired,
-		log:              o.Logger.With().Str("component", "nbd").Logger(),
+		log:              o.Logger,
 		devCtx:           context.Background(),
 		conns:            make(map[*conn]struct{}),
 		refusing:         make(map[*conn]struct{}),
@@ -257,7 +257,7 @@ func New(dev frontend.Device, o Options) (*Server, error) {
 	s.ln, s.network = ln, network
 	s.log.Info().Str("listen", s.Addr()).Str("export", s.export).Int64("size", s.size).
 		Int64("block_size", bs).Int64("max_request", s.maxReq).
-		Dur("handshake_timeout", s.handshakeTimeout).Int("max_connections", s.maxConns).
+		Dur("handshake_timeout_ms", s.handshakeTimeout).Int("max_connections", s.maxConns).
 		Int64("max_buffered", maxBuffered).Msg("nbd server listening")
 	return s, nil
 }
@@ -349,7 +349,7 @@ func (s *Server) Serve() error {
 				// Out of file descriptors and the like: wait and retry
 				// rather than bring the whole frontend down.
 				backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
-				s.log.Warn().Err(err).Dur("retry_in", backoff).Msg("accept failed")
+				s.log.Warn().Err(err).Dur("retry_in_ms", backoff).Msg("accept failed")
 				time.Sleep(backoff)
 				continue
 			}

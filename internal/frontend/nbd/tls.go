@@ -11,10 +11,10 @@ import (
 
 // TLS (NBD_OPT_STARTTLS). The client asks for TLS during option haggling;
 // the server acknowledges, both run a TLS handshake over the same socket,
-// and haggling starts over inside TLS (docs/ARCHITECTURE.md, "NBD over
-// TLS"). With Options.TLSRequired every option but STARTTLS and ABORT is
-// refused with NBD_REP_ERR_TLS_REQD until then, so no data and not even
-// the export's size leaves the server in clear text.
+// and haggling starts over inside TLS (docs/ARCHITECTURE.md §17). With
+// Options.TLSRequired every option but STARTTLS and ABORT is refused with
+// NBD_REP_ERR_TLS_REQD until then, so no data and not even the export's
+// size leaves the server in clear text.
 
 // errNotUpgraded: a STARTTLS request was answered with an error reply and
 // the connection goes on in clear text.

@@ -180,7 +180,7 @@ func New(ctx context.Context, o Options) (*Store, error) {
 		endpoint:  endpoint,
 		tls:       o.Endpoint == "" || strings.HasPrefix(strings.ToLower(o.Endpoint), "https://"),
 		want:      want,
-		log:       o.Logger.With().Str("component", "s3").Str("bucket", o.Bucket).Str("endpoint", endpoint).Logger(),
+		log:       o.Logger.With().Str("bucket", o.Bucket).Str("endpoint", endpoint).Logger(),
 	}
 	mode := want
 	if mode == PayloadAuto {
