@@ -285,6 +285,11 @@ func (d *daemon) start(ctx context.Context, shrink bool) error {
 			}
 			d.onStop("read cache", func(context.Context) error { rc.Close(); return nil })
 		}
+		// A chunk's buffer is reused once its object is stored, so more
+		// chunks than buffers may wait for their in-order apply behind a
+		// slow upload (docs/ARCHITECTURE.md §4.4); the claim window of
+		// the next attach covers them all.
+		inflight := 2 * buffers
 		vol, err := volume.Open(ctx, objs, volume.Options{
 			Size:               cfg.SizeBytes(),
 			BlockSize:          int64(cfg.BlockSize),
@@ -294,12 +299,15 @@ func (d *daemon) start(ctx context.Context, shrink bool) error {
 			SkipCheckpoint:     cfg.SkipCheckpoint,
 			CheckpointInterval: cfg.CheckpointInterval(),
 			CheckpointObjects:  int64(cfg.Checkpoint.Objects),
-			MaxInflight:        int64(buffers),
+			MaxInflight:        int64(inflight),
 			MapIdleTimeout:     cfg.GCIdleTimeout(),
 			LeaseInterval:      leaseInterval,
 			Cache:              rc,
 			Encryption:         enc,
 			Logger:             log.With().Str("component", "volume").Logger(),
+			// Compact objects once the read path resolves their data
+			// start (docs/ARCHITECTURE.md §3).
+			CompactChunks: volume.ReadsCompactObjects,
 		})
 		if err != nil {
 			return fmt.Errorf("attach volume: %w", err)
@@ -318,6 +326,7 @@ func (d *daemon) start(ctx context.Context, shrink bool) error {
 			ch := chunker.New(vol, chunker.Options{
 				Durable:       cfg.Write.Durable,
 				Buffers:       buffers,
+				MaxInflight:   inflight,
 				CollisionArea: cfg.CollisionBytes(),
 				Logger:        log.With().Str("component", "chunker").Logger(),
 			})

@@ -6,9 +6,10 @@
 //
 // Writes are acknowledged once copied into the open chunk (FUA writes once
 // their chunk is committed). Until a chunk's map update is done, its writes
-// are served to readers from chunk memory (the overlay), so a read never
-// returns data older than an acknowledged write. The chunker never talks
-// to the object store or the map directly.
+// are served to readers from chunk memory (the overlay) and, once the
+// chunk's object is stored and its buffer released, from that object, so
+// a read never returns data older than an acknowledged write. The chunker
+// never talks to the object store or the map directly.
 package chunker
 
 import (
@@ -41,6 +42,15 @@ type Engine interface {
 	Mapped(ctx context.Context, block, n int64, fn func(block, n int64)) error
 }
 
+// UnappliedReader is implemented by engines that call the stored hook
+// (chunk.WithStoredHook) and can read a stored chunk's blocks before its
+// apply: with such an engine a chunk buffer is reused as soon as its
+// object is stored, so one slow upload does not hold the buffers of the
+// chunks behind it (docs/ARCHITECTURE.md §4.4).
+type UnappliedReader interface {
+	ReadUnapplied(ctx context.Context, key, dataStart, dataOff, block, n int64, buf []byte) error
+}
+
 // Options configure a Chunker.
 type Options struct {
 	// Durable: Flush waits until every earlier chunk is committed
@@ -48,8 +58,13 @@ type Options struct {
 	// orders it before every later write.
 	Durable bool
 	// Buffers is the number of chunk buffers: one open chunk plus those
-	// in flight. Writers wait when all are in flight.
+	// uploading. Writers wait when all are in use.
 	Buffers int
+	// MaxInflight bounds the chunks that have a key and are not applied
+	// yet (uploading, or stored and waiting for a lower key), which the
+	// volume's claim window must cover (volume Options.MaxInflight). 0:
+	// Buffers. It only matters when the engine is an UnappliedReader.
+	MaxInflight int
 	// CollisionArea is the width in bytes of a sequence-number area
 	// (write.collision_chunk_size).
 	CollisionArea int64
@@ -62,12 +77,19 @@ type Options struct {
 // pending is a chunk buffer from the moment it is opened until its commit
 // is done.
 type pending struct {
-	buf    []byte
-	b      *chunk.Builder
-	key    int64 // -1 while open
+	buf    []byte         // nil once released (the object is stored)
+	b      *chunk.Builder // over buf; nil once released
+	items  int            // items, counted at close
+	key    int64          // -1 while open
 	opened time.Time
 	done   chan struct{}
 	err    error
+	// runs are the device block runs the chunk's items cover, adjacent
+	// ones merged: what to drop from the overlay once it is applied.
+	runs [][2]int64
+	// dataStart is where the stored object's data area starts, valid
+	// once buf is nil.
+	dataStart int64
 
 	// What the chunk holds, for the report of a shutdown cut short. A
 	// request counts in the chunk that got its last part (the one with
@@ -78,17 +100,19 @@ type pending struct {
 	firstByte, endByte int64 // device byte range the parts cover
 }
 
+// count is the number of items in p: counted by its builder while open,
+// at close afterwards.
+func (p *pending) count() int {
+	if p.key < 0 && p.b != nil {
+		return p.b.Items()
+	}
+	return p.items
+}
+
 // part is the share of one request in one chunk.
 type part struct {
 	p     *pending
 	bytes int64
-}
-
-// overlayEntry locates the newest not-yet-committed write of one block.
-type overlayEntry struct {
-	p   *pending
-	off int64 // byte offset of the block's data in p.buf; -1 reads as zeros
-	seq uint64
 }
 
 // Chunker implements frontend.Device over an Engine.
@@ -101,12 +125,18 @@ type Chunker struct {
 	seq    *chunk.Sequencer
 	log    zerolog.Logger
 
+	ur     UnappliedReader // e, when it is one; nil otherwise
+	md     int64           // metadata area size: data offsets in a buffer start here
+	maxInf int
+
 	mu       sync.Mutex
 	cond     *sync.Cond
 	open     *pending
-	free     [][]byte
+	free     []*chunk.Builder // builders over free chunk buffers
+	freeRuns [][][2]int64     // run lists of applied chunks, for reuse
 	inflight map[int64]*pending
-	overlay  map[int64]overlayEntry
+	overlay  *overlay
+	touched  []part     // scratch of WriteAt and Zero, under mu
 	err      error      // first commit failure: the device stops taking writes
 	failed   []*pending // chunks whose commit failed, kept for Unstored
 	closed   bool
@@ -135,6 +165,9 @@ func New(e Engine, o Options) *Chunker {
 	if o.CollisionArea <= 0 {
 		o.CollisionArea = 1 << 20
 	}
+	if o.MaxInflight < o.Buffers {
+		o.MaxInflight = o.Buffers
+	}
 	l := e.Layout()
 	c := &Chunker{
 		e:              e,
@@ -144,15 +177,18 @@ func New(e Engine, o Options) *Chunker {
 		size:           e.Size(),
 		seq:            chunk.NewSequencer(e.Size(), o.CollisionArea),
 		log:            o.Logger,
+		md:             l.MetadataSize(),
+		maxInf:         o.MaxInflight,
 		inflight:       make(map[int64]*pending),
-		overlay:        make(map[int64]overlayEntry),
+		overlay:        newOverlay(e.BlockSize()),
 		stop:           make(chan struct{}),
 		durableThrough: -1,
 		loopDone:       make(chan struct{}),
 	}
+	c.ur, _ = e.(UnappliedReader)
 	c.cond = sync.NewCond(&c.mu)
 	for i := 0; i < o.Buffers; i++ {
-		c.free = append(c.free, make([]byte, l.BufferSize()))
+		c.free = append(c.free, chunk.NewBuilder(l, make([]byte, l.BufferSize())))
 	}
 	go c.ageLoop()
 	return c
@@ -189,10 +225,17 @@ func (c *Chunker) openLocked() (*pending, error) {
 		if err := c.usableLocked(); err != nil {
 			return nil, err
 		}
-		if n := len(c.free); n > 0 {
-			buf := c.free[n-1]
+		// Keys handed out and not applied stay within MaxInflight (the
+		// claim window of the next attach covers them).
+		if n := len(c.free); n > 0 && len(c.inflight) < c.maxInf {
+			b := c.free[n-1]
 			c.free = c.free[:n-1]
-			c.open = &pending{buf: buf, b: chunk.NewBuilder(c.layout, buf), key: -1, opened: time.Now(), done: make(chan struct{}), firstByte: -1}
+			b.Reset()
+			c.open = &pending{buf: b.Buffer(), b: b, key: -1, opened: time.Now(), done: make(chan struct{}), firstByte: -1}
+			if k := len(c.freeRuns); k > 0 {
+				c.open.runs = c.freeRuns[k-1][:0]
+				c.freeRuns = c.freeRuns[:k-1]
+			}
 			break
 		}
 		c.cond.Wait()
@@ -208,65 +251,76 @@ func (c *Chunker) closeLocked() {
 		return
 	}
 	c.open = nil
-	if p.b.Items() == 0 {
-		c.free = append(c.free, p.buf)
+	p.items = p.b.Items()
+	if p.items == 0 {
+		c.releaseLocked(p)
 		return
 	}
-	p.b.Seal()
+	// No Seal: Commit gets the item count and finishes the metadata
+	// itself (docs/ARCHITECTURE.md §3).
 	p.key = c.e.NextKey()
 	c.inflight[p.key] = p
-	go c.commit(p, p.b.Items())
+	go c.commit(p, p.items)
 }
 
 func (c *Chunker) commit(p *pending, items int) {
-	err := c.e.Commit(context.Background(), p.key, p.buf, items)
+	ctx := context.Background()
+	if c.ur != nil {
+		ctx = chunk.WithStoredHook(ctx, func(dataStart int64) { c.stored(p, dataStart) })
+	}
+	err := c.e.Commit(ctx, p.key, p.buf, items)
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	delete(c.inflight, p.key)
 	p.err = err
 	if err != nil {
 		// The writes were acknowledged: keep serving them from memory
-		// (the buffer is not reused) and refuse further writes.
+		// or their stored object (a buffer still held is not reused)
+		// and refuse further writes.
 		if c.err == nil {
 			c.err = err
 		}
 		c.failed = append(c.failed, p)
 		c.log.Error().Err(err).Int64("key", p.key).Msg("chunk commit failed; device stops taking writes")
 	} else {
-		c.dropOverlayLocked(p)
-		c.free = append(c.free, p.buf)
+		c.overlay.drop(p)
+		c.releaseLocked(p)
+		c.freeRuns = append(c.freeRuns, p.runs)
+		p.runs = nil
 	}
 	close(p.done)
 	c.cond.Broadcast()
 }
 
-// dropOverlayLocked removes the overlay entries that still point into p:
-// its writes are now in the map.
-func (c *Chunker) dropOverlayLocked(p *pending) {
-	spb := uint64(c.bs / chunk.SectorSize)
-	for i := 0; i < p.b.Items(); i++ {
-		it := chunk.GetItem(p.buf, i)
-		block, n := int64(it.Sector/spb), int64(it.Length/spb)
-		for b := block; b < block+n; b++ {
-			if e, ok := c.overlay[b]; ok && e.p == p {
-				delete(c.overlay, b)
-			}
-		}
+// stored is the engine's stored hook of p: the object is in the store, so
+// the buffer goes back to the free list and reads of p's blocks go to the
+// object until the apply (docs/ARCHITECTURE.md §4.4).
+func (c *Chunker) stored(p *pending, dataStart int64) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	p.dataStart = dataStart
+	c.releaseLocked(p)
+	c.cond.Broadcast()
+}
+
+// releaseLocked returns p's buffer (and its builder) to the free list,
+// once. p.b must not be used afterwards; p.items keeps the item count.
+func (c *Chunker) releaseLocked(p *pending) {
+	if p.buf != nil {
+		c.free = append(c.free, p.b)
+		p.buf, p.b = nil, nil
 	}
 }
 
-// noteLocked records n blocks at block, written to p at data offset off
-// (-1: zeros), as the newest pending write unless a newer one is there.
-func (c *Chunker) noteLocked(p *pending, block, n, off int64, seq uint64) {
-	for i := int64(0); i < n; i++ {
-		if e, ok := c.overlay[block+i]; ok && e.seq > seq {
-			continue
-		}
-		o := int64(-1)
-		if off >= 0 {
-			o = off + i*c.bs
-		}
-		c.overlay[block+i] = overlayEntry{p: p, off: o, seq: seq}
+// noteLocked records n blocks at block, written to p at buffer offset off
+// (-1: zeros), as their newest pending write: it is, since seqnos are
+// taken under c.mu (§4.1).
+func (c *Chunker) noteLocked(p *pending, block, n, off int64) {
+	c.overlay.set(block, n, p, off)
+	if k := len(p.runs); k > 0 && p.runs[k-1][0]+p.runs[k-1][1] == block {
+		p.runs[k-1][1] += n
+	} else {
+		p.runs = append(p.runs, [2]int64{block, n})
 	}
 }
 
@@ -296,7 +350,7 @@ func (c *Chunker) appendLocked(off, length int64, data []byte, op uint64, seq ui
 			data = data[n:]
 		}
 		dataOff := p.b.Add(it, d)
-		c.noteLocked(p, off/c.bs, n/c.bs, dataOff, seq)
+		c.noteLocked(p, off/c.bs, n/c.bs, dataOff)
 		if k := len(*touched); k == 0 || (*touched)[k-1].p != p {
 			*touched = append(*touched, part{p: p})
 		}
@@ -333,6 +387,9 @@ func (c *Chunker) finishLocked(touched []part, fua bool) error {
 			c.closeLocked()
 		}
 	}
+	// touched is c.touched's array, which the next request reuses once
+	// c.mu is released.
+	touched = append([]part(nil), touched...)
 	c.mu.Unlock()
 	defer c.mu.Lock()
 	for _, t := range touched {
@@ -354,7 +411,7 @@ func (c *Chunker) WriteAt(ctx context.Context, data []byte, off int64, fua bool)
 	if err := c.usableLocked(); err != nil {
 		return err
 	}
-	var touched []part
+	touched := c.touched[:0]
 	var err error
 	c.seq.Split(off, int64(len(data)), func(o, l int64, seq uint64) {
 		if err != nil {
@@ -369,6 +426,7 @@ func (c *Chunker) WriteAt(ctx context.Context, data []byte, off int64, fua bool)
 		}
 		return err
 	}
+	c.touched = touched[:0] // reused by the next request: no allocation per write
 	return c.finishLocked(touched, fua)
 }
 
@@ -391,23 +449,15 @@ func (c *Chunker) Zero(ctx context.Context, off, length int64, discard, fua bool
 	}
 	block, n := off/c.bs, length/c.bs
 	var runs [][2]int64
-	if int64(len(c.overlay)) < n {
-		for b := range c.overlay {
-			if b >= block && b < block+n {
-				runs = append(runs, [2]int64{b, 1})
-			}
-		}
-	} else {
-		for b := block; b < block+n; b++ {
-			if _, ok := c.overlay[b]; ok {
-				runs = append(runs, [2]int64{b, 1})
-			}
-		}
-	}
+	c.overlay.each(block, block+n, func(e ovExt) bool {
+		lo, hi := max(e.start, block), min(e.end(), block+n)
+		runs = append(runs, [2]int64{lo, hi - lo})
+		return true
+	})
 	if err := c.e.Mapped(ctx, block, n, func(b, n int64) { runs = append(runs, [2]int64{b, n}) }); err != nil {
 		return err
 	}
-	var touched []part
+	touched := c.touched[:0]
 	for _, r := range mergeRuns(runs) {
 		var err error
 		c.seq.Split(r[0]*c.bs, r[1]*c.bs, func(o, l int64, seq uint64) {
@@ -422,6 +472,7 @@ func (c *Chunker) Zero(ctx context.Context, off, length int64, discard, fua bool
 			return err
 		}
 	}
+	c.touched = touched[:0]
 	return c.finishLocked(touched, fua)
 }
 
@@ -443,38 +494,59 @@ func mergeRuns(runs [][2]int64) [][2]int64 {
 	return out
 }
 
+// storedRun is a run of blocks whose newest write is in a stored chunk
+// whose buffer was released: read from its object (ReadUnapplied).
+type storedRun struct {
+	key, dataStart, dataOff int64
+	block, n                int64
+}
+
 // ReadAt implements frontend.Device: blocks with a pending write are
-// copied from chunk memory; the rest come from the engine. A block absent
-// from the overlay has its newest acknowledged write in the map already,
-// because entries leave the overlay only after the map update.
+// copied from chunk memory, or read from the chunk's object once it is
+// stored and its buffer released; the rest come from the engine. A block
+// absent from the overlay has its newest acknowledged write in the map
+// already, because entries leave the overlay only after the map update.
 func (c *Chunker) ReadAt(ctx context.Context, p []byte, off int64) error {
 	if err := c.check(off, int64(len(p))); err != nil {
 		return err
 	}
 	block, n := off/c.bs, int64(len(p))/c.bs
 	c.mu.Lock()
-	if len(c.overlay) == 0 {
+	if c.overlay.len() == 0 {
 		c.mu.Unlock()
 		return c.e.Read(ctx, block, n, p)
 	}
 	var runs [][2]int64 // blocks to read from the engine
-	for i := int64(0); i < n; i++ {
-		dst := p[i*c.bs : (i+1)*c.bs]
-		if e, ok := c.overlay[block+i]; ok {
-			if e.off < 0 {
-				clear(dst)
-			} else {
-				copy(dst, e.p.buf[e.off:e.off+c.bs])
-			}
-			continue
+	var stored []storedRun
+	next := block
+	c.overlay.each(block, block+n, func(e ovExt) bool {
+		lo, hi := max(e.start, block), min(e.end(), block+n)
+		if lo > next {
+			runs = append(runs, [2]int64{next, lo - next})
 		}
-		if k := len(runs); k > 0 && runs[k-1][0]+runs[k-1][1] == block+i {
-			runs[k-1][1]++
-		} else {
-			runs = append(runs, [2]int64{block + i, 1})
+		next = hi
+		dst := p[(lo-block)*c.bs : (hi-block)*c.bs]
+		switch {
+		case e.off < 0:
+			clear(dst)
+		case e.p.buf != nil:
+			src := e.off + (lo-e.start)*c.bs
+			copy(dst, e.p.buf[src:src+int64(len(dst))])
+		default:
+			stored = append(stored, storedRun{key: e.p.key, dataStart: e.p.dataStart, dataOff: e.off - c.md + (lo-e.start)*c.bs, block: lo, n: hi - lo})
 		}
+		return true
+	})
+	if next < block+n {
+		runs = append(runs, [2]int64{next, block + n - next})
 	}
 	c.mu.Unlock()
+	for _, r := range stored {
+		s := (r.block - block) * c.bs
+		if err := c.ur.ReadUnapplied(ctx, r.key, r.dataStart, r.dataOff, r.block, r.n, p[s:s+r.n*c.bs]); err != nil {
+			return err
+		}
+	}
 	for _, r := range runs {
 		s := (r[0] - block) * c.bs
 		if err := c.e.Read(ctx, r[0], r[1], p[s:s+r[1]*c.bs]); err != nil {
@@ -621,7 +693,7 @@ func (c *Chunker) Unstored() Unstored {
 func (c *Chunker) unstoredLocked() Unstored {
 	u := Unstored{FirstKey: -1, LastKey: -1, FirstByte: -1, Durable: c.o.Durable}
 	add := func(p *pending) {
-		if p == nil || p.b.Items() == 0 {
+		if p == nil || p.count() == 0 {
 			return
 		}
 		u.Chunks++

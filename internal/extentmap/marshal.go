@@ -11,7 +11,8 @@ import (
 // Serialized form (all integers minimal unsigned varints unless noted):
 //
 //	"BS3M" version blocks
-//	tracked-count { key-delta total }*          keys ascending
+//	tracked-count { key-delta total start }*    keys ascending
+//	                                            (version 1: no start)
 //	page-count { page-delta count-1 entry* }*   pages ascending
 //	crc32c of everything before, 4 bytes little-endian
 //
@@ -29,7 +30,11 @@ import (
 // corrupt body yields an error naming the field.
 const (
 	magic         = "BS3M"
-	formatVersion = 1
+	formatVersion = 2
+	// version1 lacks the objects' data start (every object then has the
+	// layout's whole metadata area, docs/ARCHITECTURE.md §3); it is still
+	// read.
+	version1 = 1
 )
 
 // ErrCorrupt reports serialized map data that does not decode.
@@ -52,6 +57,7 @@ func (m *Map) MarshalBinary() ([]byte, error) {
 	m.objs.each(func(key int64, o *object) bool {
 		b = binary.AppendUvarint(b, uint64(key-prev-1))
 		b = binary.AppendUvarint(b, uint64(o.total))
+		b = binary.AppendUvarint(b, uint64(o.start))
 		prev = key
 		return true
 	})
@@ -181,8 +187,9 @@ func UnmarshalBinary(data []byte) (*Map, error) {
 // decode parses the body between magic and checksum.
 func decode(body []byte) (*Map, error) {
 	d := &decoder{b: body}
-	if v := d.uvarint("version"); d.err == nil && v != formatVersion {
-		return nil, fmt.Errorf("%w: unknown format version %d", ErrCorrupt, v)
+	version := d.uvarint("version")
+	if d.err == nil && version != formatVersion && version != version1 {
+		return nil, fmt.Errorf("%w: unknown format version %d", ErrCorrupt, version)
 	}
 	blocks := d.uvarint("blocks")
 	if d.err == nil && blocks > MaxBlocks {
@@ -201,6 +208,10 @@ func decode(body []byte) (*Map, error) {
 	for i := int64(0); i < tracked && d.err == nil; i++ {
 		delta := d.uvarint("object key")
 		total := d.uvarint("object total")
+		var start uint64
+		if version != version1 {
+			start = d.uvarint("object data start")
+		}
 		if d.err != nil {
 			break
 		}
@@ -215,7 +226,13 @@ func decode(body []byte) (*Map, error) {
 			d.fail("object %d (key %d): total %d blocks out of range (at most %d)", i, key, total, MaxOff+1)
 			break
 		}
+		if start > MaxDataStart {
+			d.fail("object %d (key %d): data start %d out of range (at most %d)", i, key, start, MaxDataStart)
+			break
+		}
 		if err := m.AddObject(key, int64(total)); err != nil {
+			d.fail("object %d (key %d): %w", i, key, err)
+		} else if err := m.SetDataStart(key, int64(start)); err != nil {
 			d.fail("object %d (key %d): %w", i, key, err)
 		}
 	}

@@ -127,12 +127,12 @@ func TestUnmarshalRejectsBadStructure(t *testing.T) {
 		}
 		return b
 	}
-	empty := enc(formatVersion, 100, 0, 0)
+	empty := enc(version1, 100, 0, 0)
 	if _, err := UnmarshalBinary(withCRC(empty)); err != nil {
 		t.Fatalf("valid empty map rejected: %v", err)
 	}
 	// One object (key 3), one page with one entry at block 5 of key 3.
-	good := enc(formatVersion, 100, 1, 3, 10, 1, 0, 0, 5, zigzag(3)<<1, zigzag(0), zigzag(9))
+	good := enc(version1, 100, 1, 3, 10, 1, 0, 0, 5, zigzag(3)<<1, zigzag(0), zigzag(9))
 	m, err := UnmarshalBinary(withCRC(good))
 	if err != nil {
 		t.Fatalf("valid map rejected: %v", err)
@@ -142,31 +142,31 @@ func TestUnmarshalRejectsBadStructure(t *testing.T) {
 	}
 	wantLive(t, m, 3, 1, 10)
 	for name, body := range map[string][]byte{
-		"version":         enc(2, 100, 0, 0),
-		"huge device":     enc(formatVersion, MaxBlocks+1, 0, 0),
-		"object count":    enc(formatVersion, 100, 1000, 0),
-		"page count":      enc(formatVersion, 100, 0, 5),
-		"page past end":   enc(formatVersion, 100, 1, 3, 10, 1, 1, 0, 5, zigzag(3)<<1, 0, 0),
-		"block past end":  enc(formatVersion, 100, 1, 3, 10, 1, 0, 0, 100, zigzag(3)<<1, 0, 0),
-		"untracked key":   enc(formatVersion, 100, 1, 3, 10, 1, 0, 0, 5, zigzag(4)<<1, 0, 0),
-		"negative key":    enc(formatVersion, 100, 1, 3, 10, 1, 0, 0, 5, zigzag(-3)<<1, 0, 0),
-		"offset too big":  enc(formatVersion, 100, 1, 3, 10, 1, 0, 0, 5, zigzag(3)<<1, zigzag(MaxOff+1), 0),
-		"too many in pg":  enc(formatVersion, 100, 1, 3, 10, 1, 0, pageLen, 5, zigzag(3)<<1, 0, 0),
-		"trailing bytes":  append(enc(formatVersion, 100, 0, 0), 0),
-		"truncated entry": enc(formatVersion, 100, 1, 3, 10, 1, 0, 1, 5, zigzag(3)<<1, 0, 0),
+		"version":         enc(formatVersion+1, 100, 0, 0),
+		"huge device":     enc(version1, MaxBlocks+1, 0, 0),
+		"object count":    enc(version1, 100, 1000, 0),
+		"page count":      enc(version1, 100, 0, 5),
+		"page past end":   enc(version1, 100, 1, 3, 10, 1, 1, 0, 5, zigzag(3)<<1, 0, 0),
+		"block past end":  enc(version1, 100, 1, 3, 10, 1, 0, 0, 100, zigzag(3)<<1, 0, 0),
+		"untracked key":   enc(version1, 100, 1, 3, 10, 1, 0, 0, 5, zigzag(4)<<1, 0, 0),
+		"negative key":    enc(version1, 100, 1, 3, 10, 1, 0, 0, 5, zigzag(-3)<<1, 0, 0),
+		"offset too big":  enc(version1, 100, 1, 3, 10, 1, 0, 0, 5, zigzag(3)<<1, zigzag(MaxOff+1), 0),
+		"too many in pg":  enc(version1, 100, 1, 3, 10, 1, 0, pageLen, 5, zigzag(3)<<1, 0, 0),
+		"trailing bytes":  append(enc(version1, 100, 0, 0), 0),
+		"truncated entry": enc(version1, 100, 1, 3, 10, 1, 0, 1, 5, zigzag(3)<<1, 0, 0),
 		// The stored entry count is count-1: 2^64-1 must not wrap to an
 		// empty page.
-		"empty page":        enc(formatVersion, 100, 1, 3, 10, 1, 0, math.MaxUint64, 5, zigzag(3)<<1, 0, 0),
-		"huge page count":   enc(formatVersion, 100, 1, 3, 10, math.MaxUint64, 0, 0, 5, zigzag(3)<<1, 0, 0),
-		"huge object count": enc(formatVersion, 100, math.MaxUint64, 3, 10, 0),
+		"empty page":        enc(version1, 100, 1, 3, 10, 1, 0, math.MaxUint64, 5, zigzag(3)<<1, 0, 0),
+		"huge page count":   enc(version1, 100, 1, 3, 10, math.MaxUint64, 0, 0, 5, zigzag(3)<<1, 0, 0),
+		"huge object count": enc(version1, 100, math.MaxUint64, 3, 10, 0),
 		// After key MaxKey no further key exists; a delta of 2^64-1 would
 		// repeat it and 2^64-2 would go back.
-		"key repeated":  enc(formatVersion, 100, 2, MaxKey, 1, math.MaxUint64, 2, 0),
-		"key descends":  enc(formatVersion, 100, 3, MaxKey, 1, math.MaxUint64-1, 2, 0, 3, 0),
-		"key past max":  enc(formatVersion, 100, 2, MaxKey-1, 1, 1, 2, 0),
-		"padded varint": append(enc(formatVersion, 100, 0), 0x80, 0x00),
-		"total too big": enc(formatVersion, 100, 1, 3, MaxOff+2, 0),
-		"second page not after first": enc(formatVersion, 2*pageLen, 1, 3, 10, 2,
+		"key repeated":  enc(version1, 100, 2, MaxKey, 1, math.MaxUint64, 2, 0),
+		"key descends":  enc(version1, 100, 3, MaxKey, 1, math.MaxUint64-1, 2, 0, 3, 0),
+		"key past max":  enc(version1, 100, 2, MaxKey-1, 1, 1, 2, 0),
+		"padded varint": append(enc(version1, 100, 0), 0x80, 0x00),
+		"total too big": enc(version1, 100, 1, 3, MaxOff+2, 0),
+		"second page not after first": enc(version1, 2*pageLen, 1, 3, 10, 2,
 			1, 0, 5, zigzag(3)<<1, 0, 0,
 			math.MaxUint64, 0, 6, zigzag(3)<<1, 0, 0),
 	} {
@@ -196,12 +196,15 @@ func fields(t testing.TB, body []byte) []field {
 		pos += n
 		return v
 	}
-	next("version")
+	version := next("version")
 	next("blocks")
 	objs := next("object count")
 	for i := uint64(0); i < objs; i++ {
 		next("object key delta")
 		next("object total")
+		if version != version1 {
+			next("object data start")
+		}
 	}
 	pages := next("page count")
 	for i := uint64(0); i < pages; i++ {
@@ -565,6 +568,18 @@ func FuzzUnmarshal(f *testing.F) {
 			if err != nil {
 				t.Fatal(err)
 			}
+			// A version 1 body re-encodes as the current version; that
+			// one must be canonical.
+			if version, _ := binary.Uvarint(in[len(magic):]); version == version1 {
+				in = out
+				m2, err := UnmarshalBinary(out)
+				if err != nil {
+					t.Fatalf("re-encoded version 1 body does not decode: %v", err)
+				}
+				if out, err = m2.MarshalBinary(); err != nil {
+					t.Fatal(err)
+				}
+			}
 			if !bytes.Equal(out[len(magic):len(out)-4], in[len(magic):len(in)-4]) {
 				t.Fatalf("decoded map re-encodes differently")
 			}
@@ -667,9 +682,87 @@ func FuzzUnmarshalFields(f *testing.F) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if !bytes.Equal(out, in) {
+		// A patched version of 1 can make a valid version 1 body, which
+		// re-encodes as the current version: compare that one's decoding.
+		if version, _ := binary.Uvarint(body); version == version1 {
+			m2, err := UnmarshalBinary(out)
+			if err != nil {
+				t.Fatalf("%s: re-encoded version 1 body does not decode: %v", what, err)
+			}
+			if out2, err := m2.MarshalBinary(); err != nil || !bytes.Equal(out2, out) {
+				t.Fatalf("%s: re-encoded version 1 body is not stable (%v)", what, err)
+			}
+		} else if !bytes.Equal(out, in) {
 			t.Fatalf("%s: decoded map re-encodes differently", what)
 		}
 		exerciseDecoded(t, m, v1^v2)
 	})
+}
+
+// Data starts of compact objects survive a checkpoint; a version 1 body,
+// which has none, gives every object the layout's whole metadata area (0).
+func TestDataStartRoundTrip(t *testing.T) {
+	m, err := New(1000)
+	if err != nil {
+		t.Fatal(err)
+	}
+	starts := map[int64]int64{3: 0, 4: 64, 700: MaxDataStart, 701: 96}
+	for k, s := range starts {
+		if err := m.AddObject(k, 5); err != nil {
+			t.Fatal(err)
+		}
+		if err := m.SetDataStart(k, s); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := m.SetDataStart(5, 64); err == nil {
+		t.Fatal("data start of an untracked key accepted")
+	}
+	if err := m.SetDataStart(3, MaxDataStart+1); !errors.Is(err, ErrRange) {
+		t.Fatalf("data start past MaxDataStart: err = %v, want ErrRange", err)
+	}
+	if _, err := m.Update(10, 2, 4, 1, 7); err != nil {
+		t.Fatal(err)
+	}
+	raw, err := m.MarshalBinary()
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := UnmarshalBinary(raw)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for k, s := range starts {
+		if d := got.DataStart(k); d != s {
+			t.Errorf("key %d: data start %d after a round trip, want %d", k, d, s)
+		}
+	}
+	// A key tracked again starts from the default.
+	if err := got.Forget(700); err != nil {
+		t.Fatal(err)
+	}
+	if err := got.AddObject(700, 1); err != nil {
+		t.Fatal(err)
+	}
+	if d := got.DataStart(700); d != 0 {
+		t.Errorf("re-tracked key 700 kept data start %d", d)
+	}
+
+	enc := func(vs ...uint64) []byte {
+		var b []byte
+		for _, v := range vs {
+			b = binary.AppendUvarint(b, v)
+		}
+		return b
+	}
+	v1, err := UnmarshalBinary(withCRC(enc(version1, 100, 2, 3, 10, 0, 1, 0)))
+	if err != nil {
+		t.Fatalf("version 1 body rejected: %v", err)
+	}
+	if _, total, ok := v1.Live(4); !ok || total != 1 || v1.DataStart(4) != 0 || v1.DataStart(3) != 0 {
+		t.Fatalf("version 1 body: key 4 total %d tracked %v, data starts %d %d", total, ok, v1.DataStart(3), v1.DataStart(4))
+	}
+	if _, err := UnmarshalBinary(withCRC(enc(formatVersion, 100, 1, 3, 10, MaxDataStart+1, 0))); err == nil {
+		t.Fatal("data start past MaxDataStart decoded")
+	}
 }

@@ -30,7 +30,11 @@ const (
 // object is the accounting of one object key.
 type object struct {
 	live  int64 // map entries pointing to the object (tombstones included)
-	total int64 // blocks the object was written with; < 0: not tracked
+	total int32 // blocks the object was written with (<= MaxOff+1); < 0: not tracked
+	// start is the byte offset of the object's data area, 0 for the
+	// layout's whole metadata area (docs/ARCHITECTURE.md §3): only
+	// compact objects record one.
+	start int32
 }
 
 type objChunk struct {
@@ -111,7 +115,7 @@ func (s *objects) track(key int64) (*object, error) {
 		mid.used++
 	}
 	o := &c.o[key&objMask]
-	o.total = 0
+	o.total, o.start = 0, 0
 	c.tracked++
 	s.tracked++
 	return o, nil
@@ -214,8 +218,38 @@ func (m *Map) AddObject(key int64, blocks int64) error {
 	if err != nil {
 		return fmt.Errorf("add object: %w", err)
 	}
-	o.total = blocks
+	o.total = int32(blocks)
 	return nil
+}
+
+// MaxDataStart bounds the data offset SetDataStart records: the largest
+// metadata area of any layout (65,536 slots of 32 bytes).
+const MaxDataStart = (MaxOff + 1) * 32
+
+// SetDataStart records that the data area of tracked object key starts at
+// byte start of the object; 0 (the default of AddObject) stands for the
+// layout's whole metadata area. Only compact objects need it
+// (docs/ARCHITECTURE.md §3); checkpoints keep it.
+func (m *Map) SetDataStart(key, start int64) error {
+	if start < 0 || start > MaxDataStart {
+		return fmt.Errorf("set data start of key %d to %d: %w", key, start, ErrRange)
+	}
+	o := m.objs.get(key)
+	if o == nil {
+		return fmt.Errorf("set data start of key %d: not tracked", key)
+	}
+	o.start = int32(start)
+	return nil
+}
+
+// DataStart returns the byte offset of tracked object key's data area as
+// recorded by SetDataStart: 0 for the layout's whole metadata area, also
+// for an untracked key.
+func (m *Map) DataStart(key int64) int64 {
+	if o := m.objs.get(key); o != nil {
+		return int64(o.start)
+	}
+	return 0
 }
 
 // Live returns the live and total block counts of key, and whether key is
@@ -225,13 +259,13 @@ func (m *Map) Live(key int64) (live, total int64, ok bool) {
 	if o == nil {
 		return 0, 0, false
 	}
-	return o.live, o.total, true
+	return o.live, int64(o.total), true
 }
 
 // Objects calls fn for every tracked object in key order until fn returns
 // false. fn must not modify the map.
 func (m *Map) Objects(fn func(key, live, total int64) bool) {
-	m.objs.each(func(key int64, o *object) bool { return fn(key, o.live, o.total) })
+	m.objs.each(func(key int64, o *object) bool { return fn(key, o.live, int64(o.total)) })
 }
 
 // TrackedObjects returns the number of tracked objects.

@@ -68,7 +68,6 @@ func (c *Collector) collectDead(ctx context.Context) (Stats, error) {
 		// is for the next attach to sort out.
 		return st, fmt.Errorf("dead GC: volume failed: %w", err)
 	}
-	md := v.Layout().MetadataSize()
 	bs := v.BlockSize()
 	var actions []*deadAction
 	// Decide on the map owner goroutine: reads pin the objects they use
@@ -91,7 +90,9 @@ func (c *Collector) collectDead(ctx context.Context) (Stats, error) {
 			case isEmpty:
 				size = 0
 			case total > 0:
-				size = md + total*bs
+				// Compact objects have a shorter metadata area
+				// (docs/ARCHITECTURE.md §3).
+				size = v.DataStartIn(m, k) + total*bs
 			}
 			switch {
 			case k < floor:

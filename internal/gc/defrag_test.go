@@ -384,6 +384,9 @@ func TestBatchGetSpansChunks(t *testing.T) {
 	// Chunk 0: block 100 at md; chunk 1: block 150 at md, block 200 at
 	// md+block: from K, one GET of offsets 0–1 whose second block would
 	// land at md+block of chunk 0's buffer if read straight.
+	if err := r.lookUpStarts([]int64{ps[0].key, ps[1].key}); err != nil {
+		t.Fatal(err)
+	}
 	r.batch = [][]piece{{ps[0]}, {ps[1], ps[2]}}
 	r.flushBatch()
 	if err := r.wait(); err != nil {

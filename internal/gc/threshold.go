@@ -187,6 +187,9 @@ func (c *Collector) copyLive(ctx context.Context, victims []int64, from, to int6
 	c.setCompacting(victims)
 	defer c.setCompacting(nil)
 	r := newCopier(c, ctx)
+	if err := r.lookUpStarts(victims); err != nil {
+		return 0, 0, err
+	}
 	vs := candidates{keys: victims}
 	var pieces []piece
 	// Progress in device blocks: the copy goes window by window over
@@ -276,6 +279,9 @@ type copier struct {
 	cur       []piece   // the chunk being filled
 	curBlocks int64     // data blocks in cur
 	batch     [][]piece // full chunks waiting for the batch to fill
+	// starts holds the data start of the source objects whose data area
+	// does not begin after the layout's whole metadata area.
+	starts map[int64]int64
 
 	free chan [][]byte // chunk buffers of a batch not in use
 	gets chan struct{}
@@ -299,11 +305,31 @@ func newCopier(c *Collector, ctx context.Context) *copier {
 		batchChunks: int(max(1, batchBytes/l.ChunkSize)),
 		free:        make(chan [][]byte, pipelineDepth),
 		gets:        make(chan struct{}, c.gets),
+		starts:      make(map[int64]int64),
 	}
 	for range pipelineDepth {
 		r.free <- nil // allocated on first use
 	}
 	return r
+}
+
+// lookUpStarts records where the data area of each source object starts
+// (compact objects differ, docs/ARCHITECTURE.md §3). Sources are victims,
+// which stay tracked while they are being compacted.
+func (r *copier) lookUpStarts(keys []int64) error {
+	v := r.c.v
+	md := r.layout.MetadataSize()
+	err := v.Maps().Do(r.ctx, mapproxy.Low, func(m *extentmap.Map) {
+		for _, k := range keys {
+			if s := v.DataStartIn(m, k); s != md {
+				r.starts[k] = s
+			}
+		}
+	})
+	if err != nil {
+		return fmt.Errorf("look up data starts of the sources: %w", err)
+	}
+	return nil
 }
 
 func (r *copier) fail(err error) {
@@ -435,7 +461,11 @@ func (r *copier) commit(chunks [][]piece, bufs [][]byte) error {
 				continue
 			}
 			n := p.n * r.bs
-			srcs = append(srcs, source{key: p.key, part: part{src: md + p.off*r.bs, dst: dst, n: n, buf: i}})
+			base, ok := r.starts[p.key]
+			if !ok {
+				base = md
+			}
+			srcs = append(srcs, source{key: p.key, part: part{src: base + p.off*r.bs, dst: dst, n: n, buf: i}})
 			dst += n
 		}
 	}

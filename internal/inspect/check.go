@@ -558,7 +558,9 @@ func (c *checker) checkCheckpoints(ctx context.Context) error {
 // checkMapped checks that every block m maps to data is inside an object
 // that holds it.
 func (c *checker) checkMapped(m *extentmap.Map, what string) {
-	md, bs := c.layout.MetadataSize(), c.layout.BlockSize
+	// A chunk's data starts where its header says: compact chunks have a
+	// shorter metadata area (docs/ARCHITECTURE.md §3).
+	bs := c.layout.BlockSize
 	type miss struct {
 		blocks, first int64
 		why           string
@@ -581,7 +583,7 @@ func (c *checker) checkMapped(m *extentmap.Map, what string) {
 			why, sev = "was deleted while check ran (dead GC beside a running daemon?)", Warning
 		case o.hdr.Kind != volume.KeyChunk:
 			why = "holds no data (a placeholder or claim record)"
-		case o.hdr.Err == nil && o.size < md+(e.Off+e.N)*bs:
+		case o.hdr.Err == nil && o.size < o.hdr.Parsed.DataStart+(e.Off+e.N)*bs:
 			why = fmt.Sprintf("is %d bytes, too short for the mapped blocks %d to %d of it", o.size, e.Off, e.Off+e.N-1)
 		}
 		if why == "" {

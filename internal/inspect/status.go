@@ -105,7 +105,8 @@ func ReadStatus(ctx context.Context, objs *objproxy.Proxy, fb Fallback) (Status,
 		case size == 0:
 			st.Placeholders++
 		case size < md:
-			// Only claim records are shorter than a metadata area.
+			// Only claim records, and compact chunks, are shorter than a
+			// metadata area.
 			head := make([]byte, volume.ClaimMagicLen)
 			n, err := objs.GetRange(ctx, objproxy.Low, store.DataName(k), 0, head)
 			if err != nil && !errors.Is(err, store.ErrNotFound) {
@@ -113,7 +114,9 @@ func ReadStatus(ctx context.Context, objs *objproxy.Proxy, fb Fallback) (Status,
 			}
 			if volume.IsClaimRecord(head[:n]) {
 				st.ClaimRecords++
-			} else {
+			} else if sb.Format < volume.FormatVersion {
+				// From format 2 on, compact chunks are this short too
+				// (docs/ARCHITECTURE.md §3).
 				st.Notes = append(st.Notes, fmt.Sprintf("key %d (%s) is %d bytes, shorter than a chunk's metadata area: damaged (run bs3 check)", k, store.DataName(k), size))
 			}
 		}

@@ -48,8 +48,8 @@ func DecodeSuperblock(raw []byte) (Superblock, error) {
 	if err := json.Unmarshal(raw, &sb); err != nil {
 		return sb, fmt.Errorf("superblock is corrupt: %w", err)
 	}
-	if sb.Format != FormatVersion {
-		return sb, fmt.Errorf("superblock format version %d is not supported (this bs3 reads version %d)", sb.Format, FormatVersion)
+	if sb.Format != FormatVersion && sb.Format != FormatBUSELayout {
+		return sb, fmt.Errorf("superblock format version %d is not supported (this bs3 reads versions %d and %d)", sb.Format, FormatBUSELayout, FormatVersion)
 	}
 	return sb, nil
 }
@@ -163,10 +163,10 @@ func ReadHeader(ctx context.Context, objs *objproxy.Proxy, prio objproxy.Priorit
 		}
 		return Header{Kind: KeyClaim, Claim: c}, nil
 	}
-	if int64(n) < md {
-		return Header{Kind: KeyChunk, Err: fmt.Errorf("object %s (key %d) is %d bytes, shorter than its %d-byte metadata area", store.DataName(key), key, n, md)}, nil
-	}
-	p, err := l.Parse(buf, -1, devSectors)
+	// A compact object may be shorter than md; Parse reads the layout
+	// from its end slot and refuses a short object of the BUSE layout
+	// (docs/ARCHITECTURE.md §3).
+	p, err := l.Parse(buf[:n], -1, devSectors)
 	if err != nil {
 		return Header{Kind: KeyChunk, Err: fmt.Errorf("object %s (key %d) is corrupt: %w", store.DataName(key), key, err)}, nil
 	}

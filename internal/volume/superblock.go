@@ -16,8 +16,15 @@ import (
 	"github.com/bs3/bs3/internal/store/sealed"
 )
 
-// FormatVersion is the on-bucket format this code writes and reads.
-const FormatVersion = 1
+// FormatVersion is the newest on-bucket format this code writes and
+// reads. Version 2 adds compact data objects (docs/ARCHITECTURE.md §3); a
+// volume moves to it at the first attach that writes them, so that a bs3
+// that only knows version 1 (and would misread them) refuses to attach.
+const FormatVersion = 2
+
+// FormatBUSELayout is the format whose data objects all have the whole
+// metadata area (the BUSE layout); it is still read.
+const FormatBUSELayout = 1
 
 // Superblock is the volume's identity and geometry, one small JSON object
 // per volume. Generation is bumped at every attach and folded into the high
@@ -71,7 +78,7 @@ func readSuperblock(ctx context.Context, objs *objproxy.Proxy, o Options) (Super
 			return sb, false, err
 		}
 		return Superblock{
-			Format:    FormatVersion,
+			Format:    FormatBUSELayout,
 			VolumeID:  newVolumeID(),
 			Size:      o.Size,
 			BlockSize: o.BlockSize,
@@ -87,8 +94,8 @@ func readSuperblock(ctx context.Context, objs *objproxy.Proxy, o Options) (Super
 	if err := json.Unmarshal(raw, &sb); err != nil {
 		return sb, false, fmt.Errorf("superblock is corrupt (%v): refusing to attach; inspect the %q object", err, store.SuperblockName)
 	}
-	if sb.Format != FormatVersion {
-		return sb, false, fmt.Errorf("superblock format version %d is not supported (this bs3 reads version %d)", sb.Format, FormatVersion)
+	if sb.Format != FormatVersion && sb.Format != FormatBUSELayout {
+		return sb, false, fmt.Errorf("superblock format version %d is not supported (this bs3 reads versions %d and %d): use a newer bs3", sb.Format, FormatBUSELayout, FormatVersion)
 	}
 	if err := checkEncryption(sb, o); err != nil {
 		return sb, false, err

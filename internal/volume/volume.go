@@ -56,6 +56,11 @@ type Options struct {
 	// RecoveryConcurrency is how many object headers are fetched at once
 	// during roll-forward.
 	RecoveryConcurrency int
+	// CompactChunks stores chunks in the compact layout: only the used
+	// item slots before the data (docs/ARCHITECTURE.md §3). The attach
+	// moves the volume to format 2 first. Objects of both layouts are
+	// always read.
+	CompactChunks bool
 	// Cache, when not nil, serves reads and keeps what they fetch and what
 	// commits store; its entries are keyed by this volume's id. main owns
 	// it (it may outlive the volume).
@@ -199,6 +204,10 @@ func (v *Volume) attach(ctx context.Context) error {
 		}
 	}
 	v.sb.Generation = latest + 1
+	if o.CompactChunks {
+		// Written in establish, before any compact object can exist.
+		v.sb.Format = FormatVersion
+	}
 	// The largest in-flight window any attach used: the next attach
 	// claims past it (see claimWindow).
 	v.sb.MaxInflight = max(o.MaxInflight, sb.MaxInflight)

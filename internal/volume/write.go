@@ -18,8 +18,11 @@ import (
 // writes and reuse buf.
 //
 // Before the upload, every item's seqno gets the attach generation in its
-// high bits (docs/ARCHITECTURE.md §4) and the metadata after the last item is zeroed;
-// buf is modified in place.
+// high bits (docs/ARCHITECTURE.md §4) and the metadata area is finished:
+// with Options.CompactChunks the items move next to the data (chunk
+// Layout.Compact, docs/ARCHITECTURE.md §3), otherwise the slots after the
+// last item are zeroed. buf is modified in place; its first item slots
+// need not hold the item list afterwards.
 func (v *Volume) Commit(ctx context.Context, key int64, buf []byte, items int) error {
 	return v.commit(ctx, key, buf, items, true)
 }
@@ -78,8 +81,15 @@ func (v *Volume) commit(ctx context.Context, key int64, buf []byte, items int, u
 	if !user {
 		prio = objproxy.Low
 	}
-	v.layout.ZeroTail(buf, len(p.Items))
-	body := buf[:p.End]
+	var body []byte
+	if v.o.CompactChunks {
+		var start int64
+		body, start = v.layout.Compact(buf, len(p.Items), p.End)
+		p.Rebase(start)
+	} else {
+		v.layout.ZeroTail(buf, len(p.Items))
+		body = buf[:p.End]
+	}
 	name := store.DataName(key)
 	if err := v.objs.Put(ctx, prio, name, body, v.o.ConditionalWrites); err != nil {
 		if errors.Is(err, store.ErrExists) {
@@ -93,10 +103,15 @@ func (v *Volume) commit(ctx context.Context, key int64, buf []byte, items int, u
 		v.fail(err)
 		return err
 	}
-	if v.cache != nil && p.End > v.layout.MetadataSize() {
+	if v.cache != nil && p.End > p.DataStart {
 		// Stored, so these are the object's bytes for good (data objects
 		// are immutable); nothing looks them up before the map points here.
-		v.cache.PutObject(v.sb.VolumeID, key, body[v.layout.MetadataSize():])
+		v.cache.PutObject(v.sb.VolumeID, key, body[p.DataStart:])
+	}
+	if stored := chunk.StoredHook(ctx); stored != nil {
+		// The frontend may reuse buf from now on and serves reads of
+		// these writes with ReadUnapplied until the apply is done.
+		stored(p.DataStart)
 	}
 	// Wait for every earlier key to be applied (they may still be
 	// uploading), then apply this one.
@@ -141,13 +156,19 @@ func (v *Volume) apply(ctx context.Context, prio mapproxy.Priority, key int64, p
 // directly (it owns the map before the proxy starts). An empty object (a
 // placeholder for a collected one) is tracked with no blocks.
 func (v *Volume) applyItems(m *extentmap.Map, key int64, p chunk.Parsed) error {
-	md := v.layout.MetadataSize()
 	total := int64(0)
-	if p.End > md {
-		total = (p.End - md) / v.o.BlockSize
+	if p.End > p.DataStart {
+		total = (p.End - p.DataStart) / v.o.BlockSize
 	}
 	if err := m.AddObject(key, total); err != nil {
 		return err
+	}
+	if total > 0 && p.DataStart != v.layout.MetadataSize() {
+		// Readers find the data of a compact object through the map
+		// (docs/ARCHITECTURE.md §3); checkpoints keep it.
+		if err := m.SetDataStart(key, p.DataStart); err != nil {
+			return err
+		}
 	}
 	for i, it := range p.Items {
 		block, n := v.blocksOf(it)
@@ -155,7 +176,7 @@ func (v *Volume) applyItems(m *extentmap.Map, key int64, p chunk.Parsed) error {
 		if p.DataOff[i] < 0 {
 			_, err = m.UpdateZero(block, n, key, it.Seqno)
 		} else {
-			_, err = m.Update(block, n, key, (p.DataOff[i]-md)/v.o.BlockSize, it.Seqno)
+			_, err = m.Update(block, n, key, (p.DataOff[i]-p.DataStart)/v.o.BlockSize, it.Seqno)
 		}
 		if err != nil {
 			return fmt.Errorf("item %d: %w", i, err)
