@@ -308,6 +308,7 @@ func cpVolumeOptions(c cpCase, log zerolog.Logger) volume.Options {
 		CheckpointInterval: time.Hour, CheckpointObjects: 4,
 		MaxInflight: cpInflight, MapIdleTimeout: 10 * time.Millisecond,
 		LeaseInterval: c.leaseInterval(), RecoveryConcurrency: c.recoveryConcurrency(), Logger: log,
+		CompactChunks: volume.ReadsCompactObjects, // as main runs it
 	}
 }
 
@@ -463,8 +464,7 @@ func (h *cpHist) rules() rules {
 // never come, and the crash turns it off for good.
 type cpReorder struct {
 	store.Store
-	seed   uint64
-	minLen int // bodies shorter than a chunk's metadata area are not held
+	seed uint64
 
 	mu     sync.Mutex
 	cond   *sync.Cond
@@ -474,7 +474,7 @@ type cpReorder struct {
 }
 
 func newCPReorder(s store.Store, seed uint64) *cpReorder {
-	r := &cpReorder{Store: s, seed: seed, minLen: cpChunkSize / blockSize * 32, stored: make(map[int64]bool)}
+	r := &cpReorder{Store: s, seed: seed, stored: make(map[int64]bool)}
 	r.cond = sync.NewCond(&r.mu)
 	return r
 }
@@ -498,7 +498,9 @@ func (r *cpReorder) kill() {
 // Put implements store.Store.
 func (r *cpReorder) Put(ctx context.Context, name string, body []byte, ifAbsent bool) error {
 	k, data := store.ParseDataName(name)
-	if !data || len(body) < r.minLen {
+	// Chunks are held, whatever their size (a compact chunk of one block
+	// is small); placeholders and claim records are not chunks.
+	if !data || len(body) == 0 || volume.IsClaimRecord(body) {
 		return r.Store.Put(ctx, name, body, ifAbsent)
 	}
 	r.mu.Lock()

@@ -77,6 +77,7 @@ func openEngine(ctx context.Context, st store.Store, o engineOpts) (*engine, err
 		CheckpointInterval: o.ckptInterval, CheckpointObjects: o.ckptObjects,
 		MaxInflight: maxInflight, MapIdleTimeout: 50 * time.Millisecond,
 		RecoveryConcurrency: 16,
+		CompactChunks:       volume.ReadsCompactObjects, // as main runs it
 		Logger:              o.log,
 	})
 	if err != nil {

@@ -19,7 +19,7 @@ import (
 // start (fetch must call dataStart rather than assume the layout's whole
 // metadata area). Until it does, Options.CompactChunks must stay off
 // outside tests that read objects directly.
-const ReadsCompactObjects = false
+const ReadsCompactObjects = true
 
 // DataStartIn returns the byte offset at which the data area of object
 // key starts. It must run on the map owner goroutine (inside a map proxy

@@ -393,7 +393,11 @@ func (v *Volume) coalesce(key int64, spans []span) []fetchRun {
 // fetch issues the GET of r, copies the bytes the pieces need and, with
 // the cache, keeps every window it read.
 func (v *Volume) fetch(ctx context.Context, prio objproxy.Priority, r fetchRun, pieces []readPiece) error {
-	md := v.layout.MetadataSize()
+	// Compact objects have a shorter metadata area (docs/ARCHITECTURE.md §3).
+	md, err := v.dataStart(ctx, prio, r.key)
+	if err != nil {
+		return fmt.Errorf("read key %d: %w", r.key, err)
+	}
 	dst := r.direct
 	if dst == nil {
 		dst = make([]byte, r.end-r.start)

@@ -65,6 +65,7 @@ func New(st store.Store, o Options) (*Engine, error) {
 		Size: o.Size, BlockSize: o.BlockSize, ChunkSize: o.ChunkSize, ConditionalWrites: true,
 		CheckpointInterval: time.Minute, CheckpointObjects: 256, MaxInflight: 18,
 		MapIdleTimeout: 100 * time.Millisecond, Cache: rc, Encryption: o.Encryption, Logger: zerolog.Nop(),
+		CompactChunks: volume.ReadsCompactObjects, // as main runs it
 	})
 	if err != nil {
 		objs.Close()
