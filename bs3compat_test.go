@@ -5,7 +5,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
@@ -67,19 +66,7 @@ pretty = false
 	logs.waitFor(t, `"gc.live_data":0.4`, time.Second) // BS3_GC_LIVEDATA
 	logs.waitFor(t, `"log.level":"debug"`, time.Second)
 
-	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan error, 1)
-	go func() { done <- cmd.Wait() }()
-	select {
-	case err := <-done:
-		if err != nil {
-			t.Fatalf("bs3 exited with %v after SIGTERM", err)
-		}
-	case <-time.After(60 * time.Second):
-		t.Fatal("bs3 did not stop within 60 s of SIGTERM")
-	}
+	stopCleanly(t, cmd)
 	logs.waitFor(t, "stopped cleanly", time.Second)
 	logs.waitFor(t, `"level":"debug"`, time.Second) // level = 0 took effect
 	// The log lines (bs3 also prints the export for a human, as text).

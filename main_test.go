@@ -51,6 +51,25 @@ func freeAddr(t *testing.T) string {
 	return addr
 }
 
+// stopCleanly sends SIGTERM to a daemon started with cmd and fails the
+// test unless it exits with status 0 within 60 s.
+func stopCleanly(t *testing.T, cmd *exec.Cmd) {
+	t.Helper()
+	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("bs3 exited with %v after SIGTERM", err)
+		}
+	case <-time.After(60 * time.Second):
+		t.Fatal("bs3 did not stop within 60 s of SIGTERM")
+	}
+}
+
 // syncBuffer is a goroutine-safe output sink (a daemon's stderr, the log
 // of serve run in the test).
 type syncBuffer struct {
@@ -152,19 +171,7 @@ func TestSignals(t *testing.T) {
 	logs.waitFor(t, `"offset":4096,"length":1044480,"from_block":1,"to_block":256`, 10*time.Second)
 	logs.waitFor(t, `"message":"defragmentation run"`, 30*time.Second)
 
-	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan error, 1)
-	go func() { done <- cmd.Wait() }()
-	select {
-	case err := <-done:
-		if err != nil {
-			t.Fatalf("bs3 exited with %v after SIGTERM", err)
-		}
-	case <-time.After(60 * time.Second):
-		t.Fatal("bs3 did not stop within 60 s of SIGTERM")
-	}
+	stopCleanly(t, cmd)
 	logs.waitFor(t, "checkpoint written", time.Second)
 }
 

@@ -67,6 +67,7 @@ func BenchmarkDefrag(b *testing.B) {
 		Size: devSize, BlockSize: 4096, ChunkSize: 4 * mib, ConditionalWrites: true,
 		CheckpointInterval: time.Hour, CheckpointObjects: 1 << 30, MaxInflight: 64,
 		MapIdleTimeout: 200 * time.Millisecond, Logger: zerolog.Nop(),
+		CompactChunks: volume.ReadsCompactObjects, // as main runs it
 	})
 	if err != nil {
 		b.Fatal(err)

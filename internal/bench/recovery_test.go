@@ -22,6 +22,7 @@ func recoveryOptions(size int64) volume.Options {
 		Size: size, BlockSize: 4096, ChunkSize: 4 * mib, ConditionalWrites: true,
 		CheckpointInterval: time.Hour, CheckpointObjects: 1 << 40, MaxInflight: 32,
 		MapIdleTimeout: 200 * time.Millisecond, Logger: zerolog.Nop(),
+		CompactChunks: volume.ReadsCompactObjects, // as main runs it
 	}
 }
 

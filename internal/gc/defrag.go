@@ -44,17 +44,7 @@ func (r Range) blocks(size, bs int64) (from, to int64, err error) {
 // alone, as in threshold GC. It shares threshold GC's exclusivity: it
 // returns ErrBusy at once if a threshold or defragmentation run is going.
 func (c *Collector) Defrag(ctx context.Context, r Range) (Stats, error) {
-	if !c.busy.CompareAndSwap(false, true) {
-		return Stats{}, ErrBusy
-	}
-	defer c.busy.Store(false)
-	if !c.enter() {
-		return Stats{}, ErrStopped
-	}
-	defer c.wg.Done()
-	ctx, cancel := c.runCtx(ctx)
-	defer cancel()
-	return c.defrag(ctx, r)
+	return c.exclusive(ctx, func(ctx context.Context) (Stats, error) { return c.defrag(ctx, r) })
 }
 
 // TriggerDefrag starts Defrag of r in the background (the SIGUSR2

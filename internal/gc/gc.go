@@ -256,6 +256,12 @@ func (c *Collector) runCtx(ctx context.Context) (context.Context, context.Cancel
 // followed by a dead pass, and returns what it did. It returns ErrBusy at
 // once if a run is already going.
 func (c *Collector) Threshold(ctx context.Context) (Stats, error) {
+	return c.exclusive(ctx, c.threshold)
+}
+
+// exclusive runs one threshold or defragmentation run: ErrBusy at once if
+// one is going, ErrStopped after Close.
+func (c *Collector) exclusive(ctx context.Context, run func(context.Context) (Stats, error)) (Stats, error) {
 	if !c.busy.CompareAndSwap(false, true) {
 		return Stats{}, ErrBusy
 	}
@@ -266,7 +272,7 @@ func (c *Collector) Threshold(ctx context.Context) (Stats, error) {
 	defer c.wg.Done()
 	ctx, cancel := c.runCtx(ctx)
 	defer cancel()
-	return c.threshold(ctx)
+	return run(ctx)
 }
 
 // Trigger starts a threshold run in the background (the SIGUSR1 handler)

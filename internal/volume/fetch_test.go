@@ -15,6 +15,7 @@ import (
 	"github.com/bs3/bs3/internal/store"
 	"github.com/bs3/bs3/internal/store/mem"
 	"github.com/bs3/bs3/internal/testutil/enginetest"
+	"github.com/bs3/bs3/internal/testutil/minio"
 )
 
 // slowStore delays every ranged GET of a data object, so that reads
@@ -86,7 +87,15 @@ func TestFetchWidth(t *testing.T) {
 // together over a slow store, fetch each window once between them, and
 // all read the right bytes.
 func TestFetchSingleFlight(t *testing.T) {
-	e, m, rc := fetchEngine(t, slowStore{mem.New(), 50 * time.Millisecond}, 1024)
+	t.Run("mem", func(t *testing.T) { testFetchSingleFlight(t, mem.New()) })
+	t.Run("minio", func(t *testing.T) {
+		srv := minio.Start(t)
+		testFetchSingleFlight(t, srv.Store(t, srv.Bucket(t)))
+	})
+}
+
+func testFetchSingleFlight(t *testing.T, st store.Store) {
+	e, m, rc := fetchEngine(t, slowStore{st, 50 * time.Millisecond}, 1024)
 	before := rc.Stats().FetchedBytes
 	var wg sync.WaitGroup
 	start := make(chan struct{})
