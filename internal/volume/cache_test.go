@@ -509,7 +509,7 @@ func TestDiskCacheRestartAndDamage(t *testing.T) {
 	// only disk hits are of files this run wrote again after a refetch
 	// (a lookup that finds a window on disk before memory, e.g. while
 	// planning a stream's fetch of a whole object).
-	if hurt.DiskDropped != int64(n) || hurt.Fetches == 0 || hurt.DiskHits > hurt.DiskWritten {
+	if hurt.DiskDropped < int64(n) || hurt.Fetches == 0 || hurt.DiskHits > hurt.DiskWritten {
 		t.Fatalf("damaged %d files: dropped %d, fetches %d, disk hits %d of %d files written again; want every damaged file dropped, fetches, and hits only on rewritten files",
 			n, hurt.DiskDropped, hurt.Fetches, hurt.DiskHits, hurt.DiskWritten)
 	}
