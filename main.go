@@ -270,7 +270,7 @@ func (d *daemon) start(ctx context.Context, shrink bool) error {
 			Logger:      log.With().Str("component", "objproxy").Logger(),
 		})
 		d.onStop("object proxy", func(context.Context) error { objs.Close(); return nil })
-		buffers := int(cfg.WriteBufferBytes() / cfg.ChunkBytes() * int64(cfg.ThreadCount()))
+		buffers := cfg.ChunkBuffers()
 		var rc *cache.Cache
 		if cfg.CacheMemoryBytes() > 0 {
 			if rc, err = cache.New(cache.Options{

@@ -572,6 +572,23 @@ func (c Config) ChunkBlocks() int { return int(c.ChunkBytes() / int64(c.BlockSiz
 // WriteBufferBytes is the size of the shared write buffer in bytes.
 func (c Config) WriteBufferBytes() int64 { return int64(c.Write.SharedBufferSize) * mib }
 
+// ChunkBuffers is the number of chunk buffers of the userspace chunker
+// (NBD, FUSE, ublk): write.shared_buffer_size per thread, as BUSE sizes
+// its queues, but never fewer than uploadBuffers(s3.uploaders). With fewer,
+// uploaders sit idle while writers wait for a buffer: on a 2-CPU machine
+// the old rule gave 16 buffers for 16 uploaders.
+func (c Config) ChunkBuffers() int {
+	n := int(c.WriteBufferBytes() / c.ChunkBytes() * int64(c.ThreadCount()))
+	return max(n, uploadBuffers(c.S3.Uploaders))
+}
+
+// uploadBuffers is the fewest chunk buffers that keep u uploaders busy and
+// absorb the spread of PUT times: one open chunk, u in upload and u more
+// that filled while the slowest PUT of the batch ran (measured in
+// BenchmarkThroughput with BS3_BENCH_BUFFERS; see README "Write buffers
+// and uploads").
+func uploadBuffers(u int) int { return 2*u + 2 }
+
 // ReadBufferBytes is the size of the shared read buffer in bytes.
 func (c Config) ReadBufferBytes() int64 { return int64(c.Read.SharedBufferSize) * mib }
 

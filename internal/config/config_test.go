@@ -689,3 +689,22 @@ func TestEncryptionKeys(t *testing.T) {
 		t.Errorf("encryption with cache.dir: %v, want a refusal", err)
 	}
 }
+
+// The userspace chunker gets enough buffers to keep every uploader busy,
+// whatever the CPU count, and more when the write buffer asks for more.
+func TestChunkBuffers(t *testing.T) {
+	c := Default()
+	c.Threads = 2
+	c.S3.Uploaders = 16
+	if got := c.ChunkBuffers(); got != 34 {
+		t.Errorf("2 threads, 16 uploaders, 32 MiB buffer: %d buffers, want 34", got)
+	}
+	c.Threads = 16 // 32 MiB / 4 MiB * 16 = 128
+	if got := c.ChunkBuffers(); got != 128 {
+		t.Errorf("16 threads: %d buffers, want 128", got)
+	}
+	c.Threads, c.S3.Uploaders = 1, 2
+	if got := c.ChunkBuffers(); got != 8 {
+		t.Errorf("1 thread, 2 uploaders: %d buffers, want 8 (the write buffer's)", got)
+	}
+}
