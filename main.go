@@ -256,12 +256,17 @@ func (d *daemon) start(ctx context.Context, shrink bool) error {
 		}
 		// Checks the key against the superblock before anything is
 		// written, and seals the objects of an encrypted volume.
-		st, enc, err := sealed.Open(ctx, st, sealed.KeyConfig{KeyFile: cfg.Encryption.KeyFile, PassphraseFile: cfg.Encryption.PassphraseFile})
+		st, enc, err := sealed.Open(ctx, st, sealed.KeyConfig{KeyFile: cfg.Encryption.KeyFile, PassphraseFile: cfg.Encryption.PassphraseFile, Checksums: cfg.Integrity.Checksums})
 		if err != nil {
 			return fmt.Errorf("encryption: %w", err)
 		}
-		if enc != nil {
+		switch {
+		case enc.Encrypted():
 			log.Info().Str("cipher", enc.Cipher).Str("kdf", enc.KDF).Msg("volume is encrypted")
+		case enc != nil:
+			log.Info().Str("format", enc.Cipher).Msg("volume is not encrypted; every object carries CRC32C checksums")
+		default:
+			log.Warn().Msg("volume is not encrypted and its objects carry no checksums (created without [integrity] checksums): a damaged object would read as wrong bytes")
 		}
 		objs := objproxy.New(st, objproxy.Options{
 			Uploaders:   cfg.S3.Uploaders,

@@ -103,6 +103,7 @@ type Config struct {
 	Cache      CacheConfig      `toml:"cache" env-prefix:"BS3_CACHE_"`
 	Metrics    MetricsConfig    `toml:"metrics" env-prefix:"BS3_METRICS_"`
 	Encryption EncryptionConfig `toml:"encryption" env-prefix:"BS3_ENCRYPTION_"`
+	Integrity  IntegrityConfig  `toml:"integrity" env-prefix:"BS3_INTEGRITY_"`
 
 	// notices name the retired BS3 keys and variables the configuration
 	// was read with (see Notices); unexported, so it is no key.
@@ -223,6 +224,11 @@ type EncryptionConfig struct {
 	PassphraseFile string `toml:"passphrase_file" env:"PASSPHRASE_FILE" env-description:"file with a passphrase (mode 0600) stretched with Argon2id into the key that opens the volume's data key; empty = no passphrase"`
 }
 
+// IntegrityConfig is the [integrity] section (docs/ARCHITECTURE.md §16.5).
+type IntegrityConfig struct {
+	Checksums bool `toml:"checksums" env:"CHECKSUMS" env-description:"a new plaintext volume stores a CRC32C per 4 KiB of every object, so damage reads as an I/O error, never wrong bytes; existing volumes keep their format"`
+}
+
 // CacheMemoryBytes is cache.memory_size in bytes.
 func (c Config) CacheMemoryBytes() int64 { return int64(c.Cache.MemorySize) * mib }
 
@@ -264,6 +270,7 @@ func Default() Config {
 		FUSE:       FUSEConfig{Mountpoint: "/run/bs3/fuse", Loop: true},
 		Dir:        DirConfig{Path: "/var/lib/bs3/objects"},
 		Cache:      CacheConfig{MemorySize: 256, FetchSize: 256, DiskSize: 10},
+		Integrity:  IntegrityConfig{Checksums: true},
 	}
 }
 

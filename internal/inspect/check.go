@@ -490,6 +490,10 @@ func (c *checker) checkCheckpoints(ctx context.Context) error {
 			c.r.add(Warning, -1, name, "deleted while listed (a newer checkpoint replaced it)")
 			continue
 		}
+		if errors.Is(err, store.ErrCorrupt) {
+			c.r.add(Damage, -1, name, "unusable: %v (recovery falls back to the previous checkpoint)", err)
+			continue
+		}
 		if err != nil {
 			return fmt.Errorf("read %s: %w", name, err)
 		}

@@ -90,6 +90,8 @@ type Store struct {
 	// of small reads of one object derives its subkey once.
 	aeads *otter.Cache[[saltSize]byte, cipher.AEAD]
 	bufs  sync.Pool // *[]byte scratch for sealed bytes
+	// failure says what a segment that does not open failed.
+	failure string
 }
 
 // maxPooled bounds the buffers kept for reuse: a chunk plus its overhead
@@ -117,7 +119,10 @@ func newWithSuite(inner store.Store, su suite, volumeSeal []byte) (*Store, error
 	if err != nil {
 		return nil, fmt.Errorf("sealed store: subkey cache: %w", err)
 	}
-	s := &Store{inner: inner, suite: su, aeads: c}
+	s := &Store{inner: inner, suite: su, aeads: c, failure: "authentication failed"}
+	if _, ok := su.(crcSuite); ok {
+		s.failure = "checksum mismatch"
+	}
 	copy(s.seal[:], volumeSeal)
 	return s, nil
 }
@@ -299,12 +304,12 @@ func (s *Store) GetRange(ctx context.Context, name string, off int64, buf []byte
 			// this segment's place, even when it fails.
 			dst := buf[segOff-off : segOff-off : segOff-off+plainLen]
 			if _, err := aead.Open(dst, nonce, ct, ad); err != nil {
-				return 0, corrupt(name, segOff, "authentication failed")
+				return 0, corrupt(name, segOff, s.failure)
 			}
 		} else {
 			p, err := aead.Open(ct[:0], nonce, ct, ad)
 			if err != nil {
-				return 0, corrupt(name, segOff, "authentication failed")
+				return 0, corrupt(name, segOff, s.failure)
 			}
 			lo := max(off, segOff)
 			hi := min(end, segOff+plainLen)
@@ -383,7 +388,12 @@ func (s *Store) List(ctx context.Context, prefix string, fn func(name string, si
 			if _, data := store.ParseDataName(name); !data && !strings.HasPrefix(name, store.CheckpointPrefix) {
 				return fn(name, size)
 			}
-			return corrupt(name, 0, fmt.Sprintf("stored size %d is not the size of a sealed object", size))
+			// A cut object is listed with the plaintext of its whole
+			// segments, not refused: one damaged object must not hide
+			// every other one from recovery and bs3 check. Any read
+			// that reaches the cut fails with ErrCorrupt, and Size
+			// reports the damage.
+			return fn(name, size/storedSize*SegmentSize)
 		}
 		return fn(name, p)
 	})
