@@ -151,6 +151,7 @@ func TestDefaultsForMinimalFile(t *testing.T) {
 		{"metrics.listen", c.Metrics.Listen, ""},
 		{"encryption.key_file", c.Encryption.KeyFile, ""},
 		{"encryption.passphrase_file", c.Encryption.PassphraseFile, ""},
+		{"integrity.checksums", c.Integrity.Checksums, true},
 	}
 	for _, ck := range checks {
 		if ck.got != ck.want {

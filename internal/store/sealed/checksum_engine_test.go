@@ -119,3 +119,28 @@ func TestChecksumOpenDecisions(t *testing.T) {
 		t.Errorf("checksummed volume attached without its framing: %v", err)
 	}
 }
+
+// A checkpoint that fails its checksum is unusable, not fatal: the attach
+// falls back to an older checkpoint (or a replay) and reads the same data.
+func TestChecksummedCheckpointDamageFallsBack(t *testing.T) {
+	raw := mem.New()
+	writeBlocks(t, mustAttach(t, raw, checksums), 1)
+	writeBlocks(t, mustAttach(t, raw, checksums), 1) // a second checkpoint
+	var newest string
+	for name := range snapshot(t, raw) {
+		if strings.HasPrefix(name, store.CheckpointPrefix) && name > newest {
+			newest = name
+		}
+	}
+	if newest == "" {
+		t.Fatal("no checkpoint in the bucket")
+	}
+	body := []byte(snapshot(t, raw)[newest])
+	body[len(body)/2] ^= 0x20
+	if err := raw.Put(ctxT(t), newest, body, false); err != nil {
+		t.Fatal(err)
+	}
+	e := mustAttach(t, raw, checksums)
+	defer e.Close(t)
+	checkBlocks(t, e, 1)
+}
