@@ -90,6 +90,9 @@ type Store struct {
 	// of small reads of one object derives its subkey once.
 	aeads *otter.Cache[[saltSize]byte, cipher.AEAD]
 	bufs  sync.Pool // *[]byte scratch for sealed bytes
+	// cacheKey seals the read cache's disk files (cachekey.go); nil for
+	// a store built on a benchmark suite.
+	cacheKey []byte
 }
 
 // maxPooled bounds the buffers kept for reuse: a chunk plus its overhead
@@ -106,7 +109,14 @@ func New(inner store.Store, dataKey []byte, volumeSeal []byte) (*Store, error) {
 	if len(dataKey) != 32 {
 		return nil, fmt.Errorf("sealed store: data key is %d bytes, want 32", len(dataKey))
 	}
-	return newWithSuite(inner, aesSuite{dataKey: append([]byte(nil), dataKey...)}, volumeSeal)
+	s, err := newWithSuite(inner, aesSuite{dataKey: append([]byte(nil), dataKey...)}, volumeSeal)
+	if err != nil {
+		return nil, err
+	}
+	if s.cacheKey, err = deriveCacheKey(dataKey, volumeSeal); err != nil {
+		return nil, err
+	}
+	return s, nil
 }
 
 func newWithSuite(inner store.Store, su suite, volumeSeal []byte) (*Store, error) {
