@@ -278,12 +278,25 @@ func (d *daemon) start(ctx context.Context, shrink bool) error {
 		buffers := cfg.ChunkBuffers()
 		var rc *cache.Cache
 		if cfg.CacheMemoryBytes() > 0 {
+			// An encrypted volume's disk cache files are sealed under a
+			// key derived from its data key (docs/ARCHITECTURE.md §16.5).
+			var cs cache.Sealer
+			if enc.Encrypted() && cfg.Cache.Dir != "" {
+				ss, ok := st.(*sealed.Store)
+				if !ok {
+					return fmt.Errorf("read cache: the encrypted volume's store is a %T, not the sealed store: refusing a disk cache that could hold plaintext", st)
+				}
+				if cs, err = ss.CacheSealer(); err != nil {
+					return fmt.Errorf("read cache: %w", err)
+				}
+			}
 			if rc, err = cache.New(cache.Options{
 				MemoryBytes: cfg.CacheMemoryBytes(),
 				Window:      cache.WindowFor(cfg.CacheFetchBytes()),
 				FetchSize:   cfg.CacheFetchBytes(),
 				Dir:         cfg.Cache.Dir,
 				DiskBytes:   cfg.CacheDiskBytes(),
+				Sealer:      cs,
 				Logger:      log.With().Str("component", "cache").Logger(),
 			}); err != nil {
 				return fmt.Errorf("read cache: %w", err)

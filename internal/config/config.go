@@ -207,7 +207,7 @@ type DirConfig struct {
 type CacheConfig struct {
 	MemorySize int    `toml:"memory_size" env:"MEMORY_SIZE" env-description:"read cache in memory, MiB (recently written and read data); 0 = off"`
 	FetchSize  int    `toml:"fetch_size" env:"FETCH_SIZE" env-description:"KiB a streaming or large read fetches and caches around a miss (aligned inside the object; cached as 64 KiB windows); a power of two from 4 to 4096"`
-	Dir        string `toml:"dir" env:"DIR" env-description:"directory of the read cache on local disk (survives restarts; every 4 KiB block checked with CRC32C); empty = memory only"`
+	Dir        string `toml:"dir" env:"DIR" env-description:"directory of the read cache on local disk (survives restarts; every 4 KiB block checked with CRC32C, or each file sealed with AES-256-GCM for an encrypted volume); empty = memory only"`
 	DiskSize   int    `toml:"disk_size" env:"DISK_SIZE" env-description:"GiB the read cache may use under dir"`
 }
 
@@ -498,10 +498,6 @@ func (c Config) Validate() error {
 	}
 	if c.Encryption.KeyFile != "" && c.Encryption.PassphraseFile != "" {
 		bad("encryption.passphrase_file", c.Encryption.PassphraseFile, "cannot be set together with encryption.key_file: set only one")
-	}
-	if (c.Encryption.KeyFile != "" || c.Encryption.PassphraseFile != "") && c.Cache.Dir != "" {
-		// The disk tier keeps fetched windows as plaintext files.
-		bad("cache.dir", c.Cache.Dir, "would keep plaintext of an encrypted volume on local disk: leave cache.dir empty when [encryption] is set")
 	}
 
 	if l := c.Metrics.Listen; l != "" {

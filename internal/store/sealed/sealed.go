@@ -92,6 +92,9 @@ type Store struct {
 	bufs  sync.Pool // *[]byte scratch for sealed bytes
 	// failure says what a segment that does not open failed.
 	failure string
+	// cacheKey seals the read cache's disk files (cachekey.go); nil for
+	// a store built on a benchmark suite or the checksum-only framing.
+	cacheKey []byte
 }
 
 // maxPooled bounds the buffers kept for reuse: a chunk plus its overhead
@@ -108,7 +111,14 @@ func New(inner store.Store, dataKey []byte, volumeSeal []byte) (*Store, error) {
 	if len(dataKey) != 32 {
 		return nil, fmt.Errorf("sealed store: data key is %d bytes, want 32", len(dataKey))
 	}
-	return newWithSuite(inner, aesSuite{dataKey: append([]byte(nil), dataKey...)}, volumeSeal)
+	s, err := newWithSuite(inner, aesSuite{dataKey: append([]byte(nil), dataKey...)}, volumeSeal)
+	if err != nil {
+		return nil, err
+	}
+	if s.cacheKey, err = deriveCacheKey(dataKey, volumeSeal); err != nil {
+		return nil, err
+	}
+	return s, nil
 }
 
 func newWithSuite(inner store.Store, su suite, volumeSeal []byte) (*Store, error) {
@@ -167,12 +177,24 @@ func (s *Store) ad(b []byte, name string, i uint64, final bool) []byte {
 	b = append(b[:0], adPrefix...)
 	b = append(b, s.seal[:]...)
 	b = binary.BigEndian.AppendUint64(b, i)
-	f := byte(0)
-	if final {
-		f = 1
-	}
-	b = append(b, f)
+	b = append(b, 0)
+	setADSegment(b, i, final)
 	return append(b, name...)
+}
+
+// adIndexAt is where the segment index starts in the associated data;
+// the final flag follows it.
+const adIndexAt = len(adPrefix) + 16
+
+// setADSegment rewrites the segment index and final flag of an
+// associated data ad built by Store.ad: the rest is the same for every
+// segment of an object, so a loop over segments builds it once.
+func setADSegment(ad []byte, i uint64, final bool) {
+	binary.BigEndian.PutUint64(ad[adIndexAt:], i)
+	ad[adIndexAt+8] = 0
+	if final {
+		ad[adIndexAt+8] = 1
+	}
 }
 
 func (s *Store) getBuf(n int) *[]byte {
@@ -215,13 +237,13 @@ func (s *Store) sealInto(out []byte, name string, body []byte) error {
 		return fmt.Errorf("seal %s: %w", name, err)
 	}
 	var nb [24]byte
-	adBuf := make([]byte, 0, len(adPrefix)+16+9+len(name))
+	ad := s.ad(make([]byte, 0, len(adPrefix)+16+9+len(name)), name, 0, false)
 	segs := max(1, (len(body)+SegmentSize-1)/SegmentSize)
 	out = out[:0]
 	for i := range segs {
 		lo, hi := i*SegmentSize, min((i+1)*SegmentSize, len(body))
 		out = append(out, salt[:]...)
-		ad := s.ad(adBuf, name, uint64(i), i == segs-1)
+		setADSegment(ad, uint64(i), i == segs-1)
 		out = aead.Seal(out, s.suite.nonce(nb[:], salt[:], uint64(i)), body[lo:hi], ad)
 	}
 	return nil
@@ -273,7 +295,7 @@ func (s *Store) GetRange(ctx context.Context, name string, off int64, buf []byte
 	raw := (*sb)[:n]
 	ended := int64(n) < want
 	var nb [24]byte
-	adBuf := make([]byte, 0, len(adPrefix)+16+9+len(name))
+	ad := s.ad(make([]byte, 0, len(adPrefix)+16+9+len(name)), name, 0, false)
 	var salt []byte
 	var aead cipher.AEAD
 	end := off + int64(len(buf)) // plaintext end of the request
@@ -294,7 +316,7 @@ func (s *Store) GetRange(ctx context.Context, name string, off int64, buf []byte
 		} else if string(seg[:saltSize]) != string(salt) {
 			return 0, corrupt(name, segOff, "segment belongs to another write of the object")
 		}
-		ad := s.ad(adBuf, name, uint64(i), final)
+		setADSegment(ad, uint64(i), final)
 		nonce := s.suite.nonce(nb[:], salt, uint64(i))
 		ct := seg[saltSize:]
 		plainLen := int64(len(ct) - tagSize)
