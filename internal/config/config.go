@@ -224,7 +224,7 @@ type EncryptionConfig struct {
 	PassphraseFile string `toml:"passphrase_file" env:"PASSPHRASE_FILE" env-description:"file with a passphrase (mode 0600) stretched with Argon2id into the key that opens the volume's data key; empty = no passphrase"`
 }
 
-// IntegrityConfig is the [integrity] section (docs/ARCHITECTURE.md §16.5).
+// IntegrityConfig is the [integrity] section (docs/ARCHITECTURE.md §16.6).
 type IntegrityConfig struct {
 	Checksums bool `toml:"checksums" env:"CHECKSUMS" env-description:"a new plaintext volume stores a CRC32C per 4 KiB of every object, so damage reads as an I/O error, never wrong bytes; existing volumes keep their format"`
 }

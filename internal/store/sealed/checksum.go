@@ -15,7 +15,7 @@ import (
 // CipherChecksum is the record of a plaintext volume whose objects are
 // framed like sealed ones but not encrypted: every 4 KiB segment carries a
 // CRC32C over its bytes, the object's salt, its index, the final flag, the
-// seal id and the object name (docs/ARCHITECTURE.md §16.5). A damaged,
+// seal id and the object name (docs/ARCHITECTURE.md §16.6). A damaged,
 // truncated, misplaced or mixed-up segment then reads as store.ErrCorrupt
 // instead of wrong bytes. CRC32C guards against accidents (disks, networks,
 // software), not against an attacker who rewrites objects: that needs

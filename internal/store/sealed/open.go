@@ -21,7 +21,7 @@ import (
 // volume.Options.Encryption must carry, so that a new volume's superblock
 // records it and an existing one is checked against it again. With no key
 // configured, a new volume gets checksummed objects when cfg.Checksums is
-// set (docs/ARCHITECTURE.md §16.5).
+// set (docs/ARCHITECTURE.md §16.6).
 func Open(ctx context.Context, raw store.Store, cfg KeyConfig) (store.Store, *Record, error) {
 	var src *keySource
 	if cfg.Enabled() {
