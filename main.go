@@ -36,6 +36,7 @@ import (
 	"github.com/bs3/bs3/internal/store"
 	"github.com/bs3/bs3/internal/store/dir"
 	s3store "github.com/bs3/bs3/internal/store/s3"
+	"github.com/bs3/bs3/internal/store/compressed"
 	"github.com/bs3/bs3/internal/store/sealed"
 	"github.com/bs3/bs3/internal/volume"
 )
@@ -262,6 +263,12 @@ func (d *daemon) start(ctx context.Context, shrink bool) error {
 		}
 		if enc != nil {
 			log.Info().Str("cipher", enc.Cipher).Str("kdf", enc.KDF).Msg("volume is encrypted")
+		}
+		// Compress, then seal (docs/ARCHITECTURE.md §19). Always wrapped,
+		// whatever the codec: objects written under another codec must
+		// stay readable.
+		if st, err = compressed.Open(ctx, st, compressed.Options{Codec: cfg.Compression.Codec, Level: cfg.Compression.Level}); err != nil {
+			return fmt.Errorf("compression: %w", err)
 		}
 		objs := objproxy.New(st, objproxy.Options{
 			Uploaders:   cfg.S3.Uploaders,

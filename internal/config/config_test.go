@@ -151,6 +151,8 @@ func TestDefaultsForMinimalFile(t *testing.T) {
 		{"metrics.listen", c.Metrics.Listen, ""},
 		{"encryption.key_file", c.Encryption.KeyFile, ""},
 		{"encryption.passphrase_file", c.Encryption.PassphraseFile, ""},
+		{"compression.codec", c.Compression.Codec, "none"},
+		{"compression.level", c.Compression.Level, "fastest"},
 	}
 	for _, ck := range checks {
 		if ck.got != ck.want {
@@ -687,5 +689,25 @@ func TestEncryptionKeys(t *testing.T) {
 	c.Cache.Dir = "/var/cache/bs3"
 	if err := c.Validate(); err == nil || !strings.Contains(err.Error(), "plaintext of an encrypted volume") {
 		t.Errorf("encryption with cache.dir: %v, want a refusal", err)
+	}
+}
+
+func TestCompressionKeys(t *testing.T) {
+	c := Default()
+	c.S3.Bucket = "b"
+	for _, codec := range []string{"none", "zstd", "lz4", "s2"} {
+		c.Compression.Codec = codec
+		if err := c.Validate(); err != nil {
+			t.Errorf("codec %q: %v", codec, err)
+		}
+	}
+	c.Compression.Codec = "gzip"
+	if err := c.Validate(); err == nil || !strings.Contains(err.Error(), "compression.codec") || !strings.Contains(err.Error(), "none, zstd, lz4, s2") {
+		t.Errorf("codec gzip: %v, want a refusal naming the key and the allowed values", err)
+	}
+	c.Compression.Codec = "zstd"
+	c.Compression.Level = "9"
+	if err := c.Validate(); err == nil || !strings.Contains(err.Error(), "compression.level") || !strings.Contains(err.Error(), "fastest") {
+		t.Errorf("level 9: %v, want a refusal naming the key and the allowed values", err)
 	}
 }

@@ -34,11 +34,14 @@ import (
 // compressed objects exist.
 const MarkerName = "compression"
 
-// DefaultSegmentSize is the plaintext compressed as one unit (§19.3).
-const DefaultSegmentSize = 64 << 10
+// DefaultSegmentSize is the plaintext compressed as one unit, chosen by
+// measurement (docs/ARCHITECTURE.md §19.3): the read cache's 64 KiB
+// windows, not aligned to segments, fetch the least with it.
+const DefaultSegmentSize = 32 << 10
 
 // indexCacheBytes bounds the parsed indexes kept in memory (a 4 MiB
-// object in 64 KiB segments takes about 1.2 KiB).
+// object in 32 KiB segments takes about 2.3 KiB, so some 7,000 objects,
+// 28 GiB of chunks, keep theirs).
 const indexCacheBytes = 16 << 20
 
 // maxPooled bounds the buffers kept for reuse: a chunk plus its index.

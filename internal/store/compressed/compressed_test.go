@@ -3,9 +3,7 @@ package compressed
 import (
 	"bytes"
 	"context"
-	"encoding/binary"
 	"errors"
-	"fmt"
 	"math/rand/v2"
 	"strings"
 	"testing"
@@ -15,39 +13,11 @@ import (
 	"github.com/bs3/bs3/internal/store/sealed"
 	"github.com/bs3/bs3/internal/store/storetest"
 	"github.com/bs3/bs3/internal/testutil/minio"
+	"github.com/bs3/bs3/internal/testutil/textlike"
 )
 
-// textLike returns n bytes of log- and config-like text: words from a
-// fixed vocabulary, numbers, punctuation and newlines. Deterministic.
-func textLike(seed uint64, n int) []byte {
-	r := rand.New(rand.NewPCG(seed, 42))
-	vocab := make([]string, 2000)
-	for i := range vocab {
-		w := make([]byte, 2+r.IntN(9))
-		for j := range w {
-			w[j] = byte('a' + r.IntN(26))
-		}
-		vocab[i] = string(w)
-	}
-	var b bytes.Buffer
-	for b.Len() < n {
-		switch r.IntN(12) {
-		case 0:
-			fmt.Fprintf(&b, "%d", r.IntN(100000))
-		case 1:
-			b.WriteString(". ")
-		case 2:
-			b.WriteString("\n")
-		case 3:
-			fmt.Fprintf(&b, "%s=%q ", vocab[r.IntN(64)], vocab[r.IntN(len(vocab))])
-		default:
-			// Zipf-like: common words far more often.
-			b.WriteString(vocab[int(float64(len(vocab))*r.Float64()*r.Float64()*r.Float64())])
-			b.WriteByte(' ')
-		}
-	}
-	return b.Bytes()[:n]
-}
+// textLike is the text-like data of the ratio target.
+func textLike(seed uint64, n int) []byte { return textlike.Bytes(seed, n) }
 
 func randBytes(seed uint64, n int) []byte {
 	r := rand.New(rand.NewPCG(seed, 7))
@@ -466,5 +436,3 @@ func TestBadOptions(t *testing.T) {
 		t.Errorf("unknown codec error does not name the allowed ones: %v", err)
 	}
 }
-
-var _ = binary.LittleEndian
