@@ -469,3 +469,6 @@ func (s *Store) Delete(ctx context.Context, name string) error {
 	defer s.idx.Invalidate(name)
 	return s.inner.Delete(ctx, name)
 }
+
+// Inner is the store this one wraps.
+func (s *Store) Inner() store.Store { return s.inner }
