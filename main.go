@@ -34,9 +34,9 @@ import (
 	"github.com/bs3/bs3/internal/null"
 	"github.com/bs3/bs3/internal/objproxy"
 	"github.com/bs3/bs3/internal/store"
+	"github.com/bs3/bs3/internal/store/compressed"
 	"github.com/bs3/bs3/internal/store/dir"
 	s3store "github.com/bs3/bs3/internal/store/s3"
-	"github.com/bs3/bs3/internal/store/compressed"
 	"github.com/bs3/bs3/internal/store/sealed"
 	"github.com/bs3/bs3/internal/volume"
 )
