@@ -29,6 +29,7 @@ import (
 	"github.com/bs3/bs3/internal/config"
 	"github.com/bs3/bs3/internal/inspect"
 	"github.com/bs3/bs3/internal/objproxy"
+	"github.com/bs3/bs3/internal/store/compressed"
 	"github.com/bs3/bs3/internal/store/sealed"
 )
 
@@ -141,6 +142,12 @@ func openInspect(cfg config.Config) (*objproxy.Proxy, context.Context, func(), e
 	if st, _, err = sealed.Open(ctx, st, sealed.KeyConfig{KeyFile: cfg.Encryption.KeyFile, PassphraseFile: cfg.Encryption.PassphraseFile}); err != nil {
 		cancel()
 		return nil, nil, nil, fmt.Errorf("encryption: %w", err)
+	}
+	// Compressed objects are read through their headers; a daemon beside
+	// may be writing its first ones, so do not trust a missing marker.
+	if st, err = compressed.Open(ctx, st, compressed.Options{AssumeCompressed: true}); err != nil {
+		cancel()
+		return nil, nil, nil, fmt.Errorf("compression: %w", err)
 	}
 	objs := objproxy.New(st, objproxy.Options{
 		Uploaders:   2,

@@ -34,6 +34,7 @@ import (
 	"github.com/bs3/bs3/internal/null"
 	"github.com/bs3/bs3/internal/objproxy"
 	"github.com/bs3/bs3/internal/store"
+	"github.com/bs3/bs3/internal/store/compressed"
 	"github.com/bs3/bs3/internal/store/dir"
 	s3store "github.com/bs3/bs3/internal/store/s3"
 	"github.com/bs3/bs3/internal/store/sealed"
@@ -268,6 +269,13 @@ func (d *daemon) start(ctx context.Context, shrink bool) error {
 		default:
 			log.Warn().Msg("volume is not encrypted and its objects carry no checksums (created without [integrity] checksums): a damaged object would read as wrong bytes")
 		}
+		sealedStore := st // the disk cache's sealer comes from here
+		// Compress, then seal (docs/ARCHITECTURE.md §19). Always wrapped,
+		// whatever the codec: objects written under another codec must
+		// stay readable.
+		if st, err = compressed.Open(ctx, st, compressed.Options{Codec: cfg.Compression.Codec, Level: cfg.Compression.Level}); err != nil {
+			return fmt.Errorf("compression: %w", err)
+		}
 		objs := objproxy.New(st, objproxy.Options{
 			Uploaders:   cfg.S3.Uploaders,
 			Downloaders: cfg.S3.Downloaders,
@@ -282,9 +290,9 @@ func (d *daemon) start(ctx context.Context, shrink bool) error {
 			// key derived from its data key (docs/ARCHITECTURE.md §16.5).
 			var cs cache.Sealer
 			if enc.Encrypted() && cfg.Cache.Dir != "" {
-				ss, ok := st.(*sealed.Store)
+				ss, ok := sealedStore.(*sealed.Store)
 				if !ok {
-					return fmt.Errorf("read cache: the encrypted volume's store is a %T, not the sealed store: refusing a disk cache that could hold plaintext", st)
+					return fmt.Errorf("read cache: the encrypted volume's store is a %T, not the sealed store: refusing a disk cache that could hold plaintext", sealedStore)
 				}
 				if cs, err = ss.CacheSealer(); err != nil {
 					return fmt.Errorf("read cache: %w", err)

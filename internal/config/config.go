@@ -91,19 +91,20 @@ type Config struct {
 	// contrib/systemd/bs3.service), or systemd kills the daemon first.
 	ShutdownTimeout int `toml:"shutdown_timeout" env:"BS3_SHUTDOWN_TIMEOUT" env-description:"seconds a stop (SIGINT/SIGTERM, or a frontend that ended) may take before bs3 gives up, logs what it could not store and exits non-zero"`
 
-	S3         S3Config         `toml:"s3" env-prefix:"BS3_S3_"`
-	Write      WriteConfig      `toml:"write" env-prefix:"BS3_WRITE_"`
-	Read       ReadConfig       `toml:"read" env-prefix:"BS3_READ_"`
-	GC         GCConfig         `toml:"gc" env-prefix:"BS3_GC_"`
-	Log        LogConfig        `toml:"log" env-prefix:"BS3_LOG_"`
-	Checkpoint CheckpointConfig `toml:"checkpoint" env-prefix:"BS3_CHECKPOINT_"`
-	NBD        NBDConfig        `toml:"nbd" env-prefix:"BS3_NBD_"`
-	FUSE       FUSEConfig       `toml:"fuse" env-prefix:"BS3_FUSE_"`
-	Dir        DirConfig        `toml:"dir" env-prefix:"BS3_DIR_"`
-	Cache      CacheConfig      `toml:"cache" env-prefix:"BS3_CACHE_"`
-	Metrics    MetricsConfig    `toml:"metrics" env-prefix:"BS3_METRICS_"`
-	Encryption EncryptionConfig `toml:"encryption" env-prefix:"BS3_ENCRYPTION_"`
-	Integrity  IntegrityConfig  `toml:"integrity" env-prefix:"BS3_INTEGRITY_"`
+	S3          S3Config          `toml:"s3" env-prefix:"BS3_S3_"`
+	Write       WriteConfig       `toml:"write" env-prefix:"BS3_WRITE_"`
+	Read        ReadConfig        `toml:"read" env-prefix:"BS3_READ_"`
+	GC          GCConfig          `toml:"gc" env-prefix:"BS3_GC_"`
+	Log         LogConfig         `toml:"log" env-prefix:"BS3_LOG_"`
+	Checkpoint  CheckpointConfig  `toml:"checkpoint" env-prefix:"BS3_CHECKPOINT_"`
+	NBD         NBDConfig         `toml:"nbd" env-prefix:"BS3_NBD_"`
+	FUSE        FUSEConfig        `toml:"fuse" env-prefix:"BS3_FUSE_"`
+	Dir         DirConfig         `toml:"dir" env-prefix:"BS3_DIR_"`
+	Cache       CacheConfig       `toml:"cache" env-prefix:"BS3_CACHE_"`
+	Metrics     MetricsConfig     `toml:"metrics" env-prefix:"BS3_METRICS_"`
+	Encryption  EncryptionConfig  `toml:"encryption" env-prefix:"BS3_ENCRYPTION_"`
+	Compression CompressionConfig `toml:"compression" env-prefix:"BS3_COMPRESSION_"`
+	Integrity   IntegrityConfig   `toml:"integrity" env-prefix:"BS3_INTEGRITY_"`
 
 	// notices name the retired BS3 keys and variables the configuration
 	// was read with (see Notices); unexported, so it is no key.
@@ -229,6 +230,20 @@ type IntegrityConfig struct {
 	Checksums bool `toml:"checksums" env:"CHECKSUMS" env-description:"a new plaintext volume stores a CRC32C per 4 KiB of every object, so damage reads as an I/O error, never wrong bytes; existing volumes keep their format"`
 }
 
+// CompressionConfig is the [compression] section: how new data objects
+// and checkpoints are compressed (docs/ARCHITECTURE.md §19). Every object
+// records its codec, so it may change at any time.
+type CompressionConfig struct {
+	Codec string `toml:"codec" env:"CODEC" env-description:"codec of newly written objects: none, zstd, lz4 or s2; objects already stored stay readable whatever it says"`
+	Level string `toml:"level" env:"LEVEL" env-description:"compression effort: fastest, default, better or best (more CPU per write for a smaller bucket)"`
+}
+
+// Compression codecs and levels (internal/store/compressed owns them).
+var (
+	compressionCodecs = []string{"none", "zstd", "lz4", "s2"}
+	compressionLevels = []string{"fastest", "default", "better", "best"}
+)
+
 // CacheMemoryBytes is cache.memory_size in bytes.
 func (c Config) CacheMemoryBytes() int64 { return int64(c.Cache.MemorySize) * mib }
 
@@ -270,7 +285,10 @@ func Default() Config {
 		FUSE:       FUSEConfig{Mountpoint: "/run/bs3/fuse", Loop: true},
 		Dir:        DirConfig{Path: "/var/lib/bs3/objects"},
 		Cache:      CacheConfig{MemorySize: 256, FetchSize: 256, DiskSize: 10},
-		Integrity:  IntegrityConfig{Checksums: true},
+		// zstd's fastest level costs half the CPU of its default for
+		// 1.5 points of ratio (docs/ARCHITECTURE.md §19.3).
+		Compression: CompressionConfig{Codec: "none", Level: "fastest"},
+		Integrity:   IntegrityConfig{Checksums: true},
 	}
 }
 
@@ -499,6 +517,9 @@ func (c Config) Validate() error {
 	if c.Encryption.KeyFile != "" && c.Encryption.PassphraseFile != "" {
 		bad("encryption.passphrase_file", c.Encryption.PassphraseFile, "cannot be set together with encryption.key_file: set only one")
 	}
+
+	oneOf("compression.codec", c.Compression.Codec, compressionCodecs)
+	oneOf("compression.level", c.Compression.Level, compressionLevels)
 
 	if l := c.Metrics.Listen; l != "" {
 		if _, port, err := net.SplitHostPort(l); err != nil {

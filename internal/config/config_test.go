@@ -152,6 +152,8 @@ func TestDefaultsForMinimalFile(t *testing.T) {
 		{"encryption.key_file", c.Encryption.KeyFile, ""},
 		{"encryption.passphrase_file", c.Encryption.PassphraseFile, ""},
 		{"integrity.checksums", c.Integrity.Checksums, true},
+		{"compression.codec", c.Compression.Codec, "none"},
+		{"compression.level", c.Compression.Level, "fastest"},
 	}
 	for _, ck := range checks {
 		if ck.got != ck.want {
@@ -709,5 +711,25 @@ func TestChunkBuffers(t *testing.T) {
 	c.Threads, c.S3.Uploaders = 1, 2
 	if got := c.ChunkBuffers(); got != 8 {
 		t.Errorf("1 thread, 2 uploaders: %d buffers, want 8 (the write buffer's)", got)
+	}
+}
+
+func TestCompressionKeys(t *testing.T) {
+	c := Default()
+	c.S3.Bucket = "b"
+	for _, codec := range []string{"none", "zstd", "lz4", "s2"} {
+		c.Compression.Codec = codec
+		if err := c.Validate(); err != nil {
+			t.Errorf("codec %q: %v", codec, err)
+		}
+	}
+	c.Compression.Codec = "gzip"
+	if err := c.Validate(); err == nil || !strings.Contains(err.Error(), "compression.codec") || !strings.Contains(err.Error(), "none, zstd, lz4, s2") {
+		t.Errorf("codec gzip: %v, want a refusal naming the key and the allowed values", err)
+	}
+	c.Compression.Codec = "zstd"
+	c.Compression.Level = "9"
+	if err := c.Validate(); err == nil || !strings.Contains(err.Error(), "compression.level") || !strings.Contains(err.Error(), "fastest") {
+		t.Errorf("level 9: %v, want a refusal naming the key and the allowed values", err)
 	}
 }
