@@ -49,7 +49,9 @@ func TestCompressionWiring(t *testing.T) {
 			t.Fatal(err)
 		}
 		stored += int64(len(b))
-		if bytes.HasPrefix(b, []byte("BS3CMPR\x00")) {
+		// The volume is checksummed (the default): the compressed body
+		// starts after the first segment's 16-byte salt (ARCHITECTURE §16.6).
+		if len(b) > 16 && bytes.HasPrefix(b[16:], []byte("BS3CMPR\x00")) {
 			compressedObjects++
 		}
 	}
