@@ -106,19 +106,19 @@ func BenchmarkUploadCPU(b *testing.B) {
 	type bs3Variant struct {
 		mode     s3.PayloadMode
 		viaProxy bool
-		sealed   bool // encrypted volume: the sealing layer under the proxy
+		framing  string // "sealed" (encrypted volume) or "checksummed" (the default plaintext volume): the layer under the proxy
 	}
 	for _, bv := range []bs3Variant{
-		{s3.PayloadSigned, false, false}, {s3.PayloadUnsigned, false, false}, {s3.PayloadCRC32C, false, false}, {s3.PayloadMD5, false, false}, {s3.PayloadAuto, false, false},
-		{s3.PayloadSigned, true, false}, {s3.PayloadAuto, true, false}, {s3.PayloadAuto, true, true},
+		{s3.PayloadSigned, false, ""}, {s3.PayloadUnsigned, false, ""}, {s3.PayloadCRC32C, false, ""}, {s3.PayloadMD5, false, ""}, {s3.PayloadAuto, false, ""},
+		{s3.PayloadSigned, true, ""}, {s3.PayloadAuto, true, ""}, {s3.PayloadAuto, true, "sealed"}, {s3.PayloadAuto, true, "checksummed"},
 	} {
-		mode, viaProxy, seal := bv.mode, bv.viaProxy, bv.sealed
+		mode, viaProxy, framing := bv.mode, bv.viaProxy, bv.framing
 		name := "bs3-store-" + string(mode)
 		if viaProxy {
 			name = "bs3-objproxy-" + string(mode)
 		}
-		if seal {
-			name += "-sealed"
+		if framing != "" {
+			name += "-" + framing
 		}
 		var put func(ctx context.Context, name string) error
 		variants = append(variants, variant{
@@ -135,8 +135,13 @@ func BenchmarkUploadCPU(b *testing.B) {
 				}
 				put = func(ctx context.Context, name string) error { return st.Put(ctx, name, body, false) }
 				var under store.Store = st
-				if seal {
+				switch framing {
+				case "sealed":
 					if under, err = sealed.New(st, bytes.Repeat([]byte{1}, 32), bytes.Repeat([]byte{2}, 16)); err != nil {
+						b.Fatal(err)
+					}
+				case "checksummed":
+					if under, err = sealed.NewChecksummed(st, bytes.Repeat([]byte{2}, 16)); err != nil {
 						b.Fatal(err)
 					}
 				}

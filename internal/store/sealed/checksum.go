@@ -53,7 +53,7 @@ func (crcSuite) aead(salt []byte) (cipher.AEAD, error) {
 	if len(salt) != saltSize {
 		return nil, fmt.Errorf("checksum frame: salt is %d bytes, want %d", len(salt), saltSize)
 	}
-	return crcFrame{salt: [saltSize]byte(salt)}, nil
+	return &crcFrame{salt: [saltSize]byte(salt)}, nil
 }
 
 func (crcSuite) nonce(n []byte, salt []byte, i uint64) []byte { return aesSuite{}.nonce(n, salt, i) }
@@ -68,10 +68,10 @@ const crcTagMark = "bs3crc32"
 // plaintext and a tag of CRC32C | length | mark; Open checks all of it.
 type crcFrame struct{ salt [saltSize]byte }
 
-func (crcFrame) NonceSize() int { return 12 }
-func (crcFrame) Overhead() int  { return tagSize }
+func (*crcFrame) NonceSize() int { return 12 }
+func (*crcFrame) Overhead() int  { return tagSize }
 
-func (f crcFrame) tag(t []byte, nonce, body, ad []byte) {
+func (f *crcFrame) tag(t []byte, nonce, body, ad []byte) {
 	c := crc32.Update(0, castagnoli, f.salt[:])
 	c = crc32.Update(c, castagnoli, nonce)
 	c = crc32.Update(c, castagnoli, ad)
@@ -81,7 +81,7 @@ func (f crcFrame) tag(t []byte, nonce, body, ad []byte) {
 	copy(t[8:16], crcTagMark)
 }
 
-func (f crcFrame) Seal(dst, nonce, plaintext, ad []byte) []byte {
+func (f *crcFrame) Seal(dst, nonce, plaintext, ad []byte) []byte {
 	dst = append(dst, plaintext...)
 	var t [tagSize]byte
 	f.tag(t[:], nonce, plaintext, ad)
@@ -90,7 +90,7 @@ func (f crcFrame) Seal(dst, nonce, plaintext, ad []byte) []byte {
 
 var errChecksum = errors.New("checksum mismatch")
 
-func (f crcFrame) Open(dst, nonce, ciphertext, ad []byte) ([]byte, error) {
+func (f *crcFrame) Open(dst, nonce, ciphertext, ad []byte) ([]byte, error) {
 	if len(ciphertext) < tagSize {
 		return nil, errChecksum
 	}
