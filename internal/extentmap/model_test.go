@@ -320,7 +320,7 @@ func TestRandomAgainstModel(t *testing.T) {
 			if testing.Short() || raceEnabled {
 				seeds = 2
 			}
-			var sawDense, sawSparse bool
+			var sawDense, sawSparse, sawRuns bool
 			for seed := 0; seed < seeds; seed++ {
 				rng := rand.New(rand.NewPCG(uint64(seed), uint64(g.blocks)))
 				m, err := New(g.blocks)
@@ -331,7 +331,13 @@ func TestRandomAgainstModel(t *testing.T) {
 				var nextKey int64
 				for round := 0; round < 4; round++ {
 					randomOps(t, rng, m, md, 400, &nextKey)
+					if round == 1 {
+						scatterPage(t, rng, m, md, &nextKey)
+					}
 					check(t, m, md)
+					sawDense = sawDense || m.dense > 0
+					sawSparse = sawSparse || m.pages > m.dense+m.runPages
+					sawRuns = sawRuns || m.runPages > 0
 					bs := md.sortedBlocks()
 					for i := 0; i < 20; i++ {
 						b := rng.Int64N(g.blocks)
@@ -341,8 +347,6 @@ func TestRandomAgainstModel(t *testing.T) {
 						}
 					}
 				}
-				sawDense = sawDense || m.dense > 0
-				sawSparse = sawSparse || m.pages > m.dense
 				// The serialized map must decode to the same observables.
 				data, err := m.MarshalBinary()
 				if err != nil {
@@ -357,17 +361,38 @@ func TestRandomAgainstModel(t *testing.T) {
 				randomOps(t, rng, m2, md, 200, &nextKey)
 				check(t, m2, md)
 			}
-			if !sawDense || !sawSparse {
-				t.Fatalf("test did not exercise both page forms (dense %v, sparse %v)", sawDense, sawSparse)
+			if !sawDense || !sawSparse || !sawRuns {
+				t.Fatalf("test did not exercise all page forms (dense %v, sparse %v, runs %v)", sawDense, sawSparse, sawRuns)
 			}
 		})
+	}
+}
+
+// scatterPage writes every block of a random page, one block at a time in
+// random order at random offsets and mostly newer seqnos: the page ends
+// dense whatever form it had, and later long runs over it may turn it back
+// to runs.
+func scatterPage(t testing.TB, rng *rand.Rand, m *Map, md *model, nextKey *int64) {
+	t.Helper()
+	first := rng.Int64N((md.blocks+pageLen-1)/pageLen) * pageLen
+	for _, i := range rng.Perm(int(min(pageLen, md.blocks-first))) {
+		b := first + int64(i)
+		key, off, seq := *nextKey, rng.Int64N(MaxOff+1), uint64(60+rng.IntN(8))
+		*nextKey++
+		got, err := m.Update(b, 1, key, off, seq)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if want := md.update(b, 1, key, off, false, seq); got != want {
+			t.Fatalf("scatter block %d: applied %d, model %d", b, got, want)
+		}
 	}
 }
 
 // checkInternals verifies the map's running counters against its pages.
 func checkInternals(t *testing.T, m *Map) {
 	t.Helper()
-	var pages, dense, sparseCap, written int64
+	var pages, dense, sparseCap, written, runPages, runCap int64
 	for _, c := range m.dir {
 		if c == nil {
 			continue
@@ -378,7 +403,29 @@ func checkInternals(t *testing.T, m *Map) {
 			}
 			pages++
 			n := 0
-			if p.d != nil {
+			if p.rn != nil && (p.d != nil || p.sp != nil) {
+				t.Fatal("page in two forms")
+			}
+			if p.rn != nil {
+				runPages++
+				rs := p.rn.r
+				runCap += int64(cap(rs))
+				for i, r := range rs {
+					if r.n < 1 || r.end() > pageLen {
+						t.Fatalf("run %d %+v out of the page", i, r)
+					}
+					if i > 0 && rs[i-1].end() > int(r.idx) {
+						t.Fatalf("runs %d and %d overlap or are not sorted: %+v %+v", i-1, i, rs[i-1], r)
+					}
+					if i > 0 && continues(rs[i-1], r) {
+						t.Fatalf("runs %d and %d not merged: %+v %+v", i-1, i, rs[i-1], r)
+					}
+					if !r.zero() && r.off()+int64(r.n)-1 > MaxOff {
+						t.Fatalf("run %d %+v past MaxOff", i, r)
+					}
+					n += int(r.n)
+				}
+			} else if p.d != nil {
 				dense++
 				for _, e := range p.d {
 					if e.loc != 0 {
@@ -400,8 +447,9 @@ func checkInternals(t *testing.T, m *Map) {
 			written += int64(n)
 		}
 	}
-	if pages != m.pages || dense != m.dense || sparseCap != m.sparseCap || written != m.written {
-		t.Fatalf("counters pages %d dense %d sparseCap %d written %d; pages hold %d %d %d %d",
-			m.pages, m.dense, m.sparseCap, m.written, pages, dense, sparseCap, written)
+	if pages != m.pages || dense != m.dense || sparseCap != m.sparseCap || written != m.written ||
+		runPages != m.runPages || runCap != m.runCap {
+		t.Fatalf("counters pages %d dense %d sparseCap %d written %d runPages %d runCap %d; pages hold %d %d %d %d %d %d",
+			m.pages, m.dense, m.sparseCap, m.written, m.runPages, m.runCap, pages, dense, sparseCap, written, runPages, runCap)
 	}
 }
