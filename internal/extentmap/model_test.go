@@ -453,3 +453,126 @@ func checkInternals(t *testing.T, m *Map) {
 			m.pages, m.dense, m.sparseCap, m.written, m.runPages, m.runCap, pages, dense, sparseCap, written, runPages, runCap)
 	}
 }
+
+// TestRunsAgainstModel drives the runs form through its life against the
+// model: sequential 1 MiB items (one run each), overwrites and trims in the
+// middle of runs, late uploads of older seqnos, GC copies with the original
+// seqno, random writes that turn pages sparse and dense, sequential writes
+// that turn them back to runs, and checkpoint round trips.
+func TestRunsAgainstModel(t *testing.T) {
+	const pages = 8
+	const blocks = pages*pageLen + 300
+	m := mustNew(t, blocks)
+	md := newModel(blocks)
+	rng := rand.New(rand.NewPCG(11, 12))
+	var seq uint64
+	var key int64
+	apply := func(block, n, k, off int64, zero bool, s uint64) {
+		t.Helper()
+		n = min(n, blocks-block)
+		var got int64
+		var err error
+		if zero {
+			got, err = m.UpdateZero(block, n, k, s)
+		} else {
+			got, err = m.Update(block, n, k, off, s)
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		if want := md.update(block, n, k, off, zero, s); got != want {
+			t.Fatalf("[%d,+%d) key %d seq %d: applied %d, model %d", block, n, k, s, got, want)
+		}
+	}
+	sequential := func(from, to int64) {
+		for b := from; b < to; b += 256 {
+			seq++
+			apply(b, 256, key, int64(seq%4)*256, false, seq)
+			if seq%4 == 3 {
+				key++
+			}
+		}
+		key++
+	}
+	roundTrip := func() {
+		t.Helper()
+		check(t, m, md)
+		data, err := m.MarshalBinary()
+		if err != nil {
+			t.Fatal(err)
+		}
+		m2, err := UnmarshalBinary(data)
+		if err != nil {
+			t.Fatal(err)
+		}
+		check(t, m2, md)
+	}
+
+	sequential(0, blocks)
+	check(t, m, md)
+	if m.runPages != m.pages {
+		t.Fatalf("sequential map: %d of %d pages in runs form", m.runPages, m.pages)
+	}
+	if p := m.page(1); len(p.rn.r) != pageLen/256 {
+		t.Fatalf("page of 1 MiB items holds %d runs, want %d", len(p.rn.r), pageLen/256)
+	}
+	roundTrip()
+
+	// Overwrites and trims inside runs, an older upload arriving late, a
+	// GC copy of a run with its original seqno into a new object.
+	for i := 0; i < 40; i++ {
+		b := rng.Int64N(blocks - 600)
+		switch i % 4 {
+		case 0:
+			seq++
+			apply(b, 1+rng.Int64N(20), key, rng.Int64N(1000), false, seq)
+			key++
+		case 1:
+			seq++
+			apply(b, 1+rng.Int64N(600), key, 0, true, seq)
+			key++
+		case 2:
+			apply(b, 1+rng.Int64N(600), key, rng.Int64N(1000), false, seq-uint64(rng.IntN(int(seq))))
+			key++
+		case 3:
+			// Copy the extents Scan reports, as threshold GC does.
+			var es []Extent
+			var seqs []uint64
+			m.Scan(b, 300, func(e Extent, s uint64) bool {
+				es, seqs = append(es, e), append(seqs, s)
+				return true
+			})
+			for j, e := range es {
+				if e.N > MaxOff+1 {
+					continue
+				}
+				apply(e.Block, e.N, key, 0, e.Zero, seqs[j])
+				key++
+			}
+		}
+	}
+	roundTrip()
+
+	// Random single blocks on two pages: they leave the runs form.
+	for _, pi := range []int64{2, 5} {
+		for i := 0; i < 3000; i++ {
+			seq++
+			apply(pi*pageLen+rng.Int64N(pageLen), 1, key, rng.Int64N(MaxOff+1), false, seq)
+			key++
+		}
+		if p := m.page(pi); p.rn != nil {
+			t.Fatalf("page %d still in runs form after random writes (%d runs)", pi, len(p.rn.r))
+		}
+	}
+	roundTrip()
+
+	// Sequential writes over them again: runs once more.
+	sequential(2*pageLen, 3*pageLen)
+	sequential(5*pageLen, 6*pageLen)
+	for _, pi := range []int64{2, 5} {
+		if p := m.page(pi); p.rn == nil || len(p.rn.r) != pageLen/256 {
+			t.Fatalf("page %d not back in runs form after a sequential overwrite", pi)
+		}
+	}
+	roundTrip()
+}
