@@ -59,7 +59,11 @@ func unzigzag(u uint64) int64 { return int64(u>>1) ^ -int64(u&1) }
 // MarshalBinary serializes the map: the allocated pages (only their written
 // entries) and the per-object totals, with a version and a checksum.
 func (m *Map) MarshalBinary() ([]byte, error) {
-	b := make([]byte, 0, 64+m.objs.tracked*4+m.written*6)
+	// About 6 bytes per object and per run, 8 per entry of a sparse or
+	// dense page, whose entries are mostly random (capacities stand in for
+	// lengths): not per written block, which for a sequentially written
+	// TiB would be 1.5 GiB.
+	b := make([]byte, 0, 64+6*(m.objs.tracked+m.runCap)+8*(m.sparseCap+m.dense*pageLen))
 	b = append(b, magic...)
 	b = binary.AppendUvarint(b, formatVersion)
 	b = binary.AppendUvarint(b, uint64(m.blocks))
@@ -91,8 +95,8 @@ func (m *Map) MarshalBinary() ([]byte, error) {
 			}
 			b = binary.AppendUvarint(b, uint64(pi-prevPage-1))
 			prevPage = pi
-			// The run count precedes the runs: encode them after a
-			// placeholder-free scratch and append both.
+			// The run count precedes the runs: encode the runs into
+			// scratch first, then append the count and the runs.
 			e := runEncoder{b: scratch[:0]}
 			p.eachRun(func(r runEntry) bool {
 				e.put(r)
