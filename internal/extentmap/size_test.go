@@ -153,7 +153,7 @@ func TestRandomMapSize(t *testing.T) {
 		name   string
 		writes int64
 	}{{"1/16 density", gib8 / 16}, {"8 GiB written once", gib8}} {
-		if testing.Short() && c.writes > gib8/16 {
+		if (testing.Short() || raceEnabled) && c.writes > gib8/16 {
 			continue
 		}
 		s := measure(t, func() *Map {
