@@ -10,15 +10,28 @@
 //
 // Memory follows what has been written, not the device size. Blocks are
 // grouped in pages of 4096; a page is allocated on its first write. A page
-// starts sparse (a sorted array of 16-byte entries: block index, block
-// offset, key relative to a per-page base, seqno) and becomes dense (4096
-// entries of 16 bytes, indexed by block) once it is almost full, where the
-// sparse form would save little and inserting into it would cost a long
-// memmove. A sparse page stores keys as 32-bit offsets from a per-page
-// base, which is moved as keys advance; a page whose keys span more than
-// 2^32 turns dense. Pages hang off a two-level directory so that a large,
-// unwritten device costs a few KiB. Entries are never removed: a discard
-// leaves a tombstone, because recovery must replay it.
+// is in one of three forms, chosen by what its entries cost
+// (docs/ARCHITECTURE.md §8):
+//
+//   - runs: a sorted array of 24-byte extents (first block, length, key and
+//     block offset, seqno), one per run of blocks written by one item. A
+//     page first written by a multi-block update starts in this form, so a
+//     sequentially written page costs one entry per item, not per block.
+//   - sparse: a sorted array of 16-byte entries (block index, block offset,
+//     key relative to a per-page base, seqno), one per written block. A
+//     page first written by a single block starts here, and a runs page
+//     whose runs got short (random overwrites) turns sparse.
+//   - dense: 4096 entries of 16 bytes indexed by block, for a page that is
+//     almost full of short runs, where the sparse form would save little
+//     and inserting into it would cost a long memmove.
+//
+// A sparse page stores keys as 32-bit offsets from a per-page base, which
+// is moved as keys advance; a page whose keys span more than 2^32 turns
+// to runs (which hold whole keys) or dense. A large update on a sparse or
+// dense page checks whether runs would now be much cheaper. Pages hang off
+// a two-level directory so that a large, unwritten device costs a few KiB.
+// Entries are never removed: a discard leaves a tombstone, because
+// recovery must replay it.
 //
 // MarshalBinary/UnmarshalBinary give the checkpoint body: versioned,
 // checksummed, only written entries, delta-encoded.
@@ -82,10 +95,12 @@ type sparseEntry struct {
 	idx uint16 // block index inside the page
 }
 
-// page holds pageLen consecutive blocks, in exactly one of two forms.
+// page holds pageLen consecutive blocks, in exactly one of three forms:
+// runs (rn != nil), dense (d != nil) or else sparse.
 type page struct {
-	sp   []sparseEntry        // sparse form, sorted by idx; nil when dense
-	d    *[pageLen]denseEntry // dense form; nil when sparse
+	sp   []sparseEntry        // sparse form, sorted by idx
+	d    *[pageLen]denseEntry // dense form
+	rn   *runList             // runs form
 	base int64                // key base of sparse entries
 	n    int32                // written blocks in the page
 }
@@ -100,8 +115,13 @@ type Map struct {
 	dense   int64 // allocated pages in dense form
 	// sparseCap is the summed capacity of sparse pages, in entries.
 	sparseCap int64
+	runPages  int64 // allocated pages in runs form
+	runCap    int64 // summed capacity of runs pages, in runs
 
 	objs objects
+	// scratch holds the runs an update rebuilds before they are spliced
+	// into a runs page; kept to avoid an allocation per update.
+	scratch []runEntry
 }
 
 // New returns an empty map for a device of blocks blocks (all unwritten).
@@ -156,6 +176,8 @@ func (m *Map) HeapBytes() int64 {
 	b += m.pages * int64(unsafe.Sizeof(page{}))
 	b += m.dense * int64(unsafe.Sizeof([pageLen]denseEntry{}))
 	b += m.sparseCap * int64(unsafe.Sizeof(sparseEntry{}))
+	b += m.runPages*int64(unsafe.Sizeof(runList{})) + m.runCap*int64(unsafe.Sizeof(runEntry{}))
+	b += int64(cap(m.scratch)) * int64(unsafe.Sizeof(runEntry{}))
 	return b + m.objs.heapBytes()
 }
 
@@ -232,11 +254,19 @@ func (m *Map) update(block, n, key, off int64, seq uint64) (int64, error) {
 		lo := int(block & pageMask)
 		cnt := int(min(n, int64(pageLen-lo)))
 		p := m.allocPage(pi, key)
-		if p.d != nil {
+		if p.n == 0 && cnt > 1 && p.rn == nil && p.d == nil {
+			// A new page written by a run: one entry for the item.
+			m.toRuns(p)
+		}
+		switch {
+		case p.rn != nil:
+			applied += m.updateRuns(p, lo, cnt, key, off, seq)
+		case p.d != nil:
 			applied += m.updateDense(p, lo, cnt, key, off, seq)
-		} else {
+		default:
 			applied += m.updateSparse(p, lo, cnt, key, off, seq)
 		}
+		m.reform(p, cnt)
 		block += int64(cnt)
 		n -= int64(cnt)
 		if off != zeroOff {
@@ -351,7 +381,13 @@ func (m *Map) updateSparse(p *page, lo, cnt int, key, off int64, seq uint64) int
 		j = i + lowerBound(src[i:], lo+cnt)
 	}
 	missing := cnt - (j - i)
-	if n+missing > sparseMax || (!p.fits(key) && !p.rebase(key)) {
+	if !p.fits(key) && !p.rebase(key) {
+		// Keys too far apart for 32-bit offsets: runs hold whole keys
+		// (reform turns the page dense if the runs get too many).
+		m.toRuns(p)
+		return m.updateRuns(p, lo, cnt, key, off, seq)
+	}
+	if n+missing > sparseMax {
 		m.densify(p)
 		return m.updateDense(p, lo, cnt, key, off, seq)
 	}
@@ -424,6 +460,14 @@ type Extent struct {
 
 // entryAt decodes the entry of block idx of page p; key -1 if unwritten.
 func (p *page) entryAt(idx int) (key, off int64, seq uint64) {
+	if p.rn != nil {
+		rs := p.rn.r
+		if k := runAt(rs, idx); k < len(rs) && int(rs[k].idx) <= idx {
+			r := rs[k]
+			return r.key(), r.offAt(idx), r.seq
+		}
+		return -1, 0, 0
+	}
 	if p.d != nil {
 		e := p.d[idx]
 		if e.loc == 0 {
@@ -506,6 +550,8 @@ func (m *Map) Lookup(block, n int64, fn func(Extent)) {
 		switch {
 		case p == nil:
 			a.add(block, int64(cnt), -1, 0)
+		case p.rn != nil:
+			lookupRuns(&a, p.rn.r, lo, cnt, block)
 		case p.d != nil:
 			lookupDense(&a, p.d[lo:lo+cnt], block)
 		default:
@@ -575,18 +621,20 @@ type scanAcc struct {
 	fn   func(Extent, uint64) bool
 }
 
-func (a *scanAcc) add(block, key, off int64, seq uint64) {
+// add reports n blocks from block on, contiguous in key from off (or
+// tombstones when off is zeroOff), written with seq.
+func (a *scanAcc) add(block, n, key, off int64, seq uint64) {
 	zero := off == zeroOff
 	if zero {
 		off = 0
 	}
 	c := &a.cur
 	if a.ok && c.Block+c.N == block && c.Key == key && c.Zero == zero && a.seq == seq && (zero || c.Off+c.N == off) {
-		c.N++
+		c.N += n
 		return
 	}
 	a.flush()
-	*c = Extent{Block: block, N: 1, Key: key, Off: off, Zero: zero}
+	*c = Extent{Block: block, N: n, Key: key, Off: off, Zero: zero}
 	a.seq = seq
 	a.ok = true
 }
@@ -625,11 +673,13 @@ func (m *Map) Scan(from, n int64, fn func(e Extent, seq uint64) bool) {
 		p := m.page(pi)
 		switch {
 		case p == nil:
+		case p.rn != nil:
+			scanRuns(&a, p.rn.r, lo, cnt, block)
 		case p.d != nil:
 			for i, e := range p.d[lo : lo+cnt] {
 				if e.loc != 0 {
 					k, o := unpackLoc(e.loc)
-					a.add(block+int64(i), k, o, e.seq)
+					a.add(block+int64(i), 1, k, o, e.seq)
 				}
 			}
 		default:
@@ -638,7 +688,7 @@ func (m *Map) Scan(from, n int64, fn func(e Extent, seq uint64) bool) {
 				if int(e.idx) >= hi {
 					break
 				}
-				a.add(block+int64(int(e.idx)-lo), p.base+int64(e.kd), int64(e.off), e.seq)
+				a.add(block+int64(int(e.idx)-lo), 1, p.base+int64(e.kd), int64(e.off), e.seq)
 			}
 		}
 		block += int64(cnt)

@@ -392,11 +392,11 @@ func TestSparseToDense(t *testing.T) {
 	if hb := m.HeapBytes(); hb < pageLen*16 || hb > pageLen*16+16384 {
 		t.Fatalf("HeapBytes = %d for one full page", hb)
 	}
-	// A single run over a page that would overflow the sparse form
-	// converts it at once, and Lookup sees one extent.
+	// A single run over a fresh page is one entry of the runs form, and
+	// Lookup sees one extent.
 	mustUpdate(t, m, pageLen, pageLen, 99, 0, 1<<40, pageLen)
-	if m.page(1).d == nil {
-		t.Fatal("fully written page is not dense")
+	if p := m.page(1); p.rn == nil || len(p.rn.r) != 1 {
+		t.Fatal("page written by one run is not a single run")
 	}
 	if got := lookup(m, pageLen, pageLen); len(got) != 1 || got[0] != (Extent{Block: pageLen, N: pageLen, Key: 99}) {
 		t.Fatalf("Lookup = %+v", got)
@@ -406,8 +406,14 @@ func TestSparseToDense(t *testing.T) {
 func TestSparseRebase(t *testing.T) {
 	m := mustNew(t, 100)
 	// The page's key base is set around the first key; keys that move on
-	// by more than 2^32 over the volume's life must still fit.
-	mustUpdate(t, m, 0, 10, 0, 0, 1, 10)
+	// by more than 2^32 over the volume's life must still fit. Written
+	// block by block, the page starts sparse.
+	for b := int64(0); b < 10; b++ {
+		mustUpdate(t, m, b, 1, 0, b, 1, 1)
+	}
+	if p := m.page(0); p.rn != nil || p.d != nil {
+		t.Fatal("page written block by block is not sparse")
+	}
 	k1 := int64(1<<31 - 10)
 	mustUpdate(t, m, 0, 5, k1, 0, 2, 5)
 	mustUpdate(t, m, 5, 5, k1, 5, 2, 5)
@@ -422,8 +428,8 @@ func TestSparseRebase(t *testing.T) {
 	mustUpdate(t, m, 2, 10, k2, 50, 2, 2) // blocks 2..9 hold newer data
 	k3 := int64(1<<32 + 50)
 	mustUpdate(t, m, 3, 2, k3, 7, 4, 2)
-	if m.page(0).d != nil {
-		t.Fatal("page turned dense instead of rebasing")
+	if p := m.page(0); p.d != nil || p.rn != nil {
+		t.Fatal("page changed form instead of rebasing")
 	}
 	got := lookup(m, 0, 13)
 	want := []Extent{
@@ -438,11 +444,12 @@ func TestSparseRebase(t *testing.T) {
 	}
 	wantLive(t, m, k2, 10, 0)
 	wantLive(t, m, k3, 2, 0)
-	// Keys more than 2^32 apart cannot share a sparse page: it turns dense.
+	// Keys more than 2^32 apart cannot share a sparse page: it turns to
+	// runs, which hold whole keys.
 	k4 := k3 + 1<<33
 	mustUpdate(t, m, 20, 1, k4, 1, 5, 1)
-	if m.page(0).d == nil {
-		t.Fatal("page with a key span over 2^32 is still sparse")
+	if m.page(0).rn == nil {
+		t.Fatal("page with a key span over 2^32 is not in runs form")
 	}
 	want = append(want[:4], Extent{Block: 12, N: 8, Key: -1}, Extent{Block: 20, N: 1, Key: k4, Off: 1}, Extent{Block: 21, N: 79, Key: -1})
 	if got := lookup(m, 0, 100); !slices.Equal(got, want) {
@@ -456,8 +463,8 @@ func TestSparseRebase(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got := lookup(m2, 0, 100); !slices.Equal(got, want) || m2.page(0).d == nil {
-		t.Fatalf("decoded Lookup = %+v, want %+v (dense)", got, want)
+	if got := lookup(m2, 0, 100); !slices.Equal(got, want) || m2.page(0).rn == nil {
+		t.Fatalf("decoded Lookup = %+v, want %+v (runs)", got, want)
 	}
 }
 
@@ -516,7 +523,9 @@ func TestRandomDensityMemory(t *testing.T) {
 // next to a tombstone of the same key.
 func TestDenseRunEdges(t *testing.T) {
 	m := mustNew(t, pageLen)
-	mustUpdate(t, m, 0, pageLen, 1, 0, 1, pageLen) // dense
+	for b := int64(0); b < pageLen; b++ { // block by block: sparse, then dense
+		mustUpdate(t, m, b, 1, 1, b, 1, 1)
+	}
 	mustZero(t, m, 10, 1, 7, 2, 1)
 	mustUpdate(t, m, 11, 2, 8, 0, 2, 2)
 	mustUpdate(t, m, 20, 1, 9, MaxOff, 2, 1)

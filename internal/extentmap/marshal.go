@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"hash/crc32"
-	"math"
 )
 
 // Serialized form (all integers minimal unsigned varints unless noted):
@@ -16,24 +15,36 @@ import (
 //	page-count { page-delta count-1 entry* }*   pages ascending
 //	crc32c of everything before, 4 bytes little-endian
 //
-// An entry is idx-delta, zigzag(key-prevKey)<<1|zero, [zigzag(off-prevOff-1)
-// unless zero], zigzag(seq-prevSeq); deltas restart at every page, so a run
-// written sequentially by one object costs about 4 bytes per block. Live
-// counts are not stored: they are recomputed from the entries, which also
-// checks that every referenced key is tracked.
+// Version 3 (written now) stores a page as its maximal runs (count-1 is
+// the run count minus one); a run is gap<<1|long, [length-2 if long],
+// zigzag(key-prevKey)<<1|zero, [zigzag(off-prevEnd) unless zero],
+// zigzag(seq-prevSeq), where gap is the unwritten blocks since the end of
+// the previous run and prevEnd the offset after the previous data run. A
+// page written sequentially in 1 MiB items then costs about 6 bytes per
+// item, a randomly written one about 4 bytes per block.
+//
+// Versions 1 and 2 (still read) store one entry per written block:
+// idx-delta, zigzag(key-prevKey)<<1|zero, [zigzag(off-prevOff-1) unless
+// zero], zigzag(seq-prevSeq). Deltas restart at every page in all
+// versions. Live counts are not stored: they are recomputed from the
+// entries, which also checks that every referenced key is tracked.
 //
 // The checksum catches damage after writing, not a body that was wrong
 // when it was checksummed, so the decoder checks the structure as well:
 // every count against the bytes left before anything is allocated for it,
 // every key, offset, block and page index against its range; keys and
-// pages must ascend strictly and a page must hold 1..pageLen entries. A
-// corrupt body yields an error naming the field.
+// pages must ascend strictly, a page must hold 1..pageLen entries, and a
+// version 3 run must not continue the one before it (runs are maximal, so
+// a map has exactly one encoding). A corrupt body yields an error naming
+// the field.
 const (
 	magic         = "BS3M"
-	formatVersion = 2
-	// version1 lacks the objects' data start (every object then has the
-	// layout's whole metadata area, docs/ARCHITECTURE.md §3); it is still
-	// read.
+	formatVersion = 3
+	// version2 stores one entry per written block; it is still read.
+	version2 = 2
+	// version1 also lacks the objects' data start (every object then has
+	// the layout's whole metadata area, docs/ARCHITECTURE.md §3); it is
+	// still read.
 	version1 = 1
 )
 
@@ -48,7 +59,11 @@ func unzigzag(u uint64) int64 { return int64(u>>1) ^ -int64(u&1) }
 // MarshalBinary serializes the map: the allocated pages (only their written
 // entries) and the per-object totals, with a version and a checksum.
 func (m *Map) MarshalBinary() ([]byte, error) {
-	b := make([]byte, 0, 64+m.objs.tracked*4+m.written*6)
+	// About 6 bytes per object and per run, 8 per entry of a sparse or
+	// dense page, whose entries are mostly random (capacities stand in for
+	// lengths): not per written block, which for a sequentially written
+	// TiB would be 1.5 GiB.
+	b := make([]byte, 0, 64+6*(m.objs.tracked+m.runCap)+8*(m.sparseCap+m.dense*pageLen))
 	b = append(b, magic...)
 	b = binary.AppendUvarint(b, formatVersion)
 	b = binary.AppendUvarint(b, uint64(m.blocks))
@@ -63,6 +78,7 @@ func (m *Map) MarshalBinary() ([]byte, error) {
 	})
 	b = binary.AppendUvarint(b, uint64(m.pages))
 	prevPage := int64(-1)
+	var scratch []byte
 	for ci, c := range m.dir {
 		if c == nil {
 			continue
@@ -78,46 +94,52 @@ func (m *Map) MarshalBinary() ([]byte, error) {
 				return nil, fmt.Errorf("extentmap: marshal: page %d counts %d entries", pi, p.n)
 			}
 			b = binary.AppendUvarint(b, uint64(pi-prevPage-1))
-			b = binary.AppendUvarint(b, uint64(p.n-1))
 			prevPage = pi
-			e := entryEncoder{b: b, prevIdx: -1, prevOff: -1}
-			if p.d != nil {
-				for idx, d := range p.d {
-					if d.loc != 0 {
-						k, o := unpackLoc(d.loc)
-						e.put(idx, k, o, d.seq)
-					}
-				}
-			} else {
-				for _, s := range p.sp {
-					e.put(int(s.idx), p.base+int64(s.kd), int64(s.off), s.seq)
-				}
-			}
-			b = e.b
+			// The run count precedes the runs: encode the runs into
+			// scratch first, then append the count and the runs.
+			e := runEncoder{b: scratch[:0]}
+			p.eachRun(func(r runEntry) bool {
+				e.put(r)
+				return true
+			})
+			scratch = e.b
+			b = binary.AppendUvarint(b, uint64(e.count-1))
+			b = append(b, scratch...)
 		}
 	}
 	return binary.LittleEndian.AppendUint32(b, crc32.Checksum(b, castagnoli)), nil
 }
 
-type entryEncoder struct {
+// runEncoder appends the version 3 runs of one page.
+type runEncoder struct {
 	b                         []byte
-	prevIdx, prevKey, prevOff int64
+	count                     int
+	prevEnd, prevKey, prevOff int64
 	prevSeq                   uint64
 }
 
-func (e *entryEncoder) put(idx int, key, off int64, seq uint64) {
-	e.b = binary.AppendUvarint(e.b, uint64(int64(idx)-e.prevIdx-1))
+func (e *runEncoder) put(r runEntry) {
+	long := uint64(0)
+	if r.n > 1 {
+		long = 1
+	}
+	e.b = binary.AppendUvarint(e.b, uint64(int64(r.idx)-e.prevEnd)<<1|long)
+	if long == 1 {
+		e.b = binary.AppendUvarint(e.b, uint64(r.n-2))
+	}
 	zero := uint64(0)
-	if off == zeroOff {
+	if r.zero() {
 		zero = 1
 	}
+	key := r.key()
 	e.b = binary.AppendUvarint(e.b, zigzag(key-e.prevKey)<<1|zero)
 	if zero == 0 {
-		e.b = binary.AppendUvarint(e.b, zigzag(off-e.prevOff-1))
-		e.prevOff = off
+		e.b = binary.AppendUvarint(e.b, zigzag(r.off()-e.prevOff))
+		e.prevOff = r.off() + int64(r.n)
 	}
-	e.b = binary.AppendUvarint(e.b, zigzag(int64(seq-e.prevSeq)))
-	e.prevIdx, e.prevKey, e.prevSeq = int64(idx), key, seq
+	e.b = binary.AppendUvarint(e.b, zigzag(int64(r.seq-e.prevSeq)))
+	e.prevEnd, e.prevKey, e.prevSeq = int64(r.end()), key, r.seq
+	e.count++
 }
 
 // decoder reads varints from a buffer, remembering the first failure.
@@ -188,7 +210,7 @@ func UnmarshalBinary(data []byte) (*Map, error) {
 func decode(body []byte) (*Map, error) {
 	d := &decoder{b: body}
 	version := d.uvarint("version")
-	if d.err == nil && version != formatVersion && version != version1 {
+	if d.err == nil && version != formatVersion && version != version2 && version != version1 {
 		return nil, fmt.Errorf("%w: unknown format version %d", ErrCorrupt, version)
 	}
 	blocks := d.uvarint("blocks")
@@ -241,6 +263,7 @@ func decode(body []byte) (*Map, error) {
 	pages := d.count("page count", uint64(numPages), 3)
 	pi := int64(-1)
 	var buf []fullEntry
+	var runs []runEntry
 	for i := int64(0); i < pages && d.err == nil; i++ {
 		delta := d.uvarint("page index")
 		// Stored minus one: a page holds 1..pageLen entries. Adding one
@@ -256,18 +279,28 @@ func decode(body []byte) (*Map, error) {
 			break
 		}
 		pi += int64(delta) + 1
-		// An entry takes at least 3 bytes (index, key, seq).
+		// An entry or run takes at least 3 bytes (index, key, seq).
 		if nm1 >= pageLen || nm1 >= uint64(len(d.b)/3) {
 			d.fail("page %d (index %d): entry count %d+1 out of range (at most %d, %d bytes left)", i, pi, nm1, pageLen, len(d.b))
 			break
 		}
-		n := nm1 + 1
-		buf = m.decodePage(d, pi, int(n), buf[:0])
-		if d.err == nil && len(buf) != int(n) {
-			d.fail("page %d: decoded %d of %d entries", pi, len(buf), n)
+		n := int(nm1 + 1)
+		runs = runs[:0]
+		blocks := 0
+		if version == formatVersion {
+			runs, blocks = m.decodeRuns(d, pi, n, runs)
+		} else {
+			buf = m.decodePage(d, pi, n, buf[:0])
+			if d.err == nil && len(buf) != n {
+				d.fail("page %d: decoded %d of %d entries", pi, len(buf), n)
+			}
+			for _, e := range buf {
+				runs = pushRun(runs, runEntry{seq: e.seq, loc: makeLoc(e.key, e.off), idx: uint16(e.idx), n: 1})
+			}
+			blocks = len(buf)
 		}
 		if d.err == nil {
-			m.placePage(pi, buf)
+			m.placePage(pi, runs, blocks)
 		}
 	}
 	if d.err == nil && len(d.b) != 0 {
@@ -338,29 +371,102 @@ func (m *Map) decodePage(d *decoder, pi int64, n int, buf []fullEntry) []fullEnt
 	return buf
 }
 
-// placePage installs decoded entries as page pi, sparse with exact capacity
-// when that form can hold them, else dense.
-func (m *Map) placePage(pi int64, es []fullEntry) {
-	lo, hi := es[0].key, es[0].key
-	for _, e := range es {
-		lo, hi = min(lo, e.key), max(hi, e.key)
-	}
-	p := m.allocPage(pi, lo)
-	p.n = int32(len(es))
-	m.written += int64(len(es))
-	if len(es) <= sparseMax && hi-lo <= math.MaxUint32 {
-		p.base = max(0, lo-(math.MaxUint32-(hi-lo))/2)
-		p.sp = make([]sparseEntry, len(es))
-		m.sparseCap += int64(len(es))
-		for i, e := range es {
-			p.sp[i] = sparseEntry{seq: e.seq, kd: uint32(e.key - p.base), off: uint16(e.off), idx: uint16(e.idx)}
+// decodeRuns reads the n version 3 runs of page pi, validating them and
+// counting them as live for their objects. It returns the runs and the
+// blocks they cover.
+func (m *Map) decodeRuns(d *decoder, pi int64, n int, runs []runEntry) ([]runEntry, int) {
+	prevEnd, prevKey, prevOff := 0, int64(0), int64(0)
+	var prevSeq uint64
+	blocks := 0
+	for j := 0; j < n && d.err == nil; j++ {
+		gl := d.uvarint("run gap")
+		var nm2 uint64
+		if gl&1 == 1 {
+			nm2 = d.uvarint("run length")
 		}
-		return
+		kz := d.uvarint("run key")
+		zero := kz&1 == 1
+		var offDelta uint64
+		if !zero {
+			offDelta = d.uvarint("run offset")
+		}
+		seqDelta := d.uvarint("run seq")
+		if d.err != nil {
+			break
+		}
+		// prevEnd <= pageLen, so the bounds are not negative.
+		gap := gl >> 1
+		if gap >= uint64(pageLen-prevEnd) {
+			d.fail("page %d run %d: gap %d after block %d", pi, j, gap, prevEnd)
+			break
+		}
+		idx := prevEnd + int(gap)
+		length := 1
+		if gl&1 == 1 {
+			// Stored minus two: a long run has at least 2 blocks, and
+			// must end inside the page.
+			if nm2 >= uint64(pageLen-idx-1) {
+				d.fail("page %d run %d: length %d+2 from block %d", pi, j, nm2, idx)
+				break
+			}
+			length = int(nm2) + 2
+		}
+		if pi<<pageShift+int64(idx+length) > m.blocks {
+			d.fail("page %d run %d: blocks past device end", pi, j)
+			break
+		}
+		kdelta := unzigzag(kz >> 1)
+		if kdelta < -MaxKey || kdelta > MaxKey {
+			d.fail("page %d run %d: key delta %d", pi, j, kdelta)
+			break
+		}
+		key := prevKey + kdelta
+		off := int64(zeroOff)
+		if !zero {
+			od := unzigzag(offDelta)
+			if od < -MaxOff-1 || od > MaxOff {
+				d.fail("page %d run %d: offset delta %d", pi, j, od)
+				break
+			}
+			off = prevOff + od
+			if off < 0 || off+int64(length)-1 > MaxOff {
+				d.fail("page %d run %d: offsets [%d, +%d) out of range", pi, j, off, length)
+				break
+			}
+			prevOff = off + int64(length)
+		}
+		o := m.objs.get(key)
+		if o == nil {
+			d.fail("page %d run %d: key %d is not a tracked object", pi, j, key)
+			break
+		}
+		seq := prevSeq + uint64(unzigzag(seqDelta))
+		r := runEntry{seq: seq, loc: makeLoc(key, off), idx: uint16(idx), n: uint16(length)}
+		if j > 0 && continues(runs[len(runs)-1], r) {
+			d.fail("page %d run %d continues the previous run", pi, j)
+			break
+		}
+		o.live += int64(length)
+		runs = append(runs, r)
+		blocks += length
+		prevEnd, prevKey, prevSeq = idx+length, key, seq
 	}
-	p.d = new([pageLen]denseEntry)
+	return runs, blocks
+}
+
+// placePage installs decoded maximal runs covering blocks blocks as page
+// pi, in the form an update would choose (reform): runs while they are
+// cheap, else sparse with exact capacity when it can hold them, else dense
+// if the runs are many.
+func (m *Map) placePage(pi int64, runs []runEntry, blocks int) {
+	p := m.allocPage(pi, 0)
 	p.base = 0
-	m.dense++
-	for _, e := range es {
-		p.d[e.idx] = denseEntry{loc: packLoc(e.key, e.off), seq: e.seq}
-	}
+	p.n = int32(blocks)
+	m.written += int64(blocks)
+	rs := make([]runEntry, len(runs))
+	copy(rs, runs)
+	p.rn = &runList{r: rs}
+	m.runPages++
+	m.runCap += int64(cap(rs))
+	m.reform(p, 0)
 }

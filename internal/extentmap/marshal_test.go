@@ -8,6 +8,7 @@ import (
 	"hash/crc32"
 	"math"
 	"math/rand/v2"
+	"slices"
 	"testing"
 )
 
@@ -24,7 +25,7 @@ func sampleMap(t testing.TB, seed uint64) (*Map, *model) {
 	rng := rand.New(rand.NewPCG(seed, 99))
 	var nextKey int64
 	randomOps(t, rng, m, md, 300, &nextKey)
-	// One page written whole: dense.
+	// One page written whole: a single run.
 	if _, err := m.Update(2*pageLen, pageLen, nextKey, 0, 1000); err != nil {
 		t.Fatal(err)
 	}
@@ -48,8 +49,8 @@ func TestMarshalRoundTrip(t *testing.T) {
 			t.Fatal(err)
 		}
 		check(t, m2, md)
-		if m2.page(2).d == nil {
-			t.Fatal("full page decoded sparse")
+		if p := m2.page(2); p.rn == nil || len(p.rn.r) != 1 {
+			t.Fatal("page written by one run does not decode as one run")
 		}
 		// Serialization is deterministic: the decoded map encodes the same.
 		data2, err := m2.MarshalBinary()
@@ -176,6 +177,143 @@ func TestUnmarshalRejectsBadStructure(t *testing.T) {
 	}
 }
 
+// TestUnmarshalRejectsBadRuns covers the checks of version 3 runs.
+func TestUnmarshalRejectsBadRuns(t *testing.T) {
+	enc := func(vs ...uint64) []byte {
+		var b []byte
+		for _, v := range vs {
+			b = binary.AppendUvarint(b, v)
+		}
+		return b
+	}
+	// Header: device of 100 blocks (or two pages), one object (key 3, 10
+	// blocks, data start 0), one page (index 0) with runs.
+	head := func(blocks uint64, runs uint64) []uint64 {
+		return []uint64{formatVersion, blocks, 1, 3, 10, 0, 1, 0, runs - 1}
+	}
+	body := func(blocks, runs uint64, vs ...uint64) []byte {
+		return enc(append(head(blocks, runs), vs...)...)
+	}
+	// Blocks 5..9 of key 3 at offsets 0..4, seq 9; blocks 10..11 tombstones.
+	good := body(100, 2, 5<<1|1, 3, zigzag(3)<<1, zigzag(0), zigzag(9), 0<<1|1, 0, 1, zigzag(0))
+	m, err := UnmarshalBinary(withCRC(good))
+	if err != nil {
+		t.Fatalf("valid map rejected: %v", err)
+	}
+	want := []Extent{{Block: 4, N: 1, Key: -1}, {Block: 5, N: 5, Key: 3}, {Block: 10, N: 2, Key: 3, Zero: true}, {Block: 12, N: 1, Key: -1}}
+	if es := lookup(m, 4, 9); !slices.Equal(es, want) || m.Seq(9) != 9 || m.Seq(11) != 9 {
+		t.Fatalf("decoded = %+v seq %d", es, m.Seq(9))
+	}
+	wantLive(t, m, 3, 7, 10)
+	for name, b := range map[string][]byte{
+		"gap past page":        body(2*pageLen, 1, pageLen<<1, zigzag(3)<<1, 0, 0),
+		"run past page":        body(2*pageLen, 1, (pageLen-10)<<1|1, 9, zigzag(3)<<1, 0, 0),
+		"huge run length":      body(2*pageLen, 1, 1, math.MaxUint64, zigzag(3)<<1, 0, 0),
+		"run past device":      body(100, 1, 95<<1|1, 4, zigzag(3)<<1, 0, 0),
+		"offsets past max":     body(100, 1, 5<<1|1, 3, zigzag(3)<<1, zigzag(MaxOff-2), 0),
+		"negative offset":      body(100, 1, 5<<1, zigzag(3)<<1, zigzag(-1), 0),
+		"untracked key":        body(100, 1, 5<<1, zigzag(4)<<1, 0, 0),
+		"second gap past page": body(2*pageLen, 2, 5<<1|1, 3, zigzag(3)<<1, 0, 0, (pageLen-10)<<1, zigzag(0)<<1, 0, 0),
+		// Runs are maximal: a run that continues the previous one (same
+		// key, next offsets, same seqno; or tombstones of one key and
+		// seqno) has a second encoding as one run.
+		"data not merged": body(100, 2, 5<<1|1, 3, zigzag(3)<<1, 0, zigzag(9), 0, zigzag(0)<<1, 0, 0),
+		"zero not merged": body(100, 2, 5<<1, zigzag(3)<<1|1, zigzag(9), 0, zigzag(0)<<1|1, 0),
+		"truncated run":   body(100, 2, 5<<1, zigzag(3)<<1, 0, 0),
+	} {
+		if _, err := UnmarshalBinary(withCRC(b)); !errors.Is(err, ErrCorrupt) {
+			t.Errorf("%s: err = %v, want ErrCorrupt", name, err)
+		}
+	}
+	// The same runs one block apart, or with another seqno, are valid.
+	for name, b := range map[string][]byte{
+		"data apart": body(100, 2, 5<<1|1, 3, zigzag(3)<<1, 0, zigzag(9), 1<<1, zigzag(0)<<1, 0, 0),
+		"zero seqs":  body(100, 2, 5<<1, zigzag(3)<<1|1, zigzag(9), 0, zigzag(0)<<1|1, zigzag(1)),
+	} {
+		if _, err := UnmarshalBinary(withCRC(b)); err != nil {
+			t.Errorf("%s: %v", name, err)
+		}
+	}
+}
+
+// encodeV2 serializes m in body version 2 (one entry per written block),
+// as bs3 wrote checkpoints before version 3: it checks that those still
+// load.
+func encodeV2(m *Map) []byte {
+	b := append([]byte(magic), 2)
+	b = binary.AppendUvarint(b, uint64(m.blocks))
+	b = binary.AppendUvarint(b, uint64(m.objs.tracked))
+	prev := int64(-1)
+	m.objs.each(func(key int64, o *object) bool {
+		b = binary.AppendUvarint(b, uint64(key-prev-1))
+		b = binary.AppendUvarint(b, uint64(o.total))
+		b = binary.AppendUvarint(b, uint64(o.start))
+		prev = key
+		return true
+	})
+	b = binary.AppendUvarint(b, uint64(m.pages))
+	prevPage := int64(-1)
+	for pi := int64(0); pi<<pageShift < m.blocks; pi++ {
+		p := m.page(pi)
+		if p == nil {
+			continue
+		}
+		b = binary.AppendUvarint(b, uint64(pi-prevPage-1))
+		b = binary.AppendUvarint(b, uint64(p.n-1))
+		prevPage = pi
+		prevIdx, prevKey, prevOff := int64(-1), int64(0), int64(-1)
+		var prevSeq uint64
+		p.eachRun(func(r runEntry) bool {
+			for idx := int(r.idx); idx < r.end(); idx++ {
+				key, off := r.key(), r.offAt(idx)
+				b = binary.AppendUvarint(b, uint64(int64(idx)-prevIdx-1))
+				zero := uint64(0)
+				if off == zeroOff {
+					zero = 1
+				}
+				b = binary.AppendUvarint(b, zigzag(key-prevKey)<<1|zero)
+				if zero == 0 {
+					b = binary.AppendUvarint(b, zigzag(off-prevOff-1))
+					prevOff = off
+				}
+				b = binary.AppendUvarint(b, zigzag(int64(r.seq-prevSeq)))
+				prevIdx, prevKey, prevSeq = int64(idx), key, r.seq
+			}
+			return true
+		})
+	}
+	return binary.LittleEndian.AppendUint32(b, crc32.Checksum(b, castagnoli))
+}
+
+// TestDecodeVersion2 loads version 2 bodies (what existing volumes'
+// checkpoints hold) and checks them against the model; they re-encode as
+// the version 3 encoding of the same map.
+func TestDecodeVersion2(t *testing.T) {
+	for seed := uint64(0); seed < 5; seed++ {
+		m, md := sampleMap(t, seed)
+		v2 := encodeV2(m)
+		m2, err := UnmarshalBinary(v2)
+		if err != nil {
+			t.Fatalf("seed %d: version 2 body rejected: %v", seed, err)
+		}
+		check(t, m2, md)
+		v3, err := m.MarshalBinary()
+		if err != nil {
+			t.Fatal(err)
+		}
+		re, err := m2.MarshalBinary()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(re, v3) {
+			t.Fatalf("seed %d: decoded version 2 body re-encodes differently from the map", seed)
+		}
+		if len(v3) >= len(v2) {
+			t.Errorf("seed %d: version 3 body %d bytes, version 2 %d", seed, len(v3), len(v2))
+		}
+	}
+}
+
 // field is one varint of a serialized body (between magic and checksum).
 type field struct {
 	name       string
@@ -211,11 +349,21 @@ func fields(t testing.TB, body []byte) []field {
 		next("page index delta")
 		n := next("page entry count-1") + 1
 		for j := uint64(0); j < n; j++ {
-			next("entry index delta")
-			if next("entry key")&1 == 0 {
-				next("entry offset")
+			if version != formatVersion {
+				next("entry index delta")
+				if next("entry key")&1 == 0 {
+					next("entry offset")
+				}
+				next("entry seq")
+				continue
 			}
-			next("entry seq")
+			if next("run gap")&1 == 1 {
+				next("run length-2")
+			}
+			if next("run key")&1 == 0 {
+				next("run offset")
+			}
+			next("run seq")
 		}
 	}
 	if pos != len(body) {
@@ -302,7 +450,7 @@ func TestUnmarshalPatchedFields(t *testing.T) {
 				}
 				// Only a seqno may be that large: every other field is a
 				// count, index, key or offset with a small range.
-				if v >= 1<<63 && f.name != "entry seq" {
+				if v >= 1<<63 && f.name != "entry seq" && f.name != "run seq" {
 					t.Fatalf("%s: accepted", what)
 				}
 				exerciseDecoded(t, m, v)
@@ -388,6 +536,20 @@ func seedMaps(t testing.TB) []seedMap {
 		}
 		// A key in another mid-level table.
 		mustUpdate(t, m, 400, 2, 1<<objShift<<midShift+3, 0, 1000, 2)
+	})
+	add("runs", 3*pageLen+100, func(m *Map) {
+		// Sequential 1 MiB items (256 blocks) across a page boundary, a
+		// write and a discard in the middle of a run, and a GC copy with
+		// the original seqno.
+		for i := int64(0); i < 6; i++ {
+			mustUpdate(t, m, pageLen-512+i*256, 256, 20+i/4, i%4*256, uint64(10+i), 256)
+		}
+		mustUpdate(t, m, pageLen+10, 3, 30, 7, 20, 3)
+		mustZero(t, m, pageLen+300, 40, 31, 21, 40)
+		mustUpdate(t, m, 3*pageLen+50, 50, 32, MaxOff-49, 22, 50)
+		if err := m.AddObject(20, 1024); err != nil {
+			t.Fatal(err)
+		}
 	})
 	add("top keys", 600, func(m *Map) {
 		mustUpdate(t, m, 10, 2, MaxKey, MaxOff-1, math.MaxUint64, 2)
@@ -544,6 +706,9 @@ func FuzzUnmarshal(f *testing.F) {
 		if i == 2 {
 			f.Add(data)
 		}
+		if v2 := encodeV2(sm.m); i%2 == 0 {
+			f.Add(v2[len(magic) : len(v2)-4])
+		}
 	}
 	f.Add([]byte(magic))
 	f.Fuzz(func(t *testing.T, data []byte) {
@@ -568,13 +733,13 @@ func FuzzUnmarshal(f *testing.F) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			// A version 1 body re-encodes as the current version; that
-			// one must be canonical.
-			if version, _ := binary.Uvarint(in[len(magic):]); version == version1 {
+			// A version 1 or 2 body re-encodes as the current version;
+			// that one must be canonical.
+			if version, _ := binary.Uvarint(in[len(magic):]); version != formatVersion {
 				in = out
 				m2, err := UnmarshalBinary(out)
 				if err != nil {
-					t.Fatalf("re-encoded version 1 body does not decode: %v", err)
+					t.Fatalf("re-encoded version %d body does not decode: %v", version, err)
 				}
 				if out, err = m2.MarshalBinary(); err != nil {
 					t.Fatal(err)
@@ -626,12 +791,17 @@ func FuzzUnmarshalFields(f *testing.F) {
 		kinds [][]field // fields grouped by name, so every kind is as easy to pick
 	}
 	var shapes []shape
-	for _, sm := range seedMaps(f) {
+	for i, sm := range seedMaps(f) {
 		data, err := sm.m.MarshalBinary()
 		if err != nil {
 			f.Fatal(err)
 		}
 		body := data[len(magic) : len(data)-4]
+		if i%3 == 2 {
+			// Some shapes are version 2 bodies, which still decode.
+			v2 := encodeV2(sm.m)
+			body, sm.name = v2[len(magic):len(v2)-4], sm.name+" (version 2)"
+		}
 		byName := map[string]int{}
 		var kinds [][]field
 		for _, fd := range fields(f, body) {
@@ -682,15 +852,15 @@ func FuzzUnmarshalFields(f *testing.F) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		// A patched version of 1 can make a valid version 1 body, which
-		// re-encodes as the current version: compare that one's decoding.
-		if version, _ := binary.Uvarint(body); version == version1 {
+		// A version 1 or 2 body (a seed, or a patched version) re-encodes
+		// as the current version: compare that one's decoding.
+		if version, _ := binary.Uvarint(body); version != formatVersion {
 			m2, err := UnmarshalBinary(out)
 			if err != nil {
-				t.Fatalf("%s: re-encoded version 1 body does not decode: %v", what, err)
+				t.Fatalf("%s: re-encoded version %d body does not decode: %v", what, version, err)
 			}
 			if out2, err := m2.MarshalBinary(); err != nil || !bytes.Equal(out2, out) {
-				t.Fatalf("%s: re-encoded version 1 body is not stable (%v)", what, err)
+				t.Fatalf("%s: re-encoded version %d body is not stable (%v)", what, version, err)
 			}
 		} else if !bytes.Equal(out, in) {
 			t.Fatalf("%s: decoded map re-encodes differently", what)

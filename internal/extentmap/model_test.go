@@ -320,7 +320,7 @@ func TestRandomAgainstModel(t *testing.T) {
 			if testing.Short() || raceEnabled {
 				seeds = 2
 			}
-			var sawDense, sawSparse bool
+			var sawDense, sawSparse, sawRuns bool
 			for seed := 0; seed < seeds; seed++ {
 				rng := rand.New(rand.NewPCG(uint64(seed), uint64(g.blocks)))
 				m, err := New(g.blocks)
@@ -331,7 +331,13 @@ func TestRandomAgainstModel(t *testing.T) {
 				var nextKey int64
 				for round := 0; round < 4; round++ {
 					randomOps(t, rng, m, md, 400, &nextKey)
+					if round == 1 {
+						scatterPage(t, rng, m, md, &nextKey)
+					}
 					check(t, m, md)
+					sawDense = sawDense || m.dense > 0
+					sawSparse = sawSparse || m.pages > m.dense+m.runPages
+					sawRuns = sawRuns || m.runPages > 0
 					bs := md.sortedBlocks()
 					for i := 0; i < 20; i++ {
 						b := rng.Int64N(g.blocks)
@@ -341,8 +347,6 @@ func TestRandomAgainstModel(t *testing.T) {
 						}
 					}
 				}
-				sawDense = sawDense || m.dense > 0
-				sawSparse = sawSparse || m.pages > m.dense
 				// The serialized map must decode to the same observables.
 				data, err := m.MarshalBinary()
 				if err != nil {
@@ -357,17 +361,38 @@ func TestRandomAgainstModel(t *testing.T) {
 				randomOps(t, rng, m2, md, 200, &nextKey)
 				check(t, m2, md)
 			}
-			if !sawDense || !sawSparse {
-				t.Fatalf("test did not exercise both page forms (dense %v, sparse %v)", sawDense, sawSparse)
+			if !sawDense || !sawSparse || !sawRuns {
+				t.Fatalf("test did not exercise all page forms (dense %v, sparse %v, runs %v)", sawDense, sawSparse, sawRuns)
 			}
 		})
+	}
+}
+
+// scatterPage writes every block of a random page, one block at a time in
+// random order at random offsets and mostly newer seqnos: the page ends
+// dense whatever form it had, and later long runs over it may turn it back
+// to runs.
+func scatterPage(t testing.TB, rng *rand.Rand, m *Map, md *model, nextKey *int64) {
+	t.Helper()
+	first := rng.Int64N((md.blocks+pageLen-1)/pageLen) * pageLen
+	for _, i := range rng.Perm(int(min(pageLen, md.blocks-first))) {
+		b := first + int64(i)
+		key, off, seq := *nextKey, rng.Int64N(MaxOff+1), uint64(60+rng.IntN(8))
+		*nextKey++
+		got, err := m.Update(b, 1, key, off, seq)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if want := md.update(b, 1, key, off, false, seq); got != want {
+			t.Fatalf("scatter block %d: applied %d, model %d", b, got, want)
+		}
 	}
 }
 
 // checkInternals verifies the map's running counters against its pages.
 func checkInternals(t *testing.T, m *Map) {
 	t.Helper()
-	var pages, dense, sparseCap, written int64
+	var pages, dense, sparseCap, written, runPages, runCap int64
 	for _, c := range m.dir {
 		if c == nil {
 			continue
@@ -378,7 +403,29 @@ func checkInternals(t *testing.T, m *Map) {
 			}
 			pages++
 			n := 0
-			if p.d != nil {
+			if p.rn != nil && (p.d != nil || p.sp != nil) {
+				t.Fatal("page in two forms")
+			}
+			if p.rn != nil {
+				runPages++
+				rs := p.rn.r
+				runCap += int64(cap(rs))
+				for i, r := range rs {
+					if r.n < 1 || r.end() > pageLen {
+						t.Fatalf("run %d %+v out of the page", i, r)
+					}
+					if i > 0 && rs[i-1].end() > int(r.idx) {
+						t.Fatalf("runs %d and %d overlap or are not sorted: %+v %+v", i-1, i, rs[i-1], r)
+					}
+					if i > 0 && continues(rs[i-1], r) {
+						t.Fatalf("runs %d and %d not merged: %+v %+v", i-1, i, rs[i-1], r)
+					}
+					if !r.zero() && r.off()+int64(r.n)-1 > MaxOff {
+						t.Fatalf("run %d %+v past MaxOff", i, r)
+					}
+					n += int(r.n)
+				}
+			} else if p.d != nil {
 				dense++
 				for _, e := range p.d {
 					if e.loc != 0 {
@@ -400,8 +447,190 @@ func checkInternals(t *testing.T, m *Map) {
 			written += int64(n)
 		}
 	}
-	if pages != m.pages || dense != m.dense || sparseCap != m.sparseCap || written != m.written {
-		t.Fatalf("counters pages %d dense %d sparseCap %d written %d; pages hold %d %d %d %d",
-			m.pages, m.dense, m.sparseCap, m.written, pages, dense, sparseCap, written)
+	if pages != m.pages || dense != m.dense || sparseCap != m.sparseCap || written != m.written ||
+		runPages != m.runPages || runCap != m.runCap {
+		t.Fatalf("counters pages %d dense %d sparseCap %d written %d runPages %d runCap %d; pages hold %d %d %d %d %d %d",
+			m.pages, m.dense, m.sparseCap, m.written, m.runPages, m.runCap, pages, dense, sparseCap, written, runPages, runCap)
 	}
+}
+
+// TestRunsAgainstModel drives the runs form through its life against the
+// model: sequential 1 MiB items (one run each), overwrites and trims in the
+// middle of runs, late uploads of older seqnos, GC copies with the original
+// seqno, random writes that turn pages sparse and dense, sequential writes
+// that turn them back to runs, and checkpoint round trips.
+func TestRunsAgainstModel(t *testing.T) {
+	const pages = 8
+	const blocks = pages*pageLen + 300
+	m := mustNew(t, blocks)
+	md := newModel(blocks)
+	rng := rand.New(rand.NewPCG(11, 12))
+	var seq uint64
+	var key int64
+	apply := func(block, n, k, off int64, zero bool, s uint64) {
+		t.Helper()
+		n = min(n, blocks-block)
+		var got int64
+		var err error
+		if zero {
+			got, err = m.UpdateZero(block, n, k, s)
+		} else {
+			got, err = m.Update(block, n, k, off, s)
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		if want := md.update(block, n, k, off, zero, s); got != want {
+			t.Fatalf("[%d,+%d) key %d seq %d: applied %d, model %d", block, n, k, s, got, want)
+		}
+	}
+	sequential := func(from, to int64) {
+		for b := from; b < to; b += 256 {
+			seq++
+			apply(b, 256, key, int64(seq%4)*256, false, seq)
+			if seq%4 == 3 {
+				key++
+			}
+		}
+		key++
+	}
+	roundTrip := func() {
+		t.Helper()
+		check(t, m, md)
+		data, err := m.MarshalBinary()
+		if err != nil {
+			t.Fatal(err)
+		}
+		m2, err := UnmarshalBinary(data)
+		if err != nil {
+			t.Fatal(err)
+		}
+		check(t, m2, md)
+	}
+
+	sequential(0, blocks)
+	check(t, m, md)
+	if m.runPages != m.pages {
+		t.Fatalf("sequential map: %d of %d pages in runs form", m.runPages, m.pages)
+	}
+	if p := m.page(1); len(p.rn.r) != pageLen/256 {
+		t.Fatalf("page of 1 MiB items holds %d runs, want %d", len(p.rn.r), pageLen/256)
+	}
+	roundTrip()
+
+	// Overwrites and trims inside runs, an older upload arriving late, a
+	// GC copy of a run with its original seqno into a new object.
+	for i := 0; i < 40; i++ {
+		b := rng.Int64N(blocks - 600)
+		switch i % 4 {
+		case 0:
+			seq++
+			apply(b, 1+rng.Int64N(20), key, rng.Int64N(1000), false, seq)
+			key++
+		case 1:
+			seq++
+			apply(b, 1+rng.Int64N(600), key, 0, true, seq)
+			key++
+		case 2:
+			apply(b, 1+rng.Int64N(600), key, rng.Int64N(1000), false, seq-uint64(rng.IntN(int(seq))))
+			key++
+		case 3:
+			// Copy the extents Scan reports, as threshold GC does.
+			var es []Extent
+			var seqs []uint64
+			m.Scan(b, 300, func(e Extent, s uint64) bool {
+				es, seqs = append(es, e), append(seqs, s)
+				return true
+			})
+			for j, e := range es {
+				if e.N > MaxOff+1 {
+					continue
+				}
+				apply(e.Block, e.N, key, 0, e.Zero, seqs[j])
+				key++
+			}
+		}
+	}
+	roundTrip()
+
+	// Random single blocks on two pages: they leave the runs form.
+	for _, pi := range []int64{2, 5} {
+		for i := 0; i < 3000; i++ {
+			seq++
+			apply(pi*pageLen+rng.Int64N(pageLen), 1, key, rng.Int64N(MaxOff+1), false, seq)
+			key++
+		}
+		if p := m.page(pi); p.rn != nil {
+			t.Fatalf("page %d still in runs form after random writes (%d runs)", pi, len(p.rn.r))
+		}
+	}
+	roundTrip()
+
+	// Sequential writes over them again: runs once more.
+	sequential(2*pageLen, 3*pageLen)
+	sequential(5*pageLen, 6*pageLen)
+	for _, pi := range []int64{2, 5} {
+		if p := m.page(pi); p.rn == nil || len(p.rn.r) != pageLen/256 {
+			t.Fatalf("page %d not back in runs form after a sequential overwrite", pi)
+		}
+	}
+	roundTrip()
+}
+
+// FuzzUpdatesAgainstModel applies updates decoded from the input to a
+// small map and the model: 7 bytes an update (block, length, key, offset,
+// seqno, kind), lengths long enough to make runs and cross pages, seqnos
+// from a small range so that older, equal and newer writes meet. The map
+// must agree with the model, before and after a checkpoint round trip.
+func FuzzUpdatesAgainstModel(f *testing.F) {
+	const blocks = 3*pageLen + 50
+	f.Add([]byte{0, 0, 1, 0, 0, 1, 0, 0, 8, 2, 0, 0, 2, 1})
+	f.Add([]byte{10, 3, 40, 1, 5, 9, 0, 200, 10, 255, 2, 7, 3, 2, 11, 0, 12, 3, 0, 3, 3})
+	f.Fuzz(func(t *testing.T, ops []byte) {
+		m := mustNew(t, blocks)
+		md := newModel(blocks)
+		for len(ops) >= 7 {
+			op := ops[:7]
+			ops = ops[7:]
+			block := (int64(op[0])<<8 | int64(op[1])) * blocks >> 16
+			var n int64
+			switch op[6] % 4 {
+			case 0:
+				n = 1
+			case 1:
+				n = 1 + int64(op[2])
+			default:
+				n = 1 + int64(op[2])*int64(op[2]) // up to 65,026: crosses pages
+			}
+			n = min(n, blocks-block, MaxOff+1)
+			key := int64(op[3] % 16)
+			off := int64(op[4]) * 256 % (MaxOff + 2 - n)
+			seq := uint64(op[5] % 8)
+			var got, want int64
+			var err error
+			if op[6]%8 >= 6 {
+				got, err = m.UpdateZero(block, n, key, seq)
+				want = md.update(block, n, key, 0, true, seq)
+			} else {
+				got, err = m.Update(block, n, key, off, seq)
+				want = md.update(block, n, key, off, false, seq)
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got != want {
+				t.Fatalf("[%d,+%d) key %d seq %d: applied %d, model %d", block, n, key, seq, got, want)
+			}
+		}
+		check(t, m, md)
+		data, err := m.MarshalBinary()
+		if err != nil {
+			t.Fatal(err)
+		}
+		m2, err := UnmarshalBinary(data)
+		if err != nil {
+			t.Fatal(err)
+		}
+		check(t, m2, md)
+	})
 }

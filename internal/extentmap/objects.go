@@ -127,6 +127,11 @@ func (s *objects) drop(key int64) {
 	s.top[key>>topShift-s.base].c[key>>objShift&midMask].o[key&objMask].live--
 }
 
+// dropN decrements the live count of key, which entries referenced, by n.
+func (s *objects) dropN(key, n int64) {
+	s.top[key>>topShift-s.base].c[key>>objShift&midMask].o[key&objMask].live -= n
+}
+
 func (s *objects) forget(key int64) error {
 	o := s.get(key)
 	if o == nil {

@@ -97,8 +97,8 @@ func superblockFormat(t *testing.T, st store.Store, o Options) int {
 }
 
 // A volume written in the BUSE layout, then with compact objects: every
-// block reads back through crash recovery, a checkpoint (map body
-// version 2) and a replay without checkpoint, objects of both layouts
+// block reads back through crash recovery, a checkpoint (a map body of
+// version 2 or later, with data starts) and a replay without checkpoint, objects of both layouts
 // side by side; the superblock moves to format 2 before the first
 // compact object.
 func TestCompactObjectsMixedWithBUSELayout(t *testing.T) {

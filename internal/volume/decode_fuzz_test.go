@@ -83,6 +83,16 @@ func fzMaps(t testing.TB) [][]byte {
 		_, err2 := m.UpdateZero(4096+100, 50, 10, 4)
 		return errors.Join(err1, err2, m.AddObject(9, 4096))
 	})
+	add(3*4096, func(m *extentmap.Map) error { // runs: sequential 1 MiB items, overwritten in the middle
+		var errs []error
+		for i := int64(0); i < 12; i++ {
+			_, err := m.Update(i*256, 256, i/4, i%4*256, uint64(i+1))
+			errs = append(errs, err)
+		}
+		_, err1 := m.Update(300, 5, 3, 9, 20)
+		_, err2 := m.UpdateZero(1000, 100, 3, 21)
+		return errors.Join(append(errs, err1, err2)...)
+	})
 	add(4096, func(m *extentmap.Map) error { // many objects
 		var errs []error
 		for k := int64(0); k < 300; k++ {
