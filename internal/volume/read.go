@@ -517,7 +517,7 @@ func (v *Volume) Pinned(key int64) bool {
 }
 
 // Readahead (with the cache only): a read that starts where an earlier
-// read ended continues a stream; from the second read of a stream on, the
+// read ended (a large one: near it, see observeRead) continues a stream; from the second read of a stream on, the
 // next raBytes (at least two reads' worth, at most an eighth of the memory
 // tier) after it are fetched into the cache in the background, at low priority on both proxies, with the
 // objects pinned like any read. At most raStreams streams are tracked and
@@ -607,13 +607,27 @@ func (v *Volume) observeRead(block, n int64) *raStream {
 		slack = raSlack * n
 	}
 	var s *raStream
+	late := false // a read the stream has passed: it arrived after later ones
 	for i, x := range ra.streams {
-		if block >= x.next-slack && block <= x.next+slack {
-			s = x
-			copy(ra.streams[i:], ra.streams[i+1:])
-			ra.streams[len(ra.streams)-1] = s
-			break
+		switch {
+		case block >= x.next && block <= x.next+slack:
+		case block < x.next && block >= x.next-slack:
+			late = true
+		default:
+			continue
 		}
+		s = x
+		copy(ra.streams[i:], ra.streams[i+1:])
+		ra.streams[len(ra.streams)-1] = s
+		break
+	}
+	if s != nil && late {
+		// Part of the stream if it is one, but nothing to advance: a
+		// read repeated where a stream began does not make one.
+		if s.reads < 2 {
+			return nil
+		}
+		return s
 	}
 	if s == nil {
 		if len(ra.streams) == raStreams {
@@ -642,7 +656,7 @@ func (v *Volume) observeRead(block, n int64) *raStream {
 	ra.wg.Add(1)
 	go func() {
 		defer ra.wg.Done()
-		if err := v.prefetch(ctx, from, cnt); err != nil && ctx.Err() == nil {
+		if err := v.prefetch(ctx, s, from, cnt); err != nil && ctx.Err() == nil {
 			v.log.Debug().Err(err).Int64("block", from).Int64("blocks", cnt).Msg("readahead failed; reads fetch for themselves")
 		}
 		ra.mu.Lock()
@@ -653,13 +667,16 @@ func (v *Volume) observeRead(block, n int64) *raStream {
 }
 
 // prefetch fetches the windows of the mapped blocks in [block, block+n)
-// that the cache lacks, at low priority.
-func (v *Volume) prefetch(ctx context.Context, block, n int64) error {
+// that the cache lacks, at low priority, for stream s. An object whose
+// blocks are scattered over the range is fetched whole, once per stream,
+// as Read does: window by window it would cost a GET per block.
+func (v *Volume) prefetch(ctx context.Context, s *raStream, block, n int64) error {
 	ctx, cancel := context.WithTimeout(ctx, raTimeout)
 	defer cancel()
 	bs := v.o.BlockSize
 	var pieces []readPiece
 	var pinned []int64
+	dataSize := make(map[int64]int64)
 	defer func() { v.unpin(pinned) }()
 	err := v.maps.Do(ctx, mapproxy.Low, func(m *extentmap.Map) {
 		// Pinned on the map owner goroutine, as in Read.
@@ -670,6 +687,9 @@ func (v *Volume) prefetch(ctx context.Context, block, n int64) error {
 			if k := len(pinned); k == 0 || pinned[k-1] != e.Key {
 				pinned = append(pinned, e.Key)
 				v.pin(e.Key)
+				if _, total, ok := m.Live(e.Key); ok {
+					dataSize[e.Key] = total * bs
+				}
 			}
 			pieces = append(pieces, readPiece{key: e.Key, off: e.Off * bs, length: e.N * bs})
 		})
@@ -678,13 +698,27 @@ func (v *Volume) prefetch(ctx context.Context, block, n int64) error {
 		return fmt.Errorf("readahead: look up blocks %d+%d: %w", block, n, err)
 	}
 	w := v.cache.Window()
+	byKey := make(map[int64][]readPiece)
+	for _, p := range pieces {
+		byKey[p.key] = append(byKey[p.key], p)
+	}
 	// The windows the cache lacks (Contains may read the disk tier, so not
 	// under the lock).
 	var lacking []cache.Key
-	for _, p := range pieces {
-		for win := p.off / w; win*w < p.off+p.length; win++ {
-			if k := v.cacheKey(p.key, win); !v.cache.Contains(k) {
-				lacking = append(lacking, k)
+	for key, ps := range byKey {
+		if whole := dataSize[key]; whole > 0 && scattered(ps, n*bs) && v.firstWhole(s, key) {
+			for win := int64(0); win*w < whole; win++ {
+				if k := v.cacheKey(key, win); !v.cache.Contains(k) {
+					lacking = append(lacking, k)
+				}
+			}
+			continue
+		}
+		for _, p := range ps {
+			for win := p.off / w; win*w < p.off+p.length; win++ {
+				if k := v.cacheKey(p.key, win); !v.cache.Contains(k) {
+					lacking = append(lacking, k)
+				}
 			}
 		}
 	}
