@@ -706,7 +706,8 @@ func (v *Volume) prefetch(ctx context.Context, s *raStream, block, n int64) erro
 	// under the lock).
 	var lacking []cache.Key
 	for key, ps := range byKey {
-		if whole := dataSize[key]; whole > 0 && scattered(ps, n*bs) && v.firstWhole(s, key) {
+		sparse := scattered(ps, n*bs)
+		if whole := dataSize[key]; whole > 0 && sparse && v.firstWhole(s, key) {
 			for win := int64(0); win*w < whole; win++ {
 				if k := v.cacheKey(key, win); !v.cache.Contains(k) {
 					lacking = append(lacking, k)
@@ -714,10 +715,35 @@ func (v *Volume) prefetch(ctx context.Context, s *raStream, block, n int64) erro
 			}
 			continue
 		}
+		if sparse { // fetched whole once already: only what the range needs
+			for _, p := range ps {
+				for win := p.off / w; win*w < p.off+p.length; win++ {
+					if k := v.cacheKey(key, win); !v.cache.Contains(k) {
+						lacking = append(lacking, k)
+					}
+				}
+			}
+			continue
+		}
+		// Whole aligned GETs of maxReadPiece around what the range maps
+		// to: the stream reads on through the object, and a range that
+		// starts or ends mid-object (or around windows reads claimed
+		// already) would otherwise cost several smaller GETs.
+		per := max(maxReadPiece/w, 1)
+		seen := make(map[int64]bool)
 		for _, p := range ps {
-			for win := p.off / w; win*w < p.off+p.length; win++ {
-				if k := v.cacheKey(p.key, win); !v.cache.Contains(k) {
-					lacking = append(lacking, k)
+			for win := p.off / w / per * per; win*w < p.off+p.length; win += per {
+				if seen[win] {
+					continue
+				}
+				seen[win] = true
+				for x := win; x < win+per; x++ {
+					if size, ok := dataSize[key]; ok && x*w >= size {
+						break
+					}
+					if k := v.cacheKey(key, x); !v.cache.Contains(k) {
+						lacking = append(lacking, k)
+					}
 				}
 			}
 		}
