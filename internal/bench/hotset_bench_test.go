@@ -5,7 +5,9 @@ import (
 	"encoding/json"
 	"fmt"
 	"net"
+	"os"
 	"os/exec"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -13,6 +15,7 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/bs3/bs3/internal/cache"
+	"github.com/bs3/bs3/internal/config"
 	"github.com/bs3/bs3/internal/frontend/nbd"
 	"github.com/bs3/bs3/internal/testutil/enginetest"
 	"github.com/bs3/bs3/internal/testutil/minio"
@@ -70,12 +73,18 @@ func fioHotRead(b *testing.B, target []string, size int64, d time.Duration) fioR
 }
 
 // newReadCache is the read cache main builds with the default [cache]
-// settings (256 MiB in memory, 256 KiB fetches, 64 KiB windows), so the
-// read benchmarks measure what a default installation gets.
+// settings (memory size, fetch size, and the window that goes with it),
+// so the read benchmarks measure what a default installation gets.
+// BS3_BENCH_CACHE_MIB overrides the memory size.
 func newReadCache(b *testing.B) *cache.Cache {
 	b.Helper()
-	const fetch = 256 * kib
-	rc, err := cache.New(cache.Options{MemoryBytes: 256 * mib, Window: cache.WindowFor(fetch), FetchSize: fetch, Logger: zerolog.Nop()})
+	def := config.Default()
+	fetch := def.CacheFetchBytes()
+	memBytes := def.CacheMemoryBytes()
+	if v, err := strconv.ParseInt(os.Getenv("BS3_BENCH_CACHE_MIB"), 10, 64); err == nil && v > 0 {
+		memBytes = v * mib
+	}
+	rc, err := cache.New(cache.Options{MemoryBytes: memBytes, Window: cache.WindowFor(fetch), FetchSize: fetch, Logger: zerolog.Nop()})
 	if err != nil {
 		b.Fatal(err)
 	}

@@ -13,6 +13,7 @@ import (
 
 	"github.com/rs/zerolog"
 
+	"github.com/bs3/bs3/internal/frontend"
 	"github.com/bs3/bs3/internal/frontend/fuse"
 	"github.com/bs3/bs3/internal/testutil/enginetest"
 	"github.com/bs3/bs3/internal/testutil/minio"
@@ -78,7 +79,7 @@ func BenchmarkVsS3backer(b *testing.B) {
 	st := srv.Store(b, srv.Bucket(b))
 	eo := enginetest.Options{Size: fill, BlockSize: bs, Cache: newReadCache(b)}
 	e := enginetest.Open(b, st, eo)
-	m := mountBS3(b, e)
+	m := mountBS3(b, e.Dev)
 	b3.fill, b3.overwrite = prepare(m.LoopDevice())
 	if err := m.Close(); err != nil {
 		b.Fatalf("unmount bs3: %v", err)
@@ -86,7 +87,7 @@ func BenchmarkVsS3backer(b *testing.B) {
 	e.Close(b)
 	eo.Cache = newReadCache(b) // the restart starts with an empty cache
 	e = enginetest.Open(b, st, eo)
-	m = mountBS3(b, e)
+	m = mountBS3(b, e.Dev)
 	s0, g0 := e.Cache.Stats(), e.Objs.Stats().Get.Attempts
 	b3.seqRead = seqRead(m.LoopDevice())
 	s1, g1 := e.Cache.Stats(), e.Objs.Stats().Get.Attempts
@@ -143,12 +144,12 @@ func directTarget(dev string) []string {
 	return []string{"--ioengine=libaio", "--direct=1", "--filename=" + dev}
 }
 
-// mountBS3 serves e through FUSE with a loop device, as `frontend = "fuse"`
+// mountBS3 serves dev (an engine's chunker) through FUSE with a loop device, as `frontend = "fuse"`
 // with `[fuse] loop = true` does; the mount is closed at the end of the
 // benchmark unless the caller closed it first.
-func mountBS3(b *testing.B, e *enginetest.Engine) *fuse.Mounted {
+func mountBS3(b *testing.B, dev frontend.Device) *fuse.Mounted {
 	b.Helper()
-	m, err := fuse.Mount(e.Dev, fuse.Options{Mountpoint: filepath.Join(b.TempDir(), "mnt"), Loop: true, Logger: zerolog.Nop()})
+	m, err := fuse.Mount(dev, fuse.Options{Mountpoint: filepath.Join(b.TempDir(), "mnt"), Loop: true, Logger: zerolog.Nop()})
 	if err != nil {
 		b.Fatalf("mount bs3: %v", err)
 	}

@@ -284,7 +284,7 @@ func Default() Config {
 		NBD:        NBDConfig{Listen: "127.0.0.1:10809", Export: "bs3", HandshakeTimeout: 10, MaxConnections: 16, MaxBuffered: 256, TLS: NBDTLSOff},
 		FUSE:       FUSEConfig{Mountpoint: "/run/bs3/fuse", Loop: true},
 		Dir:        DirConfig{Path: "/var/lib/bs3/objects"},
-		Cache:      CacheConfig{MemorySize: 256, FetchSize: 256, DiskSize: 10},
+		Cache:      CacheConfig{MemorySize: 512, FetchSize: 256, DiskSize: 10},
 		// zstd's fastest level costs half the CPU of its default for
 		// 1.5 points of ratio (docs/ARCHITECTURE.md §19.3).
 		Compression: CompressionConfig{Codec: "none", Level: "fastest"},

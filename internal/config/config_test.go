@@ -144,7 +144,7 @@ func TestDefaultsForMinimalFile(t *testing.T) {
 		{"fuse.mountpoint", c.FUSE.Mountpoint, "/run/bs3/fuse"},
 		{"fuse.loop", c.FUSE.Loop, true},
 		{"dir.path", c.Dir.Path, "/var/lib/bs3/objects"},
-		{"cache.memory_size", c.Cache.MemorySize, 256},
+		{"cache.memory_size", c.Cache.MemorySize, 512},
 		{"cache.fetch_size", c.Cache.FetchSize, 256},
 		{"cache.dir", c.Cache.Dir, ""},
 		{"cache.disk_size", c.Cache.DiskSize, 10},

@@ -60,7 +60,8 @@ func (v *Volume) Read(ctx context.Context, block, n int64, buf []byte) error {
 	// Streams are recognized in the order reads arrive, not the order they
 	// complete: a client with many reads in flight issues them in order,
 	// but they finish in any order.
-	stream := v.observeRead(block, n)
+	st := v.observeRead(block, n)
+	stream := st != nil
 	var pieces []readPiece
 	var pinned []int64
 	var dataSize map[int64]int64 // bytes in the data area of the objects a stream reads
@@ -115,7 +116,7 @@ func (v *Volume) Read(ctx context.Context, block, n int64, buf []byte) error {
 	plans := make([]objectPlan, 0, len(keys))
 	for _, k := range keys {
 		var whole int64 // fetch the object's first whole bytes: it is scattered over a stream
-		if stream && scattered(byKey[k], n*bs) {
+		if stream && scattered(byKey[k], n*bs) && v.firstWhole(st, k) {
 			whole = dataSize[k]
 		}
 		plans = append(plans, v.planObject(k, byKey[k], wide, whole))
@@ -207,6 +208,9 @@ func (v *Volume) planObject(key int64, pieces []readPiece, wide bool, whole int6
 	}
 	w := v.cache.Window()
 	missing := v.serveCached(key, pieces, nil)
+	if len(missing) == 0 && whole == 0 {
+		return plan // all cached: the common case of a hot set
+	}
 	want := make(map[int64]bool, len(missing))
 	for win := range missing {
 		want[win] = true
@@ -513,7 +517,7 @@ func (v *Volume) Pinned(key int64) bool {
 }
 
 // Readahead (with the cache only): a read that starts where an earlier
-// read ended continues a stream; from the second read of a stream on, the
+// read ended (a large one: near it, see observeRead) continues a stream; from the second read of a stream on, the
 // next raBytes (at least two reads' worth, at most an eighth of the memory
 // tier) after it are fetched into the cache in the background, at low priority on both proxies, with the
 // objects pinned like any read. At most raStreams streams are tracked and
@@ -527,6 +531,7 @@ const (
 	raTimeout  = 30 * time.Second
 	raWait     = 200 * time.Millisecond // longest a read waits for a prefetch
 	raParallel = 8                      // GETs one prefetch issues at once
+	raSlack    = 4                      // a large read within this many of its own sizes of a stream's end continues it
 )
 
 type readahead struct {
@@ -541,43 +546,98 @@ type readahead struct {
 }
 
 type raStream struct {
-	next   int64 // block the stream's next read starts at
-	reads  int
-	ahead  int64 // blocks before this are prefetched or being prefetched
+	next  int64 // block the stream's next read starts at
+	reads int
+	ahead int64 // blocks before this are prefetched or being prefetched
+	// ctx is made by the stream's first prefetch: most reads are random
+	// and never continue a stream, and a context per read costs the hot
+	// path a registration with the parent.
 	ctx    context.Context
 	cancel context.CancelFunc
+	// whole holds the objects this stream fetched whole (Read, scattered):
+	// once per stream, so that when the cache cannot hold every such
+	// object until the stream has passed all its blocks, a window evicted
+	// early costs a fetch span, not the object again (docs/ARCHITECTURE.md
+	// §1, read path).
+	whole map[int64]bool
 }
 
-// observeRead notes a read of n blocks at block as it arrives, reports
-// whether it continues a stream, and starts a prefetch when it does.
-func (v *Volume) observeRead(block, n int64) bool {
-	if v.cache == nil || n == 0 {
+// stop cancels the stream's prefetches, if it started any.
+func (s *raStream) stop() {
+	if s.cancel != nil {
+		s.cancel()
+	}
+}
+
+// firstWhole reports whether stream st has not fetched object key whole
+// yet, and records that it now does.
+func (v *Volume) firstWhole(st *raStream, key int64) bool {
+	v.ra.mu.Lock()
+	defer v.ra.mu.Unlock()
+	if st.whole[key] {
 		return false
+	}
+	if st.whole == nil {
+		st.whole = make(map[int64]bool)
+	}
+	st.whole[key] = true
+	return true
+}
+
+// observeRead notes a read of n blocks at block as it arrives, returns
+// the stream it continues (nil when it continues none), and starts a
+// prefetch when it does.
+func (v *Volume) observeRead(block, n int64) *raStream {
+	if v.cache == nil || n == 0 {
+		return nil
 	}
 	ra := &v.ra
 	ra.mu.Lock()
 	defer ra.mu.Unlock()
 	if ra.closed {
-		return false
+		return nil
+	}
+	// A large read may arrive a little out of order and still continue
+	// a stream: a client keeps several in flight, and a loop device over
+	// FUSE splits each of its requests in two (at 128 segments) that are
+	// served concurrently. Small reads must start exactly where the
+	// stream ends, or random reads would pass for streams.
+	slack := int64(0)
+	if n*v.o.BlockSize >= v.cache.Window() {
+		slack = raSlack * n
 	}
 	var s *raStream
+	late := false // a read the stream has passed: it arrived after later ones
 	for i, x := range ra.streams {
-		if x.next == block {
-			s = x
-			ra.streams = append(append(ra.streams[:i:i], ra.streams[i+1:]...), s)
-			break
+		switch {
+		case block >= x.next && block <= x.next+slack:
+		case block < x.next && block >= x.next-slack:
+			late = true
+		default:
+			continue
 		}
+		s = x
+		copy(ra.streams[i:], ra.streams[i+1:])
+		ra.streams[len(ra.streams)-1] = s
+		break
+	}
+	if s != nil && late {
+		// Part of the stream if it is one, but nothing to advance: a
+		// read repeated where a stream began does not make one.
+		if s.reads < 2 {
+			return nil
+		}
+		return s
 	}
 	if s == nil {
 		if len(ra.streams) == raStreams {
-			ra.streams[0].cancel() // that stream stopped
+			ra.streams[0].stop() // that stream stopped
 			ra.streams = ra.streams[1:]
 		}
-		ctx, cancel := context.WithCancel(v.bgCtx)
-		ra.streams = append(ra.streams, &raStream{next: block + n, reads: 1, ahead: block + n, ctx: ctx, cancel: cancel})
-		return false
+		ra.streams = append(ra.streams, &raStream{next: block + n, reads: 1, ahead: block + n})
+		return nil
 	}
-	s.next, s.reads = block+n, s.reads+1
+	s.next, s.reads = max(s.next, block+n), s.reads+1
 	// At least two reads ahead, at most an eighth of the cache, so that
 	// prefetched windows are not evicted before they are read.
 	dist := min(max(raBytes/v.o.BlockSize, 2*n), v.cache.MemoryLimit()/8/v.o.BlockSize)
@@ -585,7 +645,10 @@ func (v *Volume) observeRead(block, n int64) bool {
 	s.ahead = max(s.ahead, s.next)
 	// Top up once half the distance is used, so prefetches are few and big.
 	if target-s.ahead < dist/2 || ra.inflight >= raInflight {
-		return true
+		return s
+	}
+	if s.ctx == nil {
+		s.ctx, s.cancel = context.WithCancel(v.bgCtx)
 	}
 	from, cnt, ctx := s.ahead, target-s.ahead, s.ctx
 	s.ahead = target
@@ -593,24 +656,27 @@ func (v *Volume) observeRead(block, n int64) bool {
 	ra.wg.Add(1)
 	go func() {
 		defer ra.wg.Done()
-		if err := v.prefetch(ctx, from, cnt); err != nil && ctx.Err() == nil {
+		if err := v.prefetch(ctx, s, from, cnt); err != nil && ctx.Err() == nil {
 			v.log.Debug().Err(err).Int64("block", from).Int64("blocks", cnt).Msg("readahead failed; reads fetch for themselves")
 		}
 		ra.mu.Lock()
 		ra.inflight--
 		ra.mu.Unlock()
 	}()
-	return true
+	return s
 }
 
 // prefetch fetches the windows of the mapped blocks in [block, block+n)
-// that the cache lacks, at low priority.
-func (v *Volume) prefetch(ctx context.Context, block, n int64) error {
+// that the cache lacks, at low priority, for stream s. An object whose
+// blocks are scattered over the range is fetched whole, once per stream,
+// as Read does: window by window it would cost a GET per block.
+func (v *Volume) prefetch(ctx context.Context, s *raStream, block, n int64) error {
 	ctx, cancel := context.WithTimeout(ctx, raTimeout)
 	defer cancel()
 	bs := v.o.BlockSize
 	var pieces []readPiece
 	var pinned []int64
+	dataSize := make(map[int64]int64)
 	defer func() { v.unpin(pinned) }()
 	err := v.maps.Do(ctx, mapproxy.Low, func(m *extentmap.Map) {
 		// Pinned on the map owner goroutine, as in Read.
@@ -621,6 +687,9 @@ func (v *Volume) prefetch(ctx context.Context, block, n int64) error {
 			if k := len(pinned); k == 0 || pinned[k-1] != e.Key {
 				pinned = append(pinned, e.Key)
 				v.pin(e.Key)
+				if _, total, ok := m.Live(e.Key); ok {
+					dataSize[e.Key] = total * bs
+				}
 			}
 			pieces = append(pieces, readPiece{key: e.Key, off: e.Off * bs, length: e.N * bs})
 		})
@@ -629,13 +698,53 @@ func (v *Volume) prefetch(ctx context.Context, block, n int64) error {
 		return fmt.Errorf("readahead: look up blocks %d+%d: %w", block, n, err)
 	}
 	w := v.cache.Window()
+	byKey := make(map[int64][]readPiece)
+	for _, p := range pieces {
+		byKey[p.key] = append(byKey[p.key], p)
+	}
 	// The windows the cache lacks (Contains may read the disk tier, so not
 	// under the lock).
 	var lacking []cache.Key
-	for _, p := range pieces {
-		for win := p.off / w; win*w < p.off+p.length; win++ {
-			if k := v.cacheKey(p.key, win); !v.cache.Contains(k) {
-				lacking = append(lacking, k)
+	for key, ps := range byKey {
+		sparse := scattered(ps, n*bs)
+		if whole := dataSize[key]; whole > 0 && sparse && v.firstWhole(s, key) {
+			for win := int64(0); win*w < whole; win++ {
+				if k := v.cacheKey(key, win); !v.cache.Contains(k) {
+					lacking = append(lacking, k)
+				}
+			}
+			continue
+		}
+		if sparse { // fetched whole once already: only what the range needs
+			for _, p := range ps {
+				for win := p.off / w; win*w < p.off+p.length; win++ {
+					if k := v.cacheKey(key, win); !v.cache.Contains(k) {
+						lacking = append(lacking, k)
+					}
+				}
+			}
+			continue
+		}
+		// Whole aligned GETs of maxReadPiece around what the range maps
+		// to: the stream reads on through the object, and a range that
+		// starts or ends mid-object (or around windows reads claimed
+		// already) would otherwise cost several smaller GETs.
+		per := max(maxReadPiece/w, 1)
+		seen := make(map[int64]bool)
+		for _, p := range ps {
+			for win := p.off / w / per * per; win*w < p.off+p.length; win += per {
+				if seen[win] {
+					continue
+				}
+				seen[win] = true
+				for x := win; x < win+per; x++ {
+					if size, ok := dataSize[key]; ok && x*w >= size {
+						break
+					}
+					if k := v.cacheKey(key, x); !v.cache.Contains(k) {
+						lacking = append(lacking, k)
+					}
+				}
 			}
 		}
 	}
@@ -704,7 +813,7 @@ func (v *Volume) stopReadahead() {
 	v.ra.mu.Lock()
 	v.ra.closed = true
 	for _, s := range v.ra.streams {
-		s.cancel()
+		s.stop()
 	}
 	v.ra.streams = nil
 	v.ra.mu.Unlock()
