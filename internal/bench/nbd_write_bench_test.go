@@ -12,6 +12,7 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/bs3/bs3/internal/frontend/nbd"
+	"github.com/bs3/bs3/internal/store/s3"
 	"github.com/bs3/bs3/internal/testutil/enginetest"
 	"github.com/bs3/bs3/internal/testutil/minio"
 )
@@ -29,7 +30,16 @@ func BenchmarkNBDWrite(b *testing.B) {
 	}
 	ctx := context.Background()
 	srv := minio.Start(b)
-	raw := srv.Store(b, srv.Bucket(b))
+	// Both sides in the payload mode bs3 picks by its probe (CRC32C with
+	// UNSIGNED-PAYLOAD on MinIO), as production runs.
+	openStore := func() *s3.Store {
+		st := srv.StoreWith(b, srv.Options(b, srv.Bucket(b)))
+		if _, err := st.ProbePayloadChecksum(ctx, "payload-probe"); err != nil {
+			b.Fatal(err)
+		}
+		return st
+	}
+	raw := openStore()
 	body := make([]byte, 4*mib)
 	for i := range body {
 		body[i] = byte(i * 7)
@@ -46,7 +56,7 @@ func BenchmarkNBDWrite(b *testing.B) {
 	rawCPU := cpu.perGiB(rawObjects * 4 * mib)
 
 	const devSize = 4 * gib
-	e := enginetest.Open(b, srv.Store(b, srv.Bucket(b)), enginetest.Options{Size: devSize, BlockSize: 4096})
+	e := enginetest.Open(b, openStore(), enginetest.Options{Size: devSize, BlockSize: 4096})
 	s, err := nbd.New(e.Dev, nbd.Options{Listen: "127.0.0.1:0", Export: "bs3", Logger: zerolog.Nop()})
 	if err != nil {
 		b.Fatal(err)

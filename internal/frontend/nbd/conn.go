@@ -42,9 +42,17 @@ type conn struct {
 	// inflight counts dispatched requests not yet replied to.
 	inflight sync.WaitGroup
 
-	wmu       sync.Mutex // serializes replies
-	werr      error      // first reply write error; later replies are dropped
-	wdeadline time.Time  // write deadline last set by armWrite
+	// Replies: one goroutine at a time writes (the sender); replies
+	// without data that complete meanwhile are appended to batch and
+	// sent by it in one write, so a queue of small write acknowledgements
+	// costs one syscall, not one each.
+	wmu       sync.Mutex
+	wcond     *sync.Cond // signalled when sending ends (wmu)
+	sending   bool       // a goroutine is writing replies (wmu)
+	batch     []byte     // data-less reply headers waiting for the sender (wmu)
+	spare     []byte     // the previous batch's buffer, for reuse (wmu)
+	werr      error      // first reply write error; later replies are dropped (wmu)
+	wdeadline time.Time  // write deadline last set by armWrite (the sender)
 }
 
 // errStalled marks a client that stopped sending a payload or reading its
@@ -62,7 +70,7 @@ type request struct {
 
 func (s *Server) newConn(nc net.Conn) *conn {
 	ctx, cancel := context.WithCancel(context.Background())
-	return &conn{
+	c := &conn{
 		s:      s,
 		nc:     nc,
 		r:      bufio.NewReaderSize(nc, 64<<10),
@@ -71,6 +79,8 @@ func (s *Server) newConn(nc net.Conn) *conn {
 		cancel: cancel,
 		slots:  make(chan struct{}, maxInFlight),
 	}
+	c.wcond = sync.NewCond(&c.wmu)
+	return c
 }
 
 // closeConn closes the socket, logging a failure.
@@ -475,7 +485,9 @@ func (c *conn) acquireSlot() { c.slots <- struct{}{} }
 func (c *conn) releaseSlot() { <-c.slots }
 
 // reply sends a simple reply (with data for a successful read). It returns
-// false once the connection can no longer send, so the reader stops.
+// false once the connection can no longer send, so the reader stops. A
+// reply without data may be handed to the goroutine that is sending and
+// go out in its next write; NBD replies may come in any order.
 func (c *conn) reply(handle uint64, errno uint32, data []byte) bool {
 	var hdr [replySize]byte
 	binary.BigEndian.PutUint32(hdr[0:], magicReply)
@@ -487,7 +499,37 @@ func (c *conn) reply(handle uint64, errno uint32, data []byte) bool {
 	if c.werr != nil {
 		return false
 	}
-	if err := c.sendLocked(hdr[:], data); err != nil {
+	if data == nil {
+		c.batch = append(c.batch, hdr[:]...)
+		if c.sending {
+			return true // the sender writes it with its next batch
+		}
+	} else {
+		for c.sending {
+			c.wcond.Wait()
+		}
+		if c.werr != nil {
+			return false
+		}
+	}
+	c.sending = true
+	var err error
+	if data != nil {
+		c.wmu.Unlock()
+		err = c.sendLocked(hdr[:], data)
+		c.wmu.Lock()
+	}
+	for err == nil && len(c.batch) > 0 {
+		b := c.batch
+		c.batch, c.spare = c.spare[:0], nil
+		c.wmu.Unlock()
+		err = c.sendLocked(b, nil)
+		c.wmu.Lock()
+		c.spare = b[:0]
+	}
+	c.sending = false
+	c.wcond.Broadcast()
+	if err != nil {
 		c.werr = err
 		switch {
 		case errors.Is(err, errStalled):
@@ -506,8 +548,9 @@ func (c *conn) reply(handle uint64, errno uint32, data []byte) bool {
 	return true
 }
 
-// sendLocked writes a reply header and its data in pieces of at most
-// ioPiece bytes, each under a stall deadline. Called with wmu held.
+// sendLocked writes a reply header (or a batch of them) and its data in
+// pieces of at most ioPiece bytes, each under a stall deadline. Called by
+// the sender only (conn.sending), without wmu.
 func (c *conn) sendLocked(hdr, data []byte) error {
 	for first := true; first || len(data) > 0; first = false {
 		if err := c.armWrite(); err != nil {

@@ -2,6 +2,7 @@ package nbd
 
 import (
 	"bytes"
+	"context"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -537,4 +538,98 @@ func TestDefaults(t *testing.T) {
 	if e, got := c.readAt(0, 32<<20); e != 0 || !bytes.Equal(got, big) {
 		t.Fatalf("32 MiB read: error %d or wrong data", e)
 	}
+}
+
+// TestRepliesMixedInFlight keeps writes (whose replies are batched while
+// another goroutine sends) and reads (whose replies carry data and are
+// sent alone) in flight together on one connection, with completions
+// shuffled: every request gets exactly one reply, each read its own data,
+// and every write lands.
+func TestRepliesMixedInFlight(t *testing.T) {
+	const (
+		bs = 4096
+		n  = 600
+	)
+	dev := newMemDevice(8<<20, bs)
+	fill := make([]byte, 4<<20) // the read half: known content
+	for i := range fill {
+		fill[i] = byte(i*13 + i/bs)
+	}
+	if err := dev.WriteAt(context.Background(), fill, 4<<20, false); err != nil {
+		t.Fatal(err)
+	}
+	dev.setHook(func(string, int64, int64) error {
+		if rand.IntN(3) == 0 {
+			time.Sleep(time.Duration(rand.IntN(300)) * time.Microsecond)
+		}
+		return nil
+	})
+	srv := startServer(t, dev, Options{})
+	c := connect(t, srv.Addr(), "bs3")
+
+	type want struct {
+		read bool
+		data []byte
+	}
+	var mu sync.Mutex
+	pending := map[uint64]want{}
+	done := make(chan error, 1)
+	go func() {
+		for range n {
+			h := make([]byte, 16)
+			if _, err := io.ReadFull(c.r, h); err != nil {
+				done <- fmt.Errorf("read reply: %w", err)
+				return
+			}
+			handle := binary.BigEndian.Uint64(h[8:])
+			mu.Lock()
+			w, ok := pending[handle]
+			delete(pending, handle)
+			mu.Unlock()
+			if binary.BigEndian.Uint32(h) != 0x67446698 || !ok || binary.BigEndian.Uint32(h[4:]) != 0 {
+				done <- fmt.Errorf("bad reply %x (known handle %v)", h, ok)
+				return
+			}
+			if w.read {
+				got := make([]byte, len(w.data))
+				if _, err := io.ReadFull(c.r, got); err != nil || !bytes.Equal(got, w.data) {
+					done <- fmt.Errorf("read handle %d: wrong data (%v)", handle, err)
+					return
+				}
+			}
+		}
+		done <- nil
+	}()
+	written := make([]byte, 4<<20)
+	for i := range uint64(n) {
+		blk := uint64(i % 1024)
+		hdr := make([]byte, 28)
+		binary.BigEndian.PutUint32(hdr[0:], 0x25609513)
+		binary.BigEndian.PutUint64(hdr[8:], i)
+		binary.BigEndian.PutUint64(hdr[16:], blk*bs)
+		binary.BigEndian.PutUint32(hdr[24:], bs)
+		w := want{read: i%2 == 1}
+		if w.read {
+			binary.BigEndian.PutUint64(hdr[16:], 4<<20+blk*bs) // reads go to the upper half
+			w.data = fill[blk*bs : (blk+1)*bs]
+		} else {
+			binary.BigEndian.PutUint16(hdr[6:], 1)
+			data := bytes.Repeat([]byte{byte(i)}, bs)
+			copy(written[blk*bs:], data)
+			hdr = append(hdr, data...)
+		}
+		mu.Lock()
+		pending[i] = w
+		mu.Unlock()
+		if _, err := c.nc.Write(hdr); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	if got := dev.snapshot(0, 4<<20); !bytes.Equal(got, written) {
+		t.Fatal("writes did not all land")
+	}
+	c.disconnect()
 }
