@@ -56,9 +56,10 @@ type Options struct {
 
 	// Proxy configures the object proxy. Proxied, when set, is told of
 	// the proxy before the volume is attached (a test that must be able
-	// to stop an attach in progress).
+	// to stop an attach in progress); an error from it ends Open with
+	// that error, the proxy closed.
 	Proxy   objproxy.Options
-	Proxied func(*objproxy.Proxy)
+	Proxied func(*objproxy.Proxy) error
 
 	// NoVolume stops after the object proxy (status, check, passwd).
 	NoVolume bool
@@ -143,7 +144,9 @@ func Open(ctx context.Context, o Options) (*Engine, error) {
 	po.Logger = component(log, "objproxy")
 	e.Proxy = objproxy.New(st, po)
 	if o.Proxied != nil {
-		o.Proxied(e.Proxy)
+		if err := o.Proxied(e.Proxy); err != nil {
+			return nil, err
+		}
 	}
 	if o.NoVolume {
 		ok = true

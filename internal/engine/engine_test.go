@@ -178,7 +178,7 @@ func TestOpenFailureStopsProxy(t *testing.T) {
 	o := testOptions(mem.New())
 	o.Volume.BlockSize = 1000 // invalid
 	var p *objproxy.Proxy
-	o.Proxied = func(x *objproxy.Proxy) { p = x }
+	o.Proxied = func(x *objproxy.Proxy) error { p = x; return nil }
 	if _, err := Open(ctx, o); err == nil || !strings.Contains(err.Error(), "attach volume") {
 		t.Fatalf("Open with a bad block size: %v, want an attach error", err)
 	}
