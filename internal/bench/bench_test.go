@@ -301,7 +301,7 @@ func BenchmarkThroughput(b *testing.B) {
 	seqRead("after random writes")
 
 	var heap, blocks int64
-	if err := v.Maps().Do(ctx, mapproxy.Low, func(m *extentmap.Map) { heap, blocks = m.HeapBytes(), m.WrittenBlocks() }); err != nil {
+	if err := v.MapDo(ctx, mapproxy.Low, func(m *extentmap.Map) { heap, blocks = m.HeapBytes(), m.WrittenBlocks() }); err != nil {
 		b.Fatal(err)
 	}
 	runtime.GC()

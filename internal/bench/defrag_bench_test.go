@@ -117,7 +117,7 @@ func BenchmarkDefrag(b *testing.B) {
 	}
 	layout := func() (runs, objects int) {
 		seen := make(map[int64]bool)
-		err := v.Maps().Do(ctx, mapproxy.Low, func(m *extentmap.Map) {
+		err := v.MapDo(ctx, mapproxy.Low, func(m *extentmap.Map) {
 			m.Lookup(0, blocks, func(e extentmap.Extent) {
 				if e.Key >= 0 && !e.Zero {
 					runs++

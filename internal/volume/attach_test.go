@@ -122,7 +122,7 @@ func collectBelowFloor(t *testing.T, st store.Store, v *Volume) int64 {
 		t.Fatal("no delete floor: the test needs at least two checkpoints")
 	}
 	var dead []int64
-	if err := v.Maps().Do(context.Background(), mapproxy.Low, func(m *extentmap.Map) { dead = m.Dead(floor) }); err != nil {
+	if err := v.maps.Do(context.Background(), mapproxy.Low, func(m *extentmap.Map) { dead = m.Dead(floor) }); err != nil {
 		t.Fatal(err)
 	}
 	if len(dead) == 0 {
@@ -304,7 +304,7 @@ func TestConcurrentAttachOneWins(t *testing.T) {
 		if err := winner.Close(context.Background()); err != nil {
 			t.Fatal(err)
 		}
-		winner.Objects().Close()
+		winner.objs.Close()
 	}
 	v, objs = open(t, st, o)
 	defer objs.Close()
