@@ -231,15 +231,10 @@ func (d *daemon) start(ctx context.Context, shrink bool) error {
 		return err
 	}
 	var dev frontend.Device
-	var rw interface {
-		BuseRead(int64, int64, []byte) error
-		BuseWrite(int64, []byte) error
-		BusePreRun()
-		BusePostRemove()
-	}
+	var rw buse.Callbacks
 	if cfg.Null {
 		n := null.New(cfg.SizeBytes(), int64(cfg.BlockSize))
-		dev, rw = n, n
+		dev, rw = n, buse.NewAdapter(n)
 		log.Warn().Msg("null backend: writes are discarded, reads return zeros")
 	} else {
 		o := engine.FromConfig(cfg, shrink, log)
@@ -255,7 +250,7 @@ func (d *daemon) start(ctx context.Context, shrink bool) error {
 			d.onStop("read cache", func(context.Context) error { rc.Close(); return nil })
 		}
 		d.onBoundedStop("volume", e.Volume.Close)
-		rw = e.Volume
+		rw = buse.NewAdapter(e.Volume)
 		d.collector = gc.New(e.Volume, gc.Options{
 			Step:     cfg.GC.Step,
 			LiveData: cfg.GC.LiveData,
