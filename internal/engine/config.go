@@ -156,7 +156,7 @@ func OpenStore(ctx context.Context, cfg config.Config, log zerolog.Logger, readO
 			return store.WithPrefix(st, cfg.S3.Prefix), nil
 		}
 		// A name of its own per start, as for the conditional-write probe.
-		probe := fmt.Sprintf("payload-checksum-probe-%d-%d", os.Getpid(), time.Now().UnixNano())
+		probe := store.ProbeName(store.PayloadChecksumProbe, os.Getpid(), time.Now())
 		if _, err := st.ProbePayloadChecksum(ctx, path.Join(cfg.S3.Prefix, probe)); err != nil {
 			return nil, err
 		}
@@ -164,7 +164,7 @@ func OpenStore(ctx context.Context, cfg config.Config, log zerolog.Logger, readO
 			// A name of its own per start: two daemons probing one
 			// name at once would see each other's object and blame
 			// the store.
-			probe := fmt.Sprintf("conditional-write-probe-%d-%d", os.Getpid(), time.Now().UnixNano())
+			probe := store.ProbeName(store.ConditionalWriteProbe, os.Getpid(), time.Now())
 			if err := st.ProbeConditionalWrites(ctx, path.Join(cfg.S3.Prefix, probe)); err != nil {
 				return nil, fmt.Errorf("%w\n(the store must refuse overwrites with If-None-Match: * to fence a second writer; if it cannot, set s3.conditional_writes = false and make sure only one bs3 attaches this volume)", err)
 			}
