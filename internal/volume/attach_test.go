@@ -18,6 +18,7 @@ import (
 	"github.com/bs3/bs3/internal/mapproxy"
 	"github.com/bs3/bs3/internal/store"
 	"github.com/bs3/bs3/internal/store/mem"
+	"github.com/bs3/bs3/internal/testutil/kernelemu"
 )
 
 // Tests of the attach protocol (docs/ARCHITECTURE.md §6): each one sets
@@ -88,7 +89,7 @@ func block(b byte) []byte {
 // writeFlushed writes each pattern to block blk as one object.
 func writeFlushed(t *testing.T, v *Volume, blk int64, patterns ...byte) {
 	t.Helper()
-	em := chunk.NewEmulator(buse.NewAdapter(v), v.Layout(), v.Size(), mib, 1, 2)
+	em := kernelemu.New(buse.NewAdapter(v), v.Layout(), v.Size(), mib, 1, 2)
 	for _, p := range patterns {
 		if err := em.Write(0, blk*4096, block(p)); err != nil {
 			t.Fatal(err)
