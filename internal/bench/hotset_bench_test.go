@@ -13,6 +13,8 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/bs3/bs3/internal/cache"
+	"github.com/bs3/bs3/internal/config"
+	"github.com/bs3/bs3/internal/engine"
 	"github.com/bs3/bs3/internal/frontend/nbd"
 	"github.com/bs3/bs3/internal/testutil/enginetest"
 	"github.com/bs3/bs3/internal/testutil/minio"
@@ -70,12 +72,16 @@ func fioHotRead(b *testing.B, target []string, size int64, d time.Duration) fioR
 }
 
 // newReadCache is the read cache main builds with the default [cache]
-// settings (256 MiB in memory, 256 KiB fetches, 64 KiB windows), so the
-// read benchmarks measure what a default installation gets.
+// settings (256 MiB in memory, 256 KiB fetches, 64 KiB windows: the
+// options engine.FromConfig derives from them), so the read benchmarks
+// measure what a default installation gets.
 func newReadCache(b *testing.B) *cache.Cache {
 	b.Helper()
-	const fetch = 256 * kib
-	rc, err := cache.New(cache.Options{MemoryBytes: 256 * mib, Window: cache.WindowFor(fetch), FetchSize: fetch, Logger: zerolog.Nop()})
+	o := engine.FromConfig(config.Default(), false, zerolog.Nop()).Cache
+	if o == nil {
+		b.Fatal("the default configuration has no read cache")
+	}
+	rc, err := cache.New(*o)
 	if err != nil {
 		b.Fatal(err)
 	}
