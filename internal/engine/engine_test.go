@@ -34,6 +34,12 @@ func TestDefaultsAgree(t *testing.T) {
 	if c.GC.Step != gc.DefaultStep || c.GC.LiveData != gc.DefaultLiveData || c.GCWait() != gc.DefaultWait {
 		t.Errorf("config gc step/live_data/wait %d/%v/%v, gc defaults %d/%v/%v", c.GC.Step, c.GC.LiveData, c.GCWait(), gc.DefaultStep, gc.DefaultLiveData, gc.DefaultWait)
 	}
+	if c.Checkpoint.Objects != volume.DefaultCheckpointObjects || c.CheckpointInterval() != volume.DefaultCheckpointInterval {
+		t.Errorf("config checkpoint objects/interval %d/%v, volume defaults %d/%v", c.Checkpoint.Objects, c.CheckpointInterval(), volume.DefaultCheckpointObjects, volume.DefaultCheckpointInterval)
+	}
+	if c.CollisionBytes() != chunker.DefaultCollisionArea {
+		t.Errorf("config collision area %d, chunker default %d", c.CollisionBytes(), chunker.DefaultCollisionArea)
+	}
 	c.Threads = 1
 	if got := Buffers(c); got != DefaultBuffers {
 		t.Errorf("buffers for the default configuration and one thread = %d, DefaultBuffers = %d", got, DefaultBuffers)

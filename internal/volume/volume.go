@@ -73,6 +73,13 @@ type Options struct {
 	Logger     zerolog.Logger
 }
 
+// Defaults for zero Options fields; they are those of [checkpoint]
+// objects and interval (internal/engine's tests hold the two together).
+const (
+	DefaultCheckpointObjects  = 1024
+	DefaultCheckpointInterval = 5 * time.Minute
+)
+
 // ErrFenced is returned by writes after another writer took the volume.
 var ErrFenced = errors.New("volume is owned by another writer")
 
@@ -153,10 +160,10 @@ func Open(ctx context.Context, objs *objproxy.Proxy, o Options) (*Volume, error)
 		o.MaxInflight = 64
 	}
 	if o.CheckpointObjects <= 0 {
-		o.CheckpointObjects = 1024
+		o.CheckpointObjects = DefaultCheckpointObjects
 	}
 	if o.CheckpointInterval <= 0 {
-		o.CheckpointInterval = 5 * time.Minute
+		o.CheckpointInterval = DefaultCheckpointInterval
 	}
 	v := &Volume{
 		o:         o,
