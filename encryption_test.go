@@ -13,9 +13,10 @@ import (
 	"time"
 )
 
-// TestEncryptionWiring runs the daemon over a dir store with a key file:
-// what it writes is not in the objects in the clear, and the same volume
-// started without the key is refused with a message that says so.
+// TestEncryptionWiring runs the daemon over a dir store with a key file
+// and a disk cache: what it writes is not in the objects nor in the cache
+// files in the clear, and the same volume started without the key is
+// refused with a message that says so.
 func TestEncryptionWiring(t *testing.T) {
 	bin := buildDaemon(t)
 	objects := t.TempDir()
@@ -24,7 +25,9 @@ func TestEncryptionWiring(t *testing.T) {
 		t.Fatal(err)
 	}
 	addr := freeAddr(t)
-	base := []string{"BS3_STORE=dir", "BS3_DIR_PATH=" + objects, "BS3_FRONTEND=nbd", "BS3_NBD_LISTEN=" + addr, "BS3_SIZE=1", "BS3_LOG_LEVEL=info"}
+	cacheDir := t.TempDir()
+	base := []string{"BS3_STORE=dir", "BS3_DIR_PATH=" + objects, "BS3_FRONTEND=nbd", "BS3_NBD_LISTEN=" + addr, "BS3_SIZE=1", "BS3_LOG_LEVEL=info",
+		"BS3_CACHE_DIR=" + cacheDir}
 	d := shutdownStart(t, bin, "NBD export", append(base, "BS3_ENCRYPTION_KEY_FILE="+key)...)
 	pattern := bytes.Repeat([]byte("bs3 secret block "), 4096/17+1)[:4096]
 	n := shutdownDialNBD(t, addr, "bs3")
@@ -38,26 +41,28 @@ func TestEncryptionWiring(t *testing.T) {
 		t.Fatalf("exit status %d", code)
 	}
 
-	found := 0
-	err := filepath.WalkDir(objects, func(p string, e fs.DirEntry, err error) error {
-		if err != nil || e.IsDir() {
-			return err
-		}
-		b, err := os.ReadFile(p)
+	for what, dir := range map[string]string{"object": objects, "cache file": cacheDir} {
+		found := 0
+		err := filepath.WalkDir(dir, func(p string, e fs.DirEntry, err error) error {
+			if err != nil || e.IsDir() {
+				return err
+			}
+			b, err := os.ReadFile(p)
+			if err != nil {
+				return err
+			}
+			found++
+			if bytes.Contains(b, pattern[:64]) {
+				t.Errorf("%s %s holds written data in the clear", what, p)
+			}
+			return nil
+		})
 		if err != nil {
-			return err
+			t.Fatal(err)
 		}
-		found++
-		if bytes.Contains(b, pattern[:64]) {
-			t.Errorf("object %s holds written data in the clear", p)
+		if found == 0 {
+			t.Fatalf("no %s was written", what)
 		}
-		return nil
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if found == 0 {
-		t.Fatal("no objects were written")
 	}
 
 	cmd := exec.Command(bin, "-c", "")

@@ -17,8 +17,9 @@
 // bytes it has just read from the store or that an upload has just stored.
 // Values handed out by Get are shared and must never be modified. A disk
 // file is served only after its header names the very key looked up and
-// the CRC32C of every 4 KiB block matches; it never serves a damaged or
-// foreign file, and never grows past its limit.
+// the CRC32C of every 4 KiB block matches (or, for an encrypted volume,
+// its AES-GCM tag verifies); it never serves a damaged or foreign file,
+// and never grows past its limit.
 package cache
 
 import (
@@ -68,7 +69,24 @@ type Options struct {
 	// (see disk.go).
 	Dir       string
 	DiskBytes int64
-	Logger    zerolog.Logger
+	// Sealer, when set, encrypts and authenticates every disk-tier file
+	// (an encrypted volume: the disk tier must never hold its
+	// plaintext); the memory tier stays plaintext.
+	Sealer Sealer
+	Logger zerolog.Logger
+}
+
+// Sealer seals the disk tier's files of an encrypted volume
+// (sealed.CacheSealer; docs/ARCHITECTURE.md §16.5). The cache only moves
+// sealed bytes and never holds a key.
+type Sealer interface {
+	// Seal appends to dst the sealed form of plain, bound to ad.
+	Seal(dst, plain, ad []byte) ([]byte, error)
+	// Open verifies sealed against ad and returns its plaintext, decrypted
+	// in place; an error means the file must not be served.
+	Open(sealed, ad []byte) ([]byte, error)
+	// Overhead is the bytes Seal adds to a plaintext.
+	Overhead() int
 }
 
 // Key names one window of one object of one volume.
@@ -117,7 +135,7 @@ func New(o Options) (*Cache, error) {
 		if o.DiskBytes <= 0 {
 			return nil, fmt.Errorf("cache disk size %d: must be positive with a cache directory", o.DiskBytes)
 		}
-		if c.disk, err = openDisk(o.Dir, o.DiskBytes, o.Window, o.Logger); err != nil {
+		if c.disk, err = openDisk(o.Dir, o.DiskBytes, o.Window, o.Sealer, o.Logger); err != nil {
 			return nil, err
 		}
 	}

@@ -31,12 +31,26 @@ import (
 //	| id length u16 | volume id | CRC32C per 4 KiB block of data (u32 each)
 //	| CRC32C of everything before it (u32) | data (length bytes)
 //
+// An encrypted volume's files (a Sealer is set) hold no plaintext and no
+// CRC: the AEAD tag authenticates everything (docs/ARCHITECTURE.md §16.5):
+//
+//	magic "BS3CENC1" | window size u32 | length u32 | key i64 | window i64
+//	| id length u16 | volume id | sealed data (Sealer.Seal of the window,
+//	with everything before it as associated data)
+//
+// so a file whose header was edited, that was moved to another key, window
+// or volume directory, or was written under another data key or volume
+// fails to open and is dropped like a damaged one. Each tier reads only its
+// own magic: a plaintext file is never served by an encrypted tier, nor
+// the reverse.
+//
 // Files are written by one background goroutine to a temporary name and
 // renamed, so a reader never sees half a file; a full queue drops the
 // write (it is only a cache).
 
 const (
 	diskMagic     = "BS3CWIN1"
+	sealedMagic   = "BS3CENC1"
 	crcBlock      = 4 << 10
 	diskQueue     = 256
 	tmpPrefix     = ".tmp-"
@@ -55,6 +69,7 @@ type diskTier struct {
 	dir   string
 	limit int64
 	win   int64
+	seal  Sealer // nil: plaintext files with CRC32C
 	log   zerolog.Logger
 
 	mu    sync.Mutex
@@ -84,11 +99,11 @@ type diskWrite struct {
 // openDisk indexes the files already in dir (oldest first by modification
 // time), removes temporary files left by a crash, trims the tier to limit
 // and starts the writer.
-func openDisk(dir string, limit, win int64, log zerolog.Logger) (*diskTier, error) {
+func openDisk(dir string, limit, win int64, seal Sealer, log zerolog.Logger) (*diskTier, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("create the cache directory %s: %w", dir, err)
 	}
-	d := &diskTier{dir: dir, limit: limit, win: win, log: log, lru: list.New(), files: make(map[string]*list.Element),
+	d := &diskTier{dir: dir, limit: limit, win: win, seal: seal, log: log, lru: list.New(), files: make(map[string]*list.Element),
 		queue: make(chan diskWrite, diskQueue), done: make(chan struct{})}
 	type found struct {
 		rel  string
@@ -155,7 +170,12 @@ func (d *diskTier) get(k Key) ([]byte, bool) {
 		d.drop(rel, err)
 		return nil, false
 	}
-	data, err := decodeWindow(raw, k, d.win)
+	var data []byte
+	if d.seal != nil {
+		data, err = openWindow(d.seal, raw, k, d.win)
+	} else {
+		data, err = decodeWindow(raw, k, d.win)
+	}
 	if err != nil {
 		d.drop(rel, err)
 		return nil, false
@@ -225,7 +245,15 @@ func (d *diskTier) writer() {
 
 func (d *diskTier) write(k Key, data []byte) error {
 	rel, _ := d.rel(k)
-	file := encodeWindow(k, d.win, data)
+	var file []byte
+	if d.seal != nil {
+		var err error
+		if file, err = sealWindow(d.seal, k, d.win, data); err != nil {
+			return fmt.Errorf("seal window %d of key %d: %w", k.Window, k.Object, err)
+		}
+	} else {
+		file = encodeWindow(k, d.win, data)
+	}
 	size := int64(len(file)) + diskFileSlack
 	if size > d.limit {
 		return nil
@@ -304,6 +332,55 @@ func (d *diskTier) usedBytes() int64 {
 	defer d.mu.Unlock()
 	return d.used
 }
+
+// appendHeader appends the fields both formats start with, up to and
+// including the volume id.
+func appendHeader(b []byte, magic string, k Key, win int64, n int) []byte {
+	b = append(b, magic...)
+	b = binary.LittleEndian.AppendUint32(b, uint32(win))
+	b = binary.LittleEndian.AppendUint32(b, uint32(n))
+	b = binary.LittleEndian.AppendUint64(b, uint64(k.Object))
+	b = binary.LittleEndian.AppendUint64(b, uint64(k.Window))
+	b = binary.LittleEndian.AppendUint16(b, uint16(len(k.Volume)))
+	return append(b, k.Volume...)
+}
+
+// sealWindow is the encrypted file of window k: the header, then the
+// data sealed with the header as associated data.
+func sealWindow(s Sealer, k Key, win int64, data []byte) ([]byte, error) {
+	hdr := appendHeader(make([]byte, 0, headerFixed+len(k.Volume)+len(data)+s.Overhead()), sealedMagic, k, win, len(data))
+	return s.Seal(hdr, data, hdr[:len(hdr):len(hdr)])
+}
+
+// openWindow checks an encrypted file against the key it was looked up by
+// and returns its data (decrypted in place in raw).
+func openWindow(s Sealer, raw []byte, k Key, win int64) ([]byte, error) {
+	if len(raw) < headerFixed || string(raw[:8]) != sealedMagic {
+		return nil, errors.New("not an encrypted cache file (bad magic or too short)")
+	}
+	le := binary.LittleEndian
+	length := int64(le.Uint32(raw[12:]))
+	if length <= 0 || length > win {
+		return nil, fmt.Errorf("length %d: not a window of %d bytes", length, win)
+	}
+	// The header must be the one this key's file would carry; the AEAD
+	// then proves the rest.
+	want := appendHeader(make([]byte, 0, headerFixed+len(k.Volume)), sealedMagic, k, win, int(length))
+	if len(raw) < len(want) || string(raw[:len(want)]) != string(want) {
+		return nil, fmt.Errorf("header does not name volume %s key %d window %d with window size %d", k.Volume, k.Object, k.Window, win)
+	}
+	if got := int64(len(raw) - len(want) - s.Overhead()); got != length {
+		return nil, fmt.Errorf("file holds %d bytes of data, header says %d", got, length)
+	}
+	data, err := s.Open(raw[len(want):], want)
+	if err != nil {
+		return nil, err
+	}
+	return data, nil
+}
+
+// headerFixed is the size of the header fields before the volume id.
+const headerFixed = 8 + 4 + 4 + 8 + 8 + 2
 
 func encodeWindow(k Key, win int64, data []byte) []byte {
 	var b bytes.Buffer

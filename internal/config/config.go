@@ -93,18 +93,20 @@ type Config struct {
 	// contrib/systemd/bs3.service), or systemd kills the daemon first.
 	ShutdownTimeout int `toml:"shutdown_timeout" env:"BS3_SHUTDOWN_TIMEOUT" env-description:"seconds a stop (SIGINT/SIGTERM, or a frontend that ended) may take before bs3 gives up, logs what it could not store and exits non-zero"`
 
-	S3         S3Config         `toml:"s3" env-prefix:"BS3_S3_"`
-	Write      WriteConfig      `toml:"write" env-prefix:"BS3_WRITE_"`
-	Read       ReadConfig       `toml:"read" env-prefix:"BS3_READ_"`
-	GC         GCConfig         `toml:"gc" env-prefix:"BS3_GC_"`
-	Log        LogConfig        `toml:"log" env-prefix:"BS3_LOG_"`
-	Checkpoint CheckpointConfig `toml:"checkpoint" env-prefix:"BS3_CHECKPOINT_"`
-	NBD        NBDConfig        `toml:"nbd" env-prefix:"BS3_NBD_"`
-	FUSE       FUSEConfig       `toml:"fuse" env-prefix:"BS3_FUSE_"`
-	Dir        DirConfig        `toml:"dir" env-prefix:"BS3_DIR_"`
-	Cache      CacheConfig      `toml:"cache" env-prefix:"BS3_CACHE_"`
-	Metrics    MetricsConfig    `toml:"metrics" env-prefix:"BS3_METRICS_"`
-	Encryption EncryptionConfig `toml:"encryption" env-prefix:"BS3_ENCRYPTION_"`
+	S3          S3Config          `toml:"s3" env-prefix:"BS3_S3_"`
+	Write       WriteConfig       `toml:"write" env-prefix:"BS3_WRITE_"`
+	Read        ReadConfig        `toml:"read" env-prefix:"BS3_READ_"`
+	GC          GCConfig          `toml:"gc" env-prefix:"BS3_GC_"`
+	Log         LogConfig         `toml:"log" env-prefix:"BS3_LOG_"`
+	Checkpoint  CheckpointConfig  `toml:"checkpoint" env-prefix:"BS3_CHECKPOINT_"`
+	NBD         NBDConfig         `toml:"nbd" env-prefix:"BS3_NBD_"`
+	FUSE        FUSEConfig        `toml:"fuse" env-prefix:"BS3_FUSE_"`
+	Dir         DirConfig         `toml:"dir" env-prefix:"BS3_DIR_"`
+	Cache       CacheConfig       `toml:"cache" env-prefix:"BS3_CACHE_"`
+	Metrics     MetricsConfig     `toml:"metrics" env-prefix:"BS3_METRICS_"`
+	Encryption  EncryptionConfig  `toml:"encryption" env-prefix:"BS3_ENCRYPTION_"`
+	Compression CompressionConfig `toml:"compression" env-prefix:"BS3_COMPRESSION_"`
+	Integrity   IntegrityConfig   `toml:"integrity" env-prefix:"BS3_INTEGRITY_"`
 
 	// notices name the retired BS3 keys and variables the configuration
 	// was read with (see Notices); unexported, so it is no key.
@@ -208,7 +210,7 @@ type DirConfig struct {
 type CacheConfig struct {
 	MemorySize int    `toml:"memory_size" env:"MEMORY_SIZE" env-description:"read cache in memory, MiB (recently written and read data); 0 = off"`
 	FetchSize  int    `toml:"fetch_size" env:"FETCH_SIZE" env-description:"KiB a streaming or large read fetches and caches around a miss (aligned inside the object; cached as 64 KiB windows); a power of two from 4 to 4096"`
-	Dir        string `toml:"dir" env:"DIR" env-description:"directory of the read cache on local disk (survives restarts; every 4 KiB block checked with CRC32C); empty = memory only"`
+	Dir        string `toml:"dir" env:"DIR" env-description:"directory of the read cache on local disk (survives restarts; every 4 KiB block checked with CRC32C, or each file sealed with AES-256-GCM for an encrypted volume); empty = memory only"`
 	DiskSize   int    `toml:"disk_size" env:"DISK_SIZE" env-description:"GiB the read cache may use under dir"`
 }
 
@@ -224,6 +226,25 @@ type EncryptionConfig struct {
 	KeyFile        string `toml:"key_file" env:"KEY_FILE" env-description:"file with the volume's 256-bit key (32 raw bytes or 64 hex digits, mode 0600); empty = no key file"`
 	PassphraseFile string `toml:"passphrase_file" env:"PASSPHRASE_FILE" env-description:"file with a passphrase (mode 0600) stretched with Argon2id into the key that opens the volume's data key; empty = no passphrase"`
 }
+
+// IntegrityConfig is the [integrity] section (docs/ARCHITECTURE.md §16.6).
+type IntegrityConfig struct {
+	Checksums bool `toml:"checksums" env:"CHECKSUMS" env-description:"a new plaintext volume stores a CRC32C per 4 KiB of every object, so damage reads as an I/O error, never wrong bytes; existing volumes keep their format"`
+}
+
+// CompressionConfig is the [compression] section: how new data objects
+// and checkpoints are compressed (docs/ARCHITECTURE.md §19). Every object
+// records its codec, so it may change at any time.
+type CompressionConfig struct {
+	Codec string `toml:"codec" env:"CODEC" env-description:"codec of newly written objects: none, zstd, lz4 or s2; objects already stored stay readable whatever it says"`
+	Level string `toml:"level" env:"LEVEL" env-description:"compression effort: fastest, default, better or best (more CPU per write for a smaller bucket)"`
+}
+
+// Compression codecs and levels (internal/store/compressed owns them).
+var (
+	compressionCodecs = []string{"none", "zstd", "lz4", "s2"}
+	compressionLevels = []string{"fastest", "default", "better", "best"}
+)
 
 // CacheMemoryBytes is cache.memory_size in bytes.
 func (c Config) CacheMemoryBytes() int64 { return int64(c.Cache.MemorySize) * mib }
@@ -266,6 +287,10 @@ func Default() Config {
 		FUSE:       FUSEConfig{Mountpoint: "/run/bs3/fuse", Loop: true},
 		Dir:        DirConfig{Path: "/var/lib/bs3/objects"},
 		Cache:      CacheConfig{MemorySize: 256, FetchSize: 256, DiskSize: 10},
+		// zstd's fastest level costs half the CPU of its default for
+		// 1.5 points of ratio (docs/ARCHITECTURE.md §19.3).
+		Compression: CompressionConfig{Codec: "none", Level: "fastest"},
+		Integrity:   IntegrityConfig{Checksums: true},
 	}
 }
 
@@ -494,10 +519,9 @@ func (c Config) Validate() error {
 	if c.Encryption.KeyFile != "" && c.Encryption.PassphraseFile != "" {
 		bad("encryption.passphrase_file", c.Encryption.PassphraseFile, "cannot be set together with encryption.key_file: set only one")
 	}
-	if (c.Encryption.KeyFile != "" || c.Encryption.PassphraseFile != "") && c.Cache.Dir != "" {
-		// The disk tier keeps fetched windows as plaintext files.
-		bad("cache.dir", c.Cache.Dir, "would keep plaintext of an encrypted volume on local disk: leave cache.dir empty when [encryption] is set")
-	}
+
+	oneOf("compression.codec", c.Compression.Codec, compressionCodecs)
+	oneOf("compression.level", c.Compression.Level, compressionLevels)
 
 	if l := c.Metrics.Listen; l != "" {
 		if _, port, err := net.SplitHostPort(l); err != nil {
@@ -573,6 +597,23 @@ func (c Config) ChunkBlocks() int { return int(c.ChunkBytes() / int64(c.BlockSiz
 
 // WriteBufferBytes is the size of the shared write buffer in bytes.
 func (c Config) WriteBufferBytes() int64 { return int64(c.Write.SharedBufferSize) * mib }
+
+// ChunkBuffers is the number of chunk buffers of the userspace chunker
+// (NBD, FUSE, ublk): write.shared_buffer_size per thread, as BUSE sizes
+// its queues, but never fewer than uploadBuffers(s3.uploaders). With fewer,
+// uploaders sit idle while writers wait for a buffer: on a 2-CPU machine
+// the old rule gave 16 buffers for 16 uploaders.
+func (c Config) ChunkBuffers() int {
+	n := int(c.WriteBufferBytes() / c.ChunkBytes() * int64(c.ThreadCount()))
+	return max(n, uploadBuffers(c.S3.Uploaders))
+}
+
+// uploadBuffers is the fewest chunk buffers that keep u uploaders busy and
+// absorb the spread of PUT times: one open chunk, u in upload and u more
+// that filled while the slowest PUT of the batch ran (measured in
+// BenchmarkThroughput with BS3_BENCH_BUFFERS; see README "Write buffers
+// and uploads").
+func uploadBuffers(u int) int { return 2*u + 2 }
 
 // ReadBufferBytes is the size of the shared read buffer in bytes.
 func (c Config) ReadBufferBytes() int64 { return int64(c.Read.SharedBufferSize) * mib }

@@ -151,6 +151,9 @@ func TestDefaultsForMinimalFile(t *testing.T) {
 		{"metrics.listen", c.Metrics.Listen, ""},
 		{"encryption.key_file", c.Encryption.KeyFile, ""},
 		{"encryption.passphrase_file", c.Encryption.PassphraseFile, ""},
+		{"integrity.checksums", c.Integrity.Checksums, true},
+		{"compression.codec", c.Compression.Codec, "none"},
+		{"compression.level", c.Compression.Level, "fastest"},
 	}
 	for _, ck := range checks {
 		if ck.got != ck.want {
@@ -685,7 +688,48 @@ func TestEncryptionKeys(t *testing.T) {
 	}
 	c.Encryption.KeyFile = ""
 	c.Cache.Dir = "/var/cache/bs3"
-	if err := c.Validate(); err == nil || !strings.Contains(err.Error(), "plaintext of an encrypted volume") {
-		t.Errorf("encryption with cache.dir: %v, want a refusal", err)
+	// The disk tier seals its files for an encrypted volume
+	// (docs/ARCHITECTURE.md §16.5), so the two go together.
+	if err := c.Validate(); err != nil {
+		t.Errorf("encryption with cache.dir: %v, want it accepted", err)
+	}
+}
+
+// The userspace chunker gets enough buffers to keep every uploader busy,
+// whatever the CPU count, and more when the write buffer asks for more.
+func TestChunkBuffers(t *testing.T) {
+	c := Default()
+	c.Threads = 2
+	c.S3.Uploaders = 16
+	if got := c.ChunkBuffers(); got != 34 {
+		t.Errorf("2 threads, 16 uploaders, 32 MiB buffer: %d buffers, want 34", got)
+	}
+	c.Threads = 16 // 32 MiB / 4 MiB * 16 = 128
+	if got := c.ChunkBuffers(); got != 128 {
+		t.Errorf("16 threads: %d buffers, want 128", got)
+	}
+	c.Threads, c.S3.Uploaders = 1, 2
+	if got := c.ChunkBuffers(); got != 8 {
+		t.Errorf("1 thread, 2 uploaders: %d buffers, want 8 (the write buffer's)", got)
+	}
+}
+
+func TestCompressionKeys(t *testing.T) {
+	c := Default()
+	c.S3.Bucket = "b"
+	for _, codec := range []string{"none", "zstd", "lz4", "s2"} {
+		c.Compression.Codec = codec
+		if err := c.Validate(); err != nil {
+			t.Errorf("codec %q: %v", codec, err)
+		}
+	}
+	c.Compression.Codec = "gzip"
+	if err := c.Validate(); err == nil || !strings.Contains(err.Error(), "compression.codec") || !strings.Contains(err.Error(), "none, zstd, lz4, s2") {
+		t.Errorf("codec gzip: %v, want a refusal naming the key and the allowed values", err)
+	}
+	c.Compression.Codec = "zstd"
+	c.Compression.Level = "9"
+	if err := c.Validate(); err == nil || !strings.Contains(err.Error(), "compression.level") || !strings.Contains(err.Error(), "fastest") {
+		t.Errorf("level 9: %v, want a refusal naming the key and the allowed values", err)
 	}
 }

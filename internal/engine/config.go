@@ -14,6 +14,7 @@ import (
 	"github.com/bs3/bs3/internal/config"
 	"github.com/bs3/bs3/internal/objproxy"
 	"github.com/bs3/bs3/internal/store"
+	"github.com/bs3/bs3/internal/store/compressed"
 	"github.com/bs3/bs3/internal/store/dir"
 	s3store "github.com/bs3/bs3/internal/store/s3"
 	"github.com/bs3/bs3/internal/store/sealed"
@@ -27,7 +28,7 @@ const LeaseInterval = 5 * time.Second
 
 // DefaultBuffers is the chunker's buffer count when Options leave it 0:
 // a 32 MiB write buffer of 4 MiB chunks for one thread (the daemon's
-// count comes from the configuration, see Buffers).
+// count comes from the configuration, config.ChunkBuffers).
 const DefaultBuffers = 8
 
 // DefaultInflight is the most chunks that may have a key and not be
@@ -37,23 +38,21 @@ const DefaultBuffers = 8
 // §4.4); the claim window of the next attach covers them all.
 func DefaultInflight(buffers int) int { return 2 * buffers }
 
-// Buffers is the chunker's buffer count for cfg: the write buffer divided
-// into chunks, per thread.
-func Buffers(cfg config.Config) int {
-	return int(cfg.WriteBufferBytes() / cfg.ChunkBytes() * int64(cfg.ThreadCount()))
-}
-
 // FromConfig returns the Options the daemon attaches with: every part
 // that cfg describes, the store opened from cfg, the chunker unless the
 // frontend is BUSE (the kernel builds the chunks there). shrink is
 // `bs3 serve --shrink`.
 func FromConfig(cfg config.Config, shrink bool, log zerolog.Logger) Options {
-	buffers := Buffers(cfg)
+	buffers := cfg.ChunkBuffers()
 	inflight := DefaultInflight(buffers)
 	o := Options{
 		Config: &cfg,
-		Key:    keyConfig(cfg),
-		Proxy:  objproxy.Options{Uploaders: cfg.S3.Uploaders, Downloaders: cfg.S3.Downloaders},
+		Key:    &sealed.KeyConfig{KeyFile: cfg.Encryption.KeyFile, PassphraseFile: cfg.Encryption.PassphraseFile, Checksums: cfg.Integrity.Checksums},
+		// Compress, then seal (docs/ARCHITECTURE.md §19). Always wrapped,
+		// whatever the codec: objects written under another codec must
+		// stay readable.
+		Wrappers: []StoreWrapper{compression(compressed.Options{Codec: cfg.Compression.Codec, Level: cfg.Compression.Level})},
+		Proxy:    objproxy.Options{Uploaders: cfg.S3.Uploaders, Downloaders: cfg.S3.Downloaders},
 		Volume: volume.Options{
 			Size:               cfg.SizeBytes(),
 			BlockSize:          int64(cfg.BlockSize),
@@ -96,7 +95,13 @@ func ToolOptions(cfg config.Config, log zerolog.Logger) Options {
 	return Options{
 		Config:   &cfg,
 		ReadOnly: true,
-		Key:      keyConfig(cfg),
+		// An encrypted volume is read through its key, checked against
+		// the superblock (sealed.Open writes nothing).
+		Key: &sealed.KeyConfig{KeyFile: cfg.Encryption.KeyFile, PassphraseFile: cfg.Encryption.PassphraseFile},
+		// Compressed objects are read through their headers; a daemon
+		// beside may be writing its first ones, so do not trust a
+		// missing marker.
+		Wrappers: []StoreWrapper{compression(compressed.Options{AssumeCompressed: true})},
 		Proxy:    ProxyOptions(cfg),
 		NoVolume: true,
 		Logger:   log,
@@ -114,8 +119,15 @@ func ProxyOptions(cfg config.Config) objproxy.Options {
 	return objproxy.Options{Uploaders: 2, Downloaders: cfg.S3.Downloaders, MaxAttempts: toolAttempts}
 }
 
-func keyConfig(cfg config.Config) *sealed.KeyConfig {
-	return &sealed.KeyConfig{KeyFile: cfg.Encryption.KeyFile, PassphraseFile: cfg.Encryption.PassphraseFile}
+// compression is the StoreWrapper of the compressed store.
+func compression(o compressed.Options) StoreWrapper {
+	return func(ctx context.Context, st store.Store) (store.Store, error) {
+		cs, err := compressed.Open(ctx, st, o)
+		if err != nil {
+			return nil, fmt.Errorf("compression: %w", err)
+		}
+		return cs, nil
+	}
 }
 
 // OpenStore builds the configured object store, under the volume prefix.

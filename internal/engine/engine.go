@@ -23,8 +23,9 @@ import (
 )
 
 // StoreWrapper wraps a store in the stack, e.g. a store that transforms
-// bodies or one that injects faults.
-type StoreWrapper func(store.Store) store.Store
+// bodies (compression) or one that injects faults. It may read the store
+// (a marker object) and fail; Open then fails with its error.
+type StoreWrapper func(ctx context.Context, st store.Store) (store.Store, error)
 
 // Options say what to build. FromConfig fills them as the daemon runs;
 // tests fill them directly. The garbage collector is not a part: it
@@ -109,17 +110,19 @@ func Open(ctx context.Context, o Options) (*Engine, error) {
 	}()
 
 	st := o.Store
+	var err error
 	if st == nil {
 		if o.Config == nil {
 			return nil, errors.New("engine: neither a store nor a configuration to open one from")
 		}
-		var err error
 		if st, err = OpenStore(ctx, *o.Config, log, o.ReadOnly); err != nil {
 			return nil, err
 		}
 	}
 	for _, w := range o.RawWrappers {
-		st = w(st)
+		if st, err = w(ctx, st); err != nil {
+			return nil, err
+		}
 	}
 	e.Raw = st
 	e.Encryption = o.Encryption
@@ -131,12 +134,22 @@ func Open(ctx context.Context, o Options) (*Engine, error) {
 			return nil, fmt.Errorf("encryption: %w", err)
 		}
 		st, e.Encryption = sst, rec
-		if rec != nil {
-			log.Info().Str("cipher", rec.Cipher).Str("kdf", rec.KDF).Msg("volume is encrypted")
+		if !o.ReadOnly {
+			switch {
+			case rec.Encrypted():
+				log.Info().Str("cipher", rec.Cipher).Str("kdf", rec.KDF).Msg("volume is encrypted")
+			case rec != nil:
+				log.Info().Str("format", rec.Cipher).Msg("volume is not encrypted; every object carries CRC32C checksums")
+			default:
+				log.Warn().Msg("volume is not encrypted and its objects carry no checksums (created without [integrity] checksums): a damaged object would read as wrong bytes")
+			}
 		}
 	}
+	sealedStore := st // the disk cache's sealer comes from here
 	for _, w := range o.Wrappers {
-		st = w(st)
+		if st, err = w(ctx, st); err != nil {
+			return nil, err
+		}
 	}
 	e.Store = st
 
@@ -159,6 +172,17 @@ func Open(ctx context.Context, o Options) (*Engine, error) {
 	case o.Cache != nil:
 		co := *o.Cache
 		co.Logger = component(log, "cache")
+		// An encrypted volume's disk cache files are sealed under a key
+		// derived from its data key (docs/ARCHITECTURE.md §16.5).
+		if e.Encryption.Encrypted() && co.Dir != "" && co.Sealer == nil {
+			ss, ok := sealedStore.(*sealed.Store)
+			if !ok {
+				return nil, fmt.Errorf("read cache: the encrypted volume's store is a %T, not the sealed store: refusing a disk cache that could hold plaintext", sealedStore)
+			}
+			if co.Sealer, err = ss.CacheSealer(); err != nil {
+				return nil, fmt.Errorf("read cache: %w", err)
+			}
+		}
 		rc, err := cache.New(co)
 		if err != nil {
 			return nil, fmt.Errorf("read cache: %w", err)

@@ -40,10 +40,6 @@ func TestDefaultsAgree(t *testing.T) {
 	if c.CollisionBytes() != chunker.DefaultCollisionArea {
 		t.Errorf("config collision area %d, chunker default %d", c.CollisionBytes(), chunker.DefaultCollisionArea)
 	}
-	c.Threads = 1
-	if got := Buffers(c); got != DefaultBuffers {
-		t.Errorf("buffers for the default configuration and one thread = %d, DefaultBuffers = %d", got, DefaultBuffers)
-	}
 }
 
 // FromConfig wires what main wired before the engine package existed.
@@ -52,8 +48,12 @@ func TestFromConfig(t *testing.T) {
 	c.Threads = 2
 	c.Frontend = config.FrontendNBD
 	o := FromConfig(c, true, zerolog.Nop())
-	if o.Chunker == nil || o.Chunker.Buffers != 16 || o.Chunker.MaxInflight != 32 || o.Volume.MaxInflight != 32 {
-		t.Fatalf("chunker %+v, volume max inflight %d: want 16 buffers and 32 in flight", o.Chunker, o.Volume.MaxInflight)
+	b := c.ChunkBuffers()
+	if o.Chunker == nil || o.Chunker.Buffers != b || o.Chunker.MaxInflight != 2*b || o.Volume.MaxInflight != int64(2*b) {
+		t.Fatalf("chunker %+v, volume max inflight %d: want %d buffers and %d in flight", o.Chunker, o.Volume.MaxInflight, b, 2*b)
+	}
+	if len(o.Wrappers) != 1 || o.Key == nil || o.Key.Checksums != c.Integrity.Checksums {
+		t.Fatalf("wrappers %d, key %+v: want the compression wrapper and the integrity setting", len(o.Wrappers), o.Key)
 	}
 	if !o.Volume.Shrink || o.Volume.LeaseInterval != LeaseInterval || o.Proxy.Uploaders != 16 || o.Proxy.MaxAttempts != 0 {
 		t.Fatalf("volume %+v, proxy %+v", o.Volume, o.Proxy)
@@ -166,9 +166,9 @@ type recorder struct {
 	bodies map[string][]byte
 }
 
-func (r *recorder) wrap(s store.Store) store.Store {
+func (r *recorder) wrap(_ context.Context, s store.Store) (store.Store, error) {
 	r.Store, r.bodies = s, map[string][]byte{}
-	return r
+	return r, nil
 }
 
 func (r *recorder) Put(ctx context.Context, name string, body []byte, ifAbsent bool) error {

@@ -47,9 +47,15 @@ const (
 const (
 	DefaultUploaders      = 16
 	DefaultDownloaders    = 16
-	DefaultAttemptTimeout = 60 * time.Second
-	DefaultBaseBackoff    = 100 * time.Millisecond
-	DefaultMaxBackoff     = 5 * time.Second
+	DefaultAttemptTimeout = 15 * time.Second
+	// DefaultMinRate is the slowest transfer, in bytes per second, that a
+	// first attempt is given time for on top of AttemptTimeout.
+	DefaultMinRate = 256 << 10
+	// DefaultMaxAttemptTimeout caps the growing per-attempt timeout, and
+	// is the timeout of a listing, which is many requests in one call.
+	DefaultMaxAttemptTimeout = 10 * time.Minute
+	DefaultBaseBackoff       = 100 * time.Millisecond
+	DefaultMaxBackoff        = 5 * time.Second
 )
 
 // ErrClosed is returned by calls made after Close, and by requests that
@@ -61,9 +67,17 @@ type Options struct {
 	// Uploaders and Downloaders are the pool sizes (s3.uploaders,
 	// s3.downloaders).
 	Uploaders, Downloaders int
-	// AttemptTimeout bounds each single store call; an attempt that runs
-	// out of time is retried like any other transient error.
-	AttemptTimeout time.Duration
+	// AttemptTimeout, MinRate and MaxAttemptTimeout bound each single
+	// store call (docs/ARCHITECTURE.md §18): attempt n of a call that
+	// moves b bytes may take (AttemptTimeout + b/MinRate) * 2^(n-1), at
+	// most MaxAttemptTimeout. An attempt that runs out of time is retried
+	// like any other transient error. A stuck small request is retried
+	// soon, a large one is not cut off while it still moves, and the
+	// doubling keeps a link slower than MinRate live instead of retrying
+	// the same too-short attempt forever.
+	AttemptTimeout    time.Duration
+	MinRate           int64
+	MaxAttemptTimeout time.Duration
 	// BaseBackoff and MaxBackoff shape the delay before retry n:
 	// uniformly random in [0, min(MaxBackoff, BaseBackoff*2^(n-1))].
 	BaseBackoff, MaxBackoff time.Duration
@@ -85,6 +99,15 @@ func (o *Options) setDefaults() {
 	}
 	if o.AttemptTimeout <= 0 {
 		o.AttemptTimeout = DefaultAttemptTimeout
+	}
+	if o.MinRate <= 0 {
+		o.MinRate = DefaultMinRate
+	}
+	if o.MaxAttemptTimeout <= 0 {
+		o.MaxAttemptTimeout = DefaultMaxAttemptTimeout
+	}
+	if o.MaxAttemptTimeout < o.AttemptTimeout {
+		o.MaxAttemptTimeout = o.AttemptTimeout
 	}
 	if o.BaseBackoff <= 0 {
 		o.BaseBackoff = DefaultBaseBackoff
@@ -360,7 +383,7 @@ func (p *Proxy) attempt(pl *pool, r *request) {
 	}
 	r.attempt++
 	c.attempts.Add(1)
-	actx, cancel := context.WithTimeout(r.ctx, p.o.AttemptTimeout)
+	actx, cancel := context.WithTimeout(r.ctx, p.attemptTimeout(r))
 	start := time.Now()
 	pl.running.Add(1)
 	err := p.call(actx, r)
@@ -409,12 +432,36 @@ func (p *Proxy) attempt(pl *pool, r *request) {
 	}
 }
 
+// attemptTimeout is the time the current attempt of r may take (see
+// Options.AttemptTimeout).
+func (p *Proxy) attemptTimeout(r *request) time.Duration {
+	var bytes int64
+	switch r.op {
+	case opList:
+		return p.o.MaxAttemptTimeout
+	case opPut:
+		bytes = int64(len(r.body))
+	case opGet:
+		bytes = int64(len(r.buf))
+	}
+	return scaledTimeout(p.o.AttemptTimeout, bytes, p.o.MinRate, r.attempt, p.o.MaxAttemptTimeout)
+}
+
+// scaledTimeout is (base + bytes/rate) * 2^(attempt-1), capped at limit.
+func scaledTimeout(base time.Duration, bytes, rate int64, attempt int, limit time.Duration) time.Duration {
+	t := base + time.Duration(float64(bytes)/float64(rate)*float64(time.Second))
+	for i := 1; i < attempt && t < limit; i++ {
+		t *= 2
+	}
+	return min(t, limit)
+}
+
 // putLanded reports whether the object under r.name is byte-identical to
 // r.body. A conditional put whose earlier attempt took effect but whose
 // reply was lost (connection reset, attempt timeout) finds its own object
 // on retry and gets ErrExists; that must not look like a second writer.
 func (p *Proxy) putLanded(r *request) bool {
-	ctx, cancel := context.WithTimeout(r.ctx, p.o.AttemptTimeout)
+	ctx, cancel := context.WithTimeout(r.ctx, p.attemptTimeout(r))
 	defer cancel()
 	size, err := p.st.Size(ctx, r.name)
 	if err != nil || size != int64(len(r.body)) {

@@ -89,6 +89,13 @@ func (h *hookStore) Delete(ctx context.Context, name string) error {
 	return h.Store.Delete(ctx, name)
 }
 
+func (h *hookStore) List(ctx context.Context, prefix string, fn func(string, int64) error) error {
+	if err := h.before(ctx, "list", prefix); err != nil {
+		return err
+	}
+	return h.Store.List(ctx, prefix, fn)
+}
+
 var errBoom = errors.New("boom")
 
 // waitGroup waits for wg, failing the test if the calls hang.
@@ -738,5 +745,85 @@ func TestListRetriedWithoutDuplicates(t *testing.T) {
 	}
 	if s := p.Stats().List; s.Retries != 2 {
 		t.Errorf("list stats %+v, want 2 retries", s)
+	}
+}
+
+// A stuck small request is retried soon; a large one gets time for its
+// bytes; each retry doubles the allowance up to the cap, so a link slower
+// than MinRate still gets a long enough attempt in the end.
+func TestScaledTimeout(t *testing.T) {
+	const base, limit = 10 * time.Second, 10 * time.Minute
+	for _, tc := range []struct {
+		bytes   int64
+		attempt int
+		want    time.Duration
+	}{
+		{0, 1, 10 * time.Second},
+		{4 << 20, 1, 26 * time.Second}, // 4 MiB at 256 KiB/s = 16 s
+		{4 << 20, 2, 52 * time.Second},
+		{4 << 20, 3, 104 * time.Second},
+		{4 << 20, 6, limit},
+		{1 << 40, 1, limit},
+	} {
+		if got := scaledTimeout(base, tc.bytes, 256<<10, tc.attempt, limit); got != tc.want {
+			t.Errorf("bytes %d attempt %d: timeout %v, want %v", tc.bytes, tc.attempt, got, tc.want)
+		}
+	}
+}
+
+// The deadline an attempt's context carries grows with the object's size
+// and with each retry; a listing gets the cap.
+func TestAttemptDeadlines(t *testing.T) {
+	var mu sync.Mutex
+	allowed := map[string][]time.Duration{}
+	st := newHookStore(func(ctx context.Context, op, name string, n int) error {
+		d, ok := ctx.Deadline()
+		if !ok {
+			return errors.New("no deadline")
+		}
+		mu.Lock()
+		allowed[op+" "+name] = append(allowed[op+" "+name], time.Until(d))
+		mu.Unlock()
+		if name == "big" && n < 3 {
+			return errBoom
+		}
+		return nil
+	})
+	p := newProxy(t, st, Options{AttemptTimeout: time.Second, MinRate: 1 << 20, MaxAttemptTimeout: time.Hour})
+	p.backoff = func(int) time.Duration { return 0 }
+	ctx := context.Background()
+	if err := p.Put(ctx, High, "small", []byte("s"), false); err != nil {
+		t.Fatal(err)
+	}
+	if err := p.Put(ctx, High, "big", make([]byte, 8<<20), false); err != nil {
+		t.Fatal(err)
+	}
+	if err := p.List(ctx, High, "", func(string, int64) error { return nil }); err != nil {
+		t.Fatal(err)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	near := func(what string, got, want time.Duration) {
+		t.Helper()
+		if got > want || got < want-time.Second/2 {
+			t.Errorf("%s: attempt allowed %v, want about %v", what, got, want)
+		}
+	}
+	if s := allowed["put small"]; len(s) != 1 {
+		t.Fatalf("small put attempts %v", s)
+	} else {
+		near("small put", s[0], time.Second)
+	}
+	big := allowed["put big"]
+	if len(big) != 3 {
+		t.Fatalf("big put attempts %v, want 3", big)
+	}
+	for i, want := range []time.Duration{9 * time.Second, 18 * time.Second, 36 * time.Second} {
+		near(fmt.Sprintf("big put attempt %d", i+1), big[i], want)
+	}
+	if s := allowed["list "]; len(s) != 1 {
+		t.Fatalf("list attempts %v", s)
+	} else {
+		near("list", s[0], time.Hour)
 	}
 }

@@ -26,6 +26,7 @@ import (
 	"github.com/bs3/bs3/internal/gc"
 	"github.com/bs3/bs3/internal/store"
 	"github.com/bs3/bs3/internal/store/mem"
+	"github.com/bs3/bs3/internal/store/sealed"
 	"github.com/bs3/bs3/internal/testutil/enginetest"
 	"github.com/bs3/bs3/internal/testutil/minio"
 )
@@ -618,5 +619,145 @@ func TestReadahead(t *testing.T) {
 	}
 	if hits := s.RAHits - s0.RAHits; hits < blocks*bs/rc.Window()/2 {
 		t.Fatalf("%d readahead hits over %d windows read: want most windows read to come from readahead", hits, blocks*bs/rc.Window())
+	}
+}
+
+// encryptedDiskEngine attaches the encrypted volume in raw (key file with
+// every byte key) as main does, with a disk cache in dir sealed under the
+// volume's cache key.
+func encryptedDiskEngine(t *testing.T, raw store.Store, key byte, dir string, noCache bool) (*enginetest.Engine, enginetest.Options) {
+	t.Helper()
+	kf := filepath.Join(t.TempDir(), "key")
+	if err := os.WriteFile(kf, bytes.Repeat([]byte{key}, 32), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	st, rec, err := sealed.Open(context.Background(), raw, sealed.KeyConfig{KeyFile: kf})
+	if err != nil {
+		t.Fatal(err)
+	}
+	eo := enginetest.Options{Size: 32 * mib, BlockSize: 4096, ChunkSize: 1 * mib, Encryption: rec, NoCache: noCache}
+	if !noCache {
+		cs, err := st.(*sealed.Store).CacheSealer()
+		if err != nil {
+			t.Fatal(err)
+		}
+		c, err := cache.New(cache.Options{MemoryBytes: 32 * mib, Window: 64 * kib, Dir: dir, DiskBytes: 64 * mib, Sealer: cs, Logger: zerolog.Nop()})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(c.Close)
+		eo.Cache = c
+	}
+	return enginetest.Open(t, st, eo), eo
+}
+
+// plaintextIn returns a file under dir that holds 32 bytes from the middle
+// of any block the model wrote, or "".
+func plaintextIn(t *testing.T, dir string, m *vmodel) string {
+	t.Helper()
+	pieces := map[string]bool{}
+	blk := make([]byte, m.bs)
+	for b, v := range m.ver {
+		if v != 0 {
+			enginetest.BlockVersion(blk, b, v)
+			pieces[string(blk[1000:1032])] = true
+		}
+	}
+	found := ""
+	err := filepath.WalkDir(dir, func(p string, e fs.DirEntry, err error) error {
+		if err != nil || e.IsDir() || found != "" {
+			return err
+		}
+		raw, err := os.ReadFile(p)
+		if err != nil {
+			return err
+		}
+		for i := 0; i+32 <= len(raw); i++ {
+			if pieces[string(raw[i:i+32])] {
+				found = p
+				break
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return found
+}
+
+// TestEncryptedDiskCache runs an encrypted volume on MinIO with a disk
+// cache (docs/ARCHITECTURE.md §16.5): no written block appears in the
+// cache files; a restart is served from the warm disk tier with the same
+// bytes; files with a flipped byte are dropped and refetched; and the
+// directory moved under another encrypted volume (another key) serves
+// nothing.
+func TestEncryptedDiskCache(t *testing.T) {
+	const blocks = 4 * mib / 4096
+	srv := minio.Start(t)
+	raw := srv.Store(t, srv.Bucket(t))
+	dir := t.TempDir()
+	m := newVModel(4096)
+	e, _ := encryptedDiskEngine(t, raw, 1, dir, false)
+	for b := int64(0); b < blocks; b += 32 {
+		m.write(t, e.Dev, b, 32)
+	}
+	for i := int64(0); i < blocks; i += 7 {
+		m.write(t, e.Dev, i, 1)
+	}
+	drainEngine(t, e)
+	m.verify(t, e.Dev, blocks, 64) // reads fill the cache as well
+	oldID := e.Volume.Superblock().VolumeID
+	e.Close(t)
+	e.Cache.Close()
+	if s := e.Cache.Stats(); s.DiskWritten == 0 {
+		t.Fatalf("no cache file written: %+v", s)
+	}
+	if p := plaintextIn(t, dir, m); p != "" {
+		t.Fatalf("cache file %s holds plaintext of a written block", p)
+	}
+
+	run := func(name string) cache.Stats {
+		e, _ := encryptedDiskEngine(t, raw, 1, dir, false)
+		m.verify(t, e.Dev, blocks, 64)
+		e.Close(t)
+		e.Cache.Close()
+		s := e.Cache.Stats()
+		t.Logf("%s: cache %+v", name, s)
+		return s
+	}
+	warm := run("warm restart")
+	if warm.DiskHits == 0 || warm.DiskDropped != 0 || warm.Fetches != 0 {
+		t.Fatalf("warm restart: disk hits %d, dropped %d, fetches %d; want hits, nothing dropped, no fetch", warm.DiskHits, warm.DiskDropped, warm.Fetches)
+	}
+	n := damage(t, dir)
+	hurt := run("after damaging every file")
+	if hurt.DiskDropped < int64(n) || hurt.Fetches == 0 || hurt.DiskHits > hurt.DiskWritten {
+		t.Fatalf("damaged %d files: dropped %d, fetches %d, disk hits %d of %d files written again; want every damaged file dropped and refetched",
+			n, hurt.DiskDropped, hurt.Fetches, hurt.DiskHits, hurt.DiskWritten)
+	}
+
+	// Another encrypted volume, another key, the same keys with other
+	// content; the old cache directory moved under its id.
+	raw2 := srv.Store(t, srv.Bucket(t))
+	m2 := newVModel(4096)
+	m2.next = 1 << 40
+	w, _ := encryptedDiskEngine(t, raw2, 2, "", true)
+	for b := int64(0); b < blocks; b += 32 {
+		m2.write(t, w.Dev, b, 32)
+	}
+	newID := w.Volume.Superblock().VolumeID
+	w.Close(t)
+	if err := os.Rename(filepath.Join(dir, oldID), filepath.Join(dir, newID)); err != nil {
+		t.Fatal(err)
+	}
+	f, _ := encryptedDiskEngine(t, raw2, 2, dir, false)
+	m2.verify(t, f.Dev, blocks, 64)
+	f.Close(t)
+	f.Cache.Close()
+	s := f.Cache.Stats()
+	t.Logf("foreign volume: cache %+v", s)
+	if s.DiskHits > s.DiskWritten || s.DiskDropped == 0 {
+		t.Fatalf("foreign directory: disk hits %d (of %d files written), dropped %d; want every foreign file dropped, none served", s.DiskHits, s.DiskWritten, s.DiskDropped)
 	}
 }

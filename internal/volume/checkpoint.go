@@ -178,6 +178,13 @@ func (v *Volume) loadCheckpoint(ctx context.Context, names []string) (*extentmap
 				failures = append(failures, fmt.Errorf("%s: deleted while listed", names[i]))
 				continue
 			}
+			if errors.Is(err, store.ErrCorrupt) {
+				// A sealed or checksummed checkpoint that fails its
+				// check is as unusable as one whose own checksum fails:
+				// fall back to an older one (docs/ARCHITECTURE.md §8).
+				failures = append(failures, fmt.Errorf("%s: %w", names[i], err))
+				continue
+			}
 			return nil, 0, nil, fmt.Errorf("read checkpoint %s: %w", names[i], err)
 		}
 		h, mapBytes, err := decodeCheckpoint(raw)

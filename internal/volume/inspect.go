@@ -150,6 +150,11 @@ func ReadHeader(ctx context.Context, objs *objproxy.Proxy, prio objproxy.Priorit
 	if errors.Is(err, store.ErrNotFound) {
 		return Header{Kind: KeyMissing}, nil
 	}
+	if errors.Is(err, store.ErrCorrupt) {
+		// A sealed or checksummed object that fails its check: as
+		// corrupt as a header that does not parse.
+		return Header{Kind: KeyChunk, Err: fmt.Errorf("object %s (key %d) is damaged: %w", store.DataName(key), key, err)}, nil
+	}
 	if err != nil {
 		return Header{}, fmt.Errorf("read header of key %d: %w", key, err)
 	}

@@ -194,10 +194,14 @@ func readWhole(ctx context.Context, objs *objproxy.Proxy, name string) ([]byte, 
 // which main calls first (docs/ARCHITECTURE.md §16.3).
 func checkEncryption(sb Superblock, o Options) error {
 	switch {
-	case sb.Encryption != nil && o.Encryption == nil:
+	case sb.Encryption.Encrypted() && !o.Encryption.Encrypted():
 		return errors.New("volume is encrypted: set [encryption] key_file or passphrase_file")
-	case sb.Encryption == nil && o.Encryption != nil:
+	case !sb.Encryption.Encrypted() && o.Encryption.Encrypted():
 		return errors.New("this volume is not encrypted; remove [encryption] or use a new bucket/prefix")
+	case sb.Encryption != nil && o.Encryption == nil:
+		return errors.New("this volume's objects carry checksums but the store was opened without them (sealed.Open was not called): refusing to attach")
+	case sb.Encryption == nil && o.Encryption != nil:
+		return errors.New("the store frames objects with checksums but the volume was created without them: refusing to attach")
 	case sb.Encryption != nil && !bytes.Equal(sb.Encryption.SealID, o.Encryption.SealID):
 		return errors.New("the volume's superblock names another encryption seal than the key was opened with (was the superblock replaced?): refusing to attach")
 	}

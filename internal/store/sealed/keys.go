@@ -38,6 +38,10 @@ var ErrWrongKey = errors.New("the key does not open this volume's data key")
 type KeyConfig struct {
 	KeyFile        string
 	PassphraseFile string
+	// Checksums: a new volume without a key gets checksummed objects
+	// (CipherChecksum). Existing volumes keep the format they were
+	// created with, so this never changes how an object is read.
+	Checksums bool
 }
 
 // Enabled reports whether encryption is configured.

@@ -16,10 +16,12 @@ import (
 // reads the superblock and writes nothing, so a refusal leaves the volume
 // as it was (docs/ARCHITECTURE.md §16.3).
 //
-// The record is nil for a plaintext volume; for an encrypted one (new or
-// existing) it is what volume.Options.Encryption must carry, so that a
-// new volume's superblock records it and an existing one is checked
-// against it again.
+// The record is nil for a plaintext volume without checksums; for an
+// encrypted or checksummed one (new or existing) it is what
+// volume.Options.Encryption must carry, so that a new volume's superblock
+// records it and an existing one is checked against it again. With no key
+// configured, a new volume gets checksummed objects when cfg.Checksums is
+// set (docs/ARCHITECTURE.md §16.6).
 func Open(ctx context.Context, raw store.Store, cfg KeyConfig) (store.Store, *Record, error) {
 	var src *keySource
 	if cfg.Enabled() {
@@ -29,19 +31,40 @@ func Open(ctx context.Context, raw store.Store, cfg KeyConfig) (store.Store, *Re
 			return nil, nil, err
 		}
 	}
-	sb, found, err := ReadRecord(ctx, raw)
+	rec, found, err := ReadRecord(ctx, raw)
 	if err != nil {
 		return nil, nil, err
 	}
+	if !rec.Encrypted() {
+		switch {
+		case src != nil && found:
+			return nil, nil, errors.New("this volume is not encrypted; remove [encryption] or use a new bucket/prefix")
+		case src == nil && rec != nil:
+			if rec.Cipher != CipherChecksum || len(rec.SealID) != 16 {
+				return nil, nil, errors.New("superblock's checksum record is damaged (no valid seal_id): refusing to attach")
+			}
+			st, err := NewChecksummed(raw, rec.SealID)
+			if err != nil {
+				return nil, nil, err
+			}
+			return st, rec, nil
+		case src == nil && !found && cfg.Checksums:
+			if rec, err = newChecksumRecord(); err != nil {
+				return nil, nil, fmt.Errorf("new volume's checksums: %w", err)
+			}
+			st, err := NewChecksummed(raw, rec.SealID)
+			if err != nil {
+				return nil, nil, err
+			}
+			return st, rec, nil
+		case src == nil:
+			return raw, nil, nil // a plaintext volume without checksums (older), or a new one by choice
+		}
+	}
 	var dk []byte
-	rec := sb
 	switch {
-	case src == nil && rec == nil:
-		return raw, nil, nil
 	case src == nil:
 		return nil, nil, errors.New("volume is encrypted: set [encryption] key_file or passphrase_file")
-	case found && rec == nil:
-		return nil, nil, errors.New("this volume is not encrypted; remove [encryption] or use a new bucket/prefix")
 	case !found:
 		if rec, dk, err = src.newRecord(); err != nil {
 			return nil, nil, fmt.Errorf("new volume's encryption: %w", err)
@@ -128,7 +151,7 @@ func Passwd(ctx context.Context, raw store.Store, oldCfg, newCfg KeyConfig) erro
 			return fmt.Errorf("superblock's encryption record is corrupt: %w", err)
 		}
 	}
-	if rec == nil {
+	if !rec.Encrypted() {
 		return errors.New("this volume is not encrypted: there is no key to change")
 	}
 	next, err := Rewrap(rec, oldCfg, newCfg)

@@ -90,6 +90,11 @@ type Store struct {
 	// of small reads of one object derives its subkey once.
 	aeads *otter.Cache[[saltSize]byte, cipher.AEAD]
 	bufs  sync.Pool // *[]byte scratch for sealed bytes
+	// failure says what a segment that does not open failed.
+	failure string
+	// cacheKey seals the read cache's disk files (cachekey.go); nil for
+	// a store built on a benchmark suite or the checksum-only framing.
+	cacheKey []byte
 }
 
 // maxPooled bounds the buffers kept for reuse: a chunk plus its overhead
@@ -106,7 +111,14 @@ func New(inner store.Store, dataKey []byte, volumeSeal []byte) (*Store, error) {
 	if len(dataKey) != 32 {
 		return nil, fmt.Errorf("sealed store: data key is %d bytes, want 32", len(dataKey))
 	}
-	return newWithSuite(inner, aesSuite{dataKey: append([]byte(nil), dataKey...)}, volumeSeal)
+	s, err := newWithSuite(inner, aesSuite{dataKey: append([]byte(nil), dataKey...)}, volumeSeal)
+	if err != nil {
+		return nil, err
+	}
+	if s.cacheKey, err = deriveCacheKey(dataKey, volumeSeal); err != nil {
+		return nil, err
+	}
+	return s, nil
 }
 
 func newWithSuite(inner store.Store, su suite, volumeSeal []byte) (*Store, error) {
@@ -117,7 +129,10 @@ func newWithSuite(inner store.Store, su suite, volumeSeal []byte) (*Store, error
 	if err != nil {
 		return nil, fmt.Errorf("sealed store: subkey cache: %w", err)
 	}
-	s := &Store{inner: inner, suite: su, aeads: c}
+	s := &Store{inner: inner, suite: su, aeads: c, failure: "authentication failed"}
+	if _, ok := su.(crcSuite); ok {
+		s.failure = "checksum mismatch"
+	}
 	copy(s.seal[:], volumeSeal)
 	return s, nil
 }
@@ -162,12 +177,24 @@ func (s *Store) ad(b []byte, name string, i uint64, final bool) []byte {
 	b = append(b[:0], adPrefix...)
 	b = append(b, s.seal[:]...)
 	b = binary.BigEndian.AppendUint64(b, i)
-	f := byte(0)
-	if final {
-		f = 1
-	}
-	b = append(b, f)
+	b = append(b, 0)
+	setADSegment(b, i, final)
 	return append(b, name...)
+}
+
+// adIndexAt is where the segment index starts in the associated data;
+// the final flag follows it.
+const adIndexAt = len(adPrefix) + 16
+
+// setADSegment rewrites the segment index and final flag of an
+// associated data ad built by Store.ad: the rest is the same for every
+// segment of an object, so a loop over segments builds it once.
+func setADSegment(ad []byte, i uint64, final bool) {
+	binary.BigEndian.PutUint64(ad[adIndexAt:], i)
+	ad[adIndexAt+8] = 0
+	if final {
+		ad[adIndexAt+8] = 1
+	}
 }
 
 func (s *Store) getBuf(n int) *[]byte {
@@ -210,13 +237,13 @@ func (s *Store) sealInto(out []byte, name string, body []byte) error {
 		return fmt.Errorf("seal %s: %w", name, err)
 	}
 	var nb [24]byte
-	adBuf := make([]byte, 0, len(adPrefix)+16+9+len(name))
+	ad := s.ad(make([]byte, 0, len(adPrefix)+16+9+len(name)), name, 0, false)
 	segs := max(1, (len(body)+SegmentSize-1)/SegmentSize)
 	out = out[:0]
 	for i := range segs {
 		lo, hi := i*SegmentSize, min((i+1)*SegmentSize, len(body))
 		out = append(out, salt[:]...)
-		ad := s.ad(adBuf, name, uint64(i), i == segs-1)
+		setADSegment(ad, uint64(i), i == segs-1)
 		out = aead.Seal(out, s.suite.nonce(nb[:], salt[:], uint64(i)), body[lo:hi], ad)
 	}
 	return nil
@@ -268,7 +295,7 @@ func (s *Store) GetRange(ctx context.Context, name string, off int64, buf []byte
 	raw := (*sb)[:n]
 	ended := int64(n) < want
 	var nb [24]byte
-	adBuf := make([]byte, 0, len(adPrefix)+16+9+len(name))
+	ad := s.ad(make([]byte, 0, len(adPrefix)+16+9+len(name)), name, 0, false)
 	var salt []byte
 	var aead cipher.AEAD
 	end := off + int64(len(buf)) // plaintext end of the request
@@ -289,7 +316,7 @@ func (s *Store) GetRange(ctx context.Context, name string, off int64, buf []byte
 		} else if string(seg[:saltSize]) != string(salt) {
 			return 0, corrupt(name, segOff, "segment belongs to another write of the object")
 		}
-		ad := s.ad(adBuf, name, uint64(i), final)
+		setADSegment(ad, uint64(i), final)
 		nonce := s.suite.nonce(nb[:], salt, uint64(i))
 		ct := seg[saltSize:]
 		plainLen := int64(len(ct) - tagSize)
@@ -299,12 +326,12 @@ func (s *Store) GetRange(ctx context.Context, name string, off int64, buf []byte
 			// this segment's place, even when it fails.
 			dst := buf[segOff-off : segOff-off : segOff-off+plainLen]
 			if _, err := aead.Open(dst, nonce, ct, ad); err != nil {
-				return 0, corrupt(name, segOff, "authentication failed")
+				return 0, corrupt(name, segOff, s.failure)
 			}
 		} else {
 			p, err := aead.Open(ct[:0], nonce, ct, ad)
 			if err != nil {
-				return 0, corrupt(name, segOff, "authentication failed")
+				return 0, corrupt(name, segOff, s.failure)
 			}
 			lo := max(off, segOff)
 			hi := min(end, segOff+plainLen)
@@ -383,7 +410,12 @@ func (s *Store) List(ctx context.Context, prefix string, fn func(name string, si
 			if _, data := store.ParseDataName(name); !data && !strings.HasPrefix(name, store.CheckpointPrefix) {
 				return fn(name, size)
 			}
-			return corrupt(name, 0, fmt.Sprintf("stored size %d is not the size of a sealed object", size))
+			// A cut object is listed with the plaintext of its whole
+			// segments, not refused: one damaged object must not hide
+			// every other one from recovery and bs3 check. Any read
+			// that reaches the cut fails with ErrCorrupt, and Size
+			// reports the damage.
+			return fn(name, size/storedSize*SegmentSize)
 		}
 		return fn(name, p)
 	})

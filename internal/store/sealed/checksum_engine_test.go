@@ -1,0 +1,146 @@
+package sealed_test
+
+import (
+	"bytes"
+	"errors"
+	"strings"
+	"testing"
+
+	"github.com/bs3/bs3/internal/store"
+	"github.com/bs3/bs3/internal/store/mem"
+	"github.com/bs3/bs3/internal/store/sealed"
+	"github.com/bs3/bs3/internal/testutil/enginetest"
+	"github.com/bs3/bs3/internal/testutil/minio"
+)
+
+var checksums = sealed.KeyConfig{Checksums: true}
+
+// A new plaintext volume with checksums: the superblock records the
+// framing, a restart reads it back without the setting (the volume keeps
+// its format), and a flipped byte in any data object reads as an I/O
+// error wrapping ErrCorrupt, never as wrong bytes.
+func TestChecksummedVolumeMinIO(t *testing.T) {
+	srv := minio.Start(t)
+	raw := srv.Store(t, srv.Bucket(t))
+	_, rec, err := sealed.Open(ctxT(t), raw, checksums)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rec == nil || rec.Cipher != sealed.CipherChecksum || rec.Encrypted() {
+		t.Fatalf("new volume with checksums: record %+v", rec)
+	}
+	writeBlocks(t, mustAttach(t, raw, checksums), 1)
+	if rec, _, err := sealed.ReadRecord(ctxT(t), raw); err != nil || rec == nil || rec.Cipher != sealed.CipherChecksum {
+		t.Fatalf("superblock's record %+v, %v; want the checksum record", rec, err)
+	}
+	e := mustAttach(t, raw, sealed.KeyConfig{}) // the setting only picks a new volume's format
+	checkBlocks(t, e, 1)
+	e.Close(t)
+
+	objs := snapshot(t, raw)
+	var data []string
+	for name, body := range objs {
+		if _, ok := store.ParseDataName(name); ok && len(body) > 64<<10 {
+			data = append(data, name)
+		}
+	}
+	if len(data) == 0 {
+		t.Fatal("no data object in the bucket")
+	}
+	for _, name := range data {
+		b := []byte(objs[name])
+		b[len(b)-100] ^= 1
+		if err := raw.Put(ctxT(t), name, b, false); err != nil {
+			t.Fatal(err)
+		}
+	}
+	e = mustAttach(t, raw, sealed.KeyConfig{})
+	defer e.Close(t)
+	ctx := ctxT(t)
+	failed := 0
+	buf, want := make([]byte, bs), make([]byte, bs)
+	for b := int64(0); b < volSize/bs; b += 7 {
+		enginetest.BlockVersion(want, b, 1)
+		if err := e.Dev.ReadAt(ctx, buf, b*bs); err != nil {
+			if !errors.Is(err, store.ErrCorrupt) {
+				t.Errorf("block %d: error %v does not wrap ErrCorrupt", b, err)
+			}
+			failed++
+			continue
+		}
+		if !bytes.Equal(buf, want) {
+			t.Fatalf("block %d: wrong bytes returned from a damaged bucket", b)
+		}
+	}
+	if failed < len(data) {
+		t.Fatalf("%d reads failed for %d damaged objects", failed, len(data))
+	}
+}
+
+// The checksum setting never changes an existing volume's format, and a
+// key is refused on a checksummed (unencrypted) volume, leaving it as it
+// was; an encrypted volume still needs its key.
+func TestChecksumOpenDecisions(t *testing.T) {
+	ctx := ctxT(t)
+	old, summed, enc := mem.New(), mem.New(), mem.New()
+	writeBlocks(t, mustAttach(t, old, sealed.KeyConfig{}), 1)
+	writeBlocks(t, mustAttach(t, summed, checksums), 1)
+	writeBlocks(t, mustAttach(t, enc, keyFile(t, 1)), 1)
+
+	st, rec, err := sealed.Open(ctx, old, checksums)
+	if err != nil || rec != nil || st != store.Store(old) {
+		t.Fatalf("volume created without checksums, opened with the setting: store %T rec %+v err %v; want the raw store", st, rec, err)
+	}
+	e := mustAttach(t, old, checksums)
+	checkBlocks(t, e, 1)
+	e.Close(t)
+
+	for _, tc := range []struct {
+		name string
+		raw  store.Store
+		cfg  sealed.KeyConfig
+		want string
+	}{
+		{"checksummed volume, a key", summed, keyFile(t, 1), "this volume is not encrypted"},
+		{"encrypted volume, checksums but no key", enc, checksums, "volume is encrypted: set [encryption]"},
+	} {
+		before := snapshot(t, tc.raw)
+		if _, _, err := sealed.Open(ctx, tc.raw, tc.cfg); err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%s: err = %v, want %q", tc.name, err, tc.want)
+		}
+		sameSnapshot(t, tc.name, before, snapshot(t, tc.raw))
+	}
+	if err := sealed.Passwd(ctx, summed, sealed.KeyConfig{}, keyFile(t, 2)); err == nil || !strings.Contains(err.Error(), "not encrypted") {
+		t.Errorf("passwd on a checksummed volume: %v", err)
+	}
+	// A checksummed volume read as raw (a store wired without sealed.Open)
+	// is refused by the volume itself.
+	if _, err := enginetest.New(summed, enginetest.Options{Size: volSize, BlockSize: bs}); err == nil || !strings.Contains(err.Error(), "checksums") {
+		t.Errorf("checksummed volume attached without its framing: %v", err)
+	}
+}
+
+// A checkpoint that fails its checksum is unusable, not fatal: the attach
+// falls back to an older checkpoint (or a replay) and reads the same data.
+func TestChecksummedCheckpointDamageFallsBack(t *testing.T) {
+	raw := mem.New()
+	writeBlocks(t, mustAttach(t, raw, checksums), 1)
+	writeBlocks(t, mustAttach(t, raw, checksums), 1) // a second checkpoint
+	var newest string
+	for name := range snapshot(t, raw) {
+		if strings.HasPrefix(name, store.CheckpointPrefix) && name > newest {
+			newest = name
+		}
+	}
+	if newest == "" {
+		t.Fatal("no checkpoint in the bucket")
+	}
+	body := []byte(snapshot(t, raw)[newest])
+	body[len(body)/2] ^= 0x20
+	if err := raw.Put(ctxT(t), newest, body, false); err != nil {
+		t.Fatal(err)
+	}
+	e := mustAttach(t, raw, checksums)
+	defer e.Close(t)
+	checkBlocks(t, e, 1)
+}
