@@ -93,6 +93,9 @@ const (
 	// LeaseName is the object an attached daemon renews to say it is
 	// alive (docs/ARCHITECTURE.md §9).
 	LeaseName = "lease"
+	// CompressionMarkerName is written once before the first compressed
+	// object (internal/store/compressed, docs/ARCHITECTURE.md §19).
+	CompressionMarkerName = "compression"
 )
 
 // Probe objects: the S3 store's start-up probes (conditional writes,
