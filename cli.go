@@ -27,9 +27,9 @@ import (
 	"golang.org/x/term"
 
 	"github.com/bs3/bs3/internal/config"
+	"github.com/bs3/bs3/internal/engine"
 	"github.com/bs3/bs3/internal/inspect"
 	"github.com/bs3/bs3/internal/objproxy"
-	"github.com/bs3/bs3/internal/store/compressed"
 	"github.com/bs3/bs3/internal/store/sealed"
 )
 
@@ -132,29 +132,14 @@ func openInspect(cfg config.Config) (*objproxy.Proxy, context.Context, func(), e
 		cancel()
 		return nil, nil, nil, errors.New("null = true: there is no volume to look at")
 	}
-	st, err := openStore(ctx, cfg, log, true)
+	// An encrypted volume is read through its key, checked against the
+	// superblock (sealed.Open writes nothing).
+	e, err := engine.Open(ctx, engine.ToolOptions(cfg, log))
 	if err != nil {
 		cancel()
 		return nil, nil, nil, err
 	}
-	// An encrypted volume is read through its key, checked against the
-	// superblock (sealed.Open writes nothing).
-	if st, _, err = sealed.Open(ctx, st, sealed.KeyConfig{KeyFile: cfg.Encryption.KeyFile, PassphraseFile: cfg.Encryption.PassphraseFile}); err != nil {
-		cancel()
-		return nil, nil, nil, fmt.Errorf("encryption: %w", err)
-	}
-	// Compressed objects are read through their headers; a daemon beside
-	// may be writing its first ones, so do not trust a missing marker.
-	if st, err = compressed.Open(ctx, st, compressed.Options{AssumeCompressed: true}); err != nil {
-		cancel()
-		return nil, nil, nil, fmt.Errorf("compression: %w", err)
-	}
-	objs := objproxy.New(st, objproxy.Options{
-		Uploaders:   2,
-		Downloaders: cfg.S3.Downloaders,
-		MaxAttempts: 5,
-		Logger:      log.With().Str("component", "objproxy").Logger(),
-	})
+	objs := e.Proxy
 	return objs, ctx, func() { objs.Close(); cancel() }, nil
 }
 
@@ -372,11 +357,14 @@ func (c passwdCmd) run(cfg config.Config) int {
 	log := newToolLogger(cfg)
 	ctx, cancel := context.WithTimeout(context.Background(), toolTimeout)
 	defer cancel()
-	raw, err := openStore(ctx, cfg, log, true)
+	// The proxy reads the lease over the raw store: the key is checked
+	// by Passwd itself.
+	e, err := engine.Open(ctx, engine.Options{Config: &cfg, ReadOnly: true, NoVolume: true, Logger: log,
+		Proxy: objproxy.Options{Uploaders: 1, Downloaders: 2, MaxAttempts: 5}})
 	if err != nil {
 		return fail(err)
 	}
-	objs := objproxy.New(raw, objproxy.Options{Uploaders: 1, Downloaders: 2, MaxAttempts: 5, Logger: log.With().Str("component", "objproxy").Logger()})
+	raw, objs := e.Raw, e.Proxy
 	defer objs.Close()
 	live, l, err := inspect.LeaseLive(ctx, objs, leaseInterval)
 	if err != nil {

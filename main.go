@@ -12,7 +12,6 @@ import (
 	_ "net/http/pprof" // served only when profiler = true, on localhost
 	"os"
 	"os/signal"
-	"path"
 	"strconv"
 	"sync/atomic"
 	"syscall"
@@ -20,10 +19,10 @@ import (
 
 	"github.com/rs/zerolog"
 
-	"github.com/bs3/bs3/internal/cache"
 	"github.com/bs3/bs3/internal/chunk"
 	"github.com/bs3/bs3/internal/chunker"
 	"github.com/bs3/bs3/internal/config"
+	"github.com/bs3/bs3/internal/engine"
 	"github.com/bs3/bs3/internal/frontend"
 	"github.com/bs3/bs3/internal/frontend/buse"
 	"github.com/bs3/bs3/internal/frontend/fuse"
@@ -32,19 +31,11 @@ import (
 	"github.com/bs3/bs3/internal/gc"
 	"github.com/bs3/bs3/internal/metrics"
 	"github.com/bs3/bs3/internal/null"
-	"github.com/bs3/bs3/internal/objproxy"
-	"github.com/bs3/bs3/internal/store"
-	"github.com/bs3/bs3/internal/store/compressed"
-	"github.com/bs3/bs3/internal/store/dir"
-	s3store "github.com/bs3/bs3/internal/store/s3"
-	"github.com/bs3/bs3/internal/store/sealed"
-	"github.com/bs3/bs3/internal/volume"
 )
 
-// leaseInterval is how often the daemon renews the volume lease; a second
-// daemon on the same volume waits 2.5 intervals before it may attach over
-// a lease that was not released.
-const leaseInterval = 5 * time.Second
+// leaseInterval is how often the daemon renews the volume lease
+// (engine.LeaseInterval).
+const leaseInterval = engine.LeaseInterval
 
 func main() {
 	os.Exit(run())
@@ -240,107 +231,27 @@ func (d *daemon) start(ctx context.Context, shrink bool) error {
 		return err
 	}
 	var dev frontend.Device
-	var rw interface {
-		BuseRead(int64, int64, []byte) error
-		BuseWrite(int64, []byte) error
-		BusePreRun()
-		BusePostRemove()
-	}
+	var rw buse.Callbacks
 	if cfg.Null {
 		n := null.New(cfg.SizeBytes(), int64(cfg.BlockSize))
-		dev, rw = n, n
+		dev, rw = n, buse.NewAdapter(n)
 		log.Warn().Msg("null backend: writes are discarded, reads return zeros")
 	} else {
-		st, err := openStore(ctx, cfg, log, false)
+		o := engine.FromConfig(cfg, shrink, log)
+		o.Proxy.Observer = d.metrics.StoreObserver()
+		e, err := engine.Open(ctx, o)
 		if err != nil {
 			return err
 		}
-		// Checks the key against the superblock before anything is
-		// written, and seals the objects of an encrypted volume.
-		st, enc, err := sealed.Open(ctx, st, sealed.KeyConfig{KeyFile: cfg.Encryption.KeyFile, PassphraseFile: cfg.Encryption.PassphraseFile, Checksums: cfg.Integrity.Checksums})
-		if err != nil {
-			return fmt.Errorf("encryption: %w", err)
-		}
-		switch {
-		case enc.Encrypted():
-			log.Info().Str("cipher", enc.Cipher).Str("kdf", enc.KDF).Msg("volume is encrypted")
-		case enc != nil:
-			log.Info().Str("format", enc.Cipher).Msg("volume is not encrypted; every object carries CRC32C checksums")
-		default:
-			log.Warn().Msg("volume is not encrypted and its objects carry no checksums (created without [integrity] checksums): a damaged object would read as wrong bytes")
-		}
-		sealedStore := st // the disk cache's sealer comes from here
-		// Compress, then seal (docs/ARCHITECTURE.md §19). Always wrapped,
-		// whatever the codec: objects written under another codec must
-		// stay readable.
-		if st, err = compressed.Open(ctx, st, compressed.Options{Codec: cfg.Compression.Codec, Level: cfg.Compression.Level}); err != nil {
-			return fmt.Errorf("compression: %w", err)
-		}
-		objs := objproxy.New(st, objproxy.Options{
-			Uploaders:   cfg.S3.Uploaders,
-			Downloaders: cfg.S3.Downloaders,
-			Observer:    d.metrics.StoreObserver(),
-			Logger:      log.With().Str("component", "objproxy").Logger(),
-		})
-		d.onStop("object proxy", func(context.Context) error { objs.Close(); return nil })
-		buffers := cfg.ChunkBuffers()
-		var rc *cache.Cache
-		if cfg.CacheMemoryBytes() > 0 {
-			// An encrypted volume's disk cache files are sealed under a
-			// key derived from its data key (docs/ARCHITECTURE.md §16.5).
-			var cs cache.Sealer
-			if enc.Encrypted() && cfg.Cache.Dir != "" {
-				ss, ok := sealedStore.(*sealed.Store)
-				if !ok {
-					return fmt.Errorf("read cache: the encrypted volume's store is a %T, not the sealed store: refusing a disk cache that could hold plaintext", sealedStore)
-				}
-				if cs, err = ss.CacheSealer(); err != nil {
-					return fmt.Errorf("read cache: %w", err)
-				}
-			}
-			if rc, err = cache.New(cache.Options{
-				MemoryBytes: cfg.CacheMemoryBytes(),
-				Window:      cache.WindowFor(cfg.CacheFetchBytes()),
-				FetchSize:   cfg.CacheFetchBytes(),
-				Dir:         cfg.Cache.Dir,
-				DiskBytes:   cfg.CacheDiskBytes(),
-				Sealer:      cs,
-				Logger:      log.With().Str("component", "cache").Logger(),
-			}); err != nil {
-				return fmt.Errorf("read cache: %w", err)
-			}
+		// Each part's stop step, in the order of their start; the stop
+		// runs them in reverse, as engine.Close does.
+		d.onStop("object proxy", func(context.Context) error { e.Proxy.Close(); return nil })
+		if rc := e.Cache; rc != nil {
 			d.onStop("read cache", func(context.Context) error { rc.Close(); return nil })
 		}
-		// A chunk's buffer is reused once its object is stored, so more
-		// chunks than buffers may wait for their in-order apply behind a
-		// slow upload (docs/ARCHITECTURE.md §4.4); the claim window of
-		// the next attach covers them all.
-		inflight := 2 * buffers
-		vol, err := volume.Open(ctx, objs, volume.Options{
-			Size:               cfg.SizeBytes(),
-			BlockSize:          int64(cfg.BlockSize),
-			ChunkSize:          cfg.ChunkBytes(),
-			Shrink:             shrink,
-			ConditionalWrites:  cfg.S3.ConditionalWrites,
-			SkipCheckpoint:     cfg.SkipCheckpoint,
-			CheckpointInterval: cfg.CheckpointInterval(),
-			CheckpointObjects:  int64(cfg.Checkpoint.Objects),
-			MaxInflight:        int64(inflight),
-			MapIdleTimeout:     cfg.GCIdleTimeout(),
-			LeaseInterval:      leaseInterval,
-			Cache:              rc,
-			Encryption:         enc,
-			Logger:             log.With().Str("component", "volume").Logger(),
-			// Compact objects once the read path resolves their data
-			// start (docs/ARCHITECTURE.md §3).
-			CompactChunks: volume.ReadsCompactObjects,
-		})
-		if err != nil {
-			return fmt.Errorf("attach volume: %w", err)
-		}
-		d.onBoundedStop("volume", vol.Close)
-		rw = vol
-		d.collector = gc.New(vol, gc.Options{
+		d.onBoundedStop("volume", e.Volume.Close)
+		rw = buse.NewAdapter(e.Volume)
+		d.collector = gc.New(e.Volume, gc.Options{
 			Step:     cfg.GC.Step,
 			LiveData: cfg.GC.LiveData,
 			Wait:     cfg.GCWait(),
@@ -348,19 +259,12 @@ func (d *daemon) start(ctx context.Context, shrink bool) error {
 		})
 		d.collector.Start()
 		d.onStop("garbage collector", func(context.Context) error { d.collector.Stop(); return nil })
-		if cfg.Frontend != config.FrontendBUSE {
-			ch := chunker.New(vol, chunker.Options{
-				Durable:       cfg.Write.Durable,
-				Buffers:       buffers,
-				MaxInflight:   inflight,
-				CollisionArea: cfg.CollisionBytes(),
-				Logger:        log.With().Str("component", "chunker").Logger(),
-			})
-			d.chunker = ch
-			d.onBoundedStop(chunkerStep, ch.Shutdown)
-			dev = ch
+		if e.Chunker != nil {
+			d.chunker = e.Chunker
+			d.onBoundedStop(chunkerStep, e.Chunker.Shutdown)
+			dev = e.Chunker
 		}
-		if err := d.metrics.AddEngine(metrics.Engine{Proxy: objs, Volume: vol, Chunker: d.chunker, Cache: rc, GC: d.collector}); err != nil {
+		if err := d.metrics.AddEngine(metrics.Engine{Proxy: e.Proxy, Volume: e.Volume, Chunker: d.chunker, Cache: e.Cache, GC: d.collector}); err != nil {
 			return err
 		}
 	}
@@ -616,60 +520,5 @@ func (d *daemon) logUnstoredNow() {
 		}
 	case <-time.After(200 * time.Millisecond):
 		d.log.Error().Msg("could not tell which writes were not stored: the chunker is busy")
-	}
-}
-
-// openStore builds the configured object store, under the volume prefix.
-// readOnly (status, check) creates nothing: no bucket, no probe object,
-// no cleanup of a running daemon's temporary files.
-func openStore(ctx context.Context, cfg config.Config, log zerolog.Logger, readOnly bool) (store.Store, error) {
-	switch cfg.Store {
-	case config.StoreDir:
-		open := dir.New
-		if readOnly {
-			open = dir.OpenExisting
-		}
-		st, err := open(cfg.Dir.Path)
-		if err != nil {
-			return nil, fmt.Errorf("open dir store %s: %w", cfg.Dir.Path, err)
-		}
-		return store.WithPrefix(st, cfg.S3.Prefix), nil
-	default:
-		st, err := s3store.New(ctx, s3store.Options{
-			Endpoint:     cfg.S3.Remote,
-			Region:       cfg.S3.Region,
-			Bucket:       cfg.S3.Bucket,
-			AccessKey:    cfg.S3.AccessKey,
-			SecretKey:    cfg.S3.SecretKey,
-			MaxConns:     cfg.S3.Uploaders + cfg.S3.Downloaders,
-			CreateBucket: !readOnly,
-			// The SHA-256 of every body is the largest CPU cost of a PUT:
-			// a CRC32C the store verifies replaces it where it can
-			// (docs/ARCHITECTURE.md "Upload integrity and CPU").
-			PayloadChecksum: s3store.PayloadMode(cfg.S3.PayloadChecksum),
-			Logger:          log.With().Str("component", "s3").Logger(),
-		})
-		if err != nil {
-			return nil, err
-		}
-		if readOnly {
-			// status and check write nothing, not even probes.
-			return store.WithPrefix(st, cfg.S3.Prefix), nil
-		}
-		// A name of its own per start, as for the conditional-write probe.
-		probe := fmt.Sprintf("payload-checksum-probe-%d-%d", os.Getpid(), time.Now().UnixNano())
-		if _, err := st.ProbePayloadChecksum(ctx, path.Join(cfg.S3.Prefix, probe)); err != nil {
-			return nil, err
-		}
-		if cfg.S3.ConditionalWrites {
-			// A name of its own per start: two daemons probing one
-			// name at once would see each other's object and blame
-			// the store.
-			probe := fmt.Sprintf("conditional-write-probe-%d-%d", os.Getpid(), time.Now().UnixNano())
-			if err := st.ProbeConditionalWrites(ctx, path.Join(cfg.S3.Prefix, probe)); err != nil {
-				return nil, fmt.Errorf("%w\n(the store must refuse overwrites with If-None-Match: * to fence a second writer; if it cannot, set s3.conditional_writes = false and make sure only one bs3 attaches this volume)", err)
-			}
-		}
-		return store.WithPrefix(st, cfg.S3.Prefix), nil
 	}
 }

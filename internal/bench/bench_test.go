@@ -19,6 +19,7 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/bs3/bs3/internal/chunker"
+	"github.com/bs3/bs3/internal/engine"
 	"github.com/bs3/bs3/internal/extentmap"
 	"github.com/bs3/bs3/internal/mapproxy"
 	"github.com/bs3/bs3/internal/objproxy"
@@ -208,28 +209,30 @@ func BenchmarkThroughput(b *testing.B) {
 
 	// bs3 on its own bucket: an 8 GiB device, 4 MiB chunks.
 	st := openStore()
-	objs := objproxy.New(st, objproxy.Options{Uploaders: uploaders, Downloaders: downloaders, Logger: zerolog.Nop()})
-	defer objs.Close()
 	const devSize = 8 * gib
 	runtime.GC()
 	var ms0 runtime.MemStats
 	runtime.ReadMemStats(&ms0)
-	v, err := volume.Open(ctx, objs, volume.Options{
-		Size: devSize, BlockSize: 4096, ChunkSize: 4 * mib, ConditionalWrites: true,
-		CheckpointInterval: time.Hour, CheckpointObjects: 1 << 30, MaxInflight: 64,
-		MapIdleTimeout: 200 * time.Millisecond, Logger: zerolog.Nop(),
-		CompactChunks: volume.ReadsCompactObjects, // as main runs it
-	})
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer v.Close(ctx)
 	buffers := uploaders + 2
 	if n, err := strconv.Atoi(os.Getenv("BS3_BENCH_BUFFERS")); err == nil && n > 1 {
 		buffers = n // chunk buffers of the chunker (open + in flight)
 	}
-	dev := chunker.New(v, chunker.Options{Buffers: buffers, CollisionArea: mib, Logger: zerolog.Nop()})
-	defer dev.Close()
+	e, err := engine.Open(ctx, engine.Options{
+		Store: st,
+		Proxy: objproxy.Options{Uploaders: uploaders, Downloaders: downloaders},
+		Volume: volume.Options{
+			Size: devSize, BlockSize: 4096, ChunkSize: 4 * mib, ConditionalWrites: true,
+			CheckpointInterval: time.Hour, CheckpointObjects: 1 << 30, MaxInflight: 64,
+			MapIdleTimeout: 200 * time.Millisecond,
+		},
+		Chunker: &chunker.Options{Buffers: buffers, MaxInflight: buffers, CollisionArea: mib},
+		Logger:  zerolog.Nop(),
+	})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer e.Close(ctx)
+	objs, v, dev := e.Proxy, e.Volume, e.Chunker
 
 	// Sequential 128 KiB writes, one writer (like dd), until stored.
 	seqBytes := scaled(2 * gib)
@@ -298,7 +301,7 @@ func BenchmarkThroughput(b *testing.B) {
 	seqRead("after random writes")
 
 	var heap, blocks int64
-	if err := v.Maps().Do(ctx, mapproxy.Low, func(m *extentmap.Map) { heap, blocks = m.HeapBytes(), m.WrittenBlocks() }); err != nil {
+	if err := v.MapDo(ctx, mapproxy.Low, func(m *extentmap.Map) { heap, blocks = m.HeapBytes(), m.WrittenBlocks() }); err != nil {
 		b.Fatal(err)
 	}
 	runtime.GC()

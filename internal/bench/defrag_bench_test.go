@@ -10,6 +10,7 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/bs3/bs3/internal/chunker"
+	"github.com/bs3/bs3/internal/engine"
 	"github.com/bs3/bs3/internal/extentmap"
 	"github.com/bs3/bs3/internal/gc"
 	"github.com/bs3/bs3/internal/mapproxy"
@@ -60,21 +61,23 @@ func BenchmarkDefrag(b *testing.B) {
 
 	// bs3: a 1 GiB device, 4 MiB chunks, on its own bucket.
 	st := srv.Store(b, srv.Bucket(b))
-	objs := objproxy.New(st, objproxy.Options{Uploaders: uploaders, Downloaders: downloaders, Logger: zerolog.Nop()})
-	defer objs.Close()
 	const devSize = 1 * gib
-	v, err := volume.Open(ctx, objs, volume.Options{
-		Size: devSize, BlockSize: 4096, ChunkSize: 4 * mib, ConditionalWrites: true,
-		CheckpointInterval: time.Hour, CheckpointObjects: 1 << 30, MaxInflight: 64,
-		MapIdleTimeout: 200 * time.Millisecond, Logger: zerolog.Nop(),
-		CompactChunks: volume.ReadsCompactObjects, // as main runs it
+	e, err := engine.Open(ctx, engine.Options{
+		Store: st,
+		Proxy: objproxy.Options{Uploaders: uploaders, Downloaders: downloaders},
+		Volume: volume.Options{
+			Size: devSize, BlockSize: 4096, ChunkSize: 4 * mib, ConditionalWrites: true,
+			CheckpointInterval: time.Hour, CheckpointObjects: 1 << 30, MaxInflight: 64,
+			MapIdleTimeout: 200 * time.Millisecond,
+		},
+		Chunker: &chunker.Options{Buffers: uploaders + 2, MaxInflight: uploaders + 2, CollisionArea: mib},
+		Logger:  zerolog.Nop(),
 	})
 	if err != nil {
 		b.Fatal(err)
 	}
-	defer v.Close(ctx)
-	dev := chunker.New(v, chunker.Options{Buffers: uploaders + 2, CollisionArea: mib, Logger: zerolog.Nop()})
-	defer dev.Close()
+	defer e.Close(ctx)
+	v, dev := e.Volume, e.Chunker
 
 	// Fill the region with 128 KiB writes, then overwrite random blocks.
 	buf := make([]byte, 128*kib)
@@ -114,7 +117,7 @@ func BenchmarkDefrag(b *testing.B) {
 	}
 	layout := func() (runs, objects int) {
 		seen := make(map[int64]bool)
-		err := v.Maps().Do(ctx, mapproxy.Low, func(m *extentmap.Map) {
+		err := v.MapDo(ctx, mapproxy.Low, func(m *extentmap.Map) {
 			m.Lookup(0, blocks, func(e extentmap.Extent) {
 				if e.Key >= 0 && !e.Zero {
 					runs++

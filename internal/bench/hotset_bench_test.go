@@ -16,6 +16,7 @@ import (
 
 	"github.com/bs3/bs3/internal/cache"
 	"github.com/bs3/bs3/internal/config"
+	"github.com/bs3/bs3/internal/engine"
 	"github.com/bs3/bs3/internal/frontend/nbd"
 	"github.com/bs3/bs3/internal/testutil/enginetest"
 	"github.com/bs3/bs3/internal/testutil/minio"
@@ -73,18 +74,20 @@ func fioHotRead(b *testing.B, target []string, size int64, d time.Duration) fioR
 }
 
 // newReadCache is the read cache main builds with the default [cache]
-// settings (memory size, fetch size, and the window that goes with it),
-// so the read benchmarks measure what a default installation gets.
-// BS3_BENCH_CACHE_MIB overrides the memory size.
+// settings (memory size, fetch size and the window that goes with them:
+// the options engine.FromConfig derives), so the read benchmarks measure
+// what a default installation gets. BS3_BENCH_CACHE_MIB overrides the
+// memory size.
 func newReadCache(b *testing.B) *cache.Cache {
 	b.Helper()
-	def := config.Default()
-	fetch := def.CacheFetchBytes()
-	memBytes := def.CacheMemoryBytes()
-	if v, err := strconv.ParseInt(os.Getenv("BS3_BENCH_CACHE_MIB"), 10, 64); err == nil && v > 0 {
-		memBytes = v * mib
+	o := engine.FromConfig(config.Default(), false, zerolog.Nop()).Cache
+	if o == nil {
+		b.Fatal("the default configuration has no read cache")
 	}
-	rc, err := cache.New(cache.Options{MemoryBytes: memBytes, Window: cache.WindowFor(fetch), FetchSize: fetch, Logger: zerolog.Nop()})
+	if v, err := strconv.ParseInt(os.Getenv("BS3_BENCH_CACHE_MIB"), 10, 64); err == nil && v > 0 {
+		o.MemoryBytes = v * mib
+	}
+	rc, err := cache.New(*o)
 	if err != nil {
 		b.Fatal(err)
 	}

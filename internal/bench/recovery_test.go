@@ -11,18 +11,23 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/bs3/bs3/internal/chunk"
+	"github.com/bs3/bs3/internal/engine"
 	"github.com/bs3/bs3/internal/objproxy"
 	"github.com/bs3/bs3/internal/store"
 	"github.com/bs3/bs3/internal/testutil/minio"
 	"github.com/bs3/bs3/internal/volume"
 )
 
-func recoveryOptions(size int64) volume.Options {
-	return volume.Options{
-		Size: size, BlockSize: 4096, ChunkSize: 4 * mib, ConditionalWrites: true,
-		CheckpointInterval: time.Hour, CheckpointObjects: 1 << 40, MaxInflight: 32,
-		MapIdleTimeout: 200 * time.Millisecond, Logger: zerolog.Nop(),
-		CompactChunks: volume.ReadsCompactObjects, // as main runs it
+func recoveryOptions(st store.Store, size int64) engine.Options {
+	return engine.Options{
+		Store: st,
+		Proxy: objproxy.Options{Uploaders: 16, Downloaders: 32},
+		Volume: volume.Options{
+			Size: size, BlockSize: 4096, ChunkSize: 4 * mib, ConditionalWrites: true,
+			CheckpointInterval: time.Hour, CheckpointObjects: 1 << 40, MaxInflight: 32,
+			MapIdleTimeout: 200 * time.Millisecond,
+		},
+		Logger: zerolog.Nop(),
 	}
 }
 
@@ -63,42 +68,41 @@ func BenchmarkRecovery(b *testing.B) {
 	fmt.Println()
 	for _, n := range []int{1, 1000, 10000} {
 		st := srv.Store(b, srv.Bucket(b))
-		objs := objproxy.New(st, objproxy.Options{Uploaders: 16, Downloaders: 32, Logger: zerolog.Nop()})
-		o := recoveryOptions(8 * gib)
-		v, err := volume.Open(ctx, objs, o)
+		o := recoveryOptions(st, 8*gib)
+		e, err := engine.Open(ctx, o)
 		if err != nil {
 			b.Fatal(err)
 		}
+		v := e.Volume
 		commitRandom(b, v, 100, 1)
 		if err := v.Checkpoint(ctx); err != nil {
 			b.Fatal(err)
 		}
 		commitRandom(b, v, n, 1)
-		objs.Close() // crash: no final checkpoint
+		e.Proxy.Close() // crash: no final checkpoint
 
-		objs = objproxy.New(st, objproxy.Options{Uploaders: 16, Downloaders: 32, Logger: zerolog.Nop()})
 		start := time.Now()
-		v2, err := volume.Open(ctx, objs, o)
+		e2, err := engine.Open(ctx, o)
 		if err != nil {
 			b.Fatal(err)
 		}
 		took := time.Since(start)
-		s := objs.Stats()
+		s := e2.Proxy.Stats()
 		fmt.Printf("recovery with %5d objects after the checkpoint: %8v  (GETs %d, HEADs %d)\n", n, took.Round(time.Millisecond), s.Get.Attempts, s.Size.Attempts)
 		b.ReportMetric(took.Seconds(), fmt.Sprintf("s/recovery-%d", n))
-		v2.Close(ctx)
-		objs.Close()
+		if err := e2.Close(ctx); err != nil {
+			b.Error(err)
+		}
 	}
 
 	// Checkpoint size for 1 GiB of random 4 KiB writes over an 8 GiB device.
 	st := srv.Store(b, srv.Bucket(b))
-	objs := objproxy.New(st, objproxy.Options{Uploaders: 16, Downloaders: 32, Logger: zerolog.Nop()})
-	defer objs.Close()
-	v, err := volume.Open(ctx, objs, recoveryOptions(8*gib))
+	e, err := engine.Open(ctx, recoveryOptions(st, 8*gib))
 	if err != nil {
 		b.Fatal(err)
 	}
-	defer v.Close(ctx)
+	defer e.Close(ctx)
+	v := e.Volume
 	total := scaled(1 * gib)
 	const perChunk = 1024
 	commitRandom(b, v, int(total/4096/perChunk), perChunk)

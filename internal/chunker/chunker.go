@@ -151,6 +151,11 @@ type Chunker struct {
 
 var _ frontend.Device = (*Chunker)(nil)
 
+// DefaultCollisionArea is CollisionArea when Options leave it 0, that of
+// write.collision_chunk_size (internal/engine's tests hold the two
+// together).
+const DefaultCollisionArea = 1 << 20
+
 // ErrClosed is returned for requests after Close.
 var ErrClosed = errors.New("device is closed")
 
@@ -163,7 +168,7 @@ func New(e Engine, o Options) *Chunker {
 		o.MaxAge = 500 * time.Millisecond
 	}
 	if o.CollisionArea <= 0 {
-		o.CollisionArea = 1 << 20
+		o.CollisionArea = DefaultCollisionArea
 	}
 	if o.MaxInflight < o.Buffers {
 		o.MaxInflight = o.Buffers

@@ -37,6 +37,8 @@ import (
 	"github.com/BurntSushi/toml"
 	"github.com/ilyakaznacheev/cleanenv"
 	"github.com/rs/zerolog"
+
+	"github.com/bs3/bs3/internal/objproxy"
 )
 
 // Allowed values of frontend and store.
@@ -267,8 +269,8 @@ func Default() Config {
 		ShutdownTimeout: 60,
 		S3: S3Config{
 			Region:            "us-east-1",
-			Uploaders:         16,
-			Downloaders:       16,
+			Uploaders:         objproxy.DefaultUploaders,
+			Downloaders:       objproxy.DefaultDownloaders,
 			ConditionalWrites: true,
 			PayloadChecksum:   "auto",
 		},

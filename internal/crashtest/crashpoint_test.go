@@ -20,6 +20,7 @@ import (
 
 	"github.com/bs3/bs3/internal/chunker"
 	"github.com/bs3/bs3/internal/crashpoint"
+	bs3engine "github.com/bs3/bs3/internal/engine"
 	"github.com/bs3/bs3/internal/gc"
 	"github.com/bs3/bs3/internal/objproxy"
 	"github.com/bs3/bs3/internal/store"
@@ -284,11 +285,34 @@ type cpEngine struct {
 	closed bool
 }
 
-func cpProxy(st store.Store, log zerolog.Logger) *objproxy.Proxy {
-	return objproxy.New(st, objproxy.Options{
-		Uploaders: 4, Downloaders: 4, AttemptTimeout: 5 * time.Second,
-		BaseBackoff: time.Millisecond, MaxBackoff: 5 * time.Millisecond, Logger: log,
-	})
+// cpOptions are the engine Options of an attach: small geometry and
+// short retry delays; the chunker sees the volume through e's cpGate.
+func cpOptions(e *cpEngine, st store.Store, c cpCase, durable bool, log zerolog.Logger) bs3engine.Options {
+	return bs3engine.Options{
+		Store: st,
+		Proxy: objproxy.Options{
+			Uploaders: 4, Downloaders: 4, AttemptTimeout: 5 * time.Second,
+			BaseBackoff: time.Millisecond, MaxBackoff: 5 * time.Millisecond,
+		},
+		Volume: volume.Options{
+			Size: cpDevSize, BlockSize: blockSize, ChunkSize: cpChunkSize,
+			ConditionalWrites:  true,
+			CheckpointInterval: time.Hour, CheckpointObjects: 4,
+			MaxInflight: cpInflight, MapIdleTimeout: 10 * time.Millisecond,
+			LeaseInterval: c.leaseInterval(), RecoveryConcurrency: c.recoveryConcurrency(),
+		},
+		// MaxAge far out: chunks close on flushes and when full, not by time.
+		Chunker:       &chunker.Options{Durable: durable, Buffers: cpInflight, CollisionArea: 256 << 10, MaxAge: time.Hour},
+		ChunkerEngine: func(v *volume.Volume) chunker.Engine { e.gate = newCPGate(v); return e.gate },
+		Logger:        log,
+	}
+}
+
+// cpEngineOf fills e (whose gate cpOptions set, and whose proxy Proxied
+// set: the teardown of a crash reads it) from an opened engine.
+func cpEngineOf(e *cpEngine, be *bs3engine.Engine) *cpEngine {
+	e.vol, e.dev = be.Volume, be.Chunker
+	return e
 }
 
 // recoveryConcurrency is how many keys an attach reads or claims at
@@ -299,17 +323,6 @@ func (c cpCase) recoveryConcurrency() int {
 		return 1
 	}
 	return 4
-}
-
-func cpVolumeOptions(c cpCase, log zerolog.Logger) volume.Options {
-	return volume.Options{
-		Size: cpDevSize, BlockSize: blockSize, ChunkSize: cpChunkSize,
-		ConditionalWrites:  true,
-		CheckpointInterval: time.Hour, CheckpointObjects: 4,
-		MaxInflight: cpInflight, MapIdleTimeout: 10 * time.Millisecond,
-		LeaseInterval: c.leaseInterval(), RecoveryConcurrency: c.recoveryConcurrency(), Logger: log,
-		CompactChunks: volume.ReadsCompactObjects, // as main runs it
-	}
 }
 
 // cpGate sits between the chunker and the volume and counts the chunk
@@ -359,23 +372,16 @@ func (g *cpGate) settle() {
 	}
 }
 
-func cpChunker(g *cpGate, durable bool, log zerolog.Logger) *chunker.Chunker {
-	// MaxAge far out: chunks close on flushes and when full, not by time.
-	return chunker.New(g, chunker.Options{
-		Durable: durable, Buffers: cpInflight, CollisionArea: 256 << 10, MaxAge: time.Hour, Logger: log,
-	})
-}
-
 // cpAttachClean attaches for a check; nothing is left running on error.
 func cpAttachClean(ctx context.Context, st store.Store, c cpCase, log zerolog.Logger) (*cpEngine, error) {
-	objs := cpProxy(st, log)
-	v, err := volume.Open(ctx, objs, cpVolumeOptions(c, log))
+	e := &cpEngine{}
+	o := cpOptions(e, st, c, true, log)
+	o.Proxied = func(p *objproxy.Proxy) error { e.objs = p; return nil }
+	be, err := bs3engine.Open(ctx, o)
 	if err != nil {
-		objs.Close()
 		return nil, err
 	}
-	g := newCPGate(v)
-	return &cpEngine{objs: objs, vol: v, gate: g, dev: cpChunker(g, true, log)}, nil
+	return cpEngineOf(e, be), nil
 }
 
 // close stops the engine cleanly (as SIGTERM does).
@@ -614,18 +620,24 @@ func (r *cpRun) step(ctx context.Context, s cpStep, ep **cpEngine, eng *int) err
 	}
 	switch s.kind {
 	case cpAttach:
-		e = &cpEngine{objs: cpProxy(r.front, r.log)}
-		if !r.register(e) {
+		e = &cpEngine{}
+		o := cpOptions(e, r.front, r.c, r.c.durable, r.log)
+		o.Proxied = func(p *objproxy.Proxy) error {
+			e.objs = p
+			if !r.register(e) {
+				return errStop
+			}
+			r.attaches.Add(1)
+			return nil
+		}
+		be, err := bs3engine.Open(ctx, o)
+		if errors.Is(err, errStop) {
 			return errStop
 		}
-		r.attaches.Add(1)
-		v, err := volume.Open(ctx, e.objs, cpVolumeOptions(r.c, r.log))
 		if err != nil {
 			return fmt.Errorf("attach: %w", err)
 		}
-		e.vol = v
-		e.gate = newCPGate(v)
-		e.dev = cpChunker(e.gate, r.c.durable, r.log)
+		cpEngineOf(e, be)
 		*ep = e
 		*eng++
 		r.opened = append(r.opened, !r.st.IsCrashed())

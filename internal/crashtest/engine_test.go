@@ -16,6 +16,7 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/bs3/bs3/internal/chunker"
+	bs3engine "github.com/bs3/bs3/internal/engine"
 	"github.com/bs3/bs3/internal/objproxy"
 	"github.com/bs3/bs3/internal/store"
 	"github.com/bs3/bs3/internal/volume"
@@ -46,9 +47,10 @@ type engineOpts struct {
 	log        zerolog.Logger
 }
 
-// engine is one attach of a volume wired as main wires it for the NBD and
-// FUSE frontends: object proxy → volume → userspace chunker.
+// engine is one attach of a volume opened as main opens it for the NBD and
+// FUSE frontends (engine.Open): object proxy → volume → userspace chunker.
 type engine struct {
+	e    *bs3engine.Engine
 	objs *objproxy.Proxy
 	vol  *volume.Volume
 	dev  *chunker.Chunker
@@ -65,44 +67,33 @@ func openEngine(ctx context.Context, st store.Store, o engineOpts) (*engine, err
 	if o.maxBackoff == 0 {
 		o.maxBackoff = time.Second
 	}
-	objs := objproxy.New(st, objproxy.Options{
-		Uploaders: 8, Downloaders: 16,
-		AttemptTimeout: 20 * time.Second,
-		BaseBackoff:    50 * time.Millisecond, MaxBackoff: o.maxBackoff,
-		Logger: o.log,
-	})
-	vol, err := volume.Open(ctx, objs, volume.Options{
-		Size: o.size, BlockSize: blockSize, ChunkSize: chunkSize,
-		ConditionalWrites:  true,
-		CheckpointInterval: o.ckptInterval, CheckpointObjects: o.ckptObjects,
-		MaxInflight: maxInflight, MapIdleTimeout: 50 * time.Millisecond,
-		RecoveryConcurrency: 16,
-		CompactChunks:       volume.ReadsCompactObjects, // as main runs it
-		Logger:              o.log,
+	e, err := bs3engine.Open(ctx, bs3engine.Options{
+		Store: st,
+		Proxy: objproxy.Options{
+			Uploaders: 8, Downloaders: 16,
+			AttemptTimeout: 20 * time.Second,
+			BaseBackoff:    50 * time.Millisecond, MaxBackoff: o.maxBackoff,
+		},
+		Volume: volume.Options{
+			Size: o.size, BlockSize: blockSize, ChunkSize: chunkSize,
+			ConditionalWrites:  true,
+			CheckpointInterval: o.ckptInterval, CheckpointObjects: o.ckptObjects,
+			MaxInflight: maxInflight, MapIdleTimeout: 50 * time.Millisecond,
+			RecoveryConcurrency: 16,
+		},
+		Chunker: &chunker.Options{Durable: o.durable, Buffers: maxInflight, CollisionArea: 1 << 20},
+		Logger:  o.log,
 	})
 	if err != nil {
-		objs.Close()
-		return nil, fmt.Errorf("attach volume: %w", err)
+		return nil, err
 	}
-	dev := chunker.New(vol, chunker.Options{
-		Durable: o.durable, Buffers: maxInflight, CollisionArea: 1 << 20, Logger: o.log,
-	})
-	return &engine{objs: objs, vol: vol, dev: dev}, nil
+	return &engine{e: e, objs: e.Proxy, vol: e.Volume, dev: e.Chunker}, nil
 }
 
 // close stops the engine as SIGTERM does: the chunker commits what it
 // holds, the volume writes its final checkpoint. Both errors are returned.
 func (e *engine) close() error {
-	derr := e.dev.Close()
-	if derr != nil {
-		derr = fmt.Errorf("close chunker: %w", derr)
-	}
-	verr := e.vol.Close(context.Background())
-	if verr != nil {
-		verr = fmt.Errorf("close volume: %w", verr)
-	}
-	e.objs.Close()
-	return errors.Join(derr, verr)
+	return e.e.Close(context.Background())
 }
 
 // closeChecked closes e at the end of a test and reports a failed close.

@@ -9,7 +9,6 @@ import (
 
 	"github.com/bs3/bs3/internal/extentmap"
 	"github.com/bs3/bs3/internal/mapproxy"
-	"github.com/bs3/bs3/internal/objproxy"
 	"github.com/bs3/bs3/internal/store"
 	"github.com/bs3/bs3/internal/volume"
 )
@@ -74,7 +73,7 @@ func (c *Collector) collectDead(ctx context.Context) (Stats, error) {
 	// there, and an object found dead there stays dead (only applying its
 	// own key could add entries to it, and that is done), so a pin-free
 	// dead object cannot gain a reader later.
-	err := v.Maps().Do(ctx, mapproxy.Low, func(m *extentmap.Map) {
+	err := v.MapDo(ctx, mapproxy.Low, func(m *extentmap.Map) {
 		wm := v.Watermark()
 		floor := v.DeleteFloor()
 		// Below wm-1: never the newest object.
@@ -143,7 +142,7 @@ func (c *Collector) collectDead(ctx context.Context) (Stats, error) {
 	// must be forgotten and an emptied one counted as empty, or the map
 	// would describe objects that are not there.
 	var errs []error
-	err = v.Maps().Do(context.WithoutCancel(ctx), mapproxy.Low, func(m *extentmap.Map) {
+	err = v.MapDo(context.WithoutCancel(ctx), mapproxy.Low, func(m *extentmap.Map) {
 		for _, a := range actions {
 			if !a.done {
 				continue
@@ -203,16 +202,15 @@ func (c *Collector) collectDead(ctx context.Context) (Stats, error) {
 
 // reclaim performs one action against the store, at low priority.
 func (c *Collector) reclaim(ctx context.Context, a *deadAction) {
-	objs := c.v.Objects()
-	name := store.DataName(a.key)
+	v := c.v
 	switch a.op {
 	case opDelete:
-		if err := objs.Delete(ctx, objproxy.Low, name); err != nil {
+		if err := v.DeleteObject(ctx, a.key); err != nil {
 			a.err = fmt.Errorf("delete dead key %d: %w", a.key, err)
 			return
 		}
 	case opCheckEmpty:
-		size, err := objs.Size(ctx, objproxy.Low, name)
+		size, err := v.ObjectSize(ctx, a.key)
 		switch {
 		case err == nil && size == 0:
 			a.empty = true
@@ -223,7 +221,7 @@ func (c *Collector) reclaim(ctx context.Context, a *deadAction) {
 			// while recovery can still pass its window (above the
 			// floor); below it, it is deleted like any dead object.
 			head := make([]byte, volume.ClaimMagicLen)
-			n, err := objs.GetRange(ctx, objproxy.Low, name, 0, head)
+			n, err := v.ReadObject(ctx, a.key, 0, head)
 			if err != nil {
 				a.err = fmt.Errorf("read dead key %d: %w", a.key, err)
 				return
@@ -247,7 +245,7 @@ func (c *Collector) reclaim(ctx context.Context, a *deadAction) {
 		}
 		fallthrough
 	case opPlaceholder:
-		if err := objs.Put(ctx, objproxy.Low, name, nil, false); err != nil {
+		if err := v.EmptyObject(ctx, a.key); err != nil {
 			a.err = fmt.Errorf("replace dead key %d by a placeholder: %w", a.key, err)
 			return
 		}

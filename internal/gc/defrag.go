@@ -92,7 +92,7 @@ func (c *Collector) defragBlocks(ctx context.Context, from, to int64) (Stats, er
 	// when the run starts. Later objects hold writes newer than the run:
 	// they are already in the order they were written and are left alone.
 	var wm int64
-	if err := v.Maps().Do(ctx, mapproxy.Low, func(*extentmap.Map) { wm = v.Watermark() }); err != nil {
+	if err := v.MapDo(ctx, mapproxy.Low, func(*extentmap.Map) { wm = v.Watermark() }); err != nil {
 		return st, fmt.Errorf("read watermark: %w", err)
 	}
 	var victims []int64

@@ -22,7 +22,7 @@ import (
 func lookup(tb testing.TB, v *volume.Volume, from, to int64) []extentmap.Extent {
 	tb.Helper()
 	var out []extentmap.Extent
-	err := v.Maps().Do(context.Background(), mapproxy.High, func(m *extentmap.Map) {
+	err := v.MapDo(context.Background(), mapproxy.High, func(m *extentmap.Map) {
 		m.Lookup(from, to-from, func(e extentmap.Extent) { out = append(out, e) })
 	})
 	if err != nil {
@@ -51,7 +51,7 @@ func dataRuns(es []extentmap.Extent) (runs, objects int) {
 func checkBlockOrder(tb testing.TB, v *volume.Volume, minKey int64) int {
 	tb.Helper()
 	byKey := make(map[int64][]extentmap.Extent)
-	err := v.Maps().Do(context.Background(), mapproxy.High, func(m *extentmap.Map) {
+	err := v.MapDo(context.Background(), mapproxy.High, func(m *extentmap.Map) {
 		m.Scan(0, v.Size()/v.BlockSize(), func(e extentmap.Extent, _ uint64) bool {
 			if !e.Zero && e.Key >= minKey {
 				byKey[e.Key] = append(byKey[e.Key], e)
@@ -367,7 +367,7 @@ func TestBatchGetSpansChunks(t *testing.T) {
 	m.write(t, e.Dev, 1000, 1)
 	drain(t, e)
 	var ps []piece
-	err := e.Volume.Maps().Do(ctx, mapproxy.High, func(mp *extentmap.Map) {
+	err := e.Volume.MapDo(ctx, mapproxy.High, func(mp *extentmap.Map) {
 		mp.Scan(0, 1000, func(x extentmap.Extent, seq uint64) bool {
 			ps = append(ps, piece{block: x.Block, n: x.N, key: x.Key, off: x.Off, seq: seq})
 			return true

@@ -50,7 +50,6 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/bs3/bs3/internal/progress"
-	"github.com/bs3/bs3/internal/volume"
 )
 
 // Defaults for zero Options fields (the configuration's defaults).
@@ -117,7 +116,7 @@ var ErrStopped = errors.New("garbage collector is stopped")
 
 // Collector runs dead and threshold GC on one volume.
 type Collector struct {
-	v   *volume.Volume
+	v   Volume
 	o   Options
 	log zerolog.Logger
 
@@ -160,7 +159,7 @@ type Collector struct {
 }
 
 // New returns a collector for v. Zero Options fields take the defaults.
-func New(v *volume.Volume, o Options) *Collector {
+func New(v Volume, o Options) *Collector {
 	if o.Step <= 0 {
 		o.Step = DefaultStep
 	}

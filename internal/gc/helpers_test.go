@@ -249,11 +249,11 @@ type objState struct {
 
 // mapState returns the map's accounting of keys, with the watermark and
 // delete floor read on the map goroutine.
-func mapState(tb testing.TB, v *volume.Volume, keys []int64) (map[int64]objState, int64, int64) {
+func mapState(tb testing.TB, v Volume, keys []int64) (map[int64]objState, int64, int64) {
 	tb.Helper()
 	out := make(map[int64]objState, len(keys))
 	var wm, floor int64
-	err := v.Maps().Do(context.Background(), mapproxy.High, func(m *extentmap.Map) {
+	err := v.MapDo(context.Background(), mapproxy.High, func(m *extentmap.Map) {
 		wm, floor = v.Watermark(), v.DeleteFloor()
 		for _, k := range keys {
 			l, t, ok := m.Live(k)
@@ -318,3 +318,6 @@ func describe(s Stats) string {
 	return fmt.Sprintf("examined %d compacted %d reclaimed %d placeholders %d in use %d read %d written %d freed %d in %v",
 		s.Examined, s.Compacted, s.Reclaimed, s.Placeholders, s.InUse, s.BytesRead, s.BytesWritten, s.BytesFreed, s.Duration)
 }
+
+// The volume is what the collector runs on.
+var _ Volume = (*volume.Volume)(nil)

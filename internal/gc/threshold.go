@@ -14,8 +14,6 @@ import (
 	"github.com/bs3/bs3/internal/chunk"
 	"github.com/bs3/bs3/internal/extentmap"
 	"github.com/bs3/bs3/internal/mapproxy"
-	"github.com/bs3/bs3/internal/objproxy"
-	"github.com/bs3/bs3/internal/store"
 )
 
 const (
@@ -111,7 +109,7 @@ func (c *Collector) compactAll(ctx context.Context) (Stats, error) {
 	v := c.v
 	// 1. Snapshot the applied objects that hold data, except the newest.
 	var cs candidates
-	err := v.Maps().Do(ctx, mapproxy.Low, func(m *extentmap.Map) {
+	err := v.MapDo(ctx, mapproxy.Low, func(m *extentmap.Map) {
 		wm := v.Watermark()
 		m.Objects(func(key, live, total int64) bool {
 			if key >= wm-1 {
@@ -247,7 +245,7 @@ func (c *Collector) scanWindows(ctx context.Context, from, to int64, fn func(ext
 			return err
 		}
 		n := min(c.o.Step, to-from)
-		err := c.v.Maps().Do(ctx, mapproxy.Low, func(m *extentmap.Map) {
+		err := c.v.MapDo(ctx, mapproxy.Low, func(m *extentmap.Map) {
 			m.Scan(from, n, func(e extentmap.Extent, seq uint64) bool {
 				fn(e, seq)
 				return true
@@ -319,7 +317,7 @@ func newCopier(c *Collector, ctx context.Context) *copier {
 func (r *copier) lookUpStarts(keys []int64) error {
 	v := r.c.v
 	md := r.layout.MetadataSize()
-	err := v.Maps().Do(r.ctx, mapproxy.Low, func(m *extentmap.Map) {
+	err := v.MapDo(r.ctx, mapproxy.Low, func(m *extentmap.Map) {
 		for _, k := range keys {
 			if s := v.DataStartIn(m, k); s != md {
 				r.starts[k] = s
@@ -513,7 +511,7 @@ func (r *copier) commit(chunks [][]piece, bufs [][]byte) error {
 			} else {
 				into = make([]byte, gt.n)
 			}
-			n, err := v.Objects().GetRange(gctx, objproxy.Low, store.DataName(gt.key), gt.objOff, into)
+			n, err := v.ReadObject(gctx, gt.key, gt.objOff, into)
 			r.bytesRead.Add(int64(n))
 			if err != nil {
 				return fmt.Errorf("read key %d at %d: %w", gt.key, gt.objOff, err)

@@ -41,18 +41,12 @@ type listing struct {
 	unknown     []string // names bs3 does not write
 }
 
-// probePrefixes are how main.openStore names the S3 store's probe objects
-// (conditional writes, payload checksums); one left behind by a start
-// that crashed mid-probe is not part of the volume.
-var probePrefixes = []string{"conditional-write-probe-", "payload-checksum-probe-"}
-
+// isProbe: name is one of the S3 store's probe objects (store.ProbeName);
+// one left behind by a start that crashed mid-probe is not part of the
+// volume.
 func isProbe(name string) bool {
-	for _, p := range probePrefixes {
-		if strings.HasPrefix(name, p) {
-			return true
-		}
-	}
-	return false
+	p, _, _ := store.ParseProbeName(name)
+	return p
 }
 
 func list(ctx context.Context, objs *objproxy.Proxy) (*listing, error) {

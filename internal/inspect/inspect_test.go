@@ -14,6 +14,7 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/bs3/bs3/internal/chunk"
+	"github.com/bs3/bs3/internal/engine"
 	"github.com/bs3/bs3/internal/extentmap"
 	"github.com/bs3/bs3/internal/gc"
 	"github.com/bs3/bs3/internal/objproxy"
@@ -102,9 +103,13 @@ func life(t *testing.T, st store.Store, keep bool) *enginetest.Engine {
 
 func proxy(t *testing.T, st store.Store) *objproxy.Proxy {
 	t.Helper()
-	p := objproxy.New(st, objproxy.Options{MaxAttempts: 3, Logger: zerolog.Nop()})
-	t.Cleanup(p.Close)
-	return p
+	// As the tools open it: the store as given, no volume attached.
+	e, err := engine.Open(context.Background(), engine.Options{Store: st, NoVolume: true, Proxy: objproxy.Options{MaxAttempts: 3}, Logger: zerolog.Nop()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(e.Proxy.Close)
+	return e.Proxy
 }
 
 func check(t *testing.T, st store.Store) *Report {

@@ -3,11 +3,10 @@ package inspect
 import (
 	"context"
 	"fmt"
-	"strconv"
-	"strings"
 	"time"
 
 	"github.com/bs3/bs3/internal/objproxy"
+	"github.com/bs3/bs3/internal/store"
 )
 
 // Repair policy. A repair is done only when it is provably safe, i.e. it
@@ -28,26 +27,12 @@ import (
 // ProbeMaxAge is how old a probe object must be before Repair removes it.
 const ProbeMaxAge = time.Hour
 
-// probeTime returns when a probe object was written, from its name
-// (<kind>-probe-<pid>-<unix nanoseconds>).
-func probeTime(name string) (time.Time, bool) {
-	i := strings.LastIndexByte(name, '-')
-	if i < 0 {
-		return time.Time{}, false
-	}
-	ns, err := strconv.ParseInt(name[i+1:], 10, 64)
-	if err != nil || ns <= 0 {
-		return time.Time{}, false
-	}
-	return time.Unix(0, ns), true
-}
-
 // Repair performs the provably safe repairs for r and returns what it
 // did. The caller must have made sure no daemon holds the lease.
 func Repair(ctx context.Context, objs *objproxy.Proxy, r *Report, now time.Time) ([]string, error) {
 	var done []string
 	for _, name := range r.Probes {
-		t, ok := probeTime(name)
+		_, t, ok := store.ParseProbeName(name)
 		if !ok || now.Sub(t) < ProbeMaxAge {
 			continue
 		}

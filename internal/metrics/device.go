@@ -150,8 +150,8 @@ func (d *device) Flush(ctx context.Context) error {
 	return err
 }
 
-// BuseDevice is the set of callbacks the BUSE library calls (the volume,
-// or the null device).
+// BuseDevice is the set of callbacks the BUSE library calls (a
+// buse.Adapter over the volume or the null device).
 type BuseDevice interface {
 	BuseRead(sector, length int64, buf []byte) error
 	BuseWrite(writes int64, buf []byte) error
@@ -181,7 +181,7 @@ type buseDevice struct {
 func (b *buseDevice) BuseRead(sector, length int64, buf []byte) error {
 	start := time.Now()
 	err := b.BuseDevice.BuseRead(sector, length, buf)
-	// sector and length count device blocks (see volume.BuseRead).
+	// sector and length count device blocks (see buse.Adapter.BuseRead).
 	b.m.ops[devRead].done(start, length*b.l.BlockSize, err, true)
 	return err
 }

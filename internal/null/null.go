@@ -11,7 +11,8 @@ import (
 )
 
 // Device discards writes and reads zeros. It serves both the BUSE frontend
-// (BuseRead/BuseWrite) and the userspace ones (frontend.Device).
+// (buse.Engine, through buse.Adapter) and the userspace ones
+// (frontend.Device).
 type Device struct {
 	size, blockSize int64
 }
@@ -56,17 +57,15 @@ func (d *Device) Zero(_ context.Context, off, length int64, _, _ bool) error {
 // Flush implements frontend.Device.
 func (d *Device) Flush(context.Context) error { return nil }
 
-// BuseRead implements the BUSE read callback: zeros.
-func (d *Device) BuseRead(_, length int64, chunk []byte) error {
-	clear(chunk[:length*d.blockSize])
+// Read fills n blocks with zeros: the reads of the BUSE frontend
+// (buse.Engine).
+func (d *Device) Read(_ context.Context, _, n int64, buf []byte) error {
+	clear(buf[:n*d.blockSize])
 	return nil
 }
 
-// BuseWrite implements the BUSE write callback: the chunk is dropped.
-func (d *Device) BuseWrite(int64, []byte) error { return nil }
+// NextKey implements buse.Engine: there are no keys.
+func (d *Device) NextKey() int64 { return 0 }
 
-// BusePreRun implements the BUSE callback.
-func (d *Device) BusePreRun() {}
-
-// BusePostRemove implements the BUSE callback.
-func (d *Device) BusePostRemove() {}
+// Commit implements buse.Engine: the chunk is dropped.
+func (d *Device) Commit(context.Context, int64, []byte, int) error { return nil }

@@ -32,7 +32,7 @@ func TestNullReadsZerosAndChecksRange(t *testing.T) {
 	}
 	chunk := []byte{9, 9, 9, 9, 9, 9, 9, 9}
 	chunk = append(chunk, make([]byte, 4096)...)
-	if err := d.BuseRead(0, 1, chunk); err != nil || chunk[0] != 0 {
-		t.Fatalf("BuseRead: err %v, first byte %d", err, chunk[0])
+	if err := d.Read(ctx, 0, 1, chunk); err != nil || chunk[0] != 0 {
+		t.Fatalf("Read: err %v, first byte %d", err, chunk[0])
 	}
 }

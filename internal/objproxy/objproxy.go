@@ -40,10 +40,13 @@ const (
 	High
 )
 
-// Defaults for zero Options fields.
+// Defaults for zero Options fields. The pool sizes are also the defaults
+// of s3.uploaders and s3.downloaders (internal/config uses these
+// constants, so the two cannot disagree); they were 8 here while the
+// daemon ran with the configuration's 16, which they now are.
 const (
-	DefaultUploaders      = 8
-	DefaultDownloaders    = 8
+	DefaultUploaders      = 16
+	DefaultDownloaders    = 16
 	DefaultAttemptTimeout = 15 * time.Second
 	// DefaultMinRate is the slowest transfer, in bytes per second, that a
 	// first attempt is given time for on top of AttemptTimeout.

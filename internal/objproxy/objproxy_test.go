@@ -17,6 +17,7 @@ import (
 	"github.com/bs3/bs3/internal/store"
 	"github.com/bs3/bs3/internal/store/faulty"
 	"github.com/bs3/bs3/internal/store/mem"
+	"github.com/bs3/bs3/internal/testutil"
 )
 
 // hookStore wraps a store and calls hook before every call, with the
@@ -97,19 +98,6 @@ func (h *hookStore) List(ctx context.Context, prefix string, fn func(string, int
 
 var errBoom = errors.New("boom")
 
-// waitFor polls cond until it holds; a hang fails the test instead of
-// blocking it forever. This waits for a state, it does not measure time.
-func waitFor(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(20 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(time.Millisecond)
-	}
-}
-
 // waitGroup waits for wg, failing the test if the calls hang.
 func waitGroup(t *testing.T, what string, wg *sync.WaitGroup) {
 	t.Helper()
@@ -161,13 +149,13 @@ func TestHighOvertakesLow(t *testing.T) {
 	call(func() error { return p.Put(ctx, Low, "block", []byte("b"), false) })
 	<-entered // the only uploader is busy
 	call(func() error { return p.Put(ctx, Low, "l1", []byte("1"), false) })
-	waitFor(t, "l1 queued", func() bool { return queued(p.up) == 1 })
+	testutil.WaitFor(t, "l1 queued", func() bool { return queued(p.up) == 1 })
 	call(func() error { return p.Put(ctx, Low, "l2", []byte("2"), false) })
-	waitFor(t, "l2 queued", func() bool { return queued(p.up) == 2 })
+	testutil.WaitFor(t, "l2 queued", func() bool { return queued(p.up) == 2 })
 	call(func() error { return p.Put(ctx, High, "h1", []byte("h"), false) })
-	waitFor(t, "h1 queued", func() bool { return queued(p.up) == 3 })
+	testutil.WaitFor(t, "h1 queued", func() bool { return queued(p.up) == 3 })
 	call(func() error { return p.Delete(ctx, High, "h2") })
-	waitFor(t, "h2 queued", func() bool { return queued(p.up) == 4 })
+	testutil.WaitFor(t, "h2 queued", func() bool { return queued(p.up) == 4 })
 	close(release)
 	waitGroup(t, "queued calls", &wg)
 	close(errs)
@@ -208,9 +196,9 @@ func TestDownloadersServeHighFirst(t *testing.T) {
 	var lowErr, highErr error
 	lowBuf, highBuf := make([]byte, 16), make([]byte, 16)
 	go func() { defer wg.Done(); lowN, lowErr = p.GetRange(ctx, Low, "a", 0, lowBuf) }()
-	waitFor(t, "low get queued", func() bool { return queued(p.down) == 1 })
+	testutil.WaitFor(t, "low get queued", func() bool { return queued(p.down) == 1 })
 	go func() { defer wg.Done(); highN, highErr = p.GetRange(ctx, High, "b", 2, highBuf) }()
-	waitFor(t, "high get queued", func() bool { return queued(p.down) == 2 })
+	testutil.WaitFor(t, "high get queued", func() bool { return queued(p.down) == 2 })
 	close(release)
 	waitGroup(t, "gets", &wg)
 
@@ -305,7 +293,7 @@ func TestBusyWorkersDoNotDeadlock(t *testing.T) {
 			}
 		}()
 	}
-	waitFor(t, "late puts queued", func() bool { return queued(p.up) == 8 })
+	testutil.WaitFor(t, "late puts queued", func() bool { return queued(p.up) == 8 })
 	close(releaseSlow)
 	waitGroup(t, "late puts", &wg)
 	waitGroup(t, "slow puts", &slow)
@@ -408,7 +396,7 @@ func TestCancelStopsRetries(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- p.Put(ctx, High, "k", []byte("a"), false) }()
-	waitFor(t, "first retry scheduled", func() bool { return p.Stats().Put.Retries == 1 })
+	testutil.WaitFor(t, "first retry scheduled", func() bool { return p.Stats().Put.Retries == 1 })
 	cancel()
 	var err error
 	select {
@@ -463,7 +451,7 @@ func TestCancelWhileQueued(t *testing.T) {
 	buf := make([]byte, 8)
 	done := make(chan error, 1)
 	go func() { _, err := p.GetRange(qctx, High, "q", 0, buf); done <- err }()
-	waitFor(t, "get queued", func() bool { return queued(p.down) == 1 })
+	testutil.WaitFor(t, "get queued", func() bool { return queued(p.down) == 1 })
 	cancel()
 	if err := <-done; !errors.Is(err, context.Canceled) {
 		t.Fatalf("queued get after cancel: %v", err)
@@ -497,7 +485,7 @@ func TestRetryWaitFreesWorker(t *testing.T) {
 	defer cancel()
 	bad := make(chan error, 1)
 	go func() { bad <- p.Put(ctx, High, "bad", []byte("x"), false) }()
-	waitFor(t, "bad put waiting for a retry", func() bool { return p.Stats().Put.Retries == 1 })
+	testutil.WaitFor(t, "bad put waiting for a retry", func() bool { return p.Stats().Put.Retries == 1 })
 
 	var wg sync.WaitGroup
 	for i := range 10 {
@@ -557,13 +545,13 @@ func TestClose(t *testing.T) {
 
 	bad := make(chan error, 1)
 	go func() { bad <- p.Put(ctx, High, "bad", []byte("x"), false) }()
-	waitFor(t, "bad put waiting for a retry", func() bool { return p.Stats().Put.Retries == 1 })
+	testutil.WaitFor(t, "bad put waiting for a retry", func() bool { return p.Stats().Put.Retries == 1 })
 	inflight := make(chan error, 1)
 	go func() { inflight <- p.Put(ctx, High, "block", []byte("b"), false) }()
 	<-entered
 	queuedErr := make(chan error, 1)
 	go func() { queuedErr <- p.Put(ctx, Low, "q", []byte("q"), false) }()
-	waitFor(t, "put queued", func() bool { return queued(p.up) == 1 })
+	testutil.WaitFor(t, "put queued", func() bool { return queued(p.up) == 1 })
 
 	closed := make(chan struct{})
 	go func() { p.Close(); close(closed) }()

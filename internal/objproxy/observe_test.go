@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/bs3/bs3/internal/store"
+	"github.com/bs3/bs3/internal/testutil"
 )
 
 // recorder is an Observer that keeps every call.
@@ -113,7 +114,7 @@ func TestPoolsCountRunningAndQueued(t *testing.T) {
 	cctx, cancel := context.WithCancel(ctx)
 	put(cctx, Low, "l1")
 	put(ctx, Low, "l2")
-	waitFor(t, "three queued", func() bool { return queued(p.up) == 3 })
+	testutil.WaitFor(t, "three queued", func() bool { return queued(p.up) == 3 })
 	up, down := p.Pools()
 	if want := (PoolStats{Workers: 1, Running: 1, QueuedHigh: 1, QueuedLow: 2}); up != want {
 		t.Errorf("upload pool %+v, want %+v", up, want)
@@ -122,7 +123,7 @@ func TestPoolsCountRunningAndQueued(t *testing.T) {
 		t.Errorf("download pool %+v, want %+v", down, want)
 	}
 	cancel()
-	waitFor(t, "abandoned request uncounted", func() bool { up, _ := p.Pools(); return up.QueuedLow == 1 })
+	testutil.WaitFor(t, "abandoned request uncounted", func() bool { up, _ := p.Pools(); return up.QueuedLow == 1 })
 	close(release)
 	waitGroup(t, "puts", &wg)
 	if up, _ := p.Pools(); up != (PoolStats{Workers: 1}) {

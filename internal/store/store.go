@@ -12,6 +12,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strconv"
+	"strings"
+	"time"
 )
 
 // Errors every implementation maps its own conditions to, so callers can
@@ -90,7 +93,48 @@ const (
 	// LeaseName is the object an attached daemon renews to say it is
 	// alive (docs/ARCHITECTURE.md §9).
 	LeaseName = "lease"
+	// CompressionMarkerName is written once before the first compressed
+	// object (internal/store/compressed, docs/ARCHITECTURE.md §19).
+	CompressionMarkerName = "compression"
 )
+
+// Probe objects: the S3 store's start-up probes (conditional writes,
+// payload checksums) each write an object of their own per start, named
+// <kind>-probe-<pid>-<unix nanoseconds>, so that two daemons probing at
+// once do not see each other's object. They are not part of the volume;
+// one left by a start that crashed mid-probe is removed by
+// `bs3 check --repair` once its name says it is old (docs/ARCHITECTURE.md
+// §15).
+const (
+	ConditionalWriteProbe = "conditional-write"
+	PayloadChecksumProbe  = "payload-checksum"
+)
+
+// ProbeKinds are the kinds of probe objects.
+var ProbeKinds = []string{ConditionalWriteProbe, PayloadChecksumProbe}
+
+// ProbeName names a probe object of kind written by process pid at t.
+func ProbeName(kind string, pid int, t time.Time) string {
+	return fmt.Sprintf("%s-probe-%d-%d", kind, pid, t.UnixNano())
+}
+
+// ParseProbeName reports whether name is a probe object and, when its
+// name carries one, when it was written (ok false: a probe object with a
+// malformed time, which nothing may assume old).
+func ParseProbeName(name string) (isProbe bool, t time.Time, ok bool) {
+	for _, k := range ProbeKinds {
+		if !strings.HasPrefix(name, k+"-probe-") {
+			continue
+		}
+		i := strings.LastIndexByte(name, '-')
+		ns, err := strconv.ParseInt(name[i+1:], 10, 64)
+		if err != nil || ns <= 0 {
+			return true, time.Time{}, false
+		}
+		return true, time.Unix(0, ns), true
+	}
+	return false, time.Time{}, false
+}
 
 // AttachName names the record that claims generation g for one attach.
 // It is created with ifAbsent, so of two daemons attaching at once only

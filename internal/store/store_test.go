@@ -5,6 +5,7 @@ import (
 	"math"
 	"slices"
 	"testing"
+	"time"
 
 	"github.com/bs3/bs3/internal/store"
 	"github.com/bs3/bs3/internal/store/mem"
@@ -92,5 +93,31 @@ func TestWithPrefix(t *testing.T) {
 	}
 	if !slices.Equal(got, []string{"x"}) {
 		t.Errorf("List under a = %q, want [x]", got)
+	}
+}
+
+// Probe names carry their kind and time; check --repair relies on both.
+func TestProbeName(t *testing.T) {
+	at := time.Unix(1700000000, 123)
+	for _, kind := range store.ProbeKinds {
+		name := store.ProbeName(kind, 42, at)
+		if want := kind + "-probe-42-1700000000000000123"; name != want {
+			t.Errorf("ProbeName(%s) = %q, want %q", kind, name, want)
+		}
+		p, got, ok := store.ParseProbeName(name)
+		if !p || !ok || !got.Equal(at) {
+			t.Errorf("ParseProbeName(%q) = %v %v %v", name, p, got, ok)
+		}
+	}
+	for name, want := range map[string][2]bool{
+		"payload-checksum-probe-1-x": {true, false},
+		"superblock":                 {false, false},
+		store.DataName(7):            {false, false},
+		"other-probe-1-2":            {false, false},
+	} {
+		p, _, ok := store.ParseProbeName(name)
+		if p != want[0] || ok != want[1] {
+			t.Errorf("ParseProbeName(%q) = probe %v ok %v, want %v %v", name, p, ok, want[0], want[1])
+		}
 	}
 }

@@ -14,9 +14,11 @@ import (
 
 	"github.com/bs3/bs3/internal/chunk"
 	"github.com/bs3/bs3/internal/extentmap"
+	"github.com/bs3/bs3/internal/frontend/buse"
 	"github.com/bs3/bs3/internal/mapproxy"
 	"github.com/bs3/bs3/internal/store"
 	"github.com/bs3/bs3/internal/store/mem"
+	"github.com/bs3/bs3/internal/testutil/kernelemu"
 )
 
 // Tests of the attach protocol (docs/ARCHITECTURE.md §6): each one sets
@@ -87,7 +89,7 @@ func block(b byte) []byte {
 // writeFlushed writes each pattern to block blk as one object.
 func writeFlushed(t *testing.T, v *Volume, blk int64, patterns ...byte) {
 	t.Helper()
-	em := chunk.NewEmulator(v, v.Layout(), v.Size(), mib, 1, 2)
+	em := kernelemu.New(buse.NewAdapter(v), v.Layout(), v.Size(), mib, 1, 2)
 	for _, p := range patterns {
 		if err := em.Write(0, blk*4096, block(p)); err != nil {
 			t.Fatal(err)
@@ -122,7 +124,7 @@ func collectBelowFloor(t *testing.T, st store.Store, v *Volume) int64 {
 		t.Fatal("no delete floor: the test needs at least two checkpoints")
 	}
 	var dead []int64
-	if err := v.Maps().Do(context.Background(), mapproxy.Low, func(m *extentmap.Map) { dead = m.Dead(floor) }); err != nil {
+	if err := v.maps.Do(context.Background(), mapproxy.Low, func(m *extentmap.Map) { dead = m.Dead(floor) }); err != nil {
 		t.Fatal(err)
 	}
 	if len(dead) == 0 {
@@ -304,7 +306,7 @@ func TestConcurrentAttachOneWins(t *testing.T) {
 		if err := winner.Close(context.Background()); err != nil {
 			t.Fatal(err)
 		}
-		winner.Objects().Close()
+		winner.objs.Close()
 	}
 	v, objs = open(t, st, o)
 	defer objs.Close()

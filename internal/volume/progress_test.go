@@ -10,9 +10,10 @@ import (
 
 	"github.com/rs/zerolog"
 
-	"github.com/bs3/bs3/internal/chunk"
+	"github.com/bs3/bs3/internal/frontend/buse"
 	"github.com/bs3/bs3/internal/store"
 	"github.com/bs3/bs3/internal/store/mem"
+	"github.com/bs3/bs3/internal/testutil/kernelemu"
 )
 
 // lockedBuffer collects log output written from several goroutines.
@@ -41,7 +42,7 @@ func TestRollForwardReportsProgress(t *testing.T) {
 	o := testOptions(64*mib, 4096)
 	o.SkipCheckpoint = true // a replay from key 0
 	v, objs := open(t, st, o)
-	em := chunk.NewEmulator(v, v.Layout(), v.Size(), mib, 1, 2)
+	em := kernelemu.New(buse.NewAdapter(v), v.Layout(), v.Size(), mib, 1, 2)
 	const writes, size = 20, 8192
 	for i := range writes {
 		if err := em.Write(0, int64(i)*2*mib, bytes.Repeat([]byte{byte(i + 1)}, size)); err != nil {

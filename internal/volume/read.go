@@ -453,19 +453,6 @@ func (v *Volume) fetch(ctx context.Context, prio objproxy.Priority, r fetchRun, 
 	return nil
 }
 
-// BuseRead implements the BUSE read callback; sector and length are in
-// device blocks, as the BUSE library passes them.
-func (v *Volume) BuseRead(sector, length int64, buf []byte) error {
-	return v.Read(context.Background(), sector, length, buf)
-}
-
-// BusePreRun implements buse.BuseReadWriter; nothing to do before start.
-func (v *Volume) BusePreRun() {}
-
-// BusePostRemove implements buse.BuseReadWriter; the volume is closed by
-// main after the device is gone.
-func (v *Volume) BusePostRemove() {}
-
 // Mapped calls fn for the runs of blocks in [block, block+n) that hold
 // data in the map (neither unwritten nor discarded). The chunker uses it
 // to drop discards of space that holds nothing.

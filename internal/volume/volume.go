@@ -23,6 +23,7 @@ import (
 	"github.com/bs3/bs3/internal/extentmap"
 	"github.com/bs3/bs3/internal/mapproxy"
 	"github.com/bs3/bs3/internal/objproxy"
+	"github.com/bs3/bs3/internal/store"
 	"github.com/bs3/bs3/internal/store/sealed"
 )
 
@@ -71,6 +72,13 @@ type Options struct {
 	Encryption *sealed.Record
 	Logger     zerolog.Logger
 }
+
+// Defaults for zero Options fields; they are those of [checkpoint]
+// objects and interval (internal/engine's tests hold the two together).
+const (
+	DefaultCheckpointObjects  = 1024
+	DefaultCheckpointInterval = 5 * time.Minute
+)
 
 // ErrFenced is returned by writes after another writer took the volume.
 var ErrFenced = errors.New("volume is owned by another writer")
@@ -152,10 +160,10 @@ func Open(ctx context.Context, objs *objproxy.Proxy, o Options) (*Volume, error)
 		o.MaxInflight = 64
 	}
 	if o.CheckpointObjects <= 0 {
-		o.CheckpointObjects = 1024
+		o.CheckpointObjects = DefaultCheckpointObjects
 	}
 	if o.CheckpointInterval <= 0 {
-		o.CheckpointInterval = 5 * time.Minute
+		o.CheckpointInterval = DefaultCheckpointInterval
 	}
 	v := &Volume{
 		o:         o,
@@ -267,11 +275,37 @@ func (v *Volume) Generation() uint64 { return v.sb.Generation }
 // Superblock returns the attached superblock.
 func (v *Volume) Superblock() Superblock { return v.sb }
 
-// Maps exposes the map proxy for the collectors and tests.
-func (v *Volume) Maps() *mapproxy.Proxy { return v.maps }
+// MapDo runs fn on the map at prio, on the map proxy's goroutine (the
+// collectors pass mapproxy.Low, docs/ARCHITECTURE.md §7).
+func (v *Volume) MapDo(ctx context.Context, prio mapproxy.Priority, fn func(*extentmap.Map)) error {
+	return v.maps.Do(ctx, prio, fn)
+}
 
-// Objects exposes the object proxy for the collectors.
-func (v *Volume) Objects() *objproxy.Proxy { return v.objs }
+// ObjectSize returns the size of key's data object, at low priority (the
+// collectors).
+func (v *Volume) ObjectSize(ctx context.Context, key int64) (int64, error) {
+	return v.objs.Size(ctx, objproxy.Low, store.DataName(key))
+}
+
+// ReadObject reads key's data object at off into buf, at low priority
+// (the collectors).
+func (v *Volume) ReadObject(ctx context.Context, key, off int64, buf []byte) (int, error) {
+	return v.objs.GetRange(ctx, objproxy.Low, store.DataName(key), off, buf)
+}
+
+// DeleteObject deletes key's data object, at low priority. Only the dead
+// collector calls it, for keys no map entry or read uses
+// (docs/ARCHITECTURE.md §7.1).
+func (v *Volume) DeleteObject(ctx context.Context, key int64) error {
+	return v.objs.Delete(ctx, objproxy.Low, store.DataName(key))
+}
+
+// EmptyObject replaces key's data object by an empty placeholder, at low
+// priority: the dead collector's way to drop a dead object's data while
+// roll-forward must still find its key (docs/ARCHITECTURE.md §7.1).
+func (v *Volume) EmptyObject(ctx context.Context, key int64) error {
+	return v.objs.Put(ctx, objproxy.Low, store.DataName(key), nil, false)
+}
 
 // Err is the error that stopped the volume from accepting writes, or nil.
 func (v *Volume) Err() error {

@@ -11,8 +11,10 @@ import (
 	"time"
 
 	"github.com/bs3/bs3/internal/chunk"
+	"github.com/bs3/bs3/internal/frontend/buse"
 	"github.com/bs3/bs3/internal/store"
 	"github.com/bs3/bs3/internal/store/mem"
+	"github.com/bs3/bs3/internal/testutil/kernelemu"
 	"github.com/bs3/bs3/internal/testutil/minio"
 )
 
@@ -27,7 +29,7 @@ func workload(t *testing.T, v *Volume, m *model, rng *rand.Rand, ops int, maxLen
 	bs := v.BlockSize()
 	size := v.Size()
 	const queues = 8
-	em := chunk.NewEmulator(v, v.Layout(), size, 1*mib, queues, 4)
+	em := kernelemu.New(buse.NewAdapter(v), v.Layout(), size, 1*mib, queues, 4)
 	defer func() {
 		if err := em.Close(); err != nil {
 			t.Errorf("emulator close: %v", err)
@@ -199,7 +201,7 @@ func TestRollForwardStopsAtGap(t *testing.T) {
 	o := testOptions(64*mib, 4096)
 	v, objs := open(t, st, o)
 	k0 := v.Watermark() // the first key the writes below get
-	em := chunk.NewEmulator(v, v.Layout(), v.Size(), mib, 1, 2)
+	em := kernelemu.New(buse.NewAdapter(v), v.Layout(), v.Size(), mib, 1, 2)
 	fill := func(b byte) []byte { d := make([]byte, 4096); d[0], d[4095] = b, b; return d }
 	for i, off := range []int64{0, 4096, 8192} {
 		if err := em.Write(0, off, fill(byte(i+1))); err != nil {
@@ -255,7 +257,7 @@ func TestGenerationOrdersAcrossAttaches(t *testing.T) {
 	o := testOptions(64*mib, 4096)
 	o.SkipCheckpoint = true
 	v, objs := open(t, st, o)
-	em := chunk.NewEmulator(v, v.Layout(), v.Size(), mib, 1, 2)
+	em := kernelemu.New(buse.NewAdapter(v), v.Layout(), v.Size(), mib, 1, 2)
 	old := make([]byte, 4096)
 	for i := 0; i < 50; i++ { // drive the area counter high
 		old[0] = byte(i)
@@ -269,7 +271,7 @@ func TestGenerationOrdersAcrossAttaches(t *testing.T) {
 	objs.Close() // crash
 
 	v, objs = open(t, st, o)
-	em = chunk.NewEmulator(v, v.Layout(), v.Size(), mib, 1, 2)
+	em = kernelemu.New(buse.NewAdapter(v), v.Layout(), v.Size(), mib, 1, 2)
 	newer := make([]byte, 4096)
 	newer[0] = 200
 	if err := em.Write(0, 0, newer); err != nil { // seqno 1 of the new attach
@@ -307,7 +309,7 @@ func TestSecondWriterIsFenced(t *testing.T) {
 		d := make([]byte, 4096)
 		d[0] = b
 		b0.Add(chunk.Item{Sector: 0, Length: 8, Seqno: 1, Flag: chunk.OpWrite}, d)
-		return v.BuseWrite(1, buf)
+		return v.Commit(context.Background(), v.NextKey(), buf, 1)
 	}
 	if err := w(v2, 2); err != nil {
 		t.Fatalf("second attach writes first: %v", err)

@@ -184,9 +184,3 @@ func (v *Volume) applyItems(m *extentmap.Map, key int64, p chunk.Parsed) error {
 	}
 	return nil
 }
-
-// BuseWrite implements the BUSE write callback: one chunk, as the kernel
-// module built it, becomes the object of the next key.
-func (v *Volume) BuseWrite(writes int64, buf []byte) error {
-	return v.Commit(context.Background(), v.NextKey(), buf, int(writes))
-}

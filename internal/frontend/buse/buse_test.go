@@ -17,7 +17,7 @@ func TestStartWithoutModule(t *testing.T) {
 	if _, err := os.Stat(configfsRoot); err == nil {
 		t.Skip("the BUSE module is loaded here; this test checks the error when it is not")
 	}
-	_, err := Start(null.New(1<<30, 4096), Options{BlockSize: 4096, Size: 1 << 30, WriteChunkSize: 4 << 20, WriteShmSize: 32 << 20, ReadShmSize: 32 << 20}, zerolog.Nop())
+	_, err := Start(NewAdapter(null.New(1<<30, 4096)), Options{BlockSize: 4096, Size: 1 << 30, WriteChunkSize: 4 << 20, WriteShmSize: 32 << 20, ReadShmSize: 32 << 20}, zerolog.Nop())
 	if !errors.Is(err, ErrNoModule) {
 		t.Fatalf("Start without module: %v, want ErrNoModule", err)
 	}

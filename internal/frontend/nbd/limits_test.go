@@ -2,6 +2,7 @@ package nbd
 
 import (
 	"bytes"
+	"github.com/bs3/bs3/internal/testutil"
 	"strings"
 	"sync"
 	"testing"
@@ -52,7 +53,7 @@ func TestHandshakeTimeout(t *testing.T) {
 			}
 		})
 	}
-	waitFor(t, "timed-out connections to be released", func() bool { return srv.activeConns() == 0 })
+	testutil.WaitWithin(t, ioDeadline, "timed-out connections to be released", func() bool { return srv.activeConns() == 0 })
 
 	t.Run("established connection may idle", func(t *testing.T) {
 		c := connect(t, srv.Addr(), "bs3")
@@ -126,10 +127,10 @@ func TestMaxConnections(t *testing.T) {
 	c2.mustRoundTrip(4096, 4096, 2)
 
 	c1.disconnect()
-	waitFor(t, "the first connection to end", func() bool { return srv.activeConns() == 1 })
+	testutil.WaitWithin(t, ioDeadline, "the first connection to end", func() bool { return srv.activeConns() == 1 })
 	// A connection still in its handshake counts against the limit.
 	c3 := dialRaw(t, srv.Addr())
-	waitFor(t, "the new connection to be served", func() bool { return srv.activeConns() == 2 })
+	testutil.WaitWithin(t, ioDeadline, "the new connection to be served", func() bool { return srv.activeConns() == 2 })
 	t.Run("handshaking connection counts", refusedGo)
 	c3.greet(3)
 	c3.goExport("bs3")
@@ -241,7 +242,7 @@ func TestStalledClientReleasesBudget(t *testing.T) {
 			// The stuck client holds the whole budget once it is blocked:
 			// wait until that has lasted a while.
 			var since time.Time
-			waitFor(t, "the stuck client to hold the whole budget", func() bool {
+			testutil.WaitWithin(t, ioDeadline, "the stuck client to hold the whole budget", func() bool {
 				if srv.buffered.used.Load() != bound {
 					since = time.Time{}
 					return false
@@ -254,7 +255,7 @@ func TestStalledClientReleasesBudget(t *testing.T) {
 			other := connect(t, srv.Addr(), "bs3")
 			other.shortDeadline(10 * time.Second)
 			other.mustRoundTrip(4<<20, 64<<10, 2)
-			waitFor(t, "the stuck connection to be dropped", func() bool { return srv.activeConns() == 1 })
+			testutil.WaitWithin(t, ioDeadline, "the stuck connection to be dropped", func() bool { return srv.activeConns() == 1 })
 			if got := dev.snapshot(2<<20, 1000); !bytes.Equal(got, make([]byte, 1000)) {
 				t.Fatalf("the half-received write reached the device")
 			}

@@ -8,6 +8,7 @@ import (
 	"testing"
 
 	"github.com/bs3/bs3/internal/frontend"
+	"github.com/bs3/bs3/internal/testutil"
 )
 
 // NBD values as the protocol document defines them, spelled out here
@@ -332,7 +333,7 @@ func runProtocolAbuse(t *testing.T, srv *Server, dev frontend.Device) {
 	// closed but the server may not have noticed yet.
 	onlyGood := func(t *testing.T, what string) {
 		t.Helper()
-		waitFor(t, what, func() bool { return srv.activeConns() == 1 })
+		testutil.WaitWithin(t, ioDeadline, what, func() bool { return srv.activeConns() == 1 })
 	}
 
 	t.Run("disconnect mid-write is not applied", func(t *testing.T) {

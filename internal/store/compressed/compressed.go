@@ -32,7 +32,7 @@ import (
 // stored as it is, and reads go straight through without looking for a
 // header (docs/ARCHITECTURE.md §19.2). It must never be deleted while
 // compressed objects exist.
-const MarkerName = "compression"
+const MarkerName = store.CompressionMarkerName
 
 // DefaultSegmentSize is the plaintext compressed as one unit, chosen by
 // measurement (docs/ARCHITECTURE.md §19.3): the read cache's 64 KiB

@@ -13,6 +13,7 @@ import (
 
 	"github.com/rs/zerolog"
 
+	"github.com/bs3/bs3/internal/engine"
 	"github.com/bs3/bs3/internal/objproxy"
 	"github.com/bs3/bs3/internal/store"
 	"github.com/bs3/bs3/internal/store/mem"
@@ -62,11 +63,7 @@ func ctxT(t *testing.T) context.Context {
 // attach opens the key and the engine as main does.
 func attach(t *testing.T, raw store.Store, cfg sealed.KeyConfig) (*enginetest.Engine, error) {
 	t.Helper()
-	st, rec, err := sealed.Open(ctxT(t), raw, cfg)
-	if err != nil {
-		return nil, err
-	}
-	return enginetest.New(st, enginetest.Options{Size: volSize, BlockSize: bs, Encryption: rec})
+	return enginetest.New(raw, enginetest.Options{Size: volSize, BlockSize: bs, Key: &cfg})
 }
 
 func mustAttach(t *testing.T, raw store.Store, cfg sealed.KeyConfig) *enginetest.Engine {
@@ -269,17 +266,20 @@ func TestAttachRefusals(t *testing.T) {
 			raw = plain
 		}
 		before := snapshot(t, raw)
-		objs := objproxy.New(tc.st, objproxy.Options{Uploaders: 2, Downloaders: 2, Logger: zerolog.Nop()})
-		v, err := volume.Open(ctx, objs, volume.Options{Size: volSize, BlockSize: bs, ChunkSize: 4 << 20, ConditionalWrites: true, Encryption: tc.rec, Logger: zerolog.Nop()})
+		e, err := engine.Open(ctx, engine.Options{
+			Store: tc.st, Encryption: tc.rec,
+			Proxy:  objproxy.Options{Uploaders: 2, Downloaders: 2},
+			Volume: volume.Options{Size: volSize, BlockSize: bs, ChunkSize: 4 << 20, ConditionalWrites: true},
+			Logger: zerolog.Nop(),
+		})
 		if err == nil {
-			t.Errorf("%s: volume.Open succeeded", tc.name)
-			if cerr := v.Close(ctx); cerr != nil {
+			t.Errorf("%s: engine.Open succeeded", tc.name)
+			if cerr := e.Close(ctx); cerr != nil {
 				t.Error(cerr)
 			}
 		} else if !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("%s: err = %v, want %q", tc.name, err, tc.want)
 		}
-		objs.Close()
 		sameSnapshot(t, tc.name, before, snapshot(t, raw))
 	}
 	sameSnapshot(t, "all refusals (encrypted)", encBefore, snapshot(t, enc))

@@ -1,12 +1,11 @@
-// Package enginetest wires a real engine (object proxy → volume → chunker)
-// over a store the way main does, for the frontend tests that must run
+// Package enginetest opens a real engine (object proxy → volume → chunker)
+// over a store through engine.Open, as main does, for the frontend tests that must run
 // against the real write path rather than an in-memory device.
 package enginetest
 
 import (
 	"context"
 	"encoding/binary"
-	"fmt"
 	"math/rand/v2"
 	"testing"
 	"time"
@@ -15,6 +14,7 @@ import (
 
 	"github.com/bs3/bs3/internal/cache"
 	"github.com/bs3/bs3/internal/chunker"
+	"github.com/bs3/bs3/internal/engine"
 	"github.com/bs3/bs3/internal/objproxy"
 	"github.com/bs3/bs3/internal/store"
 	"github.com/bs3/bs3/internal/store/sealed"
@@ -23,6 +23,7 @@ import (
 
 // Engine is one attach of a volume with its userspace chunker.
 type Engine struct {
+	*engine.Engine
 	Objs   *objproxy.Proxy
 	Volume *volume.Volume
 	Dev    *chunker.Chunker
@@ -43,9 +44,14 @@ type Options struct {
 	// StoreObserver, when set, hears of every store call (metrics tests).
 	StoreObserver objproxy.Observer
 	// Encryption is the record sealed.Open returned when st is a sealed
-	// store (nil for a plaintext one).
+	// store (nil for a plaintext one). Key instead has the engine check
+	// the key against st and seal it, as main does.
 	Encryption *sealed.Record
+	Key        *sealed.KeyConfig
 }
+
+// buffers is the chunker's buffer count and the volume's MaxInflight.
+const buffers = 18
 
 // New attaches the volume in st (creating it when new). Nothing stops it
 // by itself: for tests that crash it; others use Open.
@@ -53,26 +59,28 @@ func New(st store.Store, o Options) (*Engine, error) {
 	if o.ChunkSize == 0 {
 		o.ChunkSize = 4 << 20
 	}
-	rc := o.Cache
-	if rc == nil && !o.NoCache {
-		var err error
-		if rc, err = cache.New(cache.Options{MemoryBytes: 64 << 20, Window: cache.DefaultWindow, FetchSize: 256 << 10, Logger: zerolog.Nop()}); err != nil {
-			return nil, fmt.Errorf("read cache: %w", err)
-		}
+	eo := engine.Options{
+		Store:      st,
+		Encryption: o.Encryption,
+		Key:        o.Key,
+		Proxy:      objproxy.Options{Uploaders: 16, Downloaders: 16, Observer: o.StoreObserver},
+		Volume: volume.Options{
+			Size: o.Size, BlockSize: o.BlockSize, ChunkSize: o.ChunkSize, ConditionalWrites: true,
+			CheckpointInterval: time.Minute, CheckpointObjects: 256, MaxInflight: buffers,
+			MapIdleTimeout: 100 * time.Millisecond,
+		},
+		SharedCache: o.Cache,
+		Chunker:     &chunker.Options{Durable: o.Durable, Buffers: buffers, CollisionArea: 1 << 20},
+		Logger:      zerolog.Nop(),
 	}
-	objs := objproxy.New(st, objproxy.Options{Uploaders: 16, Downloaders: 16, Observer: o.StoreObserver, Logger: zerolog.Nop()})
-	v, err := volume.Open(context.Background(), objs, volume.Options{
-		Size: o.Size, BlockSize: o.BlockSize, ChunkSize: o.ChunkSize, ConditionalWrites: true,
-		CheckpointInterval: time.Minute, CheckpointObjects: 256, MaxInflight: 18,
-		MapIdleTimeout: 100 * time.Millisecond, Cache: rc, Encryption: o.Encryption, Logger: zerolog.Nop(),
-		CompactChunks: volume.ReadsCompactObjects, // as main runs it
-	})
+	if o.Cache == nil && !o.NoCache {
+		eo.Cache = &cache.Options{MemoryBytes: 64 << 20, Window: cache.DefaultWindow, FetchSize: 256 << 10}
+	}
+	e, err := engine.Open(context.Background(), eo)
 	if err != nil {
-		objs.Close()
-		return nil, fmt.Errorf("attach volume: %w", err)
+		return nil, err
 	}
-	dev := chunker.New(v, chunker.Options{Durable: o.Durable, Buffers: 18, CollisionArea: 1 << 20, Logger: zerolog.Nop()})
-	return &Engine{Objs: objs, Volume: v, Dev: dev, Cache: rc}, nil
+	return &Engine{Engine: e, Objs: e.Proxy, Volume: e.Volume, Dev: e.Chunker, Cache: e.Cache}, nil
 }
 
 // Open is New that fails the test on error and stops the engine cleanly
@@ -96,13 +104,9 @@ func Open(tb testing.TB, st store.Store, o Options) *Engine {
 func (e *Engine) Close(tb testing.TB) {
 	tb.Helper()
 	e.closed = true
-	if err := e.Dev.Close(); err != nil {
-		tb.Errorf("close chunker: %v", err)
+	if err := e.Engine.Close(context.Background()); err != nil {
+		tb.Error(err)
 	}
-	if err := e.Volume.Close(context.Background()); err != nil {
-		tb.Errorf("close volume: %v", err)
-	}
-	e.Objs.Close()
 }
 
 // BlockVersion fills dst (one block) with version ver of block: the block

@@ -1,4 +1,4 @@
-package chunk_test
+package kernelemu
 
 import (
 	"bytes"
@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/bs3/bs3/internal/chunk"
+	"github.com/bs3/bs3/internal/testutil"
 )
 
 // recorder is a BuseWriter that checks and keeps a copy of every chunk.
@@ -124,19 +125,6 @@ func reconstruct(t *testing.T, l chunk.Layout, devSize int64, chunks []recorded)
 	return data, seqs
 }
 
-// waitFor polls cond until it holds; a hang fails the test instead of
-// blocking it. It waits for a state, it does not measure time.
-func waitFor(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(20 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(time.Millisecond)
-	}
-}
-
 func receive(t *testing.T, ch chan chunk.Parsed, what string) chunk.Parsed {
 	t.Helper()
 	select {
@@ -170,7 +158,7 @@ func TestEmulatorMatchesModel(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			rec := newRecorder(t, tc.l, tc.dev)
-			e := chunk.NewEmulator(rec, tc.l, tc.dev, tc.area, tc.queues, tc.buf)
+			e := New(rec, tc.l, tc.dev, tc.area, tc.queues, tc.buf)
 			model := make([]byte, tc.dev)
 			rnd := rand.New(rand.NewPCG(7, uint64(tc.dev)))
 			bs := tc.l.BlockSize
@@ -236,7 +224,7 @@ func TestEmulatorClosesWhenSlotsRunOut(t *testing.T) {
 	const dev = 1 << 20
 	rec := newRecorder(t, l, dev)
 	rec.notify = make(chan chunk.Parsed, 64)
-	e := chunk.NewEmulator(rec, l, dev, 0, 1, 2)
+	e := New(rec, l, dev, 0, 1, 2)
 
 	// Four one-block writes and four discards: the slots are gone with
 	// only half the data space used.
@@ -284,7 +272,7 @@ func TestEmulatorClosesWhenDataRunsOut(t *testing.T) {
 	const dev = 4 << 20
 	rec := newRecorder(t, l, dev)
 	rec.notify = make(chan chunk.Parsed, 64)
-	e := chunk.NewEmulator(rec, l, dev, 1<<20, 1, 2)
+	e := New(rec, l, dev, 1<<20, 1, 2)
 
 	if err := e.Write(0, 0, pattern(60<<10, 1)); err != nil {
 		t.Fatal(err)
@@ -348,7 +336,7 @@ func TestEmulatorBoundsBuffersInFlight(t *testing.T) {
 	const dev = 1 << 20
 	rec := newRecorder(t, l, dev)
 	rec.gate = make(chan struct{})
-	e := chunk.NewEmulator(rec, l, dev, 0, 2, 2)
+	e := New(rec, l, dev, 0, 2, 2)
 
 	var mu sync.Mutex
 	completed := 0
@@ -366,7 +354,7 @@ func TestEmulatorBoundsBuffersInFlight(t *testing.T) {
 		done <- nil
 	}()
 	inflight := func() int { rec.mu.Lock(); defer rec.mu.Unlock(); return rec.inflight }
-	waitFor(t, "both buffers of queue 0 in flight", func() bool { return inflight() == 2 })
+	testutil.WaitFor(t, "both buffers of queue 0 in flight", func() bool { return inflight() == 2 })
 	// The third write needs a buffer; none comes back while BuseWrite
 	// is held, so it cannot have completed.
 	mu.Lock()
@@ -407,7 +395,7 @@ func TestEmulatorReportsWriteErrors(t *testing.T) {
 		}
 		return nil
 	}
-	e := chunk.NewEmulator(rec, l, 1<<20, 0, 1, 1)
+	e := New(rec, l, 1<<20, 0, 1, 1)
 	for i := range 3 {
 		if err := e.Write(0, int64(i)*16<<10, pattern(16<<10, 1)); err != nil {
 			t.Fatal(err)
@@ -427,7 +415,7 @@ func TestEmulatorReportsWriteErrors(t *testing.T) {
 func TestEmulatorRejects(t *testing.T) {
 	l := chunk.Layout{ChunkSize: 16 << 10, BlockSize: 4096}
 	rec := newRecorder(t, l, 1<<20)
-	e := chunk.NewEmulator(rec, l, 1<<20, 0, 2, 1)
+	e := New(rec, l, 1<<20, 0, 2, 1)
 	for name, err := range map[string]error{
 		"queue":          e.Write(2, 0, make([]byte, 4096)),
 		"negative queue": e.Discard(-1, 0, 4096),
@@ -446,10 +434,10 @@ func TestEmulatorRejects(t *testing.T) {
 	if len(rec.all()) != 0 {
 		t.Fatal("a rejected request produced a chunk")
 	}
-	if err := e.Write(0, 0, make([]byte, 4096)); !errors.Is(err, chunk.ErrEmulatorClosed) {
+	if err := e.Write(0, 0, make([]byte, 4096)); !errors.Is(err, ErrClosed) {
 		t.Fatalf("write after close: %v", err)
 	}
-	if err := e.Flush(); !errors.Is(err, chunk.ErrEmulatorClosed) {
+	if err := e.Flush(); !errors.Is(err, ErrClosed) {
 		t.Fatalf("flush after close: %v", err)
 	}
 	if err := e.Close(); err != nil {
@@ -479,7 +467,7 @@ func TestEmulatorConcurrentQueues(t *testing.T) {
 	const dev, area = 2 << 20, 256 << 10
 	bs := l.BlockSize
 	rec := newRecorder(t, l, dev)
-	e := chunk.NewEmulator(rec, l, dev, area, queues, 2)
+	e := New(rec, l, dev, area, queues, 2)
 
 	type last struct {
 		op   int // -1: never touched by this queue
@@ -584,4 +572,13 @@ func TestEmulatorConcurrentQueues(t *testing.T) {
 		}
 	}
 	t.Logf("%d chunks from %d queues", len(chunks), queues)
+}
+
+// pattern returns n bytes derived from seed.
+func pattern(n int, seed byte) []byte {
+	b := make([]byte, n)
+	for i := range b {
+		b[i] = seed + byte(i*7)
+	}
+	return b
 }

@@ -1,10 +1,15 @@
-package chunk
+// Package kernelemu stands in for the BUSE kernel module in tests: it
+// builds chunks from block writes the way the module does and hands them
+// to the BUSE write callback. Test-only (docs/ARCHITECTURE.md §2).
+package kernelemu
 
 import (
 	"errors"
 	"fmt"
 	"sync"
 	"sync/atomic"
+
+	"github.com/bs3/bs3/internal/chunk"
 )
 
 // BuseWriter consumes closed chunks, as the BUSE library's BuseWrite
@@ -21,8 +26,8 @@ type BuseReader interface {
 	BuseRead(sector, length int64, chunk []byte) error
 }
 
-// ErrEmulatorClosed is returned by Emulator calls after Close.
-var ErrEmulatorClosed = errors.New("chunk emulator closed")
+// ErrClosed is returned by Emulator calls after Close.
+var ErrClosed = errors.New("chunk emulator closed")
 
 // Emulator stands in for the BUSE kernel module in tests: it turns
 // block-device writes into chunks the way the module does and hands them
@@ -31,7 +36,7 @@ var ErrEmulatorClosed = errors.New("chunk emulator closed")
 //
 // Each queue has its own open chunk and its own fixed set of chunk
 // buffers. Writes are split at collision-area boundaries and numbered by
-// a shared Sequencer, then copied into the queue's open chunk; a write
+// a shared chunk.Sequencer, then copied into the queue's open chunk; a write
 // longer than the room in an empty chunk is split across chunks (every
 // part keeps its seqno). A chunk is closed when its data space or item
 // slots run out, or at Flush, and handed to BuseWrite in a goroutine; a
@@ -41,9 +46,9 @@ var ErrEmulatorClosed = errors.New("chunk emulator closed")
 // All methods are safe for concurrent use; calls on one queue serialize.
 type Emulator struct {
 	w       BuseWriter
-	l       Layout
+	l       chunk.Layout
 	devSize int64
-	seq     *Sequencer
+	seq     *chunk.Sequencer
 	queues  []*emuQueue
 	closed  atomic.Bool
 
@@ -55,33 +60,33 @@ type Emulator struct {
 type emuQueue struct {
 	id   int
 	mu   sync.Mutex
-	open *Builder      // chunk being filled, nil when none
-	free chan *Builder // builders whose buffers are neither open nor in flight
+	open *chunk.Builder      // chunk being filled, nil when none
+	free chan *chunk.Builder // builders whose buffers are neither open nor in flight
 	bufs int
 }
 
-// NewEmulator returns an emulator writing chunks of layout l for a device
+// New returns an emulator writing chunks of layout l for a device
 // of devSize bytes with the given collision area, queues and chunk buffers
 // per queue (write.shared_buffer_size / chunk_size). It is a test fixture:
 // an impossible geometry panics.
-func NewEmulator(w BuseWriter, l Layout, devSize, collisionArea int64, queues, buffersPerQueue int) *Emulator {
+func New(w BuseWriter, l chunk.Layout, devSize, collisionArea int64, queues, buffersPerQueue int) *Emulator {
 	switch {
 	case l.BlockSize != 512 && l.BlockSize != 4096:
-		panic(fmt.Sprintf("chunk.NewEmulator: block size %d, want 512 or 4096", l.BlockSize))
+		panic(fmt.Sprintf("chunk.New: block size %d, want 512 or 4096", l.BlockSize))
 	case l.ChunkSize < l.BlockSize || l.ChunkSize%l.BlockSize != 0:
-		panic(fmt.Sprintf("chunk.NewEmulator: chunk size %d is not a positive multiple of the block size %d", l.ChunkSize, l.BlockSize))
+		panic(fmt.Sprintf("chunk.New: chunk size %d is not a positive multiple of the block size %d", l.ChunkSize, l.BlockSize))
 	case devSize <= 0 || devSize%l.BlockSize != 0:
-		panic(fmt.Sprintf("chunk.NewEmulator: device size %d is not a positive multiple of the block size %d", devSize, l.BlockSize))
+		panic(fmt.Sprintf("chunk.New: device size %d is not a positive multiple of the block size %d", devSize, l.BlockSize))
 	case collisionArea%l.BlockSize != 0:
-		panic(fmt.Sprintf("chunk.NewEmulator: collision area %d is not a multiple of the block size %d", collisionArea, l.BlockSize))
+		panic(fmt.Sprintf("chunk.New: collision area %d is not a multiple of the block size %d", collisionArea, l.BlockSize))
 	case queues < 1 || buffersPerQueue < 1:
-		panic(fmt.Sprintf("chunk.NewEmulator: %d queues with %d buffers each", queues, buffersPerQueue))
+		panic(fmt.Sprintf("chunk.New: %d queues with %d buffers each", queues, buffersPerQueue))
 	}
-	e := &Emulator{w: w, l: l, devSize: devSize, seq: NewSequencer(devSize, collisionArea)}
+	e := &Emulator{w: w, l: l, devSize: devSize, seq: chunk.NewSequencer(devSize, collisionArea)}
 	for i := range queues {
-		q := &emuQueue{id: i, free: make(chan *Builder, buffersPerQueue), bufs: buffersPerQueue}
+		q := &emuQueue{id: i, free: make(chan *chunk.Builder, buffersPerQueue), bufs: buffersPerQueue}
 		for range buffersPerQueue {
-			q.free <- NewBuilder(l, make([]byte, l.BufferSize()))
+			q.free <- chunk.NewBuilder(l, make([]byte, l.BufferSize()))
 		}
 		e.queues = append(e.queues, q)
 	}
@@ -107,7 +112,7 @@ func (e *Emulator) Write(queue int, off int64, data []byte) error {
 				}
 				n = e.l.ChunkSize // longer than a whole chunk: fill this one
 			}
-			b.Add(Item{Sector: uint64(poff / SectorSize), Length: uint64(n / SectorSize), Seqno: seq, Flag: OpWrite}, d[:n])
+			b.Add(chunk.Item{Sector: uint64(poff / chunk.SectorSize), Length: uint64(n / chunk.SectorSize), Seqno: seq, Flag: chunk.OpWrite}, d[:n])
 			if b.Full() {
 				e.closeChunk(q)
 			}
@@ -120,13 +125,13 @@ func (e *Emulator) Write(queue int, off int64, data []byte) error {
 
 // Discard records a discard of length bytes at off (an item without data).
 func (e *Emulator) Discard(queue int, off, length int64) error {
-	return e.dataless(queue, off, length, OpDiscard)
+	return e.dataless(queue, off, length, chunk.OpDiscard)
 }
 
 // WriteZeroes records a write-zeroes of length bytes at off (an item
 // without data).
 func (e *Emulator) WriteZeroes(queue int, off, length int64) error {
-	return e.dataless(queue, off, length, OpWriteZeroes)
+	return e.dataless(queue, off, length, chunk.OpWriteZeroes)
 }
 
 func (e *Emulator) dataless(queue int, off, length int64, flag uint64) error {
@@ -141,7 +146,7 @@ func (e *Emulator) dataless(queue int, off, length int64, flag uint64) error {
 			e.closeChunk(q)
 			b = e.openChunk(q)
 		}
-		b.Add(Item{Sector: uint64(poff / SectorSize), Length: uint64(plen / SectorSize), Seqno: seq, Flag: flag}, nil)
+		b.Add(chunk.Item{Sector: uint64(poff / chunk.SectorSize), Length: uint64(plen / chunk.SectorSize), Seqno: seq, Flag: flag}, nil)
 		if b.Full() {
 			e.closeChunk(q)
 		}
@@ -163,7 +168,7 @@ func (e *Emulator) check(queue int, off, length int64) (*emuQueue, error) {
 	// the queue locks, so no write slips in after the final flush.
 	if e.closed.Load() {
 		q.mu.Unlock()
-		return nil, ErrEmulatorClosed
+		return nil, ErrClosed
 	}
 	return q, nil
 }
@@ -171,7 +176,7 @@ func (e *Emulator) check(queue int, off, length int64) (*emuQueue, error) {
 // openChunk returns q's open chunk, taking a free buffer (and waiting for
 // one, as the kernel does when the shared buffer is full) if there is
 // none. The caller holds q.mu.
-func (e *Emulator) openChunk(q *emuQueue) *Builder {
+func (e *Emulator) openChunk(q *emuQueue) *chunk.Builder {
 	if q.open == nil {
 		q.open = <-q.free
 	}
@@ -212,7 +217,7 @@ func (e *Emulator) closeChunk(q *emuQueue) {
 // lost data, so every later Flush reports it too.
 func (e *Emulator) Flush() error {
 	if e.closed.Load() {
-		return ErrEmulatorClosed
+		return ErrClosed
 	}
 	return e.flush()
 }
@@ -223,7 +228,7 @@ func (e *Emulator) flush() error {
 		e.closeChunk(q)
 		// Every buffer back in free means nothing of this queue is in
 		// flight; the queue lock keeps new chunks out meanwhile.
-		held := make([]*Builder, 0, q.bufs)
+		held := make([]*chunk.Builder, 0, q.bufs)
 		for range q.bufs {
 			held = append(held, <-q.free)
 		}
@@ -238,7 +243,7 @@ func (e *Emulator) flush() error {
 }
 
 // Close flushes and stops the emulator; later calls return
-// ErrEmulatorClosed, a second Close returns nil.
+// ErrClosed, a second Close returns nil.
 func (e *Emulator) Close() error {
 	if e.closed.Swap(true) {
 		return nil
