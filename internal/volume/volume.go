@@ -4,8 +4,8 @@
 //
 // It talks to the object store only through the object proxy and to the
 // extent map only through the map proxy; it never knows which frontend
-// feeds it. The BUSE frontend calls BuseWrite/BuseRead directly; the
-// userspace frontends go through the chunker, which calls NextKey/Commit.
+// feeds it. The BUSE adapter (frontend/buse) and the chunker of the
+// userspace frontends both call Read, NextKey and Commit.
 package volume
 
 import (
