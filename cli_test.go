@@ -57,6 +57,7 @@ type statusJSON struct {
 	Size       int64  `json:"size"`
 	BlockSize  int64  `json:"block_size"`
 	Generation uint64 `json:"generation"`
+	Objects    string `json:"objects"`
 	Lease      struct {
 		Present  bool   `json:"present"`
 		Host     string `json:"host"`
@@ -119,6 +120,8 @@ func TestStatusWhileAttached(t *testing.T) {
 		t.Errorf("status size %d block size %d, want %d and %d", st.Size, st.BlockSize, 1<<30, attachBlock)
 	case st.Generation != 1:
 		t.Errorf("status generation %d, want 1 (one attach)", st.Generation)
+	case st.Objects != "checksummed (none-crc32c), not encrypted": // [integrity] checksums is on by default
+		t.Errorf("status says objects are %q, want checksummed", st.Objects)
 	case !st.Lease.Present || st.Lease.Released || st.Lease.PID != d.cmd.Process.Pid || st.Lease.Host != host:
 		t.Errorf("status lease %+v, want held by pid %d on %s", st.Lease, d.cmd.Process.Pid, host)
 	case len(st.Checkpoints) == 0 || st.Watermark <= 0:

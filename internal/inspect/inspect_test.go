@@ -381,6 +381,8 @@ func TestStatus(t *testing.T) {
 		t.Errorf("checkpoints %+v, watermark %d, floor %d", s.Checkpoints, s.Watermark, s.DeleteFloor)
 	case s.LiveFraction <= 0 || s.LiveFraction > 1 || s.LiveBlocks > s.StoredBlocks:
 		t.Errorf("live fraction %v (%d of %d)", s.LiveFraction, s.LiveBlocks, s.StoredBlocks)
+	case s.Objects != "plaintext, no checksums": // enginetest attaches without sealed.Open
+		t.Errorf("status says objects are %q, want plaintext without checksums", s.Objects)
 	}
 	// The enginetest engine runs without a lease (LeaseInterval 0), so
 	// the one from main's daemon is written here as it would be.
@@ -517,6 +519,9 @@ func TestCheckEncrypted(t *testing.T) {
 	}
 	if s.LiveBlocks < 96 || s.VolumeID != e.Volume.Superblock().VolumeID {
 		t.Errorf("status of the encrypted volume: %d live blocks (want >= 96), id %q", s.LiveBlocks, s.VolumeID)
+	}
+	if want := "encrypted (" + sealed.CipherV1 + ")"; s.Objects != want {
+		t.Errorf("status says objects are %q, want %q", s.Objects, want)
 	}
 	// Plain check of the raw bucket sees ciphertext: never healthy.
 	if r, err := Check(ctx, proxy(t, raw), CheckOptions{}); err == nil && r.Healthy() {

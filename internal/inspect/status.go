@@ -21,6 +21,10 @@ type Status struct {
 	Size       int64     `json:"size"`
 	BlockSize  int64     `json:"block_size"`
 	ChunkSize  int64     `json:"chunk_size"`
+	// Objects is how the volume's objects are protected: "encrypted
+	// (<cipher>)", "checksummed (none-crc32c)" or "plaintext, no
+	// checksums" (docs/ARCHITECTURE.md §16).
+	Objects string `json:"objects,omitempty"`
 	// Generation is the highest generation ever claimed (attach records,
 	// docs/ARCHITECTURE.md §6.2); the attached daemon, if any, runs it.
 	Generation  uint64           `json:"generation"`
@@ -80,6 +84,14 @@ func ReadStatus(ctx context.Context, objs *objproxy.Proxy, fb Fallback) (Status,
 	default:
 		st.Superblock = true
 		st.VolumeID, st.Created, st.Size, st.BlockSize, st.ChunkSize = sb.VolumeID, sb.Created, sb.Size, sb.BlockSize, sb.ChunkSize
+		switch {
+		case sb.Encryption.Encrypted():
+			st.Objects = "encrypted (" + sb.Encryption.Cipher + ")"
+		case sb.Encryption != nil:
+			st.Objects = "checksummed (" + sb.Encryption.Cipher + "), not encrypted"
+		default:
+			st.Objects = "plaintext, no checksums"
+		}
 	}
 	st.Generation = latestGeneration(l, sb)
 	if st.Lease, err = readLease(ctx, objs); err != nil {
@@ -175,6 +187,7 @@ func (st Status) WriteText(w io.Writer) error {
 	if st.Superblock {
 		fmt.Fprintf(&b, "volume        %s (created %s)\n", st.VolumeID, st.Created.Format(time.RFC3339))
 		fmt.Fprintf(&b, "size          %d bytes (%s), block size %d, chunk size %s\n", st.Size, human(st.Size), st.BlockSize, human(st.ChunkSize))
+		fmt.Fprintf(&b, "objects       %s\n", st.Objects)
 	} else {
 		fmt.Fprintf(&b, "volume        (no usable superblock)\n")
 	}
