@@ -1,8 +1,6 @@
 package sealed_test
 
 import (
-	"bytes"
-	"errors"
 	"strings"
 	"testing"
 
@@ -37,44 +35,7 @@ func TestChecksummedVolumeMinIO(t *testing.T) {
 	checkBlocks(t, e, 1)
 	e.Close(t)
 
-	objs := snapshot(t, raw)
-	var data []string
-	for name, body := range objs {
-		if _, ok := store.ParseDataName(name); ok && len(body) > 64<<10 {
-			data = append(data, name)
-		}
-	}
-	if len(data) == 0 {
-		t.Fatal("no data object in the bucket")
-	}
-	for _, name := range data {
-		b := []byte(objs[name])
-		b[len(b)-100] ^= 1
-		if err := raw.Put(ctxT(t), name, b, false); err != nil {
-			t.Fatal(err)
-		}
-	}
-	e = mustAttach(t, raw, sealed.KeyConfig{})
-	defer e.Close(t)
-	ctx := ctxT(t)
-	failed := 0
-	buf, want := make([]byte, bs), make([]byte, bs)
-	for b := int64(0); b < volSize/bs; b += 7 {
-		enginetest.BlockVersion(want, b, 1)
-		if err := e.Dev.ReadAt(ctx, buf, b*bs); err != nil {
-			if !errors.Is(err, store.ErrCorrupt) {
-				t.Errorf("block %d: error %v does not wrap ErrCorrupt", b, err)
-			}
-			failed++
-			continue
-		}
-		if !bytes.Equal(buf, want) {
-			t.Fatalf("block %d: wrong bytes returned from a damaged bucket", b)
-		}
-	}
-	if failed < len(data) {
-		t.Fatalf("%d reads failed for %d damaged objects", failed, len(data))
-	}
+	damageAndRead(t, raw, snapshot(t, raw), sealed.KeyConfig{})
 }
 
 // The checksum setting never changes an existing volume's format, and a

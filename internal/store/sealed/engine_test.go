@@ -154,7 +154,6 @@ func engineRoundTrip(t *testing.T, raw store.Store) {
 
 	objs := snapshot(t, raw)
 	buf := make([]byte, bs)
-	var data []string
 	for b := int64(0); b < volSize/bs; b += 7 * 37 {
 		enginetest.BlockVersion(buf, b, 1)
 		for name, body := range objs {
@@ -163,16 +162,24 @@ func engineRoundTrip(t *testing.T, raw store.Store) {
 			}
 		}
 	}
-	for name := range objs {
-		if _, ok := store.ParseDataName(name); ok && len(objs[name]) > 64<<10 {
+	damageAndRead(t, raw, objs, cfg)
+}
+
+// damageAndRead flips a byte in the data area of every data object in
+// objs (a snapshot of raw), attaches with cfg and reads every written
+// block: a read either fails with an error wrapping ErrCorrupt or returns
+// exactly what was written, and at least one read per damaged object fails.
+func damageAndRead(t *testing.T, raw store.Store, objs map[string]string, cfg sealed.KeyConfig) {
+	t.Helper()
+	var data []string
+	for name, body := range objs {
+		if _, ok := store.ParseDataName(name); ok && len(body) > 64<<10 {
 			data = append(data, name)
 		}
 	}
 	if len(data) == 0 {
 		t.Fatal("no data object in the bucket")
 	}
-	// Flip a byte in the data area of every data object: reads of the
-	// blocks there fail; none returns other bytes than written.
 	for _, name := range data {
 		b := []byte(objs[name])
 		b[len(b)-100] ^= 1
@@ -180,14 +187,11 @@ func engineRoundTrip(t *testing.T, raw store.Store) {
 			t.Fatal(err)
 		}
 	}
-	e, err := attach(t, raw, cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
+	e := mustAttach(t, raw, cfg)
 	defer e.Close(t)
 	ctx := ctxT(t)
 	failed := 0
-	want := make([]byte, bs)
+	buf, want := make([]byte, bs), make([]byte, bs)
 	for b := int64(0); b < volSize/bs; b += 7 {
 		enginetest.BlockVersion(want, b, 1)
 		if err := e.Dev.ReadAt(ctx, buf, b*bs); err != nil {
