@@ -23,6 +23,7 @@ import (
 	"github.com/bs3/bs3/internal/extentmap"
 	"github.com/bs3/bs3/internal/mapproxy"
 	"github.com/bs3/bs3/internal/objproxy"
+	"github.com/bs3/bs3/internal/store"
 	"github.com/bs3/bs3/internal/store/s3"
 	"github.com/bs3/bs3/internal/testutil/minio"
 	"github.com/bs3/bs3/internal/volume"
@@ -144,6 +145,26 @@ func timed(workers int, d time.Duration, fn func(w int, rng *rand.Rand) error) (
 
 func mbps(bytes int64, d time.Duration) float64 { return float64(bytes) / 1e6 / d.Seconds() }
 
+// rawPuts is the raw PUT baseline: scaled(1 GiB) of 4 MiB objects named
+// raw/0, raw/1, … over as many goroutines as bs3 has uploaders. It returns
+// the object count, MB/s and the client's CPU-s per GiB.
+func rawPuts(b *testing.B, ctx context.Context, st store.Store) (int64, float64, [2]float64) {
+	b.Helper()
+	body := make([]byte, 4*mib)
+	for i := range body {
+		body[i] = byte(i * 7)
+	}
+	n := scaled(1*gib) / (4 * mib)
+	cpu := startCPU()
+	d, err := parallel(uploaders, n, func(_ int, i int64) error {
+		return st.Put(ctx, fmt.Sprintf("raw/%d", i), body, false)
+	})
+	if err != nil {
+		b.Fatal(err)
+	}
+	return n, mbps(n*4*mib, d), cpu.perGiB(n * 4 * mib)
+}
+
 // BenchmarkThroughput is the report of `make bench`.
 func BenchmarkThroughput(b *testing.B) {
 	ctx := context.Background()
@@ -170,20 +191,7 @@ func BenchmarkThroughput(b *testing.B) {
 	var results []result
 
 	// Raw MinIO baselines.
-	body := make([]byte, 4*mib)
-	for i := range body {
-		body[i] = byte(i * 7)
-	}
-	rawObjects := scaled(1*gib) / (4 * mib)
-	cpu := startCPU()
-	d, err := parallel(uploaders, rawObjects, func(_ int, i int64) error {
-		return raw.Put(ctx, fmt.Sprintf("raw/%d", i), body, false)
-	})
-	if err != nil {
-		b.Fatal(err)
-	}
-	rawPut := mbps(rawObjects*4*mib, d)
-	rawPutCPU := cpu.perGiB(rawObjects * 4 * mib)
+	rawObjects, rawPut, rawPutCPU := rawPuts(b, ctx, raw)
 	rawGet1M := func() float64 {
 		n := rawObjects * 4
 		d, err := parallel(8, n, func(w int, i int64) error {
@@ -240,7 +248,7 @@ func BenchmarkThroughput(b *testing.B) {
 	for i := range buf {
 		buf[i] = byte(i)
 	}
-	cpu = startCPU()
+	cpu := startCPU()
 	start := time.Now()
 	for off := int64(0); off < seqBytes; off += int64(len(buf)) {
 		if err := dev.WriteAt(ctx, buf, off, false); err != nil {

@@ -39,21 +39,7 @@ func BenchmarkNBDWrite(b *testing.B) {
 		}
 		return st
 	}
-	raw := openStore()
-	body := make([]byte, 4*mib)
-	for i := range body {
-		body[i] = byte(i * 7)
-	}
-	rawObjects := scaled(1*gib) / (4 * mib)
-	cpu := startCPU()
-	d, err := parallel(uploaders, rawObjects, func(_ int, i int64) error {
-		return raw.Put(ctx, fmt.Sprintf("raw/%d", i), body, false)
-	})
-	if err != nil {
-		b.Fatal(err)
-	}
-	rawPut := mbps(rawObjects*4*mib, d)
-	rawCPU := cpu.perGiB(rawObjects * 4 * mib)
+	_, rawPut, rawCPU := rawPuts(b, ctx, openStore())
 
 	const devSize = 4 * gib
 	e := enginetest.Open(b, openStore(), enginetest.Options{Size: devSize, BlockSize: 4096})
