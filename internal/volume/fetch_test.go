@@ -138,24 +138,7 @@ func TestFetchWaiterRefetches(t *testing.T) {
 // object at once, since the stream will need the rest of it further on,
 // instead of span by span.
 func TestFetchScatteredWhole(t *testing.T) {
-	const bs = 4096
-	rc, err := cache.New(cache.Options{MemoryBytes: 64 * mib, Window: 64 * kib, FetchSize: 256 * kib})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(rc.Close)
-	e := enginetest.Open(t, mem.New(), enginetest.Options{Size: 64 * mib, BlockSize: bs, ChunkSize: 4 * mib, Cache: rc})
-	m := newVModel(bs)
-	for b := int64(0); b < 4096; b += 256 {
-		m.write(t, e.Dev, b, 256)
-	}
-	drainEngine(t, e)
-	for b := int64(0); b < 4096; b += 8 { // 512 blocks, 2 MiB, in one object
-		m.write(t, e.Dev, b, 1)
-	}
-	drainEngine(t, e)
-	scattered := e.Volume.Watermark() - 1
-	rc.Purge()
+	e, m, rc, scattered := scatteredEngine(t)
 	m.verifyRange(t, e.Dev, 0, 256, 256)   // 1 MiB: not yet a stream
 	m.verifyRange(t, e.Dev, 256, 512, 256) // continues it: 32 scattered blocks of that object
 	// The read fetches it whole, or the readahead it started, which may
