@@ -500,20 +500,7 @@ func TestDiskCacheRestartAndDamage(t *testing.T) {
 		t.Logf("%s: %d GETs, cache %+v", name, gets, s)
 		return s
 	}
-	warm := run("warm restart")
-	if warm.DiskHits == 0 || warm.DiskDropped != 0 || warm.Fetches != 0 {
-		t.Fatalf("warm restart: disk hits %d, dropped %d, fetches %d; want hits, nothing dropped, no fetch", warm.DiskHits, warm.DiskDropped, warm.Fetches)
-	}
-	n := damage(t, dir)
-	hurt := run("after damaging every file")
-	// Every damaged file is looked up and dropped, so none is served; the
-	// only disk hits are of files this run wrote again after a refetch
-	// (a lookup that finds a window on disk before memory, e.g. while
-	// planning a stream's fetch of a whole object).
-	if hurt.DiskDropped < int64(n) || hurt.Fetches == 0 || hurt.DiskHits > hurt.DiskWritten {
-		t.Fatalf("damaged %d files: dropped %d, fetches %d, disk hits %d of %d files written again; want every damaged file dropped, fetches, and hits only on rewritten files",
-			n, hurt.DiskDropped, hurt.Fetches, hurt.DiskHits, hurt.DiskWritten)
-	}
+	warmThenDamaged(t, dir, run)
 	again := run("after the refetch")
 	if again.DiskHits == 0 || again.DiskDropped != 0 {
 		t.Fatalf("refetched windows not cached again: disk hits %d, dropped %d", again.DiskHits, again.DiskDropped)
@@ -730,16 +717,7 @@ func TestEncryptedDiskCache(t *testing.T) {
 		t.Logf("%s: cache %+v", name, s)
 		return s
 	}
-	warm := run("warm restart")
-	if warm.DiskHits == 0 || warm.DiskDropped != 0 || warm.Fetches != 0 {
-		t.Fatalf("warm restart: disk hits %d, dropped %d, fetches %d; want hits, nothing dropped, no fetch", warm.DiskHits, warm.DiskDropped, warm.Fetches)
-	}
-	n := damage(t, dir)
-	hurt := run("after damaging every file")
-	if hurt.DiskDropped < int64(n) || hurt.Fetches == 0 || hurt.DiskHits > hurt.DiskWritten {
-		t.Fatalf("damaged %d files: dropped %d, fetches %d, disk hits %d of %d files written again; want every damaged file dropped and refetched",
-			n, hurt.DiskDropped, hurt.Fetches, hurt.DiskHits, hurt.DiskWritten)
-	}
+	warmThenDamaged(t, dir, run)
 
 	// Another encrypted volume, another key, the same keys with other
 	// content; the old cache directory moved under its id.
@@ -763,5 +741,26 @@ func TestEncryptedDiskCache(t *testing.T) {
 	t.Logf("foreign volume: cache %+v", s)
 	if s.DiskHits > s.DiskWritten || s.DiskDropped == 0 {
 		t.Fatalf("foreign directory: disk hits %d (of %d files written), dropped %d; want every foreign file dropped, none served", s.DiskHits, s.DiskWritten, s.DiskDropped)
+	}
+}
+
+// warmThenDamaged restarts twice through run, which attaches with the disk
+// cache in dir, reads every block back and returns the cache's stats: a
+// warm restart is served from disk without a fetch; after every file is
+// damaged, every damaged file is looked up and dropped, so none is served,
+// and the only disk hits are of files that run wrote again after a
+// refetch (a lookup that finds a window on disk before memory, e.g. while
+// planning a stream's fetch of a whole object).
+func warmThenDamaged(t *testing.T, dir string, run func(name string) cache.Stats) {
+	t.Helper()
+	warm := run("warm restart")
+	if warm.DiskHits == 0 || warm.DiskDropped != 0 || warm.Fetches != 0 {
+		t.Fatalf("warm restart: disk hits %d, dropped %d, fetches %d; want hits, nothing dropped, no fetch", warm.DiskHits, warm.DiskDropped, warm.Fetches)
+	}
+	n := damage(t, dir)
+	hurt := run("after damaging every file")
+	if hurt.DiskDropped < int64(n) || hurt.Fetches == 0 || hurt.DiskHits > hurt.DiskWritten {
+		t.Fatalf("damaged %d files: dropped %d, fetches %d, disk hits %d of %d files written again; want every damaged file dropped, fetches, and hits only on rewritten files",
+			n, hurt.DiskDropped, hurt.Fetches, hurt.DiskHits, hurt.DiskWritten)
 	}
 }
