@@ -49,6 +49,7 @@ type conn struct {
 	wmu       sync.Mutex
 	wcond     *sync.Cond // signalled when sending ends (wmu)
 	sending   bool       // a goroutine is writing replies (wmu)
+	waiting   int        // data replies waiting for the sender to finish (wmu)
 	batch     []byte     // data-less reply headers waiting for the sender (wmu)
 	spare     []byte     // the previous batch's buffer, for reuse (wmu)
 	werr      error      // first reply write error; later replies are dropped (wmu)
@@ -505,9 +506,11 @@ func (c *conn) reply(handle uint64, errno uint32, data []byte) bool {
 			return true // the sender writes it with its next batch
 		}
 	} else {
+		c.waiting++
 		for c.sending {
 			c.wcond.Wait()
 		}
+		c.waiting--
 		if c.werr != nil {
 			return false
 		}
@@ -519,7 +522,10 @@ func (c *conn) reply(handle uint64, errno uint32, data []byte) bool {
 		err = c.sendLocked(hdr[:], data)
 		c.wmu.Lock()
 	}
-	for err == nil && len(c.batch) > 0 {
+	// After one batch, a waiting data reply takes over (and sends what
+	// is batched after its own), so a steady flow of write
+	// acknowledgements cannot hold a read's reply back.
+	for sent := 0; err == nil && len(c.batch) > 0 && (sent == 0 || c.waiting == 0); sent++ {
 		b := c.batch
 		c.batch, c.spare = c.spare[:0], nil
 		c.wmu.Unlock()
