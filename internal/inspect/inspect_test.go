@@ -540,4 +540,13 @@ func TestCheckEncrypted(t *testing.T) {
 	if got := r.DamagedKeys(); len(got) != 1 || got[0] != victim {
 		t.Errorf("damaged keys %v, want [%d] (sealed object cut short):\n%s", got, victim, text(t, r))
 	}
+	// Cut inside a segment, even the first (listed as 1 byte by the
+	// sealed store, TestTruncated there): named by its key too.
+	for _, cut := range []int{len(body) - 100, 10} {
+		put(t, raw, store.DataName(victim), body[:cut])
+		r := check(t, st)
+		if got := r.DamagedKeys(); len(got) != 1 || got[0] != victim {
+			t.Errorf("damaged keys %v, want [%d] (sealed object cut to %d bytes):\n%s", got, victim, cut, text(t, r))
+		}
+	}
 }

@@ -414,8 +414,10 @@ func (s *Store) List(ctx context.Context, prefix string, fn func(name string, si
 			// segments, not refused: one damaged object must not hide
 			// every other one from recovery and bs3 check. Any read
 			// that reaches the cut fails with ErrCorrupt, and Size
-			// reports the damage.
-			return fn(name, size/storedSize*SegmentSize)
+			// reports the damage. One cut before its first segment
+			// ends is listed as 1 byte, never as 0: an empty object
+			// is a placeholder, which bs3 check would not read.
+			return fn(name, max(1, size/storedSize*SegmentSize))
 		}
 		return fn(name, p)
 	})

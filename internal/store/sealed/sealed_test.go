@@ -276,6 +276,25 @@ func TestTruncated(t *testing.T) {
 		if _, err := s.GetRange(ctx, store.DataName(1), 0, make([]byte, SegmentSize+1)); !errors.Is(err, store.ErrCorrupt) {
 			t.Errorf("data object cut inside a segment header: a read up to the cut: err=%v, want ErrCorrupt", err)
 		}
+		// Cut inside the first segment (or to nothing): listed as 1 byte,
+		// so it is not taken for an empty placeholder, and unreadable.
+		for _, cut := range []int{0, 10} {
+			if err := inner.Put(ctx, store.DataName(1), raw[:cut], false); err != nil {
+				t.Fatal(err)
+			}
+			listed = -1
+			if err := s.List(ctx, "", func(name string, size int64) error {
+				if name == store.DataName(1) {
+					listed = size
+				}
+				return nil
+			}); err != nil || listed != 1 {
+				t.Errorf("data object cut to %d stored bytes: List err=%v size %d, want 1", cut, err, listed)
+			}
+			if _, err := s.GetRange(ctx, store.DataName(1), 0, make([]byte, 1)); !errors.Is(err, store.ErrCorrupt) {
+				t.Errorf("data object cut to %d stored bytes: read err=%v, want ErrCorrupt", cut, err)
+			}
+		}
 		if err := inner.Delete(ctx, store.DataName(1)); err != nil {
 			t.Fatal(err)
 		}
