@@ -50,7 +50,7 @@ func BenchmarkNBDWrite(b *testing.B) {
 	go s.Serve()
 	defer s.Close()
 
-	run := func(name string, n int64, args ...string) result {
+	run := func(b *testing.B, name string, n int64, args ...string) result {
 		all := append([]string{"--name=" + name, "--ioengine=nbd", "--uri=" + s.URI(),
 			"--output-format=json", "--randrepeat=0", "--end_fsync=1",
 			fmt.Sprintf("--io_size=%d", n)}, args...)
@@ -81,10 +81,14 @@ func BenchmarkNBDWrite(b *testing.B) {
 	}
 	seq := scaled(2*gib) / mib * mib
 	rnd := scaled(512*mib) / mib * mib
-	results := []result{
-		run("nbd-1m-seq-write-qd8", seq, "--rw=write", "--bs=1m", "--iodepth=8", fmt.Sprintf("--size=%d", seq)),
-		run("nbd-4k-rand-write-qd32", rnd, "--rw=randwrite", "--bs=4k", "--iodepth=32", fmt.Sprintf("--size=%d", int64(devSize))),
-	}
+	// Sub-benchmarks, so one job can run alone (-bench 'NBDWrite/rand').
+	var results []result
+	b.Run("seq", func(b *testing.B) {
+		results = append(results, run(b, "nbd-1m-seq-write-qd8", seq, "--rw=write", "--bs=1m", "--iodepth=8", fmt.Sprintf("--size=%d", seq)))
+	})
+	b.Run("rand", func(b *testing.B) {
+		results = append(results, run(b, "nbd-4k-rand-write-qd32", rnd, "--rw=randwrite", "--bs=4k", "--iodepth=32", fmt.Sprintf("--size=%d", int64(devSize))))
+	})
 	fmt.Printf("\nNBD writes through fio beside raw MinIO 4 MiB PUTs at c=%d (scale %.2f; MB/s until stored)\n", uploaders, scale())
 	for _, r := range results {
 		fmt.Println(r)

@@ -41,6 +41,12 @@ func (b *Builder) Fits(dataBytes int64) bool {
 	return b.items < b.slots && dataBytes >= 0 && b.end+dataBytes <= b.md+b.l.ChunkSize
 }
 
+// FitsItems reports whether k more items with dataBytes of data between
+// them fit.
+func (b *Builder) FitsItems(k int, dataBytes int64) bool {
+	return b.items+k <= b.slots && dataBytes >= 0 && b.end+dataBytes <= b.md+b.l.ChunkSize
+}
+
 // Add appends it and copies its data: len(data) must equal it.Bytes() for
 // an item with data and be 0 for an item without (discard, write-zeroes).
 // It returns the object offset of the copied data, or -1 for an item

@@ -149,7 +149,10 @@ type Chunker struct {
 	loopDone chan struct{}
 }
 
-var _ frontend.Device = (*Chunker)(nil)
+var (
+	_ frontend.Device    = (*Chunker)(nil)
+	_ frontend.TryWriter = (*Chunker)(nil)
+)
 
 // DefaultCollisionArea is CollisionArea when Options leave it 0, that of
 // write.collision_chunk_size (internal/engine's tests hold the two
@@ -416,6 +419,62 @@ func (c *Chunker) WriteAt(ctx context.Context, data []byte, off int64, fua bool)
 	if err := c.usableLocked(); err != nil {
 		return err
 	}
+	return c.writeLocked(data, off, fua)
+}
+
+// MaxTryWrite is the largest write TryWriteAt takes: small enough that it
+// always fits the open chunk plus one fresh one, whatever the chunk size.
+const MaxTryWrite = 128 << 10
+
+// TryWriteAt implements frontend.TryWriter: it is WriteAt without fua for
+// a caller that must not wait (the NBD reader takes small writes on its own
+// goroutine, docs/ARCHITECTURE.md §20). When the open chunk, or the open
+// chunk and one free buffer, can take the write now, it writes it and
+// returns true with WriteAt's result. Otherwise, and for writes over
+// MaxTryWrite, it returns false and changes nothing (no seqno is taken).
+func (c *Chunker) TryWriteAt(data []byte, off int64) (bool, error) {
+	n := int64(len(data))
+	if n > MaxTryWrite || n > c.layout.ChunkSize {
+		return false, nil
+	}
+	if err := c.check(off, n); err != nil {
+		return true, err
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if err := c.usableLocked(); err != nil {
+		return true, err
+	}
+	if !c.canTakeLocked(off, n) {
+		return false, nil
+	}
+	return true, c.writeLocked(data, off, false)
+}
+
+// canTakeLocked reports whether a write of n bytes at off goes into
+// chunks without waiting for a buffer: it fits the open chunk whole, or a
+// buffer is free to open once the open chunk closes (n is at most one
+// chunk, so the rest always fits the fresh one).
+func (c *Chunker) canTakeLocked(off, n int64) bool {
+	// Items the write needs: one per collision area it touches (§4.1);
+	// at most two for a write no longer than an area.
+	items := 1
+	if off/c.o.CollisionArea != (off+n-1)/c.o.CollisionArea {
+		items = 2
+	}
+	inflight := len(c.inflight)
+	if p := c.open; p != nil {
+		if p.b.FitsItems(items, n) {
+			return true
+		}
+		inflight++ // appendLocked closes it first
+	}
+	return len(c.free) > 0 && inflight < c.maxInf
+}
+
+// writeLocked puts a checked write into chunks and acknowledges it (with
+// fua, once committed).
+func (c *Chunker) writeLocked(data []byte, off int64, fua bool) error {
 	touched := c.touched[:0]
 	var err error
 	c.seq.Split(off, int64(len(data)), func(o, l int64, seq uint64) {

@@ -40,3 +40,14 @@ type Device interface {
 	// (write.durable = true) or ordered before every later write (false).
 	Flush(ctx context.Context) error
 }
+
+// TryWriter is implemented by devices that can take a small write without
+// waiting, so a frontend may run it on the goroutine that reads requests
+// instead of handing it to a worker (docs/ARCHITECTURE.md §20).
+type TryWriter interface {
+	// TryWriteAt is WriteAt(ctx, p, off, false) when it can complete
+	// without waiting for memory or the store: it then returns true and
+	// WriteAt's error. When it would wait, it returns false, nil and
+	// changes nothing; the caller then uses WriteAt.
+	TryWriteAt(p []byte, off int64) (bool, error)
+}

@@ -132,6 +132,21 @@ func (d *device) WriteAt(ctx context.Context, p []byte, off int64, fua bool) err
 	return err
 }
 
+// TryWriteAt forwards to the device when it is a frontend.TryWriter and
+// counts the writes it takes; otherwise it takes none.
+func (d *device) TryWriteAt(p []byte, off int64) (bool, error) {
+	tw, ok := d.Device.(frontend.TryWriter)
+	if !ok {
+		return false, nil
+	}
+	start := time.Now()
+	done, err := tw.TryWriteAt(p, off)
+	if done {
+		d.m.ops[devWrite].done(start, int64(len(p)), err, true)
+	}
+	return done, err
+}
+
 func (d *device) Zero(ctx context.Context, off, length int64, discard, fua bool) error {
 	start := time.Now()
 	err := d.Device.Zero(ctx, off, length, discard, fua)

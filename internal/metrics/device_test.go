@@ -176,3 +176,38 @@ func BenchmarkDeviceOverhead(b *testing.B) {
 		})
 	}
 }
+
+// tryDevice is a nopDevice that takes small writes without waiting when
+// take is set.
+type tryDevice struct {
+	nopDevice
+	take bool
+}
+
+func (d tryDevice) TryWriteAt([]byte, int64) (bool, error) { return d.take, nil }
+
+// Writes the NBD reader runs itself (TryWriteAt) are counted like any
+// other write, and a declined one not at all; over a device without
+// TryWriteAt the wrapper declines every write.
+func TestDeviceCountsTryWrites(t *testing.T) {
+	m := New(zerolog.Nop())
+	buf := make([]byte, 4096)
+	for _, d := range []frontend.Device{tryDevice{take: true}, tryDevice{take: false}, nopDevice{}} {
+		tw, ok := m.Device(d).(frontend.TryWriter)
+		if !ok {
+			t.Fatal("the counting device does not forward TryWriteAt")
+		}
+		took, err := tw.TryWriteAt(buf, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, isTry := d.(tryDevice)
+		if want := isTry && d.(tryDevice).take; took != want {
+			t.Fatalf("TryWriteAt over %T = %v, want %v", d, took, want)
+		}
+	}
+	gather(t, m.Registry()).want(t, sample{
+		`bs3_device_requests_total{op="write"}`: 1,
+		`bs3_device_bytes_total{op="write"}`:    4096,
+	})
+}

@@ -51,10 +51,20 @@ type conn struct {
 	sending   bool       // a goroutine is writing replies (wmu)
 	waiting   int        // data replies waiting for the sender to finish (wmu)
 	batch     []byte     // data-less reply headers waiting for the sender (wmu)
+	deferred  int        // replies of inline writes in batch (wmu)
 	spare     []byte     // the previous batch's buffer, for reuse (wmu)
 	werr      error      // first reply write error; later replies are dropped (wmu)
 	wdeadline time.Time  // write deadline last set by armWrite (the sender)
 }
+
+// readBufferSize is the request reader's buffer: one socket read takes
+// many pipelined small requests, and a write payload of up to
+// inlineWriteMax is taken straight from it (Peek) with its header.
+const readBufferSize = 256 << 10
+
+// inlineWriteMax is the largest write the reader runs itself when the
+// device can take it at once (docs/ARCHITECTURE.md §20).
+const inlineWriteMax = 128 << 10
 
 // errStalled marks a client that stopped sending a payload or reading its
 // replies for the stall timeout.
@@ -74,7 +84,7 @@ func (s *Server) newConn(nc net.Conn) *conn {
 	c := &conn{
 		s:      s,
 		nc:     nc,
-		r:      bufio.NewReaderSize(nc, 64<<10),
+		r:      bufio.NewReaderSize(nc, readBufferSize),
 		log:    s.log.With().Str("remote", remoteName(nc)).Logger(),
 		ctx:    ctx,
 		cancel: cancel,
@@ -151,7 +161,9 @@ func (c *conn) serve() {
 	}
 	c.log.Debug().Msg("transmission phase")
 	c.transmit()
-	// Replies of requests already dispatched still go out before close.
+	// Replies of writes the reader ran, and of requests already
+	// dispatched, still go out before close.
+	c.flushReplies()
 	c.inflight.Wait()
 	c.log.Debug().Msg("connection closed")
 }
@@ -168,6 +180,11 @@ func isDisconnect(err error) bool {
 func (c *conn) transmit() {
 	var hdr [requestSize]byte
 	for {
+		if c.r.Buffered() < requestSize {
+			// The reader may block: replies of the writes it ran
+			// itself go out first (§20).
+			c.flushReplies()
+		}
 		if _, err := io.ReadFull(c.r, hdr[:]); err != nil {
 			c.logReadEnd(err, "read request")
 			return
@@ -218,6 +235,9 @@ func (c *conn) handle(req request) bool {
 			// would only keep a hostile client busy: hang up.
 			withReq(c.log.Warn(), req).Int64("max", c.s.maxReq).Msg("write payload over the maximum; closing connection")
 			return false
+		}
+		if done, ok := c.writeInline(req); done {
+			return ok
 		}
 		// The offset is not validated yet (the payload must be read to
 		// stay in sync), so scratch is reserved for any misalignment.
@@ -323,6 +343,47 @@ func (c *conn) handle(req request) bool {
 	return true
 }
 
+// writeInline runs a small aligned write without FUA on the reader's
+// goroutine when the device can take it without waiting: the payload goes
+// from the read buffer straight into the open chunk, no worker goroutine
+// is started, and the reply joins the batch that goes out when the reader
+// next runs out of buffered requests (docs/ARCHITECTURE.md §20). done is
+// false, with nothing read, when the write must take the general path;
+// ok is false when the connection must end.
+func (c *conn) writeInline(req request) (done, ok bool) {
+	bs, off, n := c.s.blockSize, int64(req.off), int64(req.length)
+	if c.s.tw == nil || req.flags != 0 || n > inlineWriteMax || !aligned(off, n, bs) {
+		return false, true
+	}
+	if c.check(req, 0) != 0 {
+		return false, true // the general path reads the payload and refuses it
+	}
+	// The payload must be in the read buffer: waiting for the socket
+	// here would hold the replies batched so far.
+	if c.r.Buffered() < int(n) {
+		return false, true
+	}
+	h, locked := c.s.locks.tryLockShared(off, off+n)
+	if !locked {
+		return false, true // a read-modify-write holds these blocks
+	}
+	p, err := c.r.Peek(int(n))
+	if err != nil { // cannot happen: n bytes are buffered
+		h.unlock()
+		return false, true
+	}
+	took, werr := c.s.tw.TryWriteAt(p, off)
+	h.unlock()
+	if !took {
+		return false, true // the device would wait: the worker path does
+	}
+	if _, err := c.r.Discard(int(n)); err != nil {
+		c.log.Warn().Err(err).Msg("discard write payload")
+		return true, false
+	}
+	return true, c.deferReply(req.handle, c.errno(werr, req, "write"))
+}
+
 // check validates flags and range; it returns an NBD error or 0. Any
 // alignment is valid.
 func (c *conn) check(req request, allowedFlags uint16) uint32 {
@@ -389,10 +450,15 @@ func (c *conn) acquire(n, scratch int64) (*buffer, bool) {
 	c.acquireSlot()
 	w := n + scratch
 	if w > 0 {
-		if err := c.s.buffered.acquire(c.ctx, w); err != nil {
-			c.log.Debug().Err(err).Msg("payload budget not granted")
-			c.releaseSlot()
-			return nil, false
+		if !c.s.buffered.tryAcquire(w) {
+			// Waiting for other requests: batched replies go out
+			// first, so none waits behind this one.
+			c.flushReplies()
+			if err := c.s.buffered.acquire(c.ctx, w); err != nil {
+				c.log.Debug().Err(err).Msg("payload budget not granted")
+				c.releaseSlot()
+				return nil, false
+			}
 		}
 	}
 	buf := &buffer{weight: w}
@@ -427,6 +493,7 @@ func (c *conn) readPayload(p []byte) error {
 		// A payload already buffered (small pipelined writes) needs no
 		// socket read, hence no deadline.
 		if c.r.Buffered() < k {
+			c.flushReplies() // the read may block: no reply waits behind it
 			if err := c.nc.SetReadDeadline(time.Now().Add(c.s.stall)); err != nil {
 				return fmt.Errorf("set payload read deadline: %w", err)
 			}
@@ -481,7 +548,14 @@ func (c *conn) armWrite() error {
 
 // acquireSlot blocks while maxInFlight requests are dispatched, which
 // stops reading the socket: the client feels TCP backpressure.
-func (c *conn) acquireSlot() { c.slots <- struct{}{} }
+func (c *conn) acquireSlot() {
+	select {
+	case c.slots <- struct{}{}:
+	default:
+		c.flushReplies() // about to wait: batched replies go out first
+		c.slots <- struct{}{}
+	}
+}
 
 func (c *conn) releaseSlot() { <-c.slots }
 
@@ -490,11 +564,7 @@ func (c *conn) releaseSlot() { <-c.slots }
 // reply without data may be handed to the goroutine that is sending and
 // go out in its next write; NBD replies may come in any order.
 func (c *conn) reply(handle uint64, errno uint32, data []byte) bool {
-	var hdr [replySize]byte
-	binary.BigEndian.PutUint32(hdr[0:], magicReply)
-	binary.BigEndian.PutUint32(hdr[4:], errno)
-	binary.BigEndian.PutUint64(hdr[8:], handle)
-
+	hdr := replyHeader(handle, errno)
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
 	if c.werr != nil {
@@ -522,12 +592,55 @@ func (c *conn) reply(handle uint64, errno uint32, data []byte) bool {
 		err = c.sendLocked(hdr[:], data)
 		c.wmu.Lock()
 	}
-	// After one batch, a waiting data reply takes over (and sends what
-	// is batched after its own), so a steady flow of write
-	// acknowledgements cannot hold a read's reply back.
+	return c.drainLocked(err, handle)
+}
+
+// maxDeferred bounds the replies of inline writes held for the next flush,
+// so a client that keeps the read buffer full still gets its replies.
+const maxDeferred = 64
+
+// deferReply queues the reply of a write the reader ran itself: it goes
+// out with the next batch, at the latest when the reader flushes before it
+// could block (§20). It returns false once the connection can no longer
+// send.
+func (c *conn) deferReply(handle uint64, errno uint32) bool {
+	hdr := replyHeader(handle, errno)
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	if c.werr != nil {
+		return false
+	}
+	c.batch = append(c.batch, hdr[:]...)
+	c.deferred++
+	if c.sending || c.deferred < maxDeferred {
+		return true
+	}
+	c.sending = true
+	return c.drainLocked(nil, handle)
+}
+
+// flushReplies sends the batched replies now unless a sender is at work
+// (it sends them). The reader calls it before anything that may block.
+func (c *conn) flushReplies() {
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	if c.werr != nil || c.sending || len(c.batch) == 0 {
+		return
+	}
+	c.sending = true
+	c.drainLocked(nil, 0)
+}
+
+// drainLocked is the end of a sender's turn: unless err, it sends the
+// batched replies, then stops being the sender. After one batch, a
+// waiting data reply takes over (and sends what is batched after its
+// own), so a steady flow of write acknowledgements cannot hold a read's
+// reply back. On error it breaks the connection and returns false.
+func (c *conn) drainLocked(err error, handle uint64) bool {
 	for sent := 0; err == nil && len(c.batch) > 0 && (sent == 0 || c.waiting == 0); sent++ {
 		b := c.batch
 		c.batch, c.spare = c.spare[:0], nil
+		c.deferred = 0
 		c.wmu.Unlock()
 		err = c.sendLocked(b, nil)
 		c.wmu.Lock()
@@ -552,6 +665,15 @@ func (c *conn) reply(handle uint64, errno uint32, data []byte) bool {
 		return false
 	}
 	return true
+}
+
+// replyHeader encodes a simple reply header.
+func replyHeader(handle uint64, errno uint32) [replySize]byte {
+	var hdr [replySize]byte
+	binary.BigEndian.PutUint32(hdr[0:], magicReply)
+	binary.BigEndian.PutUint32(hdr[4:], errno)
+	binary.BigEndian.PutUint64(hdr[8:], handle)
+	return hdr
 }
 
 // sendLocked writes a reply header (or a batch of them) and its data in

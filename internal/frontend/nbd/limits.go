@@ -33,16 +33,30 @@ func (b *budget) acquire(ctx context.Context, n int64) error {
 	if err := b.sem.Acquire(ctx, min(n, b.limit)); err != nil {
 		return fmt.Errorf("wait for %d bytes of payload budget: %w", n, err)
 	}
-	u := b.used.Add(n)
+	b.note(b.used.Add(n))
+	return nil
+}
+
+// tryAcquire is acquire when the bytes are free now; it never waits.
+func (b *budget) tryAcquire(n int64) bool {
+	if !b.sem.TryAcquire(min(n, b.limit)) {
+		return false
+	}
+	b.note(b.used.Add(n))
+	return true
+}
+
+// note records u bytes held as the peak if it is one.
+func (b *budget) note(u int64) {
 	for {
 		p := b.peak.Load()
 		if u <= p || b.peak.CompareAndSwap(p, u) {
-			return nil
+			return
 		}
 	}
 }
 
-// release returns n bytes taken by acquire.
+// release returns n bytes taken by acquire or tryAcquire.
 func (b *budget) release(n int64) {
 	b.used.Add(-n)
 	b.sem.Release(min(n, b.limit))

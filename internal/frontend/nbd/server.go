@@ -136,7 +136,10 @@ type Options struct {
 
 // Server serves one frontend.Device over NBD.
 type Server struct {
-	dev       frontend.Device
+	dev frontend.Device
+	// tw is dev when it can take small writes without waiting: the
+	// reader then runs them itself (docs/ARCHITECTURE.md §20).
+	tw        frontend.TryWriter
 	export    string
 	size      int64
 	blockSize int64
@@ -220,6 +223,7 @@ func New(dev frontend.Device, o Options) (*Server, error) {
 		maxBuffered = DefaultMaxBuffered
 	}
 	s.buffered = newBudget(maxBuffered)
+	s.tw, _ = dev.(frontend.TryWriter)
 	if s.export == "" {
 		s.export = DefaultExport
 	}

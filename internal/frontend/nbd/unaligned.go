@@ -87,16 +87,7 @@ type held struct {
 // exclusive or shared, in increasing stripe order so that two requests
 // never wait for each other in a cycle.
 func (l *blockLocks) lock(lo, hi int64, excl bool) held {
-	h := held{l: l, excl: excl}
-	r0, r1 := lo>>lockRegionShift, (hi-1)>>lockRegionShift
-	if r1-r0+1 >= lockStripes {
-		h.a0, h.a1 = 0, lockStripes
-	} else if s0, s1 := int(r0%lockStripes), int(r1%lockStripes); s0 <= s1 {
-		h.a0, h.a1 = s0, s1+1
-	} else {
-		// The regions wrap around the table: [0, s1] comes first.
-		h.a0, h.a1, h.b0, h.b1 = 0, s1+1, s0, lockStripes
-	}
+	h := l.span(lo, hi, excl)
 	for _, r := range [2][2]int{{h.a0, h.a1}, {h.b0, h.b1}} {
 		for i := r[0]; i < r[1]; i++ {
 			if excl {
@@ -107,6 +98,49 @@ func (l *blockLocks) lock(lo, hi int64, excl bool) held {
 		}
 	}
 	return h
+}
+
+// span is the set of stripes covering the device bytes [lo, hi), not yet
+// taken.
+func (l *blockLocks) span(lo, hi int64, excl bool) held {
+	h := held{l: l, excl: excl}
+	r0, r1 := lo>>lockRegionShift, (hi-1)>>lockRegionShift
+	if r1-r0+1 >= lockStripes {
+		h.a0, h.a1 = 0, lockStripes
+	} else if s0, s1 := int(r0%lockStripes), int(r1%lockStripes); s0 <= s1 {
+		h.a0, h.a1 = s0, s1+1
+	} else {
+		// The regions wrap around the table: [0, s1] comes first.
+		h.a0, h.a1, h.b0, h.b1 = 0, s1+1, s0, lockStripes
+	}
+	return h
+}
+
+// tryLockShared is lock(lo, hi, false) when no stripe is held exclusive;
+// it never waits, and on false holds nothing.
+func (l *blockLocks) tryLockShared(lo, hi int64) (held, bool) {
+	h := l.span(lo, hi, false)
+	taken := 0
+	for _, r := range [2][2]int{{h.a0, h.a1}, {h.b0, h.b1}} {
+		for i := r[0]; i < r[1]; i++ {
+			if !l.m[i].TryRLock() {
+				h.unlockFirst(taken)
+				return held{}, false
+			}
+			taken++
+		}
+	}
+	return h, true
+}
+
+// unlockFirst releases the first n shared stripes of h, in lock order.
+func (h held) unlockFirst(n int) {
+	for _, r := range [2][2]int{{h.a0, h.a1}, {h.b0, h.b1}} {
+		for i := r[0]; i < r[1] && n > 0; i++ {
+			h.l.m[i].RUnlock()
+			n--
+		}
+	}
 }
 
 func (h held) unlock() {
