@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"os"
 	"os/exec"
 	"testing"
 	"time"
@@ -23,7 +24,8 @@ import (
 // (2 GiB, iodepth 8) and 4 KiB random writes (512 MiB over 4 GiB, iodepth
 // 32), each followed by a flush and a drain, so the time counts until
 // every byte is stored. CPU is this process's (engine + NBD server), per
-// GiB written by fio.
+// GiB written by fio. With BS3_BENCH_PROFILE=dir it writes a CPU, block
+// and mutex profile of each job there.
 func BenchmarkNBDWrite(b *testing.B) {
 	if _, err := exec.LookPath("fio"); err != nil {
 		b.Skip("fio is not installed (make deps)")
@@ -54,6 +56,8 @@ func BenchmarkNBDWrite(b *testing.B) {
 		all := append([]string{"--name=" + name, "--ioengine=nbd", "--uri=" + s.URI(),
 			"--output-format=json", "--randrepeat=0", "--end_fsync=1",
 			fmt.Sprintf("--io_size=%d", n)}, args...)
+		stop := startProfiles(b, os.Getenv("BS3_BENCH_PROFILE"), name)
+		defer stop()
 		cpu := startCPU()
 		start := time.Now()
 		out, err := exec.Command("fio", all...).CombinedOutput()
