@@ -108,6 +108,7 @@ func testSlowUpload(t *testing.T, compact bool) {
 	// overlapping writes so that newer chunks shadow older ones.
 	done := make(chan struct{})
 	var chunks int
+	var tried atomic.Int64
 	go func() {
 		defer close(done)
 		for chunks = 0; chunks < 6*buffers; chunks++ {
@@ -118,7 +119,19 @@ func testSlowUpload(t *testing.T, compact bool) {
 				for i := range d {
 					d[i] = byte(rng.Uint32())
 				}
-				if err := c.WriteAt(ctx, d, off, false); err != nil {
+				// Half the writes go through TryWriteAt, as the NBD
+				// reader runs them, and to WriteAt when it declines.
+				took := false
+				if rng.IntN(2) == 0 {
+					var err error
+					if took, err = c.TryWriteAt(d, off); err != nil {
+						t.Errorf("try write: %v", err)
+						return
+					}
+				}
+				if took {
+					tried.Add(1)
+				} else if err := c.WriteAt(ctx, d, off, false); err != nil {
 					t.Errorf("write: %v", err)
 					return
 				}
@@ -159,6 +172,9 @@ func testSlowUpload(t *testing.T, compact bool) {
 	check(0, region)
 	if cv.unapplied.Load() == 0 {
 		t.Fatal("no read was served from a stored, unapplied object")
+	}
+	if tried.Load() == 0 {
+		t.Fatal("no write was taken by TryWriteAt")
 	}
 
 	release()
