@@ -79,8 +79,15 @@ func BenchmarkNBDWrite(b *testing.B) {
 			ceiling = nbdkitWrite(b, devSize, "nbdkit-4k-rand-write-qd32", rnd, args...)
 		}
 	})
-	fmt.Printf("\nNBD writes through fio beside raw MinIO 4 MiB PUTs at c=%d (scale %.2f; MB/s until stored)\n", uploaders, scale())
+	// Raw PUTs again after the jobs: a fresh MinIO is often slower at
+	// first, and the faster of the two runs is the stricter baseline.
+	_, rawPut2, rawCPU2 := rawPuts(b, ctx, openStore())
+	fmt.Printf("\nNBD writes through fio beside raw MinIO 4 MiB PUTs at c=%d (scale %.2f; MB/s until stored; raw before %.1f, after %.1f MB/s: the faster is the baseline)\n",
+		uploaders, scale(), rawPut, rawPut2)
 	for _, r := range results {
+		if rawPut2 > r.rawMBps {
+			r.rawMBps, r.rawCPU = rawPut2, rawCPU2
+		}
 		fmt.Println(r)
 	}
 	if ceiling > 0 {
