@@ -236,3 +236,22 @@ func TestStreamOutOfOrder(t *testing.T) {
 		t.Fatalf("reads of one stream arriving out of order brought back %d of the scattered object's 32 windows: want them taken as one stream, which fetched the object whole already", n)
 	}
 }
+
+// TestOneLookupPerWindow: a read looks each cached window up once, however
+// many of its pieces the window holds: a window of the stream tier moves
+// to the main tier on its second use, and one read must count as one.
+func TestOneLookupPerWindow(t *testing.T) {
+	e, m, rc := fetchEngine(t, mem.New(), 256)
+	for b := int64(1); b < 16; b += 2 { // window 0 of the first object: 8 pieces
+		m.write(t, e.Dev, b, 1)
+	}
+	drainEngine(t, e)
+	rc.Purge()
+	m.verifyRange(t, e.Dev, 0, 16, 16) // fetches both objects' windows
+	before := rc.Stats().Hits
+	m.verifyRange(t, e.Dev, 0, 16, 16)
+	// One window of the first object, one of the object of the overwrites.
+	if n := rc.Stats().Hits - before; n != 2 {
+		t.Fatalf("a read of 16 blocks in 16 pieces over 2 cached windows made %d cache lookups that hit, want 2", n)
+	}
+}
