@@ -98,14 +98,15 @@ type Key struct {
 
 // Cache is the memory tier. All methods are safe for concurrent use.
 type Cache struct {
-	window int64
-	fetch  int64
-	max    uint64
-	mem    *otter.Cache[Key, *entry]
-	stream *streamTier // windows a stream takes once (stream.go)
-	disk   *diskTier   // nil: memory only
-	log    zerolog.Logger
-	c      counters
+	window  int64
+	fetch   int64
+	max     uint64
+	mainMax int64 // bound of the main tier: max less the stream tier's
+	mem     *otter.Cache[Key, *entry]
+	stream  *streamTier // windows a stream takes once (stream.go)
+	disk    *diskTier   // nil: memory only
+	log     zerolog.Logger
+	c       counters
 }
 
 // New builds a cache bounded by o.MemoryBytes.
@@ -134,7 +135,7 @@ func New(o Options) (*Cache, error) {
 	if err != nil {
 		return nil, fmt.Errorf("create the memory cache: %w", err)
 	}
-	c := &Cache{window: o.Window, fetch: o.FetchSize, max: uint64(o.MemoryBytes), mem: mem, stream: newStreamTier(streamMax), log: o.Logger}
+	c := &Cache{window: o.Window, fetch: o.FetchSize, max: uint64(o.MemoryBytes), mainMax: o.MemoryBytes - streamMax, mem: mem, stream: newStreamTier(streamMax), log: o.Logger}
 	if o.Dir != "" {
 		if o.DiskBytes <= 0 {
 			return nil, fmt.Errorf("cache disk size %d: must be positive with a cache directory", o.DiskBytes)
@@ -203,17 +204,23 @@ func (c *Cache) Put(k Key, data []byte) { c.put(k, data, false) }
 func (c *Cache) PutAhead(k Key, data []byte) { c.put(k, data, true) }
 
 // PutStream is Put for a window a sequential stream takes once (fetched
-// by its readahead, ahead set, or by its own read): it goes to the
-// stream tier, where it does not compete with the main tier's windows,
-// and moves there if it is used a second time (stream.go). The disk tier
-// keeps it like any window.
+// by its readahead, ahead set, or by its own read). While the main tier
+// is less than three quarters full it goes there (it evicts nothing, and
+// a stream read again that fits the cache is served from memory);
+// otherwise it goes to the stream tier, where it does not compete with
+// the main tier's windows, and moves there if it is used a second time
+// (stream.go). The disk tier keeps it like any window.
 func (c *Cache) PutStream(k Key, data []byte, ahead bool) {
 	if !c.valid(k, data) {
 		return
 	}
 	e := &entry{data: data}
 	e.ahead.Store(ahead)
-	c.stream.put(k, e)
+	if int64(c.mem.WeightedSize())+weight(k, e) <= c.mainMax/4*3 {
+		c.mem.Set(k, e)
+	} else {
+		c.stream.put(k, e)
+	}
 	c.stored(k, data)
 }
 

@@ -38,9 +38,14 @@ func TestStreamTierKeepsMainTier(t *testing.T) {
 	if s := c.stream.weight(); s > c.StreamLimit() || s == 0 {
 		t.Fatalf("stream tier holds %d bytes, want some and at most %d", s, c.StreamLimit())
 	}
-	// The oldest stream windows are gone, the newest are there.
-	if c.Contains(key(2, 0)) {
-		t.Fatal("the first stream window is still held after 20× the memory bound streamed through")
+	// The first stream windows filled the main tier to three quarters;
+	// the later ones went through the stream tier: the oldest of those
+	// are gone, the newest are there.
+	if !c.Contains(key(2, 0)) {
+		t.Fatal("the first stream window, stored while the main tier had room, is not held")
+	}
+	if c.Contains(key(2, 10*(1<<20)/window)) {
+		t.Fatal("a stream window is still held after 10× the memory bound streamed through after it")
 	}
 	last := key(2, 20*(1<<20)/window-1)
 	if !c.Contains(last) {
@@ -57,8 +62,17 @@ func TestStreamTierKeepsMainTier(t *testing.T) {
 func TestStreamTierSecondUse(t *testing.T) {
 	const window = 4 << 10
 	c := newTest(t, 1<<20, window)
+	// A main tier three quarters full: stream windows go to the stream
+	// tier.
+	for w := int64(0); w*(window+entryOverhead+1) < c.mainMax/4*3; w++ {
+		c.Put(Key{Volume: "v", Object: 1, Window: w}, bytes.Repeat([]byte{1}, window))
+	}
+	c.MemoryUsed() // applies the pending writes to the main tier's weight
 	k := Key{Volume: "v", Object: 7, Window: 3}
 	c.PutStream(k, bytes.Repeat([]byte{7}, window), false)
+	if !c.stream.contains(k) {
+		t.Fatal("a stream window stored while the main tier is three quarters full is not in the stream tier")
+	}
 	for i := 0; i < 2; i++ {
 		if _, ok := c.Get(k); !ok {
 			t.Fatalf("use %d: window not found", i+1)

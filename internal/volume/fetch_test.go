@@ -255,3 +255,49 @@ func TestOneLookupPerWindow(t *testing.T) {
 		t.Fatalf("a read of 16 blocks in 16 pieces over 2 cached windows made %d cache lookups that hit, want 2", n)
 	}
 }
+
+// TestStreamKeepsScattered: a stream through four times more data than
+// the cache holds keeps the windows of the scattered object it fetched
+// whole (its blocks are all over the stream's way) and fetches each byte
+// about once: the windows it reads through go to the cache's stream
+// tier, not to the main tier where they would push the scattered
+// object's windows out, and its readahead runs no further ahead than the
+// stream tier holds.
+func TestStreamKeepsScattered(t *testing.T) {
+	const bs = 4096
+	rc, err := cache.New(cache.Options{MemoryBytes: 16 * mib, Window: 64 * kib, FetchSize: 256 * kib})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(rc.Close)
+	e := enginetest.Open(t, mem.New(), enginetest.Options{Size: 128 * mib, BlockSize: bs, ChunkSize: 4 * mib, Cache: rc})
+	m := newVModel(bs)
+	const blocks = 16384 // 64 MiB
+	for b := int64(0); b < blocks; b += 256 {
+		m.write(t, e.Dev, b, 256)
+	}
+	drainEngine(t, e)
+	for b := int64(5); b < blocks; b += 128 { // 128 blocks, 512 KiB, in one object
+		m.write(t, e.Dev, b, 1)
+	}
+	drainEngine(t, e)
+	key := e.Volume.Watermark() - 1
+	rc.Purge()
+	s0 := rc.Stats()
+	m.verifyRange(t, e.Dev, 0, blocks, 64) // 256 KiB reads
+	s1 := rc.Stats()
+	id := e.Volume.Superblock().VolumeID
+	for w := int64(0); w < 8; w++ {
+		if !rc.Contains(cache.Key{Volume: id, Object: key, Window: w}) {
+			t.Fatalf("window %d of the scattered object was evicted while a stream read past it", w)
+		}
+	}
+	// 64 MiB of base objects and 512 KiB of the scattered one; readahead
+	// may run up to its distance past the end.
+	if n := s1.FetchedBytes - s0.FetchedBytes; n > 68*mib {
+		t.Fatalf("a 64 MiB stream fetched %d MiB: want each byte about once", n>>20)
+	}
+	if s1.RAHits == s0.RAHits {
+		t.Fatal("the stream used no window its readahead fetched")
+	}
+}

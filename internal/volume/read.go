@@ -420,11 +420,16 @@ type span struct {
 // coalesceGap share one GET, which is at most maxReadPiece (or one
 // window) long. once marks the runs' windows for the stream tier.
 func (v *Volume) coalesce(key int64, spans []span, once bool) []fetchRun {
+	return v.coalesceUpTo(key, spans, once, maxReadPiece)
+}
+
+// coalesceUpTo is coalesce with GETs of at most limit bytes (or one
+// window).
+func (v *Volume) coalesceUpTo(key int64, spans []span, once bool, limit int64) []fetchRun {
 	if len(spans) == 0 {
 		return nil
 	}
 	sort.Slice(spans, func(i, j int) bool { return spans[i].start < spans[j].start })
-	limit := int64(maxReadPiece)
 	if v.cache != nil {
 		limit = max(limit, v.cache.Window()) // a multiple of the window: runs stay aligned
 	}
@@ -566,7 +571,8 @@ func (v *Volume) Pinned(key int64) bool {
 const (
 	raStreams  = 16
 	raInflight = 4
-	raBytes    = 4 << 20
+	raBytes    = 16 << 20
+	raMaxPiece = 4 << 20 // the largest GET of a prefetch (see raPiece)
 	raTimeout  = 30 * time.Second
 	raWait     = 200 * time.Millisecond // longest a read waits for a prefetch
 	raParallel = 8                      // GETs one prefetch issues at once
@@ -677,9 +683,14 @@ func (v *Volume) observeRead(block, n int64) *raStream {
 		return nil
 	}
 	s.next, s.reads = max(s.next, block+n), s.reads+1
-	// At least two reads ahead, at most an eighth of the cache, so that
-	// prefetched windows are not evicted before they are read.
+	// At least two reads ahead, at most half the cache's stream tier, so
+	// that prefetched windows are not evicted before they are read; a
+	// stream tier too small for that gets no readahead: what it fetched
+	// would push out what it fetched before, and the reads fetch it again.
 	dist := min(max(raBytes/v.o.BlockSize, 2*n), v.cache.StreamLimit()/2/v.o.BlockSize)
+	if dist < 2*n {
+		return s
+	}
 	target := min(s.next+dist, v.sb.Size/v.o.BlockSize)
 	s.ahead = max(s.ahead, s.next)
 	// Top up once half the distance is used, so prefetches are few and big.
@@ -770,7 +781,7 @@ func (v *Volume) prefetch(ctx context.Context, s *raStream, block, n int64) erro
 		// to: the stream reads on through the object, and a range that
 		// starts or ends mid-object (or around windows reads claimed
 		// already) would otherwise cost several smaller GETs.
-		per := max(maxReadPiece/w, 1)
+		per := max(v.raPiece()/w, 1)
 		seen := make(map[int64]bool)
 		for _, p := range ps {
 			for win := p.off / w / per * per; win*w < p.off+p.length; win += per {
@@ -815,7 +826,7 @@ func (v *Volume) prefetch(ctx context.Context, s *raStream, block, n int64) erro
 		v.ra.pending = make(map[cache.Key]*flight)
 	}
 	for _, key := range keys {
-		for _, r := range v.coalesce(key, spans[key], once[key]) {
+		for _, r := range v.coalesceUpTo(key, spans[key], once[key], v.raPiece()) {
 			plan := objectPlan{key: key, own: &flight{done: make(chan struct{}), ahead: true}}
 			for win := r.start / w; win*w < r.end; win++ {
 				if k := v.cacheKey(key, win); v.ra.pending[k] == nil {
@@ -836,7 +847,10 @@ func (v *Volume) prefetch(ctx context.Context, s *raStream, block, n int64) erro
 		go func() {
 			defer wg.Done()
 			defer func() { <-sem }()
-			if ctx.Err() == nil {
+			// A prefetch the stream's reads have passed (they fetched
+			// for themselves) would only fetch again what the stream
+			// no longer needs.
+			if ctx.Err() == nil && !v.passed(s, block+n) {
 				errs[i] = v.fetch(ctx, objproxy.Low, runs[i], nil)
 			}
 			v.release(&plans[i])
@@ -847,6 +861,26 @@ func (v *Volume) prefetch(ctx context.Context, s *raStream, block, n int64) erro
 		return fmt.Errorf("readahead: %w", err)
 	}
 	return ctx.Err()
+}
+
+// passed reports whether the reads of stream s have all gone past block
+// end.
+func (v *Volume) passed(s *raStream, end int64) bool {
+	v.ra.mu.Lock()
+	defer v.ra.mu.Unlock()
+	return s.next >= end
+}
+
+// raPiece is the largest GET of a prefetch: raMaxPiece, or a quarter of
+// the cache's stream tier if that is less (a power of two), so that the
+// windows of a few GETs in flight do not push each other out of it before
+// the stream takes them.
+func (v *Volume) raPiece() int64 {
+	p := int64(raMaxPiece)
+	for p > v.cache.Window() && p > v.cache.StreamLimit()/4 {
+		p /= 2
+	}
+	return p
 }
 
 // stopReadahead cancels every prefetch and waits for them.
