@@ -2,6 +2,8 @@
 // objects, held in memory and optionally in a local directory (which
 // survives a restart), so that a read of recently written or recently read
 // blocks does not go to the object store again. Both tiers are bounded.
+// Memory is the main tier (otter) and a small stream tier for the windows
+// a sequential stream takes once (stream.go), bounded together.
 //
 // An entry is one aligned *window* of an object's data area (Window bytes,
 // 64 KiB by default; the last window of an object may be shorter), keyed
@@ -102,11 +104,15 @@ type Cache struct {
 	fetch   int64
 	max     uint64
 	mainMax int64 // bound of the main tier: max less the stream tier's
-	mem     *otter.Cache[Key, *entry]
-	stream  *streamTier // windows a stream takes once (stream.go)
-	disk    *diskTier   // nil: memory only
-	log     zerolog.Logger
-	c       counters
+	// mainUsed is the weight of the entries in the main tier, pending
+	// evictions included: otter's WeightedSize lags behind its writes,
+	// and PutStream must not fill the main tier past its bound with it.
+	mainUsed atomic.Int64
+	mem      *otter.Cache[Key, *entry]
+	stream   *streamTier // windows a stream takes once (stream.go)
+	disk     *diskTier   // nil: memory only
+	log      zerolog.Logger
+	c        counters
 }
 
 // New builds a cache bounded by o.MemoryBytes.
@@ -126,16 +132,22 @@ func New(o Options) (*Cache, error) {
 	// An eighth of the memory holds the windows streams take once
 	// (stream.go), the rest is the main tier.
 	streamMax := o.MemoryBytes / StreamShare
+	c := &Cache{window: o.Window, fetch: o.FetchSize, max: uint64(o.MemoryBytes), mainMax: o.MemoryBytes - streamMax, stream: newStreamTier(streamMax), log: o.Logger}
 	mem, err := otter.New(&otter.Options[Key, *entry]{
 		MaximumWeight: uint64(o.MemoryBytes - streamMax),
 		Weigher: func(k Key, e *entry) uint32 {
 			return uint32(weight(k, e))
 		},
+		// Inside the operation that removes the entry (eviction,
+		// replacement, invalidation), so that mainUsed never lags.
+		OnAtomicDeletion: func(e otter.DeletionEvent[Key, *entry]) {
+			c.mainUsed.Add(-weight(e.Key, e.Value))
+		},
 	})
 	if err != nil {
 		return nil, fmt.Errorf("create the memory cache: %w", err)
 	}
-	c := &Cache{window: o.Window, fetch: o.FetchSize, max: uint64(o.MemoryBytes), mainMax: o.MemoryBytes - streamMax, mem: mem, stream: newStreamTier(streamMax), log: o.Logger}
+	c.mem = mem
 	if o.Dir != "" {
 		if o.DiskBytes <= 0 {
 			return nil, fmt.Errorf("cache disk size %d: must be positive with a cache directory", o.DiskBytes)
@@ -170,14 +182,14 @@ func (c *Cache) Get(k Key) ([]byte, bool) {
 	if !ok {
 		var again bool
 		if e, again, ok = c.stream.get(k); again {
-			c.mem.Set(k, e)
+			c.setMain(k, e)
 		}
 	}
 	if !ok && c.disk != nil {
 		var v []byte
 		if v, ok = c.disk.get(k); ok {
 			e = &entry{data: v}
-			c.mem.Set(k, e)
+			c.setMain(k, e)
 		}
 	}
 	if !ok {
@@ -216,8 +228,8 @@ func (c *Cache) PutStream(k Key, data []byte, ahead bool) {
 	}
 	e := &entry{data: data}
 	e.ahead.Store(ahead)
-	if int64(c.mem.WeightedSize())+weight(k, e) <= c.mainMax/4*3 {
-		c.mem.Set(k, e)
+	if c.mainUsed.Load()+weight(k, e) <= c.mainMax/4*3 {
+		c.setMain(k, e)
 	} else {
 		c.stream.put(k, e)
 	}
@@ -236,9 +248,15 @@ func (c *Cache) put(k Key, data []byte, ahead bool) {
 	}
 	e := &entry{data: data}
 	e.ahead.Store(ahead)
-	c.mem.Set(k, e)
+	c.setMain(k, e)
 	c.stream.drop(k)
 	c.stored(k, data)
+}
+
+// setMain stores e as window k in the main tier.
+func (c *Cache) setMain(k Key, e *entry) {
+	c.mainUsed.Add(weight(k, e))
+	c.mem.Set(k, e)
 }
 
 // stored writes window k to the disk tier and counts it.
@@ -331,7 +349,7 @@ func (c *Cache) Contains(k Key) bool {
 	}
 	if c.disk != nil {
 		if v, ok := c.disk.get(k); ok {
-			c.mem.Set(k, &entry{data: v})
+			c.setMain(k, &entry{data: v})
 			return true
 		}
 	}

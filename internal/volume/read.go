@@ -228,14 +228,14 @@ func (v *Volume) planObject(key int64, pieces []readPiece, wide bool, whole int6
 		// A stream takes a few scattered blocks of this object: random
 		// writes that landed together in it are scattered over the
 		// stream's way ahead too, so take the rest of it now (even when
-		// this read found its own blocks cached), in GETs of
-		// maxReadPiece, rather than span by span.
+		// this read found its own blocks cached), in GETs of up to
+		// raMaxPiece, rather than span by span.
 		for x := int64(0); x*w < whole; x++ {
 			if !want[x] && !v.cache.Contains(v.cacheKey(key, x)) {
 				want[x] = true
 			}
 		}
-	} else if per := v.cache.FetchSize() / w; wide && per > 1 {
+	} else if per := v.fetchSpan(once) / w; wide && per > 1 {
 		for win := range missing {
 			for x := win / per * per; x < (win/per+1)*per; x++ {
 				if !want[x] && !v.cache.Contains(v.cacheKey(key, x)) {
@@ -269,8 +269,29 @@ func (v *Volume) planObject(key int64, pieces []readPiece, wide bool, whole int6
 		spans = append(spans, span{start: win * w, end: (win + 1) * w})
 	}
 	v.ra.mu.Unlock()
-	plan.runs = v.coalesce(key, spans, once)
+	limit := int64(maxReadPiece)
+	switch {
+	case whole > 0:
+		limit = raMaxPiece
+	case once:
+		limit = v.fetchSpan(true)
+	}
+	plan.runs = v.coalesceUpTo(key, spans, once, limit)
 	return plan
+}
+
+// fetchSpan is the aligned span a wide read fetches around a miss:
+// cache.fetch_size, or for an object a stream reads through (once) the
+// larger GET of its readahead: on S3 (and MinIO) a GET costs about the
+// same whatever its size up to a few MiB, so a stream whose readahead has
+// not caught up yet fetches the chunk it reads on through in one GET,
+// not in spans (measured on MinIO at 8 concurrent GETs: ~1 GB/s in 1 MiB
+// GETs, ~3.5 GB/s in 4 MiB ones).
+func (v *Volume) fetchSpan(once bool) int64 {
+	if once {
+		return max(v.cache.FetchSize(), v.raPiece())
+	}
+	return v.cache.FetchSize()
 }
 
 // scattered reports whether the pieces a read of readBytes at device
@@ -561,17 +582,19 @@ func (v *Volume) Pinned(key int64) bool {
 }
 
 // Readahead (with the cache only): a read that starts where an earlier
-// read ended (a large one: near it, see observeRead) continues a stream; from the second read of a stream on, the
-// next raBytes (at least two reads' worth, at most an eighth of the memory
-// tier) after it are fetched into the cache in the background, at low priority on both proxies, with the
-// objects pinned like any read. At most raStreams streams are tracked and
+// read ended (a large one: near it, see observeRead) continues a stream;
+// from the second read of a stream on, the next raBytes (at least two
+// reads' worth, at most half the cache's stream tier) after it are
+// fetched into the cache in the background, in aligned GETs of up to
+// raMaxPiece, at low priority on both proxies, with the objects pinned
+// like any read (docs/ARCHITECTURE.md §1, readahead). At most raStreams streams are tracked and
 // raInflight prefetches run at once; a stream pushed out of the table, an
 // error or Close cancels its prefetch. Prefetching only warms the cache:
 // what a read returns still comes from the map lookup of that read.
 const (
 	raStreams  = 16
 	raInflight = 4
-	raBytes    = 16 << 20
+	raBytes    = 32 << 20
 	raMaxPiece = 4 << 20 // the largest GET of a prefetch (see raPiece)
 	raTimeout  = 30 * time.Second
 	raWait     = 200 * time.Millisecond // longest a read waits for a prefetch
