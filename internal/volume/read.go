@@ -120,11 +120,11 @@ func (v *Volume) Read(ctx context.Context, block, n int64, buf []byte) error {
 	plans := make([]objectPlan, 0, len(keys))
 	for _, k := range keys {
 		var whole int64 // fetch the object's first whole bytes: it is scattered over a stream
-		sparse := stream && scattered(byKey[k], block*bs, n*bs, bs)
+		sparse := stream && scattered(byKey[k], block*bs, n*bs, bs, v.o.ChunkSize)
 		if sparse && v.firstWhole(st, k) {
 			whole = dataSize[k]
 		}
-		plans = append(plans, v.planObject(k, byKey[k], wide, whole, stream && !sparse))
+		plans = append(plans, v.planObject(k, byKey[k], wide, whole, stream && !sparse, dataSize[k]))
 	}
 	var runs []fetchRun
 	for i := range plans {
@@ -201,8 +201,9 @@ type objectPlan struct {
 // windows of its first whole bytes (its data area) at once.
 //
 // once marks an object a stream reads through: the windows fetched for it
-// go to the cache's stream tier, not its main tier.
-func (v *Volume) planObject(key int64, pieces []readPiece, wide bool, whole int64, once bool) objectPlan {
+// go to the cache's stream tier, not its main tier. size, when known (not
+// 0), is the object's data size: a span is not fetched past it.
+func (v *Volume) planObject(key int64, pieces []readPiece, wide bool, whole int64, once bool, size int64) objectPlan {
 	plan := objectPlan{key: key, pieces: pieces, once: once}
 	if v.cache == nil {
 		var spans []span
@@ -237,7 +238,7 @@ func (v *Volume) planObject(key int64, pieces []readPiece, wide bool, whole int6
 		}
 	} else if per := v.fetchSpan(once) / w; wide && per > 1 {
 		for win := range missing {
-			for x := win / per * per; x < (win/per+1)*per; x++ {
+			for x := win / per * per; x < (win/per+1)*per && (size == 0 || x*w < size); x++ {
 				if !want[x] && !v.cache.Contains(v.cacheKey(key, x)) {
 					want[x] = true
 				}
@@ -296,7 +297,9 @@ func (v *Volume) fetchSpan(once bool) int64 {
 
 // scattered reports whether the pieces a read of readBytes at device
 // byte readStart takes from one object are a small part of the read
-// spread out: at most an eighth of it, and not a dense run (at least
+// spread out: at most an eighth of it (of at most chunk bytes of it: a
+// prefetch range of 32 MiB holds a whole 4 MiB object in an eighth),
+// and not a dense run (at least
 // half of the device range its pieces span) that is either longer than
 // edgeSlack or at one end of the read. A dense run is part of an object
 // the stream reads through: one the read only starts or ends in (a range
@@ -305,12 +308,12 @@ func (v *Volume) fetchSpan(once bool) int64 {
 // fills a chunk out of device order). Taken for scattered, such objects
 // were fetched whole into the main tier (measured: ~600 MiB of the
 // 1.7 GiB fetched for a cold 1 GiB read through FUSE).
-func scattered(pieces []readPiece, readStart, readBytes, bs int64) bool {
+func scattered(pieces []readPiece, readStart, readBytes, bs, chunk int64) bool {
 	var n int64
 	for _, p := range pieces {
 		n += p.length
 	}
-	if n*8 > readBytes {
+	if n*8 > min(readBytes, chunk) {
 		return false
 	}
 	// Pieces come in device order.
@@ -780,7 +783,7 @@ func (v *Volume) prefetch(ctx context.Context, s *raStream, block, n int64) erro
 	var lacking []cache.Key
 	once := make(map[int64]bool) // objects the stream reads through: stream tier
 	for key, ps := range byKey {
-		sparse := scattered(ps, block*bs, n*bs, bs)
+		sparse := scattered(ps, block*bs, n*bs, bs, v.o.ChunkSize)
 		once[key] = !sparse
 		if whole := dataSize[key]; whole > 0 && sparse && v.firstWhole(s, key) {
 			for win := int64(0); win*w < whole; win++ {

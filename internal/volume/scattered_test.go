@@ -26,8 +26,19 @@ func TestScattered(t *testing.T) {
 		{"more than an eighth of the read", []readPiece{run(1000, 0, 40)}, false},
 	}
 	for _, c := range cases {
-		if got := scattered(c.pieces, start*bs, read, bs); got != c.want {
+		if got := scattered(c.pieces, start*bs, read, bs, 4<<20); got != c.want {
 			t.Errorf("%s: scattered %v, want %v", c.name, got, c.want)
 		}
+	}
+	// A 32 MiB prefetch range: a 4 MiB object filled out of device order
+	// (eight 512 KiB runs, 3 MiB of them live, over 12 MiB of the range)
+	// is under an eighth of the range, but it is a whole chunk the stream
+	// reads through, not scattered blocks.
+	var runs []readPiece
+	for i := int64(0); i < 8; i++ {
+		runs = append(runs, run(1000+i*384, i*128, 96))
+	}
+	if scattered(runs, start*bs, 32<<20, bs, 4<<20) {
+		t.Error("a 4 MiB object in eight runs over 12 MiB of a 32 MiB prefetch range: taken for scattered")
 	}
 }
