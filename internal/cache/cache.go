@@ -2,6 +2,8 @@
 // objects, held in memory and optionally in a local directory (which
 // survives a restart), so that a read of recently written or recently read
 // blocks does not go to the object store again. Both tiers are bounded.
+// Memory is the main tier (otter) and a small stream tier for the windows
+// a sequential stream takes once (stream.go), bounded together.
 //
 // An entry is one aligned *window* of an object's data area (Window bytes,
 // 64 KiB by default; the last window of an object may be shorter), keyed
@@ -98,13 +100,19 @@ type Key struct {
 
 // Cache is the memory tier. All methods are safe for concurrent use.
 type Cache struct {
-	window int64
-	fetch  int64
-	max    uint64
-	mem    *otter.Cache[Key, *entry]
-	disk   *diskTier // nil: memory only
-	log    zerolog.Logger
-	c      counters
+	window  int64
+	fetch   int64
+	max     uint64
+	mainMax int64 // bound of the main tier: max less the stream tier's
+	// mainUsed is the weight of the entries in the main tier, pending
+	// evictions included: otter's WeightedSize lags behind its writes,
+	// and PutStream must not fill the main tier past its bound with it.
+	mainUsed atomic.Int64
+	mem      *otter.Cache[Key, *entry]
+	stream   *streamTier // windows a stream takes once (stream.go)
+	disk     *diskTier   // nil: memory only
+	log      zerolog.Logger
+	c        counters
 }
 
 // New builds a cache bounded by o.MemoryBytes.
@@ -121,16 +129,25 @@ func New(o Options) (*Cache, error) {
 	if o.FetchSize < o.Window || o.FetchSize > MaxWindow || bits.OnesCount64(uint64(o.FetchSize)) != 1 {
 		return nil, fmt.Errorf("cache fetch size %d: must be a power of two from the window (%d) to %d bytes", o.FetchSize, o.Window, MaxWindow)
 	}
+	// An eighth of the memory holds the windows streams take once
+	// (stream.go), the rest is the main tier.
+	streamMax := o.MemoryBytes / StreamShare
+	c := &Cache{window: o.Window, fetch: o.FetchSize, max: uint64(o.MemoryBytes), mainMax: o.MemoryBytes - streamMax, stream: newStreamTier(streamMax), log: o.Logger}
 	mem, err := otter.New(&otter.Options[Key, *entry]{
-		MaximumWeight: uint64(o.MemoryBytes),
+		MaximumWeight: uint64(o.MemoryBytes - streamMax),
 		Weigher: func(k Key, e *entry) uint32 {
-			return uint32(len(e.data) + len(k.Volume) + entryOverhead)
+			return uint32(weight(k, e))
+		},
+		// Inside the operation that removes the entry (eviction,
+		// replacement, invalidation), so that mainUsed never lags.
+		OnAtomicDeletion: func(e otter.DeletionEvent[Key, *entry]) {
+			c.mainUsed.Add(-weight(e.Key, e.Value))
 		},
 	})
 	if err != nil {
 		return nil, fmt.Errorf("create the memory cache: %w", err)
 	}
-	c := &Cache{window: o.Window, fetch: o.FetchSize, max: uint64(o.MemoryBytes), mem: mem, log: o.Logger}
+	c.mem = mem
 	if o.Dir != "" {
 		if o.DiskBytes <= 0 {
 			return nil, fmt.Errorf("cache disk size %d: must be positive with a cache directory", o.DiskBytes)
@@ -158,14 +175,21 @@ func (c *Cache) Window() int64 { return c.window }
 func (c *Cache) FetchSize() int64 { return c.fetch }
 
 // Get returns the bytes cached for k (shared: never modify them) and
-// counts a hit or a miss.
+// counts a hit or a miss. A window of the stream tier used a second time
+// moves to the main tier.
 func (c *Cache) Get(k Key) ([]byte, bool) {
 	e, ok := c.mem.GetIfPresent(k)
+	if !ok {
+		var again bool
+		if e, again, ok = c.stream.get(k); again {
+			c.setMain(k, e)
+		}
+	}
 	if !ok && c.disk != nil {
 		var v []byte
 		if v, ok = c.disk.get(k); ok {
 			e = &entry{data: v}
-			c.mem.Set(k, e)
+			c.setMain(k, e)
 		}
 	}
 	if !ok {
@@ -191,13 +215,52 @@ func (c *Cache) Put(k Key, data []byte) { c.put(k, data, false) }
 // uses it counts a readahead hit.
 func (c *Cache) PutAhead(k Key, data []byte) { c.put(k, data, true) }
 
-func (c *Cache) put(k Key, data []byte, ahead bool) {
-	if len(data) == 0 || int64(len(data)) > c.window || k.Window < 0 || k.Object < 0 {
-		return // nothing to keep, or a caller bug that must not poison the cache
+// PutStream is Put for a window a sequential stream takes once (fetched
+// by its readahead, ahead set, or by its own read). While the main tier
+// is less than three quarters full it goes there (it evicts nothing, and
+// a stream read again that fits the cache is served from memory);
+// otherwise it goes to the stream tier, where it does not compete with
+// the main tier's windows, and moves there if it is used a second time
+// (stream.go). The disk tier keeps it like any window.
+func (c *Cache) PutStream(k Key, data []byte, ahead bool) {
+	if !c.valid(k, data) {
+		return
 	}
 	e := &entry{data: data}
 	e.ahead.Store(ahead)
+	if c.mainUsed.Load()+weight(k, e) <= c.mainMax/4*3 {
+		c.setMain(k, e)
+	} else {
+		c.stream.put(k, e)
+	}
+	c.stored(k, data)
+}
+
+// valid reports whether data can be the content of window k: not empty,
+// at most a window (else a caller bug that must not poison the cache).
+func (c *Cache) valid(k Key, data []byte) bool {
+	return len(data) > 0 && int64(len(data)) <= c.window && k.Window >= 0 && k.Object >= 0
+}
+
+func (c *Cache) put(k Key, data []byte, ahead bool) {
+	if !c.valid(k, data) {
+		return
+	}
+	e := &entry{data: data}
+	e.ahead.Store(ahead)
+	c.setMain(k, e)
+	c.stream.drop(k)
+	c.stored(k, data)
+}
+
+// setMain stores e as window k in the main tier.
+func (c *Cache) setMain(k Key, e *entry) {
+	c.mainUsed.Add(weight(k, e))
 	c.mem.Set(k, e)
+}
+
+// stored writes window k to the disk tier and counts it.
+func (c *Cache) stored(k Key, data []byte) {
 	if c.disk != nil {
 		c.disk.put(k, data)
 	}
@@ -217,14 +280,26 @@ func (c *Cache) PutObject(vol string, key int64, data []byte) {
 // MemoryUsed is the weight held now, after pending evictions are done.
 func (c *Cache) MemoryUsed() int64 {
 	c.mem.CleanUp()
-	return int64(c.mem.WeightedSize())
+	return int64(c.mem.WeightedSize()) + c.stream.weight()
 }
 
 // MemoryLimit is the bound of the memory tier.
 func (c *Cache) MemoryLimit() int64 { return int64(c.max) }
 
+// StreamShare is the share of the memory bound the stream tier takes:
+// MemoryBytes/StreamShare.
+const StreamShare = 8
+
+// StreamLimit is the bound of the stream tier, part of MemoryLimit: a
+// readahead that runs further ahead than it holds loses its windows
+// before the stream takes them.
+func (c *Cache) StreamLimit() int64 { return c.stream.max }
+
 // Purge drops every entry of the memory tier (the disk tier stays).
-func (c *Cache) Purge() { c.mem.InvalidateAll() }
+func (c *Cache) Purge() {
+	c.mem.InvalidateAll()
+	c.stream.purge()
+}
 
 // Close finishes the queued disk writes, stops the cache's background
 // work and drops the memory tier. Later calls find nothing and keep
@@ -234,6 +309,7 @@ func (c *Cache) Close() {
 		c.disk.close()
 	}
 	c.mem.InvalidateAll()
+	c.stream.purge()
 	c.mem.StopAllGoroutines()
 }
 
@@ -268,12 +344,12 @@ func (c *Cache) CountFetch(n int, readahead bool) {
 // Contains reports whether window k is cached (memory, or a verified disk
 // file, which it loads into memory), without counting a hit or a miss.
 func (c *Cache) Contains(k Key) bool {
-	if _, ok := c.mem.GetIfPresent(k); ok {
+	if _, ok := c.mem.GetIfPresent(k); ok || c.stream.contains(k) {
 		return true
 	}
 	if c.disk != nil {
 		if v, ok := c.disk.get(k); ok {
-			c.mem.Set(k, &entry{data: v})
+			c.setMain(k, &entry{data: v})
 			return true
 		}
 	}
@@ -323,7 +399,7 @@ func (c *Cache) Stats() Stats {
 		ReturnedBytes: c.c.returnedBytes.Load(),
 		RAFetches:     c.c.raFetches.Load(), RAFetchedBytes: c.c.raBytes.Load(),
 		RAHits: c.c.raHits.Load(), RAHitBytes: c.c.raHitBytes.Load(),
-		MemoryBytes: int64(c.mem.WeightedSize()), MemoryLimit: int64(c.max),
+		MemoryBytes: int64(c.mem.WeightedSize()) + c.stream.weight(), MemoryLimit: int64(c.max),
 	}
 	if d := c.disk; d != nil {
 		s.DiskHits, s.DiskDropped, s.DiskWritten, s.DiskEvicted = d.hits.Load(), d.dropped.Load(), d.written.Load(), d.evicted.Load()

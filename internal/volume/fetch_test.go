@@ -236,3 +236,68 @@ func TestStreamOutOfOrder(t *testing.T) {
 		t.Fatalf("reads of one stream arriving out of order brought back %d of the scattered object's 32 windows: want them taken as one stream, which fetched the object whole already", n)
 	}
 }
+
+// TestOneLookupPerWindow: a read looks each cached window up once, however
+// many of its pieces the window holds: a window of the stream tier moves
+// to the main tier on its second use, and one read must count as one.
+func TestOneLookupPerWindow(t *testing.T) {
+	e, m, rc := fetchEngine(t, mem.New(), 256)
+	for b := int64(1); b < 16; b += 2 { // window 0 of the first object: 8 pieces
+		m.write(t, e.Dev, b, 1)
+	}
+	drainEngine(t, e)
+	rc.Purge()
+	m.verifyRange(t, e.Dev, 0, 16, 16) // fetches both objects' windows
+	before := rc.Stats().Hits
+	m.verifyRange(t, e.Dev, 0, 16, 16)
+	// One window of the first object, one of the object of the overwrites.
+	if n := rc.Stats().Hits - before; n != 2 {
+		t.Fatalf("a read of 16 blocks in 16 pieces over 2 cached windows made %d cache lookups that hit, want 2", n)
+	}
+}
+
+// TestStreamKeepsScattered: a stream through four times more data than
+// the cache holds keeps the windows of the scattered object it fetched
+// whole (its blocks are all over the stream's way) and fetches each byte
+// about once: the windows it reads through go to the cache's stream
+// tier, not to the main tier where they would push the scattered
+// object's windows out, and its readahead runs no further ahead than the
+// stream tier holds.
+func TestStreamKeepsScattered(t *testing.T) {
+	const bs = 4096
+	rc, err := cache.New(cache.Options{MemoryBytes: 16 * mib, Window: 64 * kib, FetchSize: 256 * kib})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(rc.Close)
+	e := enginetest.Open(t, mem.New(), enginetest.Options{Size: 128 * mib, BlockSize: bs, ChunkSize: 4 * mib, Cache: rc})
+	m := newVModel(bs)
+	const blocks = 16384 // 64 MiB
+	for b := int64(0); b < blocks; b += 256 {
+		m.write(t, e.Dev, b, 256)
+	}
+	drainEngine(t, e)
+	for b := int64(5); b < blocks; b += 128 { // 128 blocks, 512 KiB, in one object
+		m.write(t, e.Dev, b, 1)
+	}
+	drainEngine(t, e)
+	key := e.Volume.Watermark() - 1
+	rc.Purge()
+	s0 := rc.Stats()
+	m.verifyRange(t, e.Dev, 0, blocks, 64) // 256 KiB reads
+	s1 := rc.Stats()
+	id := e.Volume.Superblock().VolumeID
+	for w := int64(0); w < 8; w++ {
+		if !rc.Contains(cache.Key{Volume: id, Object: key, Window: w}) {
+			t.Fatalf("window %d of the scattered object was evicted while a stream read past it", w)
+		}
+	}
+	// 64 MiB of base objects and 512 KiB of the scattered one; readahead
+	// may run up to its distance past the end.
+	if n := s1.FetchedBytes - s0.FetchedBytes; n > 68*mib {
+		t.Fatalf("a 64 MiB stream fetched %d MiB: want each byte about once", n>>20)
+	}
+	if s1.RAHits == s0.RAHits {
+		t.Fatal("the stream used no window its readahead fetched")
+	}
+}

@@ -29,6 +29,7 @@ const coalesceGap = 256 << 10
 // data area, buf the part of the caller's buffer it fills.
 type readPiece struct {
 	key    int64
+	block  int64 // device block of its first byte
 	off    int64
 	length int64
 	buf    []byte
@@ -41,6 +42,9 @@ type fetchRun struct {
 	key        int64
 	start, end int64
 	direct     []byte
+	// once puts the windows in the cache's stream tier: a stream reads
+	// through them once (docs/ARCHITECTURE.md §1, read path).
+	once bool
 }
 
 // Read fills buf with n blocks starting at block: unmapped and discarded
@@ -86,7 +90,7 @@ func (v *Volume) Read(ctx context.Context, block, n int64, buf []byte) error {
 					dataSize[e.Key] = total * bs
 				}
 			}
-			pieces = append(pieces, readPiece{key: e.Key, off: e.Off * bs, length: length, buf: buf[start : start+length]})
+			pieces = append(pieces, readPiece{key: e.Key, block: e.Block, off: e.Off * bs, length: length, buf: buf[start : start+length]})
 		})
 	})
 	if err != nil {
@@ -116,10 +120,11 @@ func (v *Volume) Read(ctx context.Context, block, n int64, buf []byte) error {
 	plans := make([]objectPlan, 0, len(keys))
 	for _, k := range keys {
 		var whole int64 // fetch the object's first whole bytes: it is scattered over a stream
-		if stream && scattered(byKey[k], n*bs) && v.firstWhole(st, k) {
+		sparse := stream && scattered(byKey[k], block*bs, n*bs, bs, v.o.ChunkSize)
+		if sparse && v.firstWhole(st, k) {
 			whole = dataSize[k]
 		}
-		plans = append(plans, v.planObject(k, byKey[k], wide, whole))
+		plans = append(plans, v.planObject(k, byKey[k], wide, whole, stream && !sparse, dataSize[k]))
 	}
 	var runs []fetchRun
 	for i := range plans {
@@ -185,6 +190,7 @@ type objectPlan struct {
 	waits  map[int64]*flight // by window index
 	mine   []cache.Key
 	own    *flight
+	once   bool // its windows go to the stream tier
 }
 
 // planObject serves what it can of the pieces of object key from the
@@ -193,8 +199,12 @@ type objectPlan struct {
 // fetches the missing windows of the fetch spans around its misses; a
 // stream that takes scattered blocks of the object fetches the missing
 // windows of its first whole bytes (its data area) at once.
-func (v *Volume) planObject(key int64, pieces []readPiece, wide bool, whole int64) objectPlan {
-	plan := objectPlan{key: key, pieces: pieces}
+//
+// once marks an object a stream reads through: the windows fetched for it
+// go to the cache's stream tier, not its main tier. size, when known (not
+// 0), is the object's data size: a span is not fetched past it.
+func (v *Volume) planObject(key int64, pieces []readPiece, wide bool, whole int64, once bool, size int64) objectPlan {
+	plan := objectPlan{key: key, pieces: pieces, once: once}
 	if v.cache == nil {
 		var spans []span
 		for _, p := range pieces {
@@ -203,7 +213,7 @@ func (v *Volume) planObject(key int64, pieces []readPiece, wide bool, whole int6
 				spans = append(spans, span{p.off + off, p.off + off + l, p.buf[off : off+l]})
 			}
 		}
-		plan.runs = v.coalesce(key, spans)
+		plan.runs = v.coalesce(key, spans, false)
 		return plan
 	}
 	w := v.cache.Window()
@@ -219,16 +229,16 @@ func (v *Volume) planObject(key int64, pieces []readPiece, wide bool, whole int6
 		// A stream takes a few scattered blocks of this object: random
 		// writes that landed together in it are scattered over the
 		// stream's way ahead too, so take the rest of it now (even when
-		// this read found its own blocks cached), in GETs of
-		// maxReadPiece, rather than span by span.
+		// this read found its own blocks cached), in GETs of up to
+		// raMaxPiece, rather than span by span.
 		for x := int64(0); x*w < whole; x++ {
 			if !want[x] && !v.cache.Contains(v.cacheKey(key, x)) {
 				want[x] = true
 			}
 		}
-	} else if per := v.cache.FetchSize() / w; wide && per > 1 {
+	} else if per := v.fetchSpan(once) / w; wide && per > 1 {
 		for win := range missing {
-			for x := win / per * per; x < (win/per+1)*per; x++ {
+			for x := win / per * per; x < (win/per+1)*per && (size == 0 || x*w < size); x++ {
 				if !want[x] && !v.cache.Contains(v.cacheKey(key, x)) {
 					want[x] = true
 				}
@@ -260,20 +270,63 @@ func (v *Volume) planObject(key int64, pieces []readPiece, wide bool, whole int6
 		spans = append(spans, span{start: win * w, end: (win + 1) * w})
 	}
 	v.ra.mu.Unlock()
-	plan.runs = v.coalesce(key, spans)
+	limit := int64(maxReadPiece)
+	switch {
+	case whole > 0:
+		limit = raMaxPiece
+	case once:
+		limit = v.fetchSpan(true)
+	}
+	plan.runs = v.coalesceUpTo(key, spans, once, limit)
 	return plan
 }
 
-// scattered reports whether the pieces a read of readBytes takes from one
-// object are a small part of the read spread out: at most an eighth of
-// it, in more than one piece or in one piece of at most 64 KiB.
-func scattered(pieces []readPiece, readBytes int64) bool {
+// fetchSpan is the aligned span a wide read fetches around a miss:
+// cache.fetch_size, or for an object a stream reads through (once) the
+// larger GET of its readahead: on S3 (and MinIO) a GET costs about the
+// same whatever its size up to a few MiB, so a stream whose readahead has
+// not caught up yet fetches the chunk it reads on through in one GET,
+// not in spans (measured on MinIO at 8 concurrent GETs: ~1 GB/s in 1 MiB
+// GETs, ~3.5 GB/s in 4 MiB ones).
+func (v *Volume) fetchSpan(once bool) int64 {
+	if once {
+		return max(v.cache.FetchSize(), v.raPiece())
+	}
+	return v.cache.FetchSize()
+}
+
+// scattered reports whether the pieces a read of readBytes at device
+// byte readStart takes from one object are a small part of the read
+// spread out: at most an eighth of it (of at most chunk bytes of it: a
+// prefetch range of 32 MiB holds a whole 4 MiB object in an eighth),
+// and not a dense run (at least
+// half of the device range its pieces span) that is either longer than
+// edgeSlack or at one end of the read. A dense run is part of an object
+// the stream reads through: one the read only starts or ends in (a range
+// rarely starts at an object's edge), or one written as several runs
+// from different places (a client writing with many requests in flight
+// fills a chunk out of device order). Taken for scattered, such objects
+// were fetched whole into the main tier (measured: ~600 MiB of the
+// 1.7 GiB fetched for a cold 1 GiB read through FUSE).
+func scattered(pieces []readPiece, readStart, readBytes, bs, chunk int64) bool {
 	var n int64
 	for _, p := range pieces {
 		n += p.length
 	}
-	return n*8 <= readBytes && (len(pieces) > 1 || n <= 64<<10)
+	if n*8 > min(readBytes, chunk) {
+		return false
+	}
+	// Pieces come in device order.
+	lo := pieces[0].block * bs
+	hi := pieces[len(pieces)-1].block*bs + pieces[len(pieces)-1].length
+	dense := n*2 >= hi-lo
+	atEdge := lo-readStart <= edgeSlack || readStart+readBytes-hi <= edgeSlack
+	return !(dense && (n > edgeSlack || atEdge))
 }
+
+// edgeSlack is how close to an end of a read a run must be to count as
+// at that end: overwritten blocks may cut a run a few blocks short of it.
+const edgeSlack = 64 << 10
 
 // release ends the plan's claims on the in-flight table: its GETs have
 // returned, and the windows they read are in the cache (or failed).
@@ -292,9 +345,15 @@ func (v *Volume) release(p *objectPlan) {
 
 // serveCached copies into the pieces what the cache holds, and returns
 // the windows it lacks. only, when not nil, limits it to those windows.
+// Each window is looked up once, however many pieces it holds: a window
+// of the stream tier moves to the main tier on its second use, and one
+// read is one use (docs/ARCHITECTURE.md §1, read path).
 func (v *Volume) serveCached(key int64, pieces []readPiece, only map[int64]*flight) map[int64]bool {
 	w := v.cache.Window()
 	var missing map[int64]bool
+	var lastWin int64 = -1 // pieces come in device order, mostly in window order too
+	var last []byte
+	var seen map[int64][]byte
 	for _, p := range pieces {
 		for win := p.off / w; win*w < p.off+p.length; win++ {
 			if only != nil && only[win] == nil {
@@ -304,7 +363,21 @@ func (v *Volume) serveCached(key int64, pieces []readPiece, only map[int64]*flig
 				continue
 			}
 			lo, hi := max(p.off, win*w), min(p.off+p.length, (win+1)*w)
-			data, ok := v.cache.Get(v.cacheKey(key, win))
+			data, ok := last, win == lastWin
+			if !ok {
+				if data, ok = seen[win]; !ok {
+					data, ok = v.cache.Get(v.cacheKey(key, win))
+					if ok {
+						if lastWin >= 0 {
+							if seen == nil {
+								seen = make(map[int64][]byte)
+							}
+							seen[lastWin] = last
+						}
+						lastWin, last = win, data
+					}
+				}
+			}
 			if !ok || int64(len(data)) < hi-win*w {
 				// A short entry is an object's last window; a piece
 				// past it is refetched, and then reported as corrupt.
@@ -353,7 +426,7 @@ func (v *Volume) awaitFlights(ctx context.Context, plan *objectPlan) ([]fetchRun
 	for win := range missing {
 		spans = append(spans, span{start: win * w, end: (win + 1) * w})
 	}
-	return v.coalesce(plan.key, spans), nil
+	return v.coalesce(plan.key, spans, plan.once), nil
 }
 
 // cacheKey names window win of object key of this volume.
@@ -369,13 +442,18 @@ type span struct {
 
 // coalesce turns the spans of object key into GETs: spans closer than
 // coalesceGap share one GET, which is at most maxReadPiece (or one
-// window) long.
-func (v *Volume) coalesce(key int64, spans []span) []fetchRun {
+// window) long. once marks the runs' windows for the stream tier.
+func (v *Volume) coalesce(key int64, spans []span, once bool) []fetchRun {
+	return v.coalesceUpTo(key, spans, once, maxReadPiece)
+}
+
+// coalesceUpTo is coalesce with GETs of at most limit bytes (or one
+// window).
+func (v *Volume) coalesceUpTo(key int64, spans []span, once bool, limit int64) []fetchRun {
 	if len(spans) == 0 {
 		return nil
 	}
 	sort.Slice(spans, func(i, j int) bool { return spans[i].start < spans[j].start })
-	limit := int64(maxReadPiece)
 	if v.cache != nil {
 		limit = max(limit, v.cache.Window()) // a multiple of the window: runs stay aligned
 	}
@@ -389,7 +467,7 @@ func (v *Volume) coalesce(key int64, spans []span) []fetchRun {
 				continue
 			}
 		}
-		runs = append(runs, fetchRun{key: key, start: s.start, end: s.end, direct: s.direct})
+		runs = append(runs, fetchRun{key: key, start: s.start, end: s.end, direct: s.direct, once: once})
 	}
 	return runs
 }
@@ -443,10 +521,13 @@ func (v *Volume) fetch(ctx context.Context, prio objproxy.Priority, r fetchRun, 
 				break // a window cut by the run, not by the object's end
 			}
 			data := append([]byte(nil), dst[win*w-r.start:end-r.start]...)
-			if prio == objproxy.Low {
-				v.cache.PutAhead(v.cacheKey(r.key, win), data)
-			} else {
-				v.cache.Put(v.cacheKey(r.key, win), data)
+			switch k := v.cacheKey(r.key, win); {
+			case r.once:
+				v.cache.PutStream(k, data, prio == objproxy.Low)
+			case prio == objproxy.Low:
+				v.cache.PutAhead(k, data)
+			default:
+				v.cache.Put(k, data)
 			}
 		}
 	}
@@ -504,17 +585,20 @@ func (v *Volume) Pinned(key int64) bool {
 }
 
 // Readahead (with the cache only): a read that starts where an earlier
-// read ended (a large one: near it, see observeRead) continues a stream; from the second read of a stream on, the
-// next raBytes (at least two reads' worth, at most an eighth of the memory
-// tier) after it are fetched into the cache in the background, at low priority on both proxies, with the
-// objects pinned like any read. At most raStreams streams are tracked and
+// read ended (a large one: near it, see observeRead) continues a stream;
+// from the second read of a stream on, the next raBytes (at least two
+// reads' worth, at most half the cache's stream tier) after it are
+// fetched into the cache in the background, in aligned GETs of up to
+// raMaxPiece, at low priority on both proxies, with the objects pinned
+// like any read (docs/ARCHITECTURE.md §1, readahead). At most raStreams streams are tracked and
 // raInflight prefetches run at once; a stream pushed out of the table, an
 // error or Close cancels its prefetch. Prefetching only warms the cache:
 // what a read returns still comes from the map lookup of that read.
 const (
 	raStreams  = 16
 	raInflight = 4
-	raBytes    = 4 << 20
+	raBytes    = 32 << 20
+	raMaxPiece = 4 << 20 // the largest GET of a prefetch (see raPiece)
 	raTimeout  = 30 * time.Second
 	raWait     = 200 * time.Millisecond // longest a read waits for a prefetch
 	raParallel = 8                      // GETs one prefetch issues at once
@@ -625,9 +709,14 @@ func (v *Volume) observeRead(block, n int64) *raStream {
 		return nil
 	}
 	s.next, s.reads = max(s.next, block+n), s.reads+1
-	// At least two reads ahead, at most an eighth of the cache, so that
-	// prefetched windows are not evicted before they are read.
-	dist := min(max(raBytes/v.o.BlockSize, 2*n), v.cache.MemoryLimit()/8/v.o.BlockSize)
+	// At least two reads ahead, at most half the cache's stream tier, so
+	// that prefetched windows are not evicted before they are read; a
+	// stream tier too small for that gets no readahead: what it fetched
+	// would push out what it fetched before, and the reads fetch it again.
+	dist := min(max(raBytes/v.o.BlockSize, 2*n), v.cache.StreamLimit()/2/v.o.BlockSize)
+	if dist < 2*n {
+		return s
+	}
 	target := min(s.next+dist, v.sb.Size/v.o.BlockSize)
 	s.ahead = max(s.ahead, s.next)
 	// Top up once half the distance is used, so prefetches are few and big.
@@ -678,7 +767,7 @@ func (v *Volume) prefetch(ctx context.Context, s *raStream, block, n int64) erro
 					dataSize[e.Key] = total * bs
 				}
 			}
-			pieces = append(pieces, readPiece{key: e.Key, off: e.Off * bs, length: e.N * bs})
+			pieces = append(pieces, readPiece{key: e.Key, block: e.Block, off: e.Off * bs, length: e.N * bs})
 		})
 	})
 	if err != nil {
@@ -692,8 +781,10 @@ func (v *Volume) prefetch(ctx context.Context, s *raStream, block, n int64) erro
 	// The windows the cache lacks (Contains may read the disk tier, so not
 	// under the lock).
 	var lacking []cache.Key
+	once := make(map[int64]bool) // objects the stream reads through: stream tier
 	for key, ps := range byKey {
-		sparse := scattered(ps, n*bs)
+		sparse := scattered(ps, block*bs, n*bs, bs, v.o.ChunkSize)
+		once[key] = !sparse
 		if whole := dataSize[key]; whole > 0 && sparse && v.firstWhole(s, key) {
 			for win := int64(0); win*w < whole; win++ {
 				if k := v.cacheKey(key, win); !v.cache.Contains(k) {
@@ -716,7 +807,7 @@ func (v *Volume) prefetch(ctx context.Context, s *raStream, block, n int64) erro
 		// to: the stream reads on through the object, and a range that
 		// starts or ends mid-object (or around windows reads claimed
 		// already) would otherwise cost several smaller GETs.
-		per := max(maxReadPiece/w, 1)
+		per := max(v.raPiece()/w, 1)
 		seen := make(map[int64]bool)
 		for _, p := range ps {
 			for win := p.off / w / per * per; win*w < p.off+p.length; win += per {
@@ -761,7 +852,7 @@ func (v *Volume) prefetch(ctx context.Context, s *raStream, block, n int64) erro
 		v.ra.pending = make(map[cache.Key]*flight)
 	}
 	for _, key := range keys {
-		for _, r := range v.coalesce(key, spans[key]) {
+		for _, r := range v.coalesceUpTo(key, spans[key], once[key], v.raPiece()) {
 			plan := objectPlan{key: key, own: &flight{done: make(chan struct{}), ahead: true}}
 			for win := r.start / w; win*w < r.end; win++ {
 				if k := v.cacheKey(key, win); v.ra.pending[k] == nil {
@@ -782,7 +873,10 @@ func (v *Volume) prefetch(ctx context.Context, s *raStream, block, n int64) erro
 		go func() {
 			defer wg.Done()
 			defer func() { <-sem }()
-			if ctx.Err() == nil {
+			// A prefetch the stream's reads have passed (they fetched
+			// for themselves) would only fetch again what the stream
+			// no longer needs.
+			if ctx.Err() == nil && !v.passed(s, block+n) {
 				errs[i] = v.fetch(ctx, objproxy.Low, runs[i], nil)
 			}
 			v.release(&plans[i])
@@ -793,6 +887,26 @@ func (v *Volume) prefetch(ctx context.Context, s *raStream, block, n int64) erro
 		return fmt.Errorf("readahead: %w", err)
 	}
 	return ctx.Err()
+}
+
+// passed reports whether the reads of stream s have all gone past block
+// end.
+func (v *Volume) passed(s *raStream, end int64) bool {
+	v.ra.mu.Lock()
+	defer v.ra.mu.Unlock()
+	return s.next >= end
+}
+
+// raPiece is the largest GET of a prefetch: raMaxPiece, or a quarter of
+// the cache's stream tier if that is less (a power of two), so that the
+// windows of a few GETs in flight do not push each other out of it before
+// the stream takes them.
+func (v *Volume) raPiece() int64 {
+	p := int64(raMaxPiece)
+	for p > v.cache.Window() && p > v.cache.StreamLimit()/4 {
+		p /= 2
+	}
+	return p
 }
 
 // stopReadahead cancels every prefetch and waits for them.
