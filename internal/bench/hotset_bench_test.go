@@ -132,23 +132,9 @@ func BenchmarkHotSet(b *testing.B) {
 	d := max(time.Duration(float64(20*time.Second)*scale()), 5*time.Second)
 
 	// nbdkit memory, prefilled the same way.
-	addr := freePort(b)
-	_, port, err := net.SplitHostPort(addr)
-	if err != nil {
-		b.Fatal(err)
-	}
-	kit := exec.Command("nbdkit", "--foreground", "--exit-with-parent", "-i", "127.0.0.1", "-p", port, "memory", fmt.Sprint(size))
-	if err := kit.Start(); err != nil {
-		b.Fatalf("start nbdkit: %v", err)
-	}
-	defer func() {
-		if err := kit.Process.Kill(); err != nil {
-			b.Logf("stop nbdkit: %v", err)
-		}
-		_ = kit.Wait() // the exit status of a killed nbdkit says nothing
-	}()
+	addr, stopKit := startNbdkitMemory(b, size)
+	defer stopKit()
 	kitTarget := []string{"--ioengine=nbd", "--uri=nbd://" + addr + "/"}
-	waitNBD(b, addr)
 	fioSeqFill(b, kitTarget, hot)
 
 	// bs3 on MinIO through NBD.
@@ -199,6 +185,30 @@ func BenchmarkHotSet(b *testing.B) {
 	b.ReportMetric(cold.IOPS, "cold-IOPS")
 	b.ReportMetric(warm.IOPS, "warm-IOPS")
 	b.ReportMetric(warm.IOPS/ceiling, "warm/nbdkit")
+}
+
+// startNbdkitMemory starts `nbdkit memory` with an export of size bytes
+// on a free local port, waits until it listens, and returns its address
+// and a function that stops it.
+func startNbdkitMemory(b *testing.B, size int64) (string, func()) {
+	b.Helper()
+	addr := freePort(b)
+	_, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		b.Fatal(err)
+	}
+	kit := exec.Command("nbdkit", "--foreground", "--exit-with-parent", "-i", "127.0.0.1", "-p", port, "memory", fmt.Sprint(size))
+	if err := kit.Start(); err != nil {
+		b.Fatalf("start nbdkit: %v", err)
+	}
+	stop := func() {
+		if err := kit.Process.Kill(); err != nil {
+			b.Logf("stop nbdkit: %v", err)
+		}
+		_ = kit.Wait() // the exit status of a killed nbdkit says nothing
+	}
+	waitNBD(b, addr)
+	return addr, stop
 }
 
 // waitNBD waits until something accepts connections on addr (nbdkit

@@ -5,7 +5,6 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"net"
 	"os"
 	"os/exec"
 	"testing"
@@ -128,22 +127,8 @@ func fioNBDWrite(b *testing.B, uri, name string, n int64, args ...string) {
 // bytes and returns its MB/s.
 func nbdkitWrite(b *testing.B, size int64, name string, n int64, args ...string) float64 {
 	b.Helper()
-	addr := freePort(b)
-	_, port, err := net.SplitHostPort(addr)
-	if err != nil {
-		b.Fatal(err)
-	}
-	kit := exec.Command("nbdkit", "--foreground", "--exit-with-parent", "-i", "127.0.0.1", "-p", port, "memory", fmt.Sprint(size))
-	if err := kit.Start(); err != nil {
-		b.Fatalf("start nbdkit: %v", err)
-	}
-	defer func() {
-		if err := kit.Process.Kill(); err != nil {
-			b.Logf("stop nbdkit: %v", err)
-		}
-		_ = kit.Wait() // the exit status of a killed nbdkit says nothing
-	}()
-	waitNBD(b, addr)
+	addr, stop := startNbdkitMemory(b, size)
+	defer stop()
 	start := time.Now()
 	fioNBDWrite(b, "nbd://"+addr+"/", name, n, args...)
 	return mbps(n, time.Since(start))

@@ -75,23 +75,7 @@ func TestInlineWritesPipelined(t *testing.T) {
 		return nil
 	})
 	srv := startServer(t, dev, Options{})
-	var wg sync.WaitGroup
-	errs := make(chan error, conns)
-	for ci := range conns {
-		c := connect(t, srv.Addr(), "bs3")
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			errs <- pipeline(c, uint64(ci*region), region, perConn, maxBlocks, bs, uint64(ci))
-		}()
-	}
-	wg.Wait()
-	close(errs)
-	for err := range errs {
-		if err != nil {
-			t.Error(err)
-		}
-	}
+	pipelineConns(t, srv, conns, region, perConn, maxBlocks, bs)
 	if dev.took.Load() == 0 || dev.declined.Load() == 0 {
 		t.Fatalf("inline writes taken %d, declined %d: the test must exercise both paths", dev.took.Load(), dev.declined.Load())
 	}

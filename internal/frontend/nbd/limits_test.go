@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"github.com/bs3/bs3/internal/testutil"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 )
@@ -157,23 +156,7 @@ func TestBufferedBound(t *testing.T) {
 		return nil
 	})
 	srv := startServer(t, dev, Options{MaxBuffered: bound})
-	var wg sync.WaitGroup
-	errs := make(chan error, conns)
-	for ci := range conns {
-		c := connect(t, srv.Addr(), "bs3")
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			errs <- pipeline(c, uint64(ci*region), region, perConn, maxBlocks, bs, uint64(ci))
-		}()
-	}
-	wg.Wait()
-	close(errs)
-	for err := range errs {
-		if err != nil {
-			t.Error(err)
-		}
-	}
+	pipelineConns(t, srv, conns, region, perConn, maxBlocks, bs)
 	peak := srv.bufferedPeak()
 	if peak > bound {
 		t.Fatalf("%d payload bytes were held at once, above the %d bound", peak, bound)

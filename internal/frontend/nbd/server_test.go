@@ -211,6 +211,13 @@ func TestConcurrentPipelined(t *testing.T) {
 	})
 	srv := startServer(t, dev, Options{})
 
+	pipelineConns(t, srv, conns, region, perConn, maxBlocks, bs)
+}
+
+// pipelineConns runs pipeline on conns connections to srv at once, each
+// in its own region of the device, and fails t with every error.
+func pipelineConns(t *testing.T, srv *Server, conns, region, perConn, maxBlocks, bs int) {
+	t.Helper()
 	var wg sync.WaitGroup
 	errs := make(chan error, conns)
 	for ci := range conns {
