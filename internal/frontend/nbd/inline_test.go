@@ -68,12 +68,7 @@ func TestInlineWritesPipelined(t *testing.T) {
 		defer mu.Unlock()
 		return rng.IntN(2) == 0
 	})
-	dev.setHook(func(string, int64, int64) error {
-		if rand.IntN(4) == 0 {
-			time.Sleep(time.Duration(rand.IntN(200)) * time.Microsecond)
-		}
-		return nil
-	})
+	shuffleCompletions(dev.memDevice)
 	srv := startServer(t, dev, Options{})
 	pipelineConns(t, srv, conns, region, perConn, maxBlocks, bs)
 	if dev.took.Load() == 0 || dev.declined.Load() == 0 {

@@ -202,16 +202,20 @@ func TestConcurrentPipelined(t *testing.T) {
 		maxBlocks = 8
 	)
 	dev := newMemDevice(conns*region, bs)
+	shuffleCompletions(dev)
+	srv := startServer(t, dev, Options{})
+	pipelineConns(t, srv, conns, region, perConn, maxBlocks, bs)
+}
+
+// shuffleCompletions makes a quarter of dev's calls take up to 200 µs, so
+// requests complete in a shuffled order; correctness must not depend on it.
+func shuffleCompletions(dev *memDevice) {
 	dev.setHook(func(string, int64, int64) error {
-		// Shuffle completion order; correctness must not depend on it.
 		if rand.IntN(4) == 0 {
 			time.Sleep(time.Duration(rand.IntN(200)) * time.Microsecond)
 		}
 		return nil
 	})
-	srv := startServer(t, dev, Options{})
-
-	pipelineConns(t, srv, conns, region, perConn, maxBlocks, bs)
 }
 
 // pipelineConns runs pipeline on conns connections to srv at once, each
