@@ -80,12 +80,22 @@ func fioHotRead(b *testing.B, target []string, size int64, d time.Duration) fioR
 // memory size.
 func newReadCache(b *testing.B) *cache.Cache {
 	b.Helper()
+	return newReadCacheDir(b, "")
+}
+
+// newReadCacheDir is newReadCache with a disk tier of 8 GiB in dir (none
+// when dir is empty).
+func newReadCacheDir(b *testing.B, dir string) *cache.Cache {
+	b.Helper()
 	o := engine.FromConfig(config.Default(), false, zerolog.Nop()).Cache
 	if o == nil {
 		b.Fatal("the default configuration has no read cache")
 	}
 	if v, err := strconv.ParseInt(os.Getenv("BS3_BENCH_CACHE_MIB"), 10, 64); err == nil && v > 0 {
 		o.MemoryBytes = v * mib
+	}
+	if dir != "" {
+		o.Dir, o.DiskBytes = dir, 8*gib
 	}
 	rc, err := cache.New(*o)
 	if err != nil {
