@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"os"
+	"os/exec"
 	"strconv"
 	"strings"
 	"testing"
@@ -12,6 +13,7 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/bs3/bs3/internal/cache"
+	"github.com/bs3/bs3/internal/frontend/nbd"
 	"github.com/bs3/bs3/internal/store"
 	"github.com/bs3/bs3/internal/testutil/enginetest"
 	"github.com/bs3/bs3/internal/testutil/minio"
@@ -157,12 +159,36 @@ func BenchmarkFragmentedRead(b *testing.B) {
 		g4 := e.Objs.Stats().Get.Attempts
 		ds := dc.Stats()
 		e.Close(b)
+
+		// The cold read through NBD, as the issue states it: fio's nbd
+		// engine, 1 MiB reads at iodepth = readers, a fresh cache.
+		var viaNBD float64
+		if _, err := exec.LookPath("fio"); err == nil {
+			with.Cache = newReadCache(b)
+			e = enginetest.Open(b, st, with)
+			s, err := nbd.New(e.Dev, nbd.Options{Listen: "127.0.0.1:0", Export: "bs3", Logger: zerolog.Nop()})
+			if err != nil {
+				b.Fatal(err)
+			}
+			go s.Serve()
+			stop := startProfiles(b, os.Getenv("BS3_BENCH_PROFILE"), fmt.Sprintf("nbdcold%d", workers))
+			viaNBD = fio(b, "nbd-cold-read", "--ioengine=nbd", "--uri="+s.URI(), "--rw=read", "--bs=1m",
+				fmt.Sprintf("--iodepth=%d", workers), fmt.Sprintf("--size=%d", fillBytes)).MBps
+			stop()
+			if err := s.Close(); err != nil {
+				b.Fatal(err)
+			}
+			e.Close(b)
+		}
 		b.Logf("%d MiB fill, %d MiB of 4 KiB overwrites, %d objects, 1 MiB reads, %d reader(s):", fillBytes>>20, overBytes>>20, objects, workers)
 		b.Logf("  raw MinIO GET %8.1f MB/s (1 MiB), %.1f MB/s (4 MiB)", raw, raw4)
 		b.Logf("  no cache      %8.1f MB/s (%.2f of raw 1 MiB)  %d GETs", none, none/raw, gNone)
 		b.Logf("  cold cache    %8.1f MB/s (%.2f of raw 1 MiB, %.2f of raw 4 MiB)  %d GETs, %d MiB fetched for %d MiB returned", cold, cold/raw, cold/raw4, g1-g0, (s1.FetchedBytes-s0.FetchedBytes)>>20, (s1.ReturnedBytes-s0.ReturnedBytes)>>20)
 		b.Logf("  warm cache    %8.1f MB/s (%.2f of raw 1 MiB)  %d GETs, hits %d misses %d, %d MiB held", warm, warm/raw, g2-g1, s2.Hits-s1.Hits, s2.Misses-s1.Misses, rc.MemoryUsed()>>20)
 		b.Logf("  disk-warm     %8.1f MB/s (%.2f of raw 1 MiB, %.2f of raw 4 MiB)  %d GETs, %d disk hits, after a restart over a cache.dir the cold read wrote %d windows to", diskWarm, diskWarm/raw, diskWarm/raw4, g4-g3, ds.DiskHits, written)
+		if viaNBD > 0 {
+			b.Logf("  cold via NBD  %8.1f MB/s (%.2f of raw 1 MiB, %.2f of raw 4 MiB)  fio --ioengine=nbd, iodepth %d", viaNBD, viaNBD/raw, viaNBD/raw4, workers)
+		}
 		b.ReportMetric(cold, fmt.Sprintf("cold-MB/s-qd%d", workers))
 		b.ReportMetric(warm, fmt.Sprintf("warm-MB/s-qd%d", workers))
 	}
