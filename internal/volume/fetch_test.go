@@ -301,3 +301,20 @@ func TestStreamKeepsScattered(t *testing.T) {
 		t.Fatal("the stream used no window its readahead fetched")
 	}
 }
+
+// TestFetchBuffersNotKept: the buffers GETs land in are pooled and reused
+// by later GETs; the cache keeps copies, so windows one read cached still
+// hold their bytes after many other fetches went through the same
+// buffers.
+func TestFetchBuffersNotKept(t *testing.T) {
+	e, m, rc := fetchEngine(t, mem.New(), 4096) // 16 MiB, cache of 64 MiB
+	m.verifyRange(t, e.Dev, 0, 256, 64)
+	for b := int64(256); b < 4096; b += 256 {
+		m.verifyRange(t, e.Dev, b, b+256, 64)
+	}
+	before := rc.Stats().FetchedBytes
+	m.verifyRange(t, e.Dev, 0, 256, 64)
+	if got := rc.Stats().FetchedBytes; got != before {
+		t.Fatalf("the first MiB was fetched again (%d bytes): the test needs it served from the cache", got-before)
+	}
+}

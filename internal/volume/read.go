@@ -482,7 +482,9 @@ func (v *Volume) fetch(ctx context.Context, prio objproxy.Priority, r fetchRun, 
 	}
 	dst := r.direct
 	if dst == nil {
-		dst = make([]byte, r.end-r.start)
+		buf := getFetchBuf(r.end - r.start)
+		defer putFetchBuf(buf)
+		dst = *buf
 	}
 	got, err := v.objs.GetRange(ctx, prio, store.DataName(r.key), md+r.start, dst)
 	if errors.Is(err, store.ErrCorrupt) {
