@@ -315,7 +315,7 @@ func decode(body []byte) (*Map, error) {
 // decodePage reads n entries of page pi, validating them and counting them
 // as live for their objects.
 func (m *Map) decodePage(d *decoder, pi int64, n int, buf []fullEntry) []fullEntry {
-	prevIdx, prevKey, prevOff := int64(-1), int64(0), int64(-1)
+	prevIdx, prevKey, nextOff := int64(-1), int64(0), int64(0)
 	var prevSeq uint64
 	for j := 0; j < n && d.err == nil; j++ {
 		idxDelta := d.uvarint("entry index")
@@ -338,29 +338,8 @@ func (m *Map) decodePage(d *decoder, pi int64, n int, buf []fullEntry) []fullEnt
 			d.fail("page %d entry %d: block past device end", pi, j)
 			break
 		}
-		kdelta := unzigzag(kz >> 1)
-		if kdelta < -MaxKey || kdelta > MaxKey {
-			d.fail("page %d entry %d: key delta %d", pi, j, kdelta)
-			break
-		}
-		key := prevKey + kdelta
-		off := int64(zeroOff)
-		if !zero {
-			od := unzigzag(offDelta)
-			if od < -MaxOff-1 || od > MaxOff {
-				d.fail("page %d entry %d: offset delta %d", pi, j, od)
-				break
-			}
-			off = prevOff + 1 + od
-			if off < 0 || off > MaxOff {
-				d.fail("page %d entry %d: offset %d", pi, j, off)
-				break
-			}
-			prevOff = off
-		}
-		o := m.objs.get(key)
+		key, off, o := m.decodeLoc(d, "entry", pi, j, kz, offDelta, prevKey, &nextOff, 1)
 		if o == nil {
-			d.fail("page %d entry %d: key %d is not a tracked object", pi, j, key)
 			break
 		}
 		o.live++
@@ -371,11 +350,44 @@ func (m *Map) decodePage(d *decoder, pi int64, n int, buf []fullEntry) []fullEnt
 	return buf
 }
 
+// decodeLoc decodes where an entry or run (what, number j of page pi)
+// points: its key, a zigzag delta from prevKey in kz>>1 with the zero flag
+// in kz&1, and for data its offset, a delta from nextOff (where the
+// previous data of the page ended) that must keep its n blocks within
+// MaxOff; nextOff then moves past them. The key must be a tracked object,
+// which it returns; on anything out of range it fails d and returns nil.
+func (m *Map) decodeLoc(d *decoder, what string, pi int64, j int, kz, offDelta uint64, prevKey int64, nextOff *int64, n int) (key, off int64, o *object) {
+	kdelta := unzigzag(kz >> 1)
+	if kdelta < -MaxKey || kdelta > MaxKey {
+		d.fail("page %d %s %d: key delta %d", pi, what, j, kdelta)
+		return 0, 0, nil
+	}
+	key = prevKey + kdelta
+	off = zeroOff
+	if kz&1 == 0 {
+		od := unzigzag(offDelta)
+		if od < -MaxOff-1 || od > MaxOff {
+			d.fail("page %d %s %d: offset delta %d", pi, what, j, od)
+			return 0, 0, nil
+		}
+		off = *nextOff + od
+		if off < 0 || off+int64(n)-1 > MaxOff {
+			d.fail("page %d %s %d: offsets [%d, +%d) out of range", pi, what, j, off, n)
+			return 0, 0, nil
+		}
+		*nextOff = off + int64(n)
+	}
+	if o = m.objs.get(key); o == nil {
+		d.fail("page %d %s %d: key %d is not a tracked object", pi, what, j, key)
+	}
+	return key, off, o
+}
+
 // decodeRuns reads the n version 3 runs of page pi, validating them and
 // counting them as live for their objects. It returns the runs and the
 // blocks they cover.
 func (m *Map) decodeRuns(d *decoder, pi int64, n int, runs []runEntry) ([]runEntry, int) {
-	prevEnd, prevKey, prevOff := 0, int64(0), int64(0)
+	prevEnd, prevKey, nextOff := 0, int64(0), int64(0)
 	var prevSeq uint64
 	blocks := 0
 	for j := 0; j < n && d.err == nil; j++ {
@@ -415,29 +427,8 @@ func (m *Map) decodeRuns(d *decoder, pi int64, n int, runs []runEntry) ([]runEnt
 			d.fail("page %d run %d: blocks past device end", pi, j)
 			break
 		}
-		kdelta := unzigzag(kz >> 1)
-		if kdelta < -MaxKey || kdelta > MaxKey {
-			d.fail("page %d run %d: key delta %d", pi, j, kdelta)
-			break
-		}
-		key := prevKey + kdelta
-		off := int64(zeroOff)
-		if !zero {
-			od := unzigzag(offDelta)
-			if od < -MaxOff-1 || od > MaxOff {
-				d.fail("page %d run %d: offset delta %d", pi, j, od)
-				break
-			}
-			off = prevOff + od
-			if off < 0 || off+int64(length)-1 > MaxOff {
-				d.fail("page %d run %d: offsets [%d, +%d) out of range", pi, j, off, length)
-				break
-			}
-			prevOff = off + int64(length)
-		}
-		o := m.objs.get(key)
+		key, off, o := m.decodeLoc(d, "run", pi, j, kz, offDelta, prevKey, &nextOff, length)
 		if o == nil {
-			d.fail("page %d run %d: key %d is not a tracked object", pi, j, key)
 			break
 		}
 		seq := prevSeq + uint64(unzigzag(seqDelta))
