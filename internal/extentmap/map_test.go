@@ -455,14 +455,7 @@ func TestSparseRebase(t *testing.T) {
 	if got := lookup(m, 0, 100); !slices.Equal(got, want) {
 		t.Fatalf("Lookup = %+v, want %+v", got, want)
 	}
-	data, err := m.MarshalBinary()
-	if err != nil {
-		t.Fatal(err)
-	}
-	m2, err := UnmarshalBinary(data)
-	if err != nil {
-		t.Fatal(err)
-	}
+	m2 := reload(t, m)
 	if got := lookup(m2, 0, 100); !slices.Equal(got, want) || m2.page(0).rn == nil {
 		t.Fatalf("decoded Lookup = %+v, want %+v (runs)", got, want)
 	}

@@ -64,19 +64,7 @@ func (m *Map) MarshalBinary() ([]byte, error) {
 	// lengths): not per written block, which for a sequentially written
 	// TiB would be 1.5 GiB.
 	b := make([]byte, 0, 64+6*(m.objs.tracked+m.runCap)+8*(m.sparseCap+m.dense*pageLen))
-	b = append(b, magic...)
-	b = binary.AppendUvarint(b, formatVersion)
-	b = binary.AppendUvarint(b, uint64(m.blocks))
-	b = binary.AppendUvarint(b, uint64(m.objs.tracked))
-	prev := int64(-1)
-	m.objs.each(func(key int64, o *object) bool {
-		b = binary.AppendUvarint(b, uint64(key-prev-1))
-		b = binary.AppendUvarint(b, uint64(o.total))
-		b = binary.AppendUvarint(b, uint64(o.start))
-		prev = key
-		return true
-	})
-	b = binary.AppendUvarint(b, uint64(m.pages))
+	b = m.appendHeader(b, formatVersion)
 	prevPage := int64(-1)
 	var scratch []byte
 	for ci, c := range m.dir {
@@ -348,6 +336,25 @@ func (m *Map) decodePage(d *decoder, pi int64, n int, buf []fullEntry) []fullEnt
 		prevIdx, prevKey, prevSeq = idx, key, seq
 	}
 	return buf
+}
+
+// appendHeader appends what every body version starts with: magic,
+// version, device blocks, the tracked objects (key delta, total, start)
+// and the page count.
+func (m *Map) appendHeader(b []byte, version uint64) []byte {
+	b = append(b, magic...)
+	b = binary.AppendUvarint(b, version)
+	b = binary.AppendUvarint(b, uint64(m.blocks))
+	b = binary.AppendUvarint(b, uint64(m.objs.tracked))
+	prev := int64(-1)
+	m.objs.each(func(key int64, o *object) bool {
+		b = binary.AppendUvarint(b, uint64(key-prev-1))
+		b = binary.AppendUvarint(b, uint64(o.total))
+		b = binary.AppendUvarint(b, uint64(o.start))
+		prev = key
+		return true
+	})
+	return binary.AppendUvarint(b, uint64(m.pages))
 }
 
 // decodeLoc decodes where an entry or run (what, number j of page pi)

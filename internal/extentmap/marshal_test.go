@@ -37,6 +37,20 @@ func sampleMap(t testing.TB, seed uint64) (*Map, *model) {
 	return m, md
 }
 
+// reload serializes m and decodes it again, failing t on any error.
+func reload(t testing.TB, m *Map) *Map {
+	t.Helper()
+	data, err := m.MarshalBinary()
+	if err != nil {
+		t.Fatal(err)
+	}
+	m2, err := UnmarshalBinary(data)
+	if err != nil {
+		t.Fatalf("decode the serialized map: %v", err)
+	}
+	return m2
+}
+
 func TestMarshalRoundTrip(t *testing.T) {
 	for seed := uint64(0); seed < 5; seed++ {
 		m, md := sampleMap(t, seed)
@@ -240,18 +254,7 @@ func TestUnmarshalRejectsBadRuns(t *testing.T) {
 // as bs3 wrote checkpoints before version 3: it checks that those still
 // load.
 func encodeV2(m *Map) []byte {
-	b := append([]byte(magic), 2)
-	b = binary.AppendUvarint(b, uint64(m.blocks))
-	b = binary.AppendUvarint(b, uint64(m.objs.tracked))
-	prev := int64(-1)
-	m.objs.each(func(key int64, o *object) bool {
-		b = binary.AppendUvarint(b, uint64(key-prev-1))
-		b = binary.AppendUvarint(b, uint64(o.total))
-		b = binary.AppendUvarint(b, uint64(o.start))
-		prev = key
-		return true
-	})
-	b = binary.AppendUvarint(b, uint64(m.pages))
+	b := m.appendHeader(nil, 2) // the header did not change in version 3
 	prevPage := int64(-1)
 	for pi := int64(0); pi<<pageShift < m.blocks; pi++ {
 		p := m.page(pi)
@@ -482,15 +485,7 @@ func TestAddObjectTotalBound(t *testing.T) {
 	if err := m.AddObject(1, MaxOff+1); err != nil {
 		t.Fatal(err)
 	}
-	data, err := m.MarshalBinary()
-	if err != nil {
-		t.Fatal(err)
-	}
-	m2, err := UnmarshalBinary(data)
-	if err != nil {
-		t.Fatalf("largest total does not round-trip: %v", err)
-	}
-	wantLive(t, m2, 1, 0, MaxOff+1)
+	wantLive(t, reload(t, m), 1, 0, MaxOff+1) // the largest total round-trips
 }
 
 // seedMap is a map of one shape for seeding and patching.

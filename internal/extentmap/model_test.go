@@ -348,14 +348,7 @@ func TestRandomAgainstModel(t *testing.T) {
 					}
 				}
 				// The serialized map must decode to the same observables.
-				data, err := m.MarshalBinary()
-				if err != nil {
-					t.Fatal(err)
-				}
-				m2, err := UnmarshalBinary(data)
-				if err != nil {
-					t.Fatalf("round trip: %v", err)
-				}
+				m2 := reload(t, m)
 				check(t, m2, md)
 				// And keep working after decoding.
 				randomOps(t, rng, m2, md, 200, &nextKey)
@@ -497,15 +490,7 @@ func TestRunsAgainstModel(t *testing.T) {
 	roundTrip := func() {
 		t.Helper()
 		check(t, m, md)
-		data, err := m.MarshalBinary()
-		if err != nil {
-			t.Fatal(err)
-		}
-		m2, err := UnmarshalBinary(data)
-		if err != nil {
-			t.Fatal(err)
-		}
-		check(t, m2, md)
+		check(t, reload(t, m), md)
 	}
 
 	sequential(0, blocks)
@@ -623,14 +608,6 @@ func FuzzUpdatesAgainstModel(f *testing.F) {
 			}
 		}
 		check(t, m, md)
-		data, err := m.MarshalBinary()
-		if err != nil {
-			t.Fatal(err)
-		}
-		m2, err := UnmarshalBinary(data)
-		if err != nil {
-			t.Fatal(err)
-		}
-		check(t, m2, md)
+		check(t, reload(t, m), md)
 	})
 }
