@@ -37,16 +37,23 @@ func (s slowStore) GetRange(ctx context.Context, name string, off int64, buf []b
 }
 
 // fetchEngine writes blocks [0, blocks) in 256-block writes and returns
-// the engine, its model and its cache, purged.
+// the engine, its model and its cache, purged: a 64 MiB device with a
+// cache of 64 MiB (64 KiB windows, 256 KiB fetch span).
 func fetchEngine(t *testing.T, st store.Store, blocks int64) (*enginetest.Engine, *vmodel, *cache.Cache) {
 	t.Helper()
+	return fetchEngineSized(t, st, blocks, 64*mib, 64*mib)
+}
+
+// fetchEngineSized is fetchEngine with the cache and device sizes given.
+func fetchEngineSized(t *testing.T, st store.Store, blocks, cacheBytes, devBytes int64) (*enginetest.Engine, *vmodel, *cache.Cache) {
+	t.Helper()
 	const bs = 4096
-	rc, err := cache.New(cache.Options{MemoryBytes: 64 * mib, Window: 64 * kib, FetchSize: 256 * kib})
+	rc, err := cache.New(cache.Options{MemoryBytes: cacheBytes, Window: 64 * kib, FetchSize: 256 * kib})
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(rc.Close)
-	e := enginetest.Open(t, st, enginetest.Options{Size: 64 * mib, BlockSize: bs, ChunkSize: 4 * mib, Cache: rc})
+	e := enginetest.Open(t, st, enginetest.Options{Size: devBytes, BlockSize: bs, ChunkSize: 4 * mib, Cache: rc})
 	m := newVModel(bs)
 	for b := int64(0); b < blocks; b += 256 {
 		m.write(t, e.Dev, b, 256)
@@ -152,18 +159,7 @@ func TestFetchScatteredWhole(t *testing.T) {
 // scattered object, with the cache purged.
 func scatteredEngine(t *testing.T) (*enginetest.Engine, *vmodel, *cache.Cache, int64) {
 	t.Helper()
-	const bs = 4096
-	rc, err := cache.New(cache.Options{MemoryBytes: 64 * mib, Window: 64 * kib, FetchSize: 256 * kib})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(rc.Close)
-	e := enginetest.Open(t, mem.New(), enginetest.Options{Size: 64 * mib, BlockSize: bs, ChunkSize: 4 * mib, Cache: rc})
-	m := newVModel(bs)
-	for b := int64(0); b < 4096; b += 256 {
-		m.write(t, e.Dev, b, 256)
-	}
-	drainEngine(t, e)
+	e, m, rc := fetchEngine(t, mem.New(), 4096)
 	for b := int64(0); b < 4096; b += 8 { // 512 blocks, 2 MiB, in one object
 		m.write(t, e.Dev, b, 1)
 	}
@@ -264,19 +260,8 @@ func TestOneLookupPerWindow(t *testing.T) {
 // object's windows out, and its readahead runs no further ahead than the
 // stream tier holds.
 func TestStreamKeepsScattered(t *testing.T) {
-	const bs = 4096
-	rc, err := cache.New(cache.Options{MemoryBytes: 16 * mib, Window: 64 * kib, FetchSize: 256 * kib})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(rc.Close)
-	e := enginetest.Open(t, mem.New(), enginetest.Options{Size: 128 * mib, BlockSize: bs, ChunkSize: 4 * mib, Cache: rc})
-	m := newVModel(bs)
 	const blocks = 16384 // 64 MiB
-	for b := int64(0); b < blocks; b += 256 {
-		m.write(t, e.Dev, b, 256)
-	}
-	drainEngine(t, e)
+	e, m, rc := fetchEngineSized(t, mem.New(), blocks, 16*mib, 128*mib)
 	for b := int64(5); b < blocks; b += 128 { // 128 blocks, 512 KiB, in one object
 		m.write(t, e.Dev, b, 1)
 	}
