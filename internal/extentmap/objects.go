@@ -123,9 +123,7 @@ func (s *objects) track(key int64) (*object, error) {
 
 // drop decrements the live count of key, which an entry referenced and so
 // is tracked.
-func (s *objects) drop(key int64) {
-	s.top[key>>topShift-s.base].c[key>>objShift&midMask].o[key&objMask].live--
-}
+func (s *objects) drop(key int64) { s.dropN(key, 1) }
 
 // dropN decrements the live count of key, which entries referenced, by n.
 func (s *objects) dropN(key, n int64) {
