@@ -238,7 +238,8 @@ func (v *Volume) planObject(key int64, pieces []readPiece, wide bool, whole int6
 		}
 	} else if per := v.fetchSpan(once) / w; wide && per > 1 {
 		for win := range missing {
-			for x := win / per * per; x < (win/per+1)*per && (size == 0 || x*w < size); x++ {
+			lo, hi := spanWindows(win, per, size, w)
+			for x := lo; x < hi; x++ {
 				if !want[x] && !v.cache.Contains(v.cacheKey(key, x)) {
 					want[x] = true
 				}
@@ -279,6 +280,17 @@ func (v *Volume) planObject(key int64, pieces []readPiece, wide bool, whole int6
 	}
 	plan.runs = v.coalesceUpTo(key, spans, once, limit)
 	return plan
+}
+
+// spanWindows is the windows [lo, hi) of the aligned span of per windows
+// of w bytes that holds window win, cut at the object's data size when it
+// is known (size > 0).
+func spanWindows(win, per, size, w int64) (lo, hi int64) {
+	lo, hi = win/per*per, (win/per+1)*per
+	if size > 0 {
+		hi = min(hi, (size+w-1)/w)
+	}
+	return lo, hi
 }
 
 // fetchSpan is the aligned span a wide read fetches around a miss:
@@ -816,10 +828,8 @@ func (v *Volume) prefetch(ctx context.Context, s *raStream, block, n int64) erro
 					continue
 				}
 				seen[win] = true
-				for x := win; x < win+per; x++ {
-					if size, ok := dataSize[key]; ok && x*w >= size {
-						break
-					}
+				lo, hi := spanWindows(win, per, dataSize[key], w)
+				for x := lo; x < hi; x++ {
 					if k := v.cacheKey(key, x); !v.cache.Contains(k) {
 						lacking = append(lacking, k)
 					}
