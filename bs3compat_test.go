@@ -67,8 +67,10 @@ pretty = false
 	logs.waitFor(t, `"log.level":"debug"`, time.Second)
 
 	stopCleanly(t, cmd)
-	logs.waitFor(t, "stopped cleanly", time.Second)
-	logs.waitFor(t, `"level":"debug"`, time.Second) // level = 0 took effect
+	// Waits are generous: under load the last lines can take a while to
+	// reach the reader; a line that appears returns at once.
+	logs.waitFor(t, "stopped cleanly", 30*time.Second)
+	logs.waitFor(t, `"level":"debug"`, 30*time.Second) // level = 0 took effect
 	// The log lines (bs3 also prints the export for a human, as text).
 	var all []string
 	logs.mu.Lock()
