@@ -142,12 +142,16 @@ func New(o Options) (*Cache, error) {
 		// replacement, invalidation), so that mainUsed never lags.
 		OnAtomicDeletion: func(e otter.DeletionEvent[Key, *entry]) {
 			c.mainUsed.Add(-weight(e.Key, e.Value))
+			if e.Cause.IsEviction() {
+				c.evicted(e.Key, e.Value)
+			}
 		},
 	})
 	if err != nil {
 		return nil, fmt.Errorf("create the memory cache: %w", err)
 	}
 	c.mem = mem
+	c.stream.evicted = c.evicted
 	if o.Dir != "" {
 		if o.DiskBytes <= 0 {
 			return nil, fmt.Errorf("cache disk size %d: must be positive with a cache directory", o.DiskBytes)
@@ -177,7 +181,14 @@ func (c *Cache) FetchSize() int64 { return c.fetch }
 // Get returns the bytes cached for k (shared: never modify them) and
 // counts a hit or a miss. A window of the stream tier used a second time
 // moves to the main tier.
-func (c *Cache) Get(k Key) ([]byte, bool) {
+func (c *Cache) Get(k Key) ([]byte, bool) { return c.get(k, false) }
+
+// GetStream is Get for a sequential stream's read: a window it loads from
+// the disk tier is kept in memory as PutStream keeps one, so that a stream
+// read back from disk does not push the hot set out of the main tier.
+func (c *Cache) GetStream(k Key) ([]byte, bool) { return c.get(k, true) }
+
+func (c *Cache) get(k Key, once bool) ([]byte, bool) {
 	e, ok := c.mem.GetIfPresent(k)
 	if !ok {
 		var again bool
@@ -189,7 +200,11 @@ func (c *Cache) Get(k Key) ([]byte, bool) {
 		var v []byte
 		if v, ok = c.disk.get(k); ok {
 			e = &entry{data: v}
-			c.setMain(k, e)
+			if once {
+				c.keepStream(k, e)
+			} else {
+				c.setMain(k, e)
+			}
 		}
 	}
 	if !ok {
@@ -228,12 +243,18 @@ func (c *Cache) PutStream(k Key, data []byte, ahead bool) {
 	}
 	e := &entry{data: data}
 	e.ahead.Store(ahead)
+	c.keepStream(k, e)
+	c.stored(k, data)
+}
+
+// keepStream stores e, a window a stream takes once, in the main tier
+// while it is less than three quarters full, else in the stream tier.
+func (c *Cache) keepStream(k Key, e *entry) {
 	if c.mainUsed.Load()+weight(k, e) <= c.mainMax/4*3 {
 		c.setMain(k, e)
 	} else {
 		c.stream.put(k, e)
 	}
-	c.stored(k, data)
 }
 
 // valid reports whether data can be the content of window k: not empty,
@@ -257,6 +278,17 @@ func (c *Cache) put(k Key, data []byte, ahead bool) {
 func (c *Cache) setMain(k Key, e *entry) {
 	c.mainUsed.Add(weight(k, e))
 	c.mem.Set(k, e)
+}
+
+// evicted gives a window leaving memory for room a second chance at the
+// disk tier: its write when it was stored may have been dropped (a full
+// queue while a fast read fetched), and what memory held is what a
+// restart wants on disk. It never blocks (it runs inside the cache's
+// eviction).
+func (c *Cache) evicted(k Key, e *entry) {
+	if c.disk != nil {
+		c.disk.putEvicted(k, e.data)
+	}
 }
 
 // stored writes window k to the disk tier and counts it.
@@ -341,19 +373,16 @@ func (c *Cache) CountFetch(n int, readahead bool) {
 	}
 }
 
-// Contains reports whether window k is cached (memory, or a verified disk
-// file, which it loads into memory), without counting a hit or a miss.
+// Contains reports whether window k is cached, in memory or on disk,
+// without counting a hit or a miss and without loading it: planning a
+// fetch asks this of many windows ahead, and loading them all would push
+// out what is read now. A window on disk that then fails its checks is a
+// miss for the read that gets it, which fetches it.
 func (c *Cache) Contains(k Key) bool {
 	if _, ok := c.mem.GetIfPresent(k); ok || c.stream.contains(k) {
 		return true
 	}
-	if c.disk != nil {
-		if v, ok := c.disk.get(k); ok {
-			c.setMain(k, &entry{data: v})
-			return true
-		}
-	}
-	return false
+	return c.disk != nil && c.disk.contains(k)
 }
 
 // CountReturned records bytes of mapped data returned to a reader.
@@ -384,9 +413,9 @@ type Stats struct {
 	MemoryBytes    int64 // weight held now
 	MemoryLimit    int64
 	DiskHits       int64 // windows served from disk (verified)
-	DiskDropped    int64 // files removed because a check failed
-	DiskWritten    int64
-	DiskEvicted    int64
+	DiskDropped    int64 // records (or segment tails) dropped because a check failed
+	DiskWritten    int64 // records appended
+	DiskEvicted    int64 // records freed with their segment for room
 	DiskBytes      int64
 }
 

@@ -5,6 +5,8 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"sync"
+	"sync/atomic"
 	"testing"
 
 	"github.com/rs/zerolog"
@@ -77,79 +79,137 @@ func TestDiskSurvivesRestart(t *testing.T) {
 	}
 }
 
-// TestDiskRefusesDamagedAndForeignFiles flips one byte at several places
-// of a file, puts another volume's file under this volume's name, another
-// key's under this key's name, and reopens with another window size:
-// each is a miss, and the file is removed.
-func TestDiskRefusesDamagedAndForeignFiles(t *testing.T) {
+// recordOf finds window k's record on disk: the segment's path and the
+// record's offset and size.
+func recordOf(t *testing.T, dir string, win int64, seal Sealer, k Key) (string, int64, int64) {
+	t.Helper()
+	d, err := openDisk(dir, 1<<30, win, seal, zerolog.Nop())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.close()
+	loc, ok := d.index[k]
+	if !ok {
+		t.Fatalf("window %+v is not on disk", k)
+	}
+	return filepath.Join(dir, loc.seg.rel), loc.off, loc.size
+}
+
+// overwrite writes b at off of the file p, in place.
+func overwrite(t *testing.T, p string, off int64, b []byte) {
+	t.Helper()
+	f, err := os.OpenFile(p, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.WriteAt(b, off); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Close(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func readAt(t *testing.T, p string, off, n int64) []byte {
+	t.Helper()
+	f, err := os.Open(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	b := make([]byte, n)
+	if _, err := f.ReadAt(b, off); err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+// TestDiskRefusesDamagedAndForeignRecords flips one byte at several places
+// of a record, cuts its segment inside it, copies another volume's record
+// and another key's over it, and reopens with another window size: each
+// time the window is a miss that counts as dropped, and once it is put
+// again a restart serves the fresh record, not the bad one.
+func TestDiskRefusesDamagedAndForeignRecords(t *testing.T) {
 	const w = 16 << 10
 	k := Key{Volume: volA, Object: 3, Window: 1}
-	rel := filepath.Join(volA, "0000000000000003-1")
+	otherVol := Key{Volume: volB, Object: 3, Window: 1}
+	otherKey := Key{Volume: volA, Object: 4, Window: 1}
+	put := func(c *Cache) {
+		c.Put(k, pattern(w, 2))
+		c.Put(otherVol, pattern(w, 3))
+		c.Put(otherKey, pattern(w, 4))
+	}
 	prepare := func(t *testing.T) string {
 		dir := t.TempDir()
 		c := newDisk(t, dir, 1<<20, w)
-		c.Put(k, pattern(w, 2))
-		c.Put(Key{Volume: volB, Object: 3, Window: 1}, pattern(w, 3))
-		c.Put(Key{Volume: volA, Object: 4, Window: 1}, pattern(w, 4))
+		put(c)
 		c.Close()
 		return dir
 	}
-	check := func(t *testing.T, dir string, window int64) {
+	check := func(t *testing.T, c *Cache, dir string, window, dropped int64) {
 		t.Helper()
-		c := newDisk(t, dir, 1<<20, window)
-		if got, ok := c.Get(Key{Volume: k.Volume, Object: k.Object, Window: k.Window}); ok {
-			t.Fatalf("served a bad file (%d bytes, equal to the original %v)", len(got), bytes.Equal(got, pattern(w, 2)))
+		if got, ok := c.Get(k); ok {
+			t.Fatalf("served a bad record (%d bytes, equal to the original %v)", len(got), bytes.Equal(got, pattern(w, 2)))
 		}
-		if s := c.Stats(); s.DiskDropped != 1 {
-			t.Fatalf("dropped %d files, want 1", s.DiskDropped)
+		if s := c.Stats(); s.DiskDropped != dropped || s.DiskHits != 0 {
+			t.Fatalf("dropped %d records, %d disk hits; want %d dropped, no hit", s.DiskDropped, s.DiskHits, dropped)
 		}
-		if _, err := os.Stat(filepath.Join(dir, rel)); !os.IsNotExist(err) {
-			t.Fatalf("bad file still there: %v", err)
+		c.Put(k, pattern(w, 2)) // as a refetch does
+		c.Close()
+		c = newDisk(t, dir, 1<<20, window)
+		if got, ok := c.Get(k); !ok || !bytes.Equal(got, pattern(w, 2)) {
+			t.Fatalf("after a refetch and a restart: found %v, equal %v", ok, bytes.Equal(got, pattern(w, 2)))
 		}
 	}
-	for _, at := range []int{0, 9, 20, 40, 60, 100, -1, -w / 2} { // magic, header fields, id, CRCs, data
+	for _, at := range []int64{0, 9, 20, 40, 60, 100, -1, -w / 2} { // magic, header fields, id, CRCs, data
 		t.Run("flip", func(t *testing.T) {
 			dir := prepare(t)
-			p := filepath.Join(dir, rel)
-			b, err := os.ReadFile(p)
-			if err != nil {
-				t.Fatal(err)
+			p, off, size := recordOf(t, dir, w, nil, k)
+			if at < 0 {
+				at += size
 			}
-			i := at
-			if i < 0 {
-				i += len(b)
-			}
-			b[i] ^= 0x10
-			if err := os.WriteFile(p, b, 0o600); err != nil {
-				t.Fatal(err)
-			}
-			check(t, dir, w)
+			b := readAt(t, p, off+at, 1)
+			b[0] ^= 0x10
+			overwrite(t, p, off+at, b)
+			check(t, newDisk(t, dir, 1<<20, w), dir, w, 1)
 		})
 	}
 	t.Run("truncated", func(t *testing.T) {
 		dir := prepare(t)
-		if err := os.Truncate(filepath.Join(dir, rel), 100); err != nil {
+		p, off, _ := recordOf(t, dir, w, nil, k)
+		if err := os.Truncate(p, off+100); err != nil {
 			t.Fatal(err)
 		}
-		check(t, dir, w)
+		check(t, newDisk(t, dir, 1<<20, w), dir, w, 1)
 	})
 	t.Run("other volume", func(t *testing.T) {
 		dir := prepare(t)
-		if err := os.Rename(filepath.Join(dir, volB, "0000000000000003-1"), filepath.Join(dir, rel)); err != nil {
-			t.Fatal(err)
+		p, off, size := recordOf(t, dir, w, nil, k)
+		q, qoff, qsize := recordOf(t, dir, w, nil, otherVol)
+		if qsize != size {
+			t.Fatalf("records of %d and %d bytes", size, qsize)
 		}
-		check(t, dir, w)
+		overwrite(t, p, off, readAt(t, q, qoff, qsize))
+		check(t, newDisk(t, dir, 1<<20, w), dir, w, 1)
 	})
 	t.Run("other key", func(t *testing.T) {
-		dir := prepare(t)
-		if err := os.Rename(filepath.Join(dir, volA, "0000000000000004-1"), filepath.Join(dir, rel)); err != nil {
-			t.Fatal(err)
-		}
-		check(t, dir, w)
+		// With the tier running, so that its index still points there.
+		dir := t.TempDir()
+		c := newDisk(t, dir, 1<<20, w)
+		put(c)
+		c.Sync()
+		c.Purge()
+		d := c.disk
+		d.mu.Lock()
+		loc, oloc := d.index[k], d.index[otherKey]
+		d.mu.Unlock()
+		p := filepath.Join(dir, loc.seg.rel)
+		overwrite(t, p, loc.off, readAt(t, p, oloc.off, oloc.size))
+		check(t, c, dir, w, 1)
 	})
 	t.Run("other window size", func(t *testing.T) {
 		dir := prepare(t)
-		check(t, dir, 2*w)
+		check(t, newDisk(t, dir, 1<<20, 2*w), dir, 2*w, 3)
 	})
 }
 
@@ -212,5 +272,260 @@ func TestDiskSkipsUnsafeVolumeIDs(t *testing.T) {
 	c.Sync()
 	if f := files(t, dir); len(f) != 0 {
 		t.Fatalf("files written for unsafe ids: %v", f)
+	}
+}
+
+// TestDiskKeepsWhatIsRead: a window read while its segment is among the
+// oldest is appended again, so it survives the segment being freed; an
+// unread window of the same segment does not.
+func TestDiskKeepsWhatIsRead(t *testing.T) {
+	dir := t.TempDir()
+	const (
+		w     = 64 << 10
+		limit = 4 << 20 // segments of 256 KiB: three windows each
+	)
+	c := newDisk(t, dir, limit, w)
+	put := func(from, to int) {
+		for i := from; i < to; i++ {
+			c.Put(Key{Volume: volA, Object: int64(i)}, pattern(w, byte(i)))
+			c.Sync() // the queue must not drop any
+		}
+	}
+	put(0, 40)
+	c.Purge()
+	if got, ok := c.Get(Key{Volume: volA, Object: 0}); !ok || !bytes.Equal(got, pattern(w, 0)) {
+		t.Fatal("window 0 not served from disk")
+	}
+	c.Sync()
+	put(40, 80) // frees the first segments many times over
+	c.Purge()
+	if got, ok := c.Get(Key{Volume: volA, Object: 0}); !ok || !bytes.Equal(got, pattern(w, 0)) {
+		t.Fatal("window 0, read while old, was freed with its segment")
+	}
+	if _, ok := c.Get(Key{Volume: volA, Object: 1}); ok {
+		t.Fatal("window 1, never read, outlived its segment (the limit is not enforced?)")
+	}
+}
+
+// TestDiskTornTail: a crash in the middle of an append leaves a cut
+// record at the end of a segment; a restart serves every record before it
+// and drops the cut one.
+func TestDiskTornTail(t *testing.T) {
+	dir := t.TempDir()
+	const w = 16 << 10
+	c := newDisk(t, dir, 1<<20, w)
+	for i := range 4 {
+		c.Put(Key{Volume: volA, Object: 9, Window: int64(i)}, pattern(w, byte(i)))
+	}
+	c.Close()
+	p, off, size := recordOf(t, dir, w, nil, Key{Volume: volA, Object: 9, Window: 3})
+	if err := os.Truncate(p, off+size/2); err != nil {
+		t.Fatal(err)
+	}
+	c = newDisk(t, dir, 1<<20, w)
+	for i := range 3 {
+		if got, ok := c.Get(Key{Volume: volA, Object: 9, Window: int64(i)}); !ok || !bytes.Equal(got, pattern(w, byte(i))) {
+			t.Fatalf("window %d before the torn record: found %v", i, ok)
+		}
+	}
+	if _, ok := c.Get(Key{Volume: volA, Object: 9, Window: 3}); ok {
+		t.Fatal("the torn record was served")
+	}
+	if s := c.Stats(); s.DiskDropped != 1 {
+		t.Fatalf("dropped %d, want 1 (the torn record)", s.DiskDropped)
+	}
+}
+
+// TestDiskDirectoryOfAnotherProcess: a second tier over a directory
+// whose volume directory is in use (flock'ed) neither serves nor writes
+// nor frees anything there.
+func TestDiskDirectoryOfAnotherProcess(t *testing.T) {
+	dir := t.TempDir()
+	const w = 16 << 10
+	first := newDisk(t, dir, 1<<20, w)
+	k := Key{Volume: volA, Object: 1}
+	first.Put(k, pattern(w, 1))
+	first.Sync()
+	before := files(t, dir)
+	second := newDisk(t, dir, 64<<10, w) // a limit the first's segment exceeds
+	if _, ok := second.Get(k); ok {
+		t.Fatal("the second tier served a window of a directory in use")
+	}
+	for i := range 20 {
+		second.Put(Key{Volume: volA, Object: int64(100 + i)}, pattern(w, 2))
+	}
+	second.Sync()
+	if after := files(t, dir); len(after) != len(before) {
+		t.Fatalf("files changed under the second tier: %v, then %v", before, after)
+	}
+	first.Purge()
+	if got, ok := first.Get(k); !ok || !bytes.Equal(got, pattern(w, 1)) {
+		t.Fatal("the first tier lost its window")
+	}
+	// Once the first is gone, the directory is free to use.
+	first.Close()
+	second.Close()
+	third := newDisk(t, dir, 1<<20, w)
+	if got, ok := third.Get(k); !ok || !bytes.Equal(got, pattern(w, 1)) {
+		t.Fatal("after both closed, the window is not served")
+	}
+}
+
+// TestDiskFormerFormatRemoved: files of the one-file-per-window format
+// are removed at start-up, other files are left alone.
+func TestDiskFormerFormatRemoved(t *testing.T) {
+	dir := t.TempDir()
+	vd := filepath.Join(dir, volA)
+	if err := os.MkdirAll(vd, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	for _, name := range []string{"0000000000000003-1", ".tmp-123", "notes.txt"} {
+		if err := os.WriteFile(filepath.Join(vd, name), []byte("x"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	newDisk(t, dir, 1<<20, 16<<10)
+	f := files(t, dir)
+	if len(f) != 1 || f[filepath.Join(volA, "notes.txt")] != 1 {
+		t.Fatalf("files left: %v; want only notes.txt", f)
+	}
+}
+
+// TestDiskConcurrentReadsAndEviction reads windows while a writer pushes
+// the tier through its limit many times (run with -race): every hit has
+// the bytes put for its key.
+func TestDiskConcurrentReadsAndEviction(t *testing.T) {
+	dir := t.TempDir()
+	const (
+		w = 16 << 10
+		n = 600
+	)
+	c := newDisk(t, dir, 1<<20, w)
+	done := make(chan struct{})
+	var hits atomic.Int64
+	var wg sync.WaitGroup
+	for r := range 4 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := r; ; i = (i + 7) % n {
+				select {
+				case <-done:
+					return
+				default:
+				}
+				k := Key{Volume: volA, Object: int64(i)}
+				if !c.disk.contains(k) {
+					continue
+				}
+				got, ok := c.disk.get(k)
+				if ok {
+					hits.Add(1)
+					if !bytes.Equal(got, pattern(w, byte(i))) {
+						t.Errorf("window %d: wrong bytes", i)
+						return
+					}
+				}
+			}
+		}()
+	}
+	for i := range n {
+		c.Put(Key{Volume: volA, Object: int64(i)}, pattern(w, byte(i)))
+		if i%16 == 0 {
+			c.Sync()
+		}
+	}
+	c.Sync()
+	close(done)
+	wg.Wait()
+	if hits.Load() == 0 {
+		t.Fatal("no read found a window on disk")
+	}
+	if s := c.Stats(); s.DiskDropped != 0 || s.DiskEvicted == 0 {
+		t.Fatalf("dropped %d, evicted %d; want none dropped (a read must never see a freed segment) and evictions", s.DiskDropped, s.DiskEvicted)
+	}
+}
+
+// TestContainsDoesNotLoad: Contains reports a window that is only on disk
+// without reading it into memory (planning asks it of many windows ahead).
+func TestContainsDoesNotLoad(t *testing.T) {
+	dir := t.TempDir()
+	const w = 16 << 10
+	c := newDisk(t, dir, 1<<20, w)
+	k := Key{Volume: volA, Object: 2}
+	c.Put(k, pattern(w, 1))
+	c.Sync()
+	c.Purge()
+	if !c.Contains(k) {
+		t.Fatal("a window on disk is not reported")
+	}
+	if s := c.Stats(); s.DiskHits != 0 || c.MemoryUsed() != 0 {
+		t.Fatalf("Contains read the window: %d disk hits, %d bytes in memory", s.DiskHits, c.MemoryUsed())
+	}
+	if c.Contains(Key{Volume: volA, Object: 3}) {
+		t.Fatal("a window nowhere is reported")
+	}
+}
+
+// TestGetStreamKeepsDiskWindowsOutOfMain: once the main tier is three
+// quarters full, a window a stream reads back from disk goes to the stream
+// tier, as a fetched one would; a plain Get puts it in the main tier.
+func TestGetStreamKeepsDiskWindowsOutOfMain(t *testing.T) {
+	dir := t.TempDir()
+	const w = 16 << 10
+	c := newDisk(t, dir, 1<<20, w)
+	onDisk := []Key{{Volume: volA, Object: 1}, {Volume: volA, Object: 2}}
+	for _, k := range onDisk {
+		c.Put(k, pattern(w, 1))
+	}
+	c.Sync()
+	c.Purge()
+	for i := int64(0); c.mainUsed.Load() <= c.mainMax/4*3; i++ {
+		c.setMain(Key{Volume: volB, Object: 100 + i}, &entry{data: pattern(w, 2)}) // memory only
+	}
+	if _, ok := c.GetStream(onDisk[0]); !ok {
+		t.Fatal("GetStream: not served from disk")
+	}
+	if !c.stream.contains(onDisk[0]) {
+		t.Fatal("GetStream put the disk window in the main tier")
+	}
+	if _, ok := c.Get(onDisk[1]); !ok {
+		t.Fatal("Get: not served from disk")
+	}
+	if c.stream.contains(onDisk[1]) {
+		t.Fatal("Get put the disk window in the stream tier")
+	}
+	if _, ok := c.mem.GetIfPresent(onDisk[1]); !ok {
+		t.Fatal("Get did not keep the disk window in the main tier")
+	}
+}
+
+// TestEvictedWindowsReachDisk: a window whose disk write never happened
+// (its queue was full) is written when memory evicts it, from the main
+// tier and from the stream tier.
+func TestEvictedWindowsReachDisk(t *testing.T) {
+	dir := t.TempDir()
+	const w = 16 << 10
+	c := newDisk(t, dir, 64<<20, w) // holds every window written here
+	main, streamed := Key{Volume: volA, Object: 1}, Key{Volume: volA, Object: 2}
+	c.setMain(main, &entry{data: pattern(w, 1)}) // stored in memory, not on disk
+	c.stream.put(streamed, &entry{data: pattern(w, 2)})
+	for i := range 4 * int(c.max) / w {
+		c.Put(Key{Volume: volB, Object: int64(100 + i)}, pattern(w, 3))
+		c.PutStream(Key{Volume: volB, Object: int64(100000 + i)}, pattern(w, 4), false)
+		c.mem.CleanUp() // evictions now, not in one burst at the end
+		if i%16 == 0 {
+			c.Sync() // room in the queue: no write may be dropped here
+		}
+	}
+	c.mem.CleanUp()
+	c.Sync()
+	for _, k := range []Key{main, streamed} {
+		if _, ok := c.mem.GetIfPresent(k); ok || c.stream.contains(k) {
+			t.Fatalf("window %d still in memory", k.Object)
+		}
+		if !c.disk.contains(k) {
+			t.Fatalf("window %d, evicted, is not on disk", k.Object)
+		}
 	}
 }

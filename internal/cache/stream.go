@@ -23,6 +23,9 @@ type streamTier struct {
 	used  int64
 	items map[Key]*list.Element // of *streamEntry
 	order list.List             // oldest first
+	// evicted, when set, is told of each window dropped for room (under
+	// mu: it must not block).
+	evicted func(Key, *entry)
 }
 
 type streamEntry struct {
@@ -52,7 +55,12 @@ func (s *streamTier) put(k Key, e *entry) {
 	s.items[k] = s.order.PushBack(&streamEntry{key: k, e: e})
 	s.used += w
 	for s.used > s.max {
-		s.remove(s.order.Front())
+		el := s.order.Front()
+		s.remove(el)
+		if s.evicted != nil {
+			se := el.Value.(*streamEntry)
+			s.evicted(se.key, se.e)
+		}
 	}
 }
 

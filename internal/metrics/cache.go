@@ -47,9 +47,9 @@ func newCacheCollector(c cacheSource) *cacheCollector {
 		m("memory_bytes", gauge, "Bytes the memory tier holds (data plus a per-entry overhead).", func(s cache.Stats) int64 { return s.MemoryBytes }),
 		m("memory_limit_bytes", gauge, "Bound of the memory tier (cache.memory_size).", func(s cache.Stats) int64 { return s.MemoryLimit }),
 		m("disk_hits_total", cnt, "Windows served from the disk tier after their checks passed.", func(s cache.Stats) int64 { return s.DiskHits }),
-		m("disk_dropped_total", cnt, "Disk tier files removed because a check failed (damaged or foreign).", func(s cache.Stats) int64 { return s.DiskDropped }),
-		m("disk_written_total", cnt, "Files written to the disk tier.", func(s cache.Stats) int64 { return s.DiskWritten }),
-		m("disk_evicted_total", cnt, "Files evicted from the disk tier to stay under its limit.", func(s cache.Stats) int64 { return s.DiskEvicted }),
+		m("disk_dropped_total", cnt, "Disk tier records (or unreadable segment tails) dropped because a check failed (damaged, torn or foreign).", func(s cache.Stats) int64 { return s.DiskDropped }),
+		m("disk_written_total", cnt, "Window records appended to the disk tier.", func(s cache.Stats) int64 { return s.DiskWritten }),
+		m("disk_evicted_total", cnt, "Window records freed with their segment to keep the disk tier under its limit.", func(s cache.Stats) int64 { return s.DiskEvicted }),
 		m("disk_bytes", gauge, "Bytes the disk tier counts against cache.disk_size.", func(s cache.Stats) int64 { return s.DiskBytes }),
 	}}
 }

@@ -441,7 +441,8 @@ func newDiskCache(tb testing.TB, dir string) *cache.Cache {
 	return c
 }
 
-// damage flips one byte in the data of every cache file under dir.
+// damage flips bytes in every cache file under dir, so that every record
+// in it is damaged; it returns the number of files.
 func damage(tb testing.TB, dir string) int {
 	tb.Helper()
 	n := 0
@@ -453,7 +454,11 @@ func damage(tb testing.TB, dir string) int {
 		if err != nil {
 			return err
 		}
-		b[len(b)-1-n%len(b)%4096] ^= 0x40
+		// Every 64th byte: every record of a segment (64 bytes or more,
+		// header included) has one flipped.
+		for i := 0; i < len(b); i += 64 {
+			b[i] ^= 0x40
+		}
 		n++
 		return os.WriteFile(p, b, 0o600)
 	})
@@ -747,8 +752,8 @@ func TestEncryptedDiskCache(t *testing.T) {
 // warmThenDamaged restarts twice through run, which attaches with the disk
 // cache in dir, reads every block back and returns the cache's stats: a
 // warm restart is served from disk without a fetch; after every file is
-// damaged, every damaged file is looked up and dropped, so none is served,
-// and the only disk hits are of files that run wrote again after a
+// damaged, every damaged segment is dropped (at least one drop each), so
+// no record is served, and the only disk hits are of windows that run wrote again after a
 // refetch (a lookup that finds a window on disk before memory, e.g. while
 // planning a stream's fetch of a whole object).
 func warmThenDamaged(t *testing.T, dir string, run func(name string) cache.Stats) {

@@ -217,7 +217,7 @@ func (v *Volume) planObject(key int64, pieces []readPiece, wide bool, whole int6
 		return plan
 	}
 	w := v.cache.Window()
-	missing := v.serveCached(key, pieces, nil)
+	missing := v.serveCached(key, pieces, nil, once)
 	if len(missing) == 0 && whole == 0 {
 		return plan // all cached: the common case of a hot set
 	}
@@ -355,11 +355,16 @@ func (v *Volume) release(p *objectPlan) {
 }
 
 // serveCached copies into the pieces what the cache holds, and returns
-// the windows it lacks. only, when not nil, limits it to those windows.
+// the windows it lacks. only, when not nil, limits it to those windows;
+// once marks a stream's read (Cache.GetStream).
 // Each window is looked up once, however many pieces it holds: a window
 // of the stream tier moves to the main tier on its second use, and one
 // read is one use (docs/ARCHITECTURE.md §1, read path).
-func (v *Volume) serveCached(key int64, pieces []readPiece, only map[int64]*flight) map[int64]bool {
+func (v *Volume) serveCached(key int64, pieces []readPiece, only map[int64]*flight, once bool) map[int64]bool {
+	get := v.cache.Get
+	if once {
+		get = v.cache.GetStream
+	}
 	w := v.cache.Window()
 	var missing map[int64]bool
 	var lastWin int64 = -1 // pieces come in device order, mostly in window order too
@@ -377,7 +382,7 @@ func (v *Volume) serveCached(key int64, pieces []readPiece, only map[int64]*flig
 			data, ok := last, win == lastWin
 			if !ok {
 				if data, ok = seen[win]; !ok {
-					data, ok = v.cache.Get(v.cacheKey(key, win))
+					data, ok = get(v.cacheKey(key, win))
 					if ok {
 						if lastWin >= 0 {
 							if seen == nil {
@@ -431,7 +436,7 @@ func (v *Volume) awaitFlights(ctx context.Context, plan *objectPlan) ([]fetchRun
 			return nil, fmt.Errorf("wait for the fetch of key %d: %w", plan.key, ctx.Err())
 		}
 	}
-	missing := v.serveCached(plan.key, plan.pieces, plan.waits)
+	missing := v.serveCached(plan.key, plan.pieces, plan.waits, plan.once)
 	w := v.cache.Window()
 	var spans []span
 	for win := range missing {
@@ -791,8 +796,8 @@ func (v *Volume) prefetch(ctx context.Context, s *raStream, block, n int64) erro
 	for _, p := range pieces {
 		byKey[p.key] = append(byKey[p.key], p)
 	}
-	// The windows the cache lacks (Contains may read the disk tier, so not
-	// under the lock).
+	// The windows the cache lacks (Contains looks at the disk tier's
+	// index, so not under the lock).
 	var lacking []cache.Key
 	once := make(map[int64]bool) // objects the stream reads through: stream tier
 	for key, ps := range byKey {
