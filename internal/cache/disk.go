@@ -65,7 +65,9 @@ const (
 	diskMagic   = "BS3CWIN1"
 	sealedMagic = "BS3CENC1"
 	crcBlock    = 4 << 10
-	diskQueue   = 256
+	// minDiskQueue is the fewest windows the write queue holds; see
+	// Options.diskQueue.
+	minDiskQueue = 256
 	segSuffix   = ".seg"
 	tmpPrefix   = ".tmp-" // temporary files of the one-file-per-window format
 	// segSlack is the bytes counted per segment beyond its size (inode,
@@ -146,7 +148,7 @@ type diskWrite struct {
 // openDisk indexes the segments already in dir (each volume directory it
 // can lock), removes files of the former format and temporary files left
 // by a crash, trims the tier to limit and starts the writer.
-func openDisk(dir string, limit, win int64, seal Sealer, log zerolog.Logger) (*diskTier, error) {
+func openDisk(dir string, limit, win int64, queue int, seal Sealer, log zerolog.Logger) (*diskTier, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("create the cache directory %s: %w", dir, err)
 	}
@@ -154,7 +156,7 @@ func openDisk(dir string, limit, win int64, seal Sealer, log zerolog.Logger) (*d
 		segSize: min(max(limit/16, minSegment), maxSegment),
 		index:   make(map[Key]recordLoc), open: make(map[string]*segment),
 		locks: make(map[string]*os.File), refused: make(map[string]bool),
-		queue: make(chan diskWrite, diskQueue), done: make(chan struct{})}
+		queue: make(chan diskWrite, max(queue, minDiskQueue)), done: make(chan struct{})}
 	ents, err := os.ReadDir(dir)
 	if err != nil {
 		return nil, fmt.Errorf("index the cache directory %s: %w", dir, err)

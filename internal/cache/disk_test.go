@@ -83,7 +83,7 @@ func TestDiskSurvivesRestart(t *testing.T) {
 // record's offset and size.
 func recordOf(t *testing.T, dir string, win int64, seal Sealer, k Key) (string, int64, int64) {
 	t.Helper()
-	d, err := openDisk(dir, 1<<30, win, seal, zerolog.Nop())
+	d, err := openDisk(dir, 1<<30, win, 0, seal, zerolog.Nop())
 	if err != nil {
 		t.Fatal(err)
 	}
