@@ -406,24 +406,25 @@ type counters struct {
 
 // Stats is a snapshot of the cache counters, kept for the metrics export.
 type Stats struct {
-	Hits, Misses   int64 // window lookups
-	HitBytes       int64 // bytes of the windows found
-	Inserted       int64 // windows stored (commits and fetches)
-	InsertedBytes  int64
-	Fetches        int64 // GETs issued by the read path, readahead included
-	FetchedBytes   int64 // bytes those GETs returned
-	RAFetches      int64 // GETs issued by readahead
-	RAFetchedBytes int64
-	RAHits         int64 // prefetched windows a read then used
-	RAHitBytes     int64
-	ReturnedBytes  int64 // mapped bytes returned to readers
-	MemoryBytes    int64 // weight held now
-	MemoryLimit    int64
-	DiskHits       int64 // windows served from disk (verified)
-	DiskDropped    int64 // records (or segment tails) dropped because a check failed
-	DiskWritten    int64 // records appended
-	DiskEvicted    int64 // records freed with their segment for room
-	DiskBytes      int64
+	Hits, Misses    int64 // window lookups
+	HitBytes        int64 // bytes of the windows found
+	Inserted        int64 // windows stored (commits and fetches)
+	InsertedBytes   int64
+	Fetches         int64 // GETs issued by the read path, readahead included
+	FetchedBytes    int64 // bytes those GETs returned
+	RAFetches       int64 // GETs issued by readahead
+	RAFetchedBytes  int64
+	RAHits          int64 // prefetched windows a read then used
+	RAHitBytes      int64
+	ReturnedBytes   int64 // mapped bytes returned to readers
+	MemoryBytes     int64 // weight held now
+	MemoryLimit     int64
+	DiskHits        int64 // windows served from disk (verified)
+	DiskDropped     int64 // records (or segment tails) dropped because a check failed
+	DiskWritten     int64 // records appended
+	DiskEvicted     int64 // records freed with their segment for room
+	DiskWriteErrors int64 // appends that failed (full or broken disk): windows skipped
+	DiskBytes       int64
 }
 
 // Stats returns the counters.
@@ -439,6 +440,7 @@ func (c *Cache) Stats() Stats {
 	}
 	if d := c.disk; d != nil {
 		s.DiskHits, s.DiskDropped, s.DiskWritten, s.DiskEvicted = d.hits.Load(), d.dropped.Load(), d.written.Load(), d.evicted.Load()
+		s.DiskWriteErrors = d.writeErrors.Load()
 		s.DiskBytes = d.usedBytes()
 	}
 	return s
@@ -454,5 +456,5 @@ func (s Stats) MarshalZerologObject(e *zerolog.Event) {
 		Int64("returned_bytes", s.ReturnedBytes).
 		Int64("memory_bytes", s.MemoryBytes).Int64("memory_limit", s.MemoryLimit).
 		Int64("disk_hits", s.DiskHits).Int64("disk_dropped", s.DiskDropped).Int64("disk_written", s.DiskWritten).
-		Int64("disk_evicted", s.DiskEvicted).Int64("disk_bytes", s.DiskBytes)
+		Int64("disk_evicted", s.DiskEvicted).Int64("disk_write_errors", s.DiskWriteErrors).Int64("disk_bytes", s.DiskBytes)
 }

@@ -15,6 +15,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"syscall"
+	"time"
 
 	"github.com/rs/zerolog"
 	"golang.org/x/sys/unix"
@@ -116,7 +117,7 @@ type diskTier struct {
 	queue  chan diskWrite
 	done   chan struct{}
 
-	hits, dropped, written, evicted atomic.Int64
+	hits, dropped, written, evicted, writeErrors atomic.Int64
 }
 
 // segment is one file of the log. size and f are the writer's (and
@@ -497,15 +498,27 @@ func (d *diskTier) enqueue(w diskWrite) {
 	}
 }
 
+// writeWarnEvery spaces the warnings of failing writes: a full disk fails
+// every window, thousands a second.
+const writeWarnEvery = time.Minute
+
 func (d *diskTier) writer() {
 	defer close(d.done)
+	var lastWarn time.Time
+	failed := 0
 	for w := range d.queue {
 		if w.sync != nil {
 			close(w.sync)
 			continue
 		}
 		if err := d.write(w); err != nil {
-			d.log.Warn().Err(err).Msg("could not write to the read cache directory")
+			d.writeErrors.Add(1)
+			failed++
+			if time.Since(lastWarn) >= writeWarnEvery {
+				d.log.Warn().Err(err).Int("failed_writes", failed).Str("dir", d.dir).
+					Msg("could not write to the read cache directory (windows are skipped, reads are not affected); check its free space and permissions")
+				lastWarn, failed = time.Now(), 0
+			}
 		}
 	}
 }

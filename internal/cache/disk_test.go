@@ -529,3 +529,30 @@ func TestEvictedWindowsReachDisk(t *testing.T) {
 		}
 	}
 }
+
+// TestDiskWriteFailures: when appends fail (here the volume directory
+// vanishes, so no new segment can be created), the windows are skipped
+// and counted, and what is on disk is still served.
+func TestDiskWriteFailures(t *testing.T) {
+	dir := t.TempDir()
+	const w = 64 << 10
+	c := newDisk(t, dir, 4<<20, w) // segments of 256 KiB: three windows each
+	first := Key{Volume: volA, Object: 1}
+	c.Put(first, pattern(w, 1))
+	c.Sync()
+	if err := os.RemoveAll(filepath.Join(dir, volA)); err != nil {
+		t.Fatal(err)
+	}
+	for i := range 8 {
+		c.Put(Key{Volume: volA, Object: int64(10 + i)}, pattern(w, 2))
+		c.Sync()
+	}
+	s := c.Stats()
+	if s.DiskWriteErrors == 0 {
+		t.Fatalf("no write error counted: %+v", s)
+	}
+	c.Purge()
+	if got, ok := c.Get(first); !ok || !bytes.Equal(got, pattern(w, 1)) {
+		t.Fatal("the window written before the failures is not served")
+	}
+}

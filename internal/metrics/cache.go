@@ -50,6 +50,7 @@ func newCacheCollector(c cacheSource) *cacheCollector {
 		m("disk_dropped_total", cnt, "Disk tier records (or unreadable segment tails) dropped because a check failed (damaged, torn or foreign).", func(s cache.Stats) int64 { return s.DiskDropped }),
 		m("disk_written_total", cnt, "Window records appended to the disk tier.", func(s cache.Stats) int64 { return s.DiskWritten }),
 		m("disk_evicted_total", cnt, "Window records freed with their segment to keep the disk tier under its limit.", func(s cache.Stats) int64 { return s.DiskEvicted }),
+		m("disk_write_errors_total", cnt, "Appends to the disk tier that failed (a full or broken disk); those windows are skipped.", func(s cache.Stats) int64 { return s.DiskWriteErrors }),
 		m("disk_bytes", gauge, "Bytes the disk tier counts against cache.disk_size.", func(s cache.Stats) int64 { return s.DiskBytes }),
 	}}
 }
