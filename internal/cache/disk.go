@@ -66,11 +66,11 @@ const (
 	diskMagic   = "BS3CWIN1"
 	sealedMagic = "BS3CENC1"
 	crcBlock    = 4 << 10
-	// minDiskQueue is the fewest windows the write queue holds; see
-	// Options.diskQueue.
+	// minDiskQueue is the fewest windows the write queue holds (New sizes
+	// it to an eighth of the memory bound).
 	minDiskQueue = 256
-	segSuffix   = ".seg"
-	tmpPrefix   = ".tmp-" // temporary files of the one-file-per-window format
+	segSuffix    = ".seg"
+	tmpPrefix    = ".tmp-" // temporary files of the one-file-per-window format
 	// segSlack is the bytes counted per segment beyond its size (inode,
 	// directory entry, the partly used last block).
 	segSlack = 4 << 10
