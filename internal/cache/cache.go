@@ -158,8 +158,8 @@ func New(o Options) (*Cache, error) {
 		}
 		// The write queue holds an eighth of the memory bound: a fast
 		// cold read fetches windows faster than the disk takes them
-		// (measured here: 256 windows kept 5,000 of a 1 GiB read's
-		// ~20,000, 1,024 kept 10,000–15,000), and a queued window that
+		// (measured here: 256 windows kept 2,400–8,500 of a 1 GiB read's
+		// ~20,000, 1,024 kept 5,000–15,000), and a queued window that
 		// memory evicted meanwhile is held only by the queue, so this is
 		// what the disk tier may hold beyond MemoryBytes.
 		queue := int(o.MemoryBytes / 8 / o.Window)
