@@ -16,9 +16,9 @@ import (
 	"sync/atomic"
 	"syscall"
 	"time"
+	"unsafe"
 
 	"github.com/rs/zerolog"
-	"golang.org/x/sys/unix"
 )
 
 // The disk tier is a log of segment files per volume,
@@ -79,7 +79,18 @@ const (
 	minSegment = 256 << 10
 	maxSegment = 64 << 20
 	maxIDLen   = 64
+	// directAlign is the alignment of O_DIRECT writes (offset, length and
+	// buffer address): the file systems' 4 KiB blocks.
+	directAlign = 4 << 10
+	// stageSize is the most a segment's stage gathers before it is
+	// written: O_DIRECT writes of 1 MiB ran at 1.3 GB/s on the test VM,
+	// of 64 KiB at 0.4 GB/s, and buffered writes at 0.3-0.5 GB/s.
+	stageSize = 1 << 20
 )
+
+// directIO opens segments for O_DIRECT appends (a test turns it off to
+// check the buffered fallback used where the file system refuses it).
+var directIO = true
 
 var castagnoli = crc32.MakeTable(crc32.Castagnoli)
 
@@ -110,7 +121,8 @@ type diskTier struct {
 	locks   map[string]*os.File // per volume: the flock'ed directory
 	refused map[string]bool     // volume directories another process holds
 	nextSeq uint64
-	shut    bool // closed: every lookup misses
+	shut    bool         // closed: every lookup misses
+	pending map[Key]bool // queued or staged, not yet indexed: not queued again
 
 	qmu    sync.RWMutex // guards closed against sends on a closed queue
 	closed bool
@@ -132,6 +144,23 @@ type segment struct {
 	live int   // of keys, how many the index still points to here
 	refs int   // reads between their lookup and the end of their ReadAt
 	dead bool  // removed: close f when refs drops to 0
+	// appending: created by this process and not yet retired; only the
+	// writer removes such a segment (readers may remove others whose
+	// records all failed).
+	appending bool
+
+	// The writer's side, while the segment takes appends (see stage).
+	df       *os.File // O_DIRECT where the file system allows, else f
+	stage    []byte   // block-aligned: the bytes from stageOff to size
+	stageOff int64    // a multiple of directAlign
+	staged   []stagedRecord
+}
+
+// stagedRecord is a record copied into its segment's stage, indexed once
+// the stage is written.
+type stagedRecord struct {
+	k         Key
+	off, size int64
 }
 
 type recordLoc struct {
@@ -155,7 +184,7 @@ func openDisk(dir string, limit, win int64, queue int, seal Sealer, log zerolog.
 	}
 	d := &diskTier{dir: dir, limit: limit, win: win, seal: seal, log: log,
 		segSize: min(max(limit/16, minSegment), maxSegment),
-		index:   make(map[Key]recordLoc), open: make(map[string]*segment),
+		index:   make(map[Key]recordLoc), open: make(map[string]*segment), pending: make(map[Key]bool),
 		locks: make(map[string]*os.File), refused: make(map[string]bool),
 		queue: make(chan diskWrite, max(queue, minDiskQueue)), done: make(chan struct{})}
 	ents, err := os.ReadDir(dir)
@@ -286,6 +315,9 @@ func (d *diskTier) scan(s *segment) {
 			d.log.Warn().Str("file", s.rel).Int64("offset", off).Err(err).Msg("cannot read a read cache segment; the rest of it is dropped")
 			return
 		}
+		if s.size-off < directAlign && allZero(s.f, off, s.size-off) {
+			return // the padding of the last block written
+		}
 		k, size, err := d.parseHeader(buf[:n], s.vol)
 		if err == nil && off+size > s.size {
 			err = fmt.Errorf("record of %d bytes runs past the end of the segment (%d bytes): torn by a crash", size, s.size)
@@ -303,6 +335,20 @@ func (d *diskTier) scan(s *segment) {
 		}
 		off += size
 	}
+}
+
+// allZero reports whether the n bytes at off of f are all zero.
+func allZero(f *os.File, off, n int64) bool {
+	b := make([]byte, n)
+	if _, err := f.ReadAt(b, off); err != nil {
+		return false
+	}
+	for _, c := range b {
+		if c != 0 {
+			return false
+		}
+	}
+	return true
 }
 
 // parseHeader reads the header of the record at the start of b, written
@@ -362,7 +408,7 @@ func (d *diskTier) unindexLocked(k Key, loc recordLoc) {
 	delete(d.index, k)
 	s := loc.seg
 	s.live--
-	if s.live == 0 && d.open[s.vol] != s && !s.dead {
+	if s.live == 0 && !s.appending && !s.dead {
 		d.removeSegmentLocked(s)
 	}
 }
@@ -455,6 +501,12 @@ func (d *diskTier) removeSegmentLocked(s *segment) {
 	if d.open[s.vol] == s {
 		delete(d.open, s.vol)
 	}
+	if s.appending { // the writer's own: its staged records will not be written
+		for _, r := range s.staged {
+			delete(d.pending, r.k)
+		}
+		s.staged = nil
+	}
 	s.dead = true
 	d.removeFile(s)
 }
@@ -464,6 +516,10 @@ func (d *diskTier) removeFile(s *segment) {
 	if err := os.Remove(filepath.Join(d.dir, s.rel)); err != nil && !errors.Is(err, os.ErrNotExist) {
 		d.log.Warn().Str("file", s.rel).Err(err).Msg("could not remove a read cache segment")
 	}
+	if s.df != nil && s.df != s.f {
+		s.df.Close()
+	}
+	s.df = nil
 	if s.refs == 0 {
 		s.f.Close()
 	}
@@ -477,24 +533,49 @@ func (d *diskTier) put(k Key, data []byte) {
 	d.enqueue(diskWrite{k: k, data: data})
 }
 
+// claim marks window k pending unless it is on disk or pending already.
+func (d *diskTier) claim(k Key) bool {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if _, ok := d.index[k]; ok || d.pending[k] {
+		return false
+	}
+	d.pending[k] = true
+	return true
+}
+
+func (d *diskTier) unclaim(k Key) {
+	d.mu.Lock()
+	delete(d.pending, k)
+	d.mu.Unlock()
+}
+
 // putEvicted is put for a window leaving memory: skipped at once when it
 // is on disk already, which is the common case.
 func (d *diskTier) putEvicted(k Key, data []byte) {
-	if !diskIDRe.MatchString(k.Volume) || d.contains(k) {
+	if !diskIDRe.MatchString(k.Volume) {
 		return
 	}
 	d.enqueue(diskWrite{k: k, data: data})
 }
 
+// enqueue queues w unless the window is on disk or on its way there
+// (a refresh is queued once). A full queue skips it: it is only a cache.
 func (d *diskTier) enqueue(w diskWrite) {
-	d.qmu.RLock()
-	defer d.qmu.RUnlock()
-	if d.closed {
+	if !w.refresh && !d.claim(w.k) {
 		return
 	}
-	select {
-	case d.queue <- w:
-	default: // busy disk: skip, it is only a cache
+	d.qmu.RLock()
+	defer d.qmu.RUnlock()
+	if !d.closed {
+		select {
+		case d.queue <- w:
+			return
+		default:
+		}
+	}
+	if !w.refresh {
+		d.unclaim(w.k)
 	}
 }
 
@@ -506,77 +587,179 @@ func (d *diskTier) writer() {
 	defer close(d.done)
 	var lastWarn time.Time
 	failed := 0
+	fail := func(err error) {
+		if err == nil {
+			return
+		}
+		d.writeErrors.Add(1)
+		failed++
+		if time.Since(lastWarn) >= writeWarnEvery {
+			d.log.Warn().Err(err).Int("failed_writes", failed).Str("dir", d.dir).
+				Msg("could not write to the read cache directory (windows are skipped, reads are not affected); check its free space and permissions")
+			lastWarn, failed = time.Now(), 0
+		}
+	}
 	for w := range d.queue {
 		if w.sync != nil {
+			fail(d.flushAll())
 			close(w.sync)
 			continue
 		}
-		if err := d.write(w); err != nil {
-			d.writeErrors.Add(1)
-			failed++
-			if time.Since(lastWarn) >= writeWarnEvery {
-				d.log.Warn().Err(err).Int("failed_writes", failed).Str("dir", d.dir).
-					Msg("could not write to the read cache directory (windows are skipped, reads are not affected); check its free space and permissions")
-				lastWarn, failed = time.Now(), 0
-			}
+		err := d.write(w)
+		if err != nil && !w.refresh {
+			d.unclaim(w.k)
+		}
+		fail(err)
+		if len(d.queue) == 0 { // idle: what is staged goes to disk now
+			fail(d.flushAll())
 		}
 	}
+	fail(d.flushAll())
 }
 
-// write appends window w.k to its volume's open segment. Only the writer
-// goroutine appends, rotates and frees segments.
+// write stages window w.k in its volume's open segment; it reaches the
+// disk (and the index) when the stage is full, the queue idle, or at a
+// sync. Only the writer goroutine stages, flushes, rotates and frees
+// segments.
 func (d *diskTier) write(w diskWrite) error {
 	k := w.k
 	d.mu.Lock()
 	_, indexed := d.index[k]
 	d.mu.Unlock()
 	if indexed && !w.refresh {
+		d.unclaim(k)
 		return nil // immutable content: already there
 	}
-	// A plaintext record is its header and the window's bytes as they
-	// are, written together without a copy.
-	var rec, data []byte
+	var hdr, data []byte
 	if d.seal != nil {
 		var err error
-		if rec, err = sealWindow(d.seal, k, d.win, w.data); err != nil {
+		if hdr, err = sealWindow(d.seal, k, d.win, w.data); err != nil {
 			return fmt.Errorf("seal window %d of key %d: %w", k.Window, k.Object, err)
 		}
 	} else {
-		rec, data = windowHeader(k, d.win, w.data), w.data
+		hdr, data = windowHeader(k, d.win, w.data), w.data
 	}
-	n := int64(len(rec) + len(data))
-	if n+segSlack > d.limit {
+	n := int64(len(hdr) + len(data))
+	if n+segSlack > d.limit || n > stageSize/2 {
+		d.unclaim(k)
 		return nil
 	}
 	d.mu.Lock()
-	s, err := d.reserveLocked(k.Volume, n)
+	s, prev, err := d.reserveLocked(k.Volume, n)
+	var off int64
+	if s != nil {
+		off = s.size
+		s.size += n
+	}
 	d.mu.Unlock()
-	if err != nil || s == nil {
+	if prev != nil {
+		if rerr := d.retire(prev); err == nil {
+			err = rerr
+		}
+	}
+	if s == nil {
+		d.unclaim(k)
 		return err
 	}
-	off := s.size
-	err = writeAt(s.f, off, rec, data)
+	if int64(len(s.stage))+n > int64(cap(s.stage)) {
+		if err := d.flush(s); err != nil {
+			d.unclaim(k)
+			return err
+		}
+	}
+	s.stage = append(s.stage, hdr...)
+	s.stage = append(s.stage, data...)
+	s.staged = append(s.staged, stagedRecord{k, off, n})
+	return err
+}
+
+// flush writes s's stage, whole blocks padded with zeros, and indexes its
+// records; the last partial block stays staged, to be written again with
+// what follows it. On an error the segment takes no more appends (what
+// the file holds past its last good write is unknown).
+func (d *diskTier) flush(s *segment) error {
+	if len(s.staged) == 0 {
+		return nil
+	}
+	d.mu.Lock()
+	dead := s.dead
+	d.mu.Unlock()
+	end := len(s.stage)
+	var err error
+	if !dead {
+		padded := (end + directAlign - 1) / directAlign * directAlign
+		buf := s.stage[:padded]
+		clear(buf[end:])
+		if _, err = s.df.WriteAt(buf, s.stageOff); err != nil {
+			err = fmt.Errorf("append to read cache segment %s: %w", s.rel, err)
+		}
+	}
+	d.mu.Lock()
+	for _, r := range s.staged {
+		delete(d.pending, r.k)
+		if !dead && err == nil {
+			d.indexLocked(r.k, recordLoc{s, r.off, r.size})
+			d.written.Add(1)
+		}
+	}
+	if err != nil && d.open[s.vol] == s {
+		delete(d.open, s.vol)
+	}
+	d.mu.Unlock()
+	s.staged = s.staged[:0]
+	tail := end / directAlign * directAlign
+	s.stage = s.stage[:copy(s.stage[:cap(s.stage)], s.stage[tail:end])]
+	s.stageOff += int64(tail)
+	if err != nil {
+		if rerr := d.retire(s); rerr != nil {
+			d.log.Debug().Err(rerr).Msg("retire a read cache segment after a failed append")
+		}
+	}
+	return err
+}
+
+// flushAll flushes the stages of the segments taking appends.
+func (d *diskTier) flushAll() error {
+	d.mu.Lock()
+	open := make([]*segment, 0, len(d.open))
+	for _, s := range d.open {
+		open = append(open, s)
+	}
+	d.mu.Unlock()
+	var first error
+	for _, s := range open {
+		if err := d.flush(s); err != nil && first == nil {
+			first = err
+		}
+	}
+	return first
+}
+
+// retire ends appends to s: its stage is flushed and its write handle
+// closed; a segment left with no record in use is removed.
+func (d *diskTier) retire(s *segment) error {
+	err := d.flush(s)
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	if err != nil {
-		// Whatever part was written lies past s.size: the next append
-		// overwrites it, and a restart's scan stops at it.
-		d.used -= n
-		return fmt.Errorf("append to read cache segment %s: %w", s.rel, err)
+	if s.df != nil && s.df != s.f {
+		s.df.Close()
 	}
-	s.size += n
-	d.indexLocked(k, recordLoc{s, off, n})
-	d.written.Add(1)
-	return nil
+	s.df, s.stage = nil, nil
+	s.appending = false
+	if s.live == 0 && !s.dead && d.open[s.vol] != s {
+		d.removeSegmentLocked(s)
+	}
+	return err
 }
 
 // reserveLocked counts n more bytes against the limit, freeing the oldest
 // segments first, and returns the segment to append them to (opening a
-// new one when the volume has none or it is full); nil: the volume's
-// directory is another process's.
-func (d *diskTier) reserveLocked(vol string, n int64) (*segment, error) {
+// new one when the volume has none or it is full) and the segment it
+// replaced, which the caller retires; nil: the volume's directory is
+// another process's.
+func (d *diskTier) reserveLocked(vol string, n int64) (s, prev *segment, err error) {
 	for {
-		s := d.open[vol]
+		s = d.open[vol]
 		fresh := s == nil || (s.size > 0 && s.size+n > d.segSize)
 		need := n
 		if fresh {
@@ -587,13 +770,13 @@ func (d *diskTier) reserveLocked(vol string, n int64) (*segment, error) {
 			continue
 		}
 		if fresh {
-			var err error
+			prev = s
 			if s, err = d.newSegmentLocked(vol); s == nil || err != nil {
-				return nil, err
+				return nil, prev, err
 			}
 		}
 		d.used += n
-		return s, nil
+		return s, prev, nil
 	}
 }
 
@@ -603,51 +786,39 @@ func (d *diskTier) newSegmentLocked(vol string) (*segment, error) {
 	if ok, err := d.lockVolume(vol); err != nil || !ok {
 		return nil, err
 	}
-	if s := d.open[vol]; s != nil && s.live == 0 {
-		d.removeSegmentLocked(s) // full of dropped records
-	}
 	delete(d.open, vol)
 	seq := d.nextSeq
 	d.nextSeq++
 	rel := filepath.Join(vol, fmt.Sprintf("%016x%s", seq, segSuffix))
-	f, err := os.OpenFile(filepath.Join(d.dir, rel), os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
+	p := filepath.Join(d.dir, rel)
+	f, err := os.OpenFile(p, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
 	if err != nil {
 		return nil, fmt.Errorf("create read cache segment %s: %w", rel, err)
 	}
-	s := &segment{seq: seq, vol: vol, rel: rel, f: f}
+	df := f
+	if directIO {
+		if g, err := os.OpenFile(p, os.O_WRONLY|syscall.O_DIRECT, 0); err == nil {
+			df = g
+		} else {
+			d.log.Debug().Err(err).Str("file", rel).Msg("no O_DIRECT for read cache segments here; buffered appends")
+		}
+	}
+	s := &segment{seq: seq, vol: vol, rel: rel, f: f, df: df, stage: alignedBuffer(stageSize), appending: true}
 	d.segs = append(d.segs, s)
 	d.open[vol] = s
 	d.used += segSlack
 	return s, nil
 }
 
-// writeAt writes a then b at off of f.
-func writeAt(f *os.File, off int64, a, b []byte) error {
-	if len(b) == 0 {
-		_, err := f.WriteAt(a, off)
-		return err
+// alignedBuffer is an empty slice of capacity n whose first byte is
+// directAlign-aligned, as O_DIRECT needs.
+func alignedBuffer(n int) []byte {
+	b := make([]byte, n+directAlign)
+	a := 0
+	if r := int(uintptr(unsafe.Pointer(&b[0])) % directAlign); r != 0 {
+		a = directAlign - r
 	}
-	iov := [][]byte{a, b}
-	for len(iov) > 0 {
-		n, err := unix.Pwritev(int(f.Fd()), iov, off)
-		if err != nil {
-			return err
-		}
-		if n == 0 {
-			return io.ErrShortWrite
-		}
-		off += int64(n)
-		for n > 0 && len(iov) > 0 {
-			if n >= len(iov[0]) {
-				n -= len(iov[0])
-				iov = iov[1:]
-			} else {
-				iov[0] = iov[0][n:]
-				n = 0
-			}
-		}
-	}
-	return nil
+	return b[a : a : a+n]
 }
 
 // sync waits for the writes queued before it.
@@ -678,6 +849,9 @@ func (d *diskTier) close() {
 	for _, s := range d.segs {
 		if !s.dead {
 			s.dead = true
+			if s.df != nil && s.df != s.f {
+				s.df.Close()
+			}
 			if s.refs == 0 {
 				s.f.Close()
 			}

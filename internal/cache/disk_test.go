@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 
 	"github.com/rs/zerolog"
@@ -555,4 +556,37 @@ func TestDiskWriteFailures(t *testing.T) {
 	if got, ok := c.Get(first); !ok || !bytes.Equal(got, pattern(w, 1)) {
 		t.Fatal("the window written before the failures is not served")
 	}
+}
+
+// TestDiskBufferedAppends runs the restart, torn-tail and damage tests
+// with buffered appends, the fallback where the file system refuses
+// O_DIRECT; and checks that O_DIRECT is used where it is available.
+func TestDiskBufferedAppends(t *testing.T) {
+	dir := t.TempDir()
+	c := newDisk(t, dir, 1<<20, 16<<10)
+	c.Put(Key{Volume: volA, Object: 1}, pattern(100, 1))
+	c.Sync()
+	c.disk.mu.Lock()
+	s := c.disk.open[volA]
+	direct := s != nil && s.df != nil && s.df != s.f
+	c.disk.mu.Unlock()
+	if s == nil {
+		t.Fatal("no segment open after a put")
+	}
+	probe, err := os.OpenFile(filepath.Join(dir, "probe"), os.O_CREATE|os.O_WRONLY|syscall.O_DIRECT, 0o600)
+	if err == nil {
+		probe.Close()
+		if !direct {
+			t.Fatal("O_DIRECT works in this directory but the segment appends are buffered")
+		}
+	} else {
+		t.Logf("this file system refuses O_DIRECT (%v): the appends are buffered either way", err)
+	}
+	c.Close()
+	directIO = false
+	t.Cleanup(func() { directIO = true })
+	t.Run("restart", TestDiskSurvivesRestart)
+	t.Run("torn", TestDiskTornTail)
+	t.Run("damaged", TestDiskRefusesDamagedAndForeignRecords)
+	t.Run("bound", TestDiskBound)
 }
