@@ -392,6 +392,49 @@ func (c *Cache) Contains(k Key) bool {
 	return c.disk != nil && c.disk.contains(k)
 }
 
+// Place is where a window is cached.
+type Place int
+
+// The places Where reports.
+const (
+	Missing  Place = iota // not cached
+	InMemory              // the main or the stream tier
+	OnDisk                // the disk tier only
+)
+
+// Where reports where window k is cached, without loading it or counting
+// a hit or a miss.
+func (c *Cache) Where(k Key) Place {
+	if _, ok := c.mem.GetIfPresent(k); ok || c.stream.contains(k) {
+		return InMemory
+	}
+	if c.disk != nil && c.disk.contains(k) {
+		return OnDisk
+	}
+	return Missing
+}
+
+// LoadAhead loads window k from the disk tier into memory for a stream's
+// readahead, kept as PutStream keeps a window readahead fetched (the
+// first read that uses it counts a readahead hit). False: it is not on
+// disk, or its record failed its checks (and was dropped).
+func (c *Cache) LoadAhead(k Key) bool {
+	if c.disk == nil {
+		return false
+	}
+	if _, ok := c.mem.GetIfPresent(k); ok || c.stream.contains(k) {
+		return true
+	}
+	v, ok := c.disk.get(k)
+	if !ok {
+		return false
+	}
+	e := &entry{data: v}
+	e.ahead.Store(true)
+	c.keepStream(k, e)
+	return true
+}
+
 // CountReturned records bytes of mapped data returned to a reader.
 func (c *Cache) CountReturned(n int64) { c.c.returnedBytes.Add(n) }
 

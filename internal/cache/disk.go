@@ -28,8 +28,8 @@ import (
 // renamed or removed per window (one file per window managed ~1,800
 // windows/s on ext4, far behind a cold read; docs/ARCHITECTURE.md §1).
 // Space is freed a whole segment at a time, oldest first; a window read
-// from the oldest quarter of the segments is appended again, so what is
-// used stays. A restart rebuilds the index by reading each record's
+// from the oldest quarter of the segments while the tier is three
+// quarters full is appended again, so what is used stays. A restart rebuilds the index by reading each record's
 // header.
 //
 // Nothing on disk is trusted: before a window is served, its record must
@@ -425,7 +425,9 @@ func (d *diskTier) get(k Key) ([]byte, bool) {
 	var old bool
 	if ok {
 		loc.seg.refs++
-		old = len(d.segs) >= 4 && loc.seg.seq < d.segs[len(d.segs)/4].seq
+		// Close to being freed: the oldest quarter of the segments, with
+		// the tier three quarters full (below that nothing is freed soon).
+		old = len(d.segs) >= 4 && loc.seg.seq < d.segs[len(d.segs)/4].seq && d.used > d.limit/4*3
 	}
 	d.mu.Unlock()
 	if !ok {

@@ -277,8 +277,9 @@ func TestDiskSkipsUnsafeVolumeIDs(t *testing.T) {
 }
 
 // TestDiskKeepsWhatIsRead: a window read while its segment is among the
-// oldest is appended again, so it survives the segment being freed; an
-// unread window of the same segment does not.
+// oldest, with the tier three quarters full, is appended again, so it
+// survives the segment being freed; an unread window of the same segment
+// does not.
 func TestDiskKeepsWhatIsRead(t *testing.T) {
 	dir := t.TempDir()
 	const (
@@ -292,7 +293,7 @@ func TestDiskKeepsWhatIsRead(t *testing.T) {
 			c.Sync() // the queue must not drop any
 		}
 	}
-	put(0, 40)
+	put(0, 56) // over three quarters of the limit: freeing is near
 	c.Purge()
 	if got, ok := c.Get(Key{Volume: volA, Object: 0}); !ok || !bytes.Equal(got, pattern(w, 0)) {
 		t.Fatal("window 0 not served from disk")
@@ -589,4 +590,46 @@ func TestDiskBufferedAppends(t *testing.T) {
 	t.Run("torn", TestDiskTornTail)
 	t.Run("damaged", TestDiskRefusesDamagedAndForeignRecords)
 	t.Run("bound", TestDiskBound)
+}
+
+// TestWhereAndLoadAhead: Where tells memory, disk and nowhere apart
+// without loading; LoadAhead brings a disk window into memory marked as
+// readahead, and refuses a damaged one.
+func TestWhereAndLoadAhead(t *testing.T) {
+	dir := t.TempDir()
+	const w = 16 << 10
+	c := newDisk(t, dir, 1<<20, w)
+	a, b, none := Key{Volume: volA, Object: 1}, Key{Volume: volA, Object: 2}, Key{Volume: volA, Object: 3}
+	c.Put(a, pattern(w, 1))
+	c.Put(b, pattern(w, 2))
+	c.Sync()
+	c.Purge()
+	c.Put(a, pattern(w, 1))
+	if c.Where(a) != InMemory || c.Where(b) != OnDisk || c.Where(none) != Missing {
+		t.Fatalf("where: %v %v %v", c.Where(a), c.Where(b), c.Where(none))
+	}
+	if c.Stats().DiskHits != 0 {
+		t.Fatal("Where read the disk")
+	}
+	if !c.LoadAhead(b) || c.Where(b) != InMemory {
+		t.Fatal("LoadAhead did not bring the disk window into memory")
+	}
+	if got, ok := c.Get(b); !ok || !bytes.Equal(got, pattern(w, 2)) || c.Stats().RAHits != 1 || c.Stats().DiskHits != 1 {
+		t.Fatalf("after LoadAhead: found %v, stats %+v; want it from memory as a readahead hit", ok, c.Stats())
+	}
+	// A damaged record is not loaded.
+	d := Key{Volume: volA, Object: 4}
+	c.Put(d, pattern(w, 4))
+	c.Sync()
+	c.Purge()
+	c.disk.mu.Lock()
+	loc := c.disk.index[d]
+	c.disk.mu.Unlock()
+	overwrite(t, filepath.Join(dir, loc.seg.rel), loc.off+loc.size-1, []byte{0xee})
+	if c.LoadAhead(d) || c.Where(d) != Missing {
+		t.Fatal("a damaged record was loaded, or is still indexed")
+	}
+	if c.LoadAhead(none) {
+		t.Fatal("LoadAhead of a window nowhere")
+	}
 }

@@ -769,3 +769,46 @@ func warmThenDamaged(t *testing.T, dir string, run func(name string) cache.Stats
 			n, hurt.DiskDropped, hurt.Fetches, hurt.DiskHits, hurt.DiskWritten)
 	}
 }
+
+// TestReadaheadLoadsFromDisk: after a restart over a warm disk tier, a
+// sequential stream's readahead loads the windows ahead of it from the
+// disk tier (no GET), so its reads find them in memory and count
+// readahead hits.
+func TestReadaheadLoadsFromDisk(t *testing.T) {
+	const (
+		bs     = 4096
+		blocks = 16 * mib / bs
+		step   = mib / bs
+	)
+	dir := t.TempDir()
+	st := mem.New()
+	m := newVModel(bs)
+	eo := enginetest.Options{Size: 32 * mib, BlockSize: bs, ChunkSize: 1 * mib, Cache: newDiskCache(t, dir)}
+	e := enginetest.Open(t, st, eo)
+	for b := int64(0); b < blocks; b += step {
+		m.write(t, e.Dev, b, step)
+	}
+	drainEngine(t, e)
+	eo.Cache.Sync()
+	e.Close(t)
+	eo.Cache.Close()
+
+	eo.Cache = newDiskCache(t, dir)
+	e = enginetest.Open(t, st, eo)
+	defer e.Close(t)
+	m.verifyRange(t, e.Dev, 0, 4*step, step) // a stream: 4 MiB in 1 MiB reads
+	read := int64(4 * mib / (64 * kib))
+	// Its readahead loads the windows ahead of it: disk hits beyond what
+	// the reads themselves took (a liveness wait, not a timing claim).
+	deadline := time.Now().Add(20 * time.Second)
+	for eo.Cache.Stats().DiskHits < read+32 {
+		if time.Now().After(deadline) {
+			t.Fatalf("no window loaded ahead from disk: %+v", eo.Cache.Stats())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	m.verifyRange(t, e.Dev, 4*step, blocks, step)
+	if s := eo.Cache.Stats(); s.Fetches != 0 || s.RAHits == 0 {
+		t.Fatalf("fetches %d, readahead hits %d; want every window from disk, some loaded ahead", s.Fetches, s.RAHits)
+	}
+}

@@ -45,6 +45,9 @@ type fetchRun struct {
 	// once puts the windows in the cache's stream tier: a stream reads
 	// through them once (docs/ARCHITECTURE.md §1, read path).
 	once bool
+	// disk: a readahead run that loads its windows from the cache's disk
+	// tier instead of a GET.
+	disk bool
 }
 
 // Read fills buf with n blocks starting at block: unmapped and discarded
@@ -621,6 +624,9 @@ const (
 	raWait     = 200 * time.Millisecond // longest a read waits for a prefetch
 	raParallel = 8                      // GETs one prefetch issues at once
 	raSlack    = 4                      // a large read within this many of its own sizes of a stream's end continues it
+	// diskAheadRun is the windows one readahead run loads from the disk
+	// tier (1 MiB of 64 KiB windows).
+	diskAheadRun = 16
 )
 
 type readahead struct {
@@ -796,27 +802,31 @@ func (v *Volume) prefetch(ctx context.Context, s *raStream, block, n int64) erro
 	for _, p := range pieces {
 		byKey[p.key] = append(byKey[p.key], p)
 	}
-	// The windows the cache lacks (Contains looks at the disk tier's
-	// index, so not under the lock).
-	var lacking []cache.Key
+	// The windows the cache lacks, and those only its disk tier holds
+	// (Where looks at the disk tier's index, so not under the lock).
+	var lacking, onDisk []cache.Key
+	need := func(k cache.Key) {
+		switch v.cache.Where(k) {
+		case cache.Missing:
+			lacking = append(lacking, k)
+		case cache.OnDisk:
+			onDisk = append(onDisk, k)
+		}
+	}
 	once := make(map[int64]bool) // objects the stream reads through: stream tier
 	for key, ps := range byKey {
 		sparse := scattered(ps, block*bs, n*bs, bs, v.o.ChunkSize)
 		once[key] = !sparse
 		if whole := dataSize[key]; whole > 0 && sparse && v.firstWhole(s, key) {
 			for win := int64(0); win*w < whole; win++ {
-				if k := v.cacheKey(key, win); !v.cache.Contains(k) {
-					lacking = append(lacking, k)
-				}
+				need(v.cacheKey(key, win))
 			}
 			continue
 		}
 		if sparse { // fetched whole once already: only what the range needs
 			for _, p := range ps {
 				for win := p.off / w; win*w < p.off+p.length; win++ {
-					if k := v.cacheKey(key, win); !v.cache.Contains(k) {
-						lacking = append(lacking, k)
-					}
+					need(v.cacheKey(key, win))
 				}
 			}
 			continue
@@ -835,9 +845,7 @@ func (v *Volume) prefetch(ctx context.Context, s *raStream, block, n int64) erro
 				seen[win] = true
 				lo, hi := spanWindows(win, per, dataSize[key], w)
 				for x := lo; x < hi; x++ {
-					if k := v.cacheKey(key, x); !v.cache.Contains(k) {
-						lacking = append(lacking, k)
-					}
+					need(v.cacheKey(key, x))
 				}
 			}
 		}
@@ -879,6 +887,24 @@ func (v *Volume) prefetch(ctx context.Context, s *raStream, block, n int64) erro
 			runs, plans = append(runs, r), append(plans, plan)
 		}
 	}
+	// Windows on disk are loaded ahead of the stream too, a run of up to
+	// diskAheadRun at a time beside the GETs: one after the other, the
+	// stream's own reads would wait for each, one disk read deep.
+	for len(onDisk) > 0 {
+		plan := objectPlan{own: &flight{done: make(chan struct{}), ahead: true}}
+		for len(onDisk) > 0 && len(plan.mine) < diskAheadRun {
+			if k := onDisk[0]; v.ra.pending[k] == nil {
+				v.ra.pending[k] = plan.own
+				plan.mine = append(plan.mine, k)
+			}
+			onDisk = onDisk[1:]
+		}
+		if len(plan.mine) > 0 {
+			runs, plans = append(runs, fetchRun{disk: true}), append(plans, plan)
+		} else {
+			close(plan.own.done)
+		}
+	}
 	v.ra.mu.Unlock()
 	sem := make(chan struct{}, raParallel)
 	var wg sync.WaitGroup
@@ -892,7 +918,13 @@ func (v *Volume) prefetch(ctx context.Context, s *raStream, block, n int64) erro
 			// A prefetch the stream's reads have passed (they fetched
 			// for themselves) would only fetch again what the stream
 			// no longer needs.
-			if ctx.Err() == nil && !v.passed(s, block+n) {
+			switch {
+			case ctx.Err() != nil || v.passed(s, block+n):
+			case runs[i].disk:
+				for _, k := range plans[i].mine {
+					v.cache.LoadAhead(k) // a failed check: the read fetches it
+				}
+			default:
 				errs[i] = v.fetch(ctx, objproxy.Low, runs[i], nil)
 			}
 			v.release(&plans[i])
