@@ -176,6 +176,9 @@ func New(o Options) (*Cache, error) {
 type entry struct {
 	data  []byte
 	ahead atomic.Bool
+	// diskSkipped: its disk write was skipped (a full queue), so memory
+	// offers it to the disk again when it evicts it.
+	diskSkipped atomic.Bool
 }
 
 // Window is the size and alignment of an entry in bytes.
@@ -250,8 +253,8 @@ func (c *Cache) PutStream(k Key, data []byte, ahead bool) {
 	}
 	e := &entry{data: data}
 	e.ahead.Store(ahead)
+	c.stored(k, e) // first: it marks e if the disk write is skipped
 	c.keepStream(k, e)
-	c.stored(k, data)
 }
 
 // keepStream stores e, a window a stream takes once, in the main tier
@@ -276,9 +279,9 @@ func (c *Cache) put(k Key, data []byte, ahead bool) {
 	}
 	e := &entry{data: data}
 	e.ahead.Store(ahead)
+	c.stored(k, e) // first: it marks e if the disk write is skipped
 	c.setMain(k, e)
 	c.stream.drop(k)
-	c.stored(k, data)
 }
 
 // setMain stores e as window k in the main tier.
@@ -287,24 +290,22 @@ func (c *Cache) setMain(k Key, e *entry) {
 	c.mem.Set(k, e)
 }
 
-// evicted gives a window leaving memory for room a second chance at the
-// disk tier: its write when it was stored may have been dropped (a full
-// queue while a fast read fetched), and what memory held is what a
-// restart wants on disk. It never blocks (it runs inside the cache's
-// eviction).
+// evicted gives a window leaving memory for room whose disk write was
+// skipped (a full queue while a fast read fetched) a second chance at the
+// disk tier. It never blocks (it runs inside the cache's eviction).
 func (c *Cache) evicted(k Key, e *entry) {
-	if c.disk != nil {
+	if c.disk != nil && e.diskSkipped.Load() {
 		c.disk.putEvicted(k, e.data)
 	}
 }
 
 // stored writes window k to the disk tier and counts it.
-func (c *Cache) stored(k Key, data []byte) {
-	if c.disk != nil {
-		c.disk.put(k, data)
+func (c *Cache) stored(k Key, e *entry) {
+	if c.disk != nil && !c.disk.put(k, e.data) {
+		e.diskSkipped.Store(true)
 	}
 	c.c.inserted.Add(1)
-	c.c.insertedBytes.Add(int64(len(data)))
+	c.c.insertedBytes.Add(int64(len(e.data)))
 }
 
 // PutObject caches the data area of object key of volume vol, just

@@ -102,6 +102,9 @@ var diskIDRe = regexp.MustCompile(`^[0-9a-f]{16,64}$`)
 
 var segNameRe = regexp.MustCompile(`^([0-9a-f]{16})\.seg$`)
 
+// idxNameRe is a segment's index file (see writeIndex).
+var idxNameRe = regexp.MustCompile(`^([0-9a-f]{16})\.idx$`)
+
 // oldWindowRe is a file of the former one-file-per-window format.
 var oldWindowRe = regexp.MustCompile(`^[0-9a-f]{16}-[0-9a-f]+$`)
 
@@ -130,6 +133,7 @@ type diskTier struct {
 	done   chan struct{}
 
 	hits, dropped, written, evicted, writeErrors atomic.Int64
+	scanned                                      atomic.Int64 // records whose header a start-up scan read
 }
 
 // segment is one file of the log. size and f are the writer's (and
@@ -148,6 +152,7 @@ type segment struct {
 	// writer removes such a segment (readers may remove others whose
 	// records all failed).
 	appending bool
+	hasIdx    bool // an index file was found for it at start-up
 
 	// The writer's side, while the segment takes appends (see stage).
 	df       *os.File // O_DIRECT where the file system allows, else f
@@ -208,7 +213,9 @@ func openDisk(dir string, limit, win int64, queue int, seal Sealer, log zerolog.
 	d.mu.Lock()
 	for _, s := range found {
 		d.nextSeq = max(d.nextSeq, s.seq+1)
-		d.scan(s)
+		if !s.hasIdx || !d.loadIndex(s) {
+			d.scan(s)
+		}
 		if s.live == 0 {
 			d.removeFile(s)
 			continue
@@ -239,6 +246,12 @@ func (d *diskTier) openVolumeDir(vol string) ([]*segment, error) {
 	}
 	var segs []*segment
 	old := 0
+	idx := make(map[string]bool)
+	for _, e := range ents {
+		if !e.IsDir() && idxNameRe.MatchString(e.Name()) {
+			idx[e.Name()] = true
+		}
+	}
 	for _, e := range ents {
 		name := e.Name()
 		m := segNameRe.FindStringSubmatch(name)
@@ -258,7 +271,14 @@ func (d *diskTier) openVolumeDir(vol string) ([]*segment, error) {
 			d.closeFiles(segs)
 			return nil, fmt.Errorf("open the read cache segment %s: %w", rel, err)
 		}
-		segs = append(segs, &segment{seq: seq, vol: vol, rel: rel, f: f})
+		idxName := fmt.Sprintf("%016x.idx", seq)
+		segs = append(segs, &segment{seq: seq, vol: vol, rel: rel, f: f, hasIdx: idx[idxName]})
+		delete(idx, idxName)
+	}
+	for name := range idx { // of a segment that is gone
+		if err := os.Remove(filepath.Join(p, name)); err != nil {
+			d.log.Warn().Str("file", filepath.Join(vol, name)).Err(err).Msg("could not remove a stale read cache index")
+		}
 	}
 	if old > 0 {
 		d.log.Info().Str("dir", p).Int("files", old).Msg("removed read cache files of the former one-file-per-window format")
@@ -318,6 +338,7 @@ func (d *diskTier) scan(s *segment) {
 		if s.size-off < directAlign && allZero(s.f, off, s.size-off) {
 			return // the padding of the last block written
 		}
+		d.scanned.Add(1)
 		k, size, err := d.parseHeader(buf[:n], s.vol)
 		if err == nil && off+size > s.size {
 			err = fmt.Errorf("record of %d bytes runs past the end of the segment (%d bytes): torn by a crash", size, s.size)
@@ -335,6 +356,132 @@ func (d *diskTier) scan(s *segment) {
 		}
 		off += size
 	}
+}
+
+// A segment's index file, <sequence>.idx beside it, is written when the
+// segment takes no more appends (it is full, or the daemon stops) so that
+// a start indexes the segment from it instead of reading the header of
+// every record (3.2 s for 2 GiB of 64 KiB windows on the test VM: the
+// O_DIRECT appends leave nothing in the page cache). Layout
+// (little-endian):
+//
+//	magic "BS3CIDX1" | segment sequence u64 | segment size i64
+//	| window size u32 | sealed u8 (1: an encrypted tier's) | count u32
+//	| count × (object key i64, window i64, offset i64, size i64)
+//	| CRC32C of everything before it (u32)
+//
+// It is only a hint: a record it points at is verified against the key
+// looked up before it is served, like any other, so an index that lies
+// costs a drop and a fetch, never wrong bytes. One that fails its own
+// checks (CRC, sequence, window size, tier, a record past the segment's
+// end) is ignored and the segment scanned.
+const idxMagic = "BS3CIDX1"
+
+func (d *diskTier) sealedFlag() byte {
+	if d.seal != nil {
+		return 1
+	}
+	return 0
+}
+
+func (d *diskTier) idxPath(s *segment) string {
+	return filepath.Join(d.dir, s.vol, fmt.Sprintf("%016x.idx", s.seq))
+}
+
+// writeIndex writes s's index file (through a temporary file and a
+// rename); a failure only costs a scan at the next start.
+func (d *diskTier) writeIndex(s *segment) {
+	d.mu.Lock()
+	if s.dead {
+		d.mu.Unlock()
+		return
+	}
+	le := binary.LittleEndian
+	b := append([]byte(nil), idxMagic...)
+	b = le.AppendUint64(b, s.seq)
+	b = le.AppendUint64(b, uint64(s.size))
+	b = le.AppendUint32(b, uint32(d.win))
+	b = append(b, d.sealedFlag())
+	n := len(b)
+	b = le.AppendUint32(b, 0)
+	count := 0
+	for _, k := range s.keys {
+		if loc, ok := d.index[k]; ok && loc.seg == s {
+			b = le.AppendUint64(b, uint64(k.Object))
+			b = le.AppendUint64(b, uint64(k.Window))
+			b = le.AppendUint64(b, uint64(loc.off))
+			b = le.AppendUint64(b, uint64(loc.size))
+			count++
+		}
+	}
+	d.mu.Unlock()
+	le.PutUint32(b[n:], uint32(count))
+	b = le.AppendUint32(b, crc32.Checksum(b, castagnoli))
+	p := d.idxPath(s)
+	tmp := p + ".tmp"
+	err := os.WriteFile(tmp, b, 0o600)
+	if err == nil {
+		err = os.Rename(tmp, p)
+	}
+	if err != nil {
+		os.Remove(tmp)
+		d.log.Debug().Err(err).Str("file", s.rel).Msg("could not write a read cache segment's index; the next start scans the segment")
+	}
+}
+
+// loadIndex indexes s from its index file; false: the file is unusable
+// (and removed), scan the segment.
+func (d *diskTier) loadIndex(s *segment) bool {
+	p := d.idxPath(s)
+	b, err := os.ReadFile(p)
+	if err == nil {
+		err = d.parseIndex(s, b)
+	}
+	if err != nil {
+		d.log.Warn().Str("file", s.rel).Err(err).Msg("read cache segment index unusable; scanning the segment")
+		if rerr := os.Remove(p); rerr != nil && !errors.Is(rerr, os.ErrNotExist) {
+			d.log.Warn().Str("file", s.rel).Err(rerr).Msg("could not remove a read cache segment's index")
+		}
+		return false
+	}
+	return true
+}
+
+func (d *diskTier) parseIndex(s *segment, b []byte) error {
+	le := binary.LittleEndian
+	const fixed = 8 + 8 + 8 + 4 + 1 + 4
+	if len(b) < fixed+4 || string(b[:8]) != idxMagic {
+		return errors.New("not a segment index (bad magic or too short)")
+	}
+	if crc32.Checksum(b[:len(b)-4], castagnoli) != le.Uint32(b[len(b)-4:]) {
+		return errors.New("CRC32C mismatch")
+	}
+	seq, size, win, sealed, count := le.Uint64(b[8:]), int64(le.Uint64(b[16:])), int64(le.Uint32(b[24:])), b[28], int(le.Uint32(b[29:]))
+	if win != d.win || sealed != d.sealedFlag() {
+		return fmt.Errorf("index of a tier with window size %d, sealed %d: this one has %d, %d", win, sealed, d.win, d.sealedFlag())
+	}
+	info, err := s.f.Stat()
+	if err != nil {
+		return err
+	}
+	if seq != s.seq || size > info.Size() || len(b) != fixed+32*count+4 {
+		return fmt.Errorf("index of segment %d, %d bytes, %d records: does not fit segment %d of %d bytes", seq, size, count, s.seq, info.Size())
+	}
+	keys, locs := make([]Key, count), make([]recordLoc, count)
+	for i := range count {
+		e := b[fixed+32*i:]
+		keys[i] = Key{Volume: s.vol, Object: int64(le.Uint64(e)), Window: int64(le.Uint64(e[8:]))}
+		off, n := int64(le.Uint64(e[16:])), int64(le.Uint64(e[24:]))
+		if off < 0 || n <= 0 || n > 2*MaxWindow || off+n > size {
+			return fmt.Errorf("record %d at %d+%d lies outside the segment", i, off, n)
+		}
+		locs[i] = recordLoc{seg: s, off: off, size: n}
+	}
+	s.size = info.Size()
+	for i := range keys {
+		d.indexLocked(keys[i], locs[i])
+	}
+	return nil
 }
 
 // allZero reports whether the n bytes at off of f are all zero.
@@ -455,7 +602,7 @@ func (d *diskTier) get(k Key) ([]byte, bool) {
 	}
 	d.hits.Add(1)
 	if old { // about to be freed with its segment: keep it
-		d.enqueue(diskWrite{k: k, data: data, refresh: true})
+		d.enqueue(diskWrite{k: k, data: data, refresh: true}) // best effort
 	}
 	return data, true
 }
@@ -518,6 +665,9 @@ func (d *diskTier) removeFile(s *segment) {
 	if err := os.Remove(filepath.Join(d.dir, s.rel)); err != nil && !errors.Is(err, os.ErrNotExist) {
 		d.log.Warn().Str("file", s.rel).Err(err).Msg("could not remove a read cache segment")
 	}
+	if err := os.Remove(d.idxPath(s)); err != nil && !errors.Is(err, os.ErrNotExist) {
+		d.log.Warn().Str("file", s.rel).Err(err).Msg("could not remove a read cache segment's index")
+	}
 	if s.df != nil && s.df != s.f {
 		s.df.Close()
 	}
@@ -528,11 +678,12 @@ func (d *diskTier) removeFile(s *segment) {
 }
 
 // put queues window k for writing; data must not change afterwards.
-func (d *diskTier) put(k Key, data []byte) {
+// False: the queue was full and the write skipped.
+func (d *diskTier) put(k Key, data []byte) bool {
 	if !diskIDRe.MatchString(k.Volume) {
-		return
+		return true // never on disk: nothing to retry
 	}
-	d.enqueue(diskWrite{k: k, data: data})
+	return d.enqueue(diskWrite{k: k, data: data})
 }
 
 // claim marks window k pending unless it is on disk or pending already.
@@ -562,23 +713,25 @@ func (d *diskTier) putEvicted(k Key, data []byte) {
 }
 
 // enqueue queues w unless the window is on disk or on its way there
-// (a refresh is queued once). A full queue skips it: it is only a cache.
-func (d *diskTier) enqueue(w diskWrite) {
+// (a refresh is queued once). A full queue skips it (it is only a cache)
+// and returns false.
+func (d *diskTier) enqueue(w diskWrite) bool {
 	if !w.refresh && !d.claim(w.k) {
-		return
+		return true
 	}
 	d.qmu.RLock()
 	defer d.qmu.RUnlock()
 	if !d.closed {
 		select {
 		case d.queue <- w:
-			return
+			return true
 		default:
 		}
 	}
 	if !w.refresh {
 		d.unclaim(w.k)
 	}
+	return false
 }
 
 // writeWarnEvery spaces the warnings of failing writes: a full disk fails
@@ -737,10 +890,14 @@ func (d *diskTier) flushAll() error {
 	return first
 }
 
-// retire ends appends to s: its stage is flushed and its write handle
-// closed; a segment left with no record in use is removed.
+// retire ends appends to s: its stage is flushed, its index file written
+// and its write handle closed; a segment left with no record in use is
+// removed.
 func (d *diskTier) retire(s *segment) error {
 	err := d.flush(s)
+	if err == nil {
+		d.writeIndex(s)
+	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	if s.df != nil && s.df != s.f {
@@ -846,6 +1003,18 @@ func (d *diskTier) close() {
 	}
 	d.qmu.Unlock()
 	<-d.done
+	// The segments still taking appends get their index file, so the
+	// next start need not read every record's header (the writer has
+	// flushed them and stopped).
+	d.mu.Lock()
+	open := make([]*segment, 0, len(d.open))
+	for _, s := range d.open {
+		open = append(open, s)
+	}
+	d.mu.Unlock()
+	for _, s := range open {
+		d.writeIndex(s)
+	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	for _, s := range d.segs {

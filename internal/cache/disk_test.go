@@ -502,16 +502,21 @@ func TestGetStreamKeepsDiskWindowsOutOfMain(t *testing.T) {
 	}
 }
 
-// TestEvictedWindowsReachDisk: a window whose disk write never happened
-// (its queue was full) is written when memory evicts it, from the main
-// tier and from the stream tier.
+// TestEvictedWindowsReachDisk: a window whose disk write was skipped (its
+// queue was full) is written when memory evicts it, from the main tier
+// and from the stream tier; one whose write was not skipped is not
+// written again.
 func TestEvictedWindowsReachDisk(t *testing.T) {
 	dir := t.TempDir()
 	const w = 16 << 10
 	c := newDisk(t, dir, 64<<20, w) // holds every window written here
 	main, streamed := Key{Volume: volA, Object: 1}, Key{Volume: volA, Object: 2}
-	c.setMain(main, &entry{data: pattern(w, 1)}) // stored in memory, not on disk
-	c.stream.put(streamed, &entry{data: pattern(w, 2)})
+	// Stored in memory with their disk writes skipped (a full queue).
+	em, es := &entry{data: pattern(w, 1)}, &entry{data: pattern(w, 2)}
+	em.diskSkipped.Store(true)
+	es.diskSkipped.Store(true)
+	c.setMain(main, em)
+	c.stream.put(streamed, es)
 	for i := range 4 * int(c.max) / w {
 		c.Put(Key{Volume: volB, Object: int64(100 + i)}, pattern(w, 3))
 		c.PutStream(Key{Volume: volB, Object: int64(100000 + i)}, pattern(w, 4), false)
@@ -631,5 +636,92 @@ func TestWhereAndLoadAhead(t *testing.T) {
 	}
 	if c.LoadAhead(none) {
 		t.Fatal("LoadAhead of a window nowhere")
+	}
+}
+
+// removeIndexFiles removes the segments' index files under dir, so that
+// the next start scans the records.
+func removeIndexFiles(t *testing.T, dir string) {
+	t.Helper()
+	for rel := range files(t, dir) {
+		if filepath.Ext(rel) == ".idx" {
+			if err := os.Remove(filepath.Join(dir, rel)); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+}
+
+// TestDiskIndexFiles: a clean stop leaves an index file per segment and
+// the next start reads no record header; a damaged index file is ignored
+// (the segment is scanned); an index file that points a window at
+// another window's record costs a drop, never wrong bytes.
+func TestDiskIndexFiles(t *testing.T) {
+	dir := t.TempDir()
+	const w = 64 << 10
+	key := func(i int) Key { return Key{Volume: volA, Object: 9, Window: int64(i)} }
+	const n = 20 // segments of 256 KiB: several of them
+	c := newDisk(t, dir, 4<<20, w)
+	for i := range n {
+		c.Put(key(i), pattern(w, byte(i)))
+		c.Sync()
+	}
+	c.Close()
+	check := func(what string, wantScan bool) *Cache {
+		t.Helper()
+		c := newDisk(t, dir, 4<<20, w)
+		if scanned := c.disk.scanned.Load(); (scanned > 0) != wantScan {
+			t.Fatalf("%s: %d record headers scanned at start-up", what, scanned)
+		}
+		for i := range n {
+			if got, ok := c.Get(key(i)); !ok || !bytes.Equal(got, pattern(w, byte(i))) {
+				t.Fatalf("%s: window %d found %v", what, i, ok)
+			}
+		}
+		return c
+	}
+	c = check("after a clean stop", false)
+	c.Close()
+
+	var idx []string
+	for rel := range files(t, dir) {
+		if filepath.Ext(rel) == ".idx" {
+			idx = append(idx, filepath.Join(dir, rel))
+		}
+	}
+	if len(idx) < 3 {
+		t.Fatalf("%d index files, want one per segment", len(idx))
+	}
+	b := readAt(t, idx[0], 20, 1)
+	b[0] ^= 1
+	overwrite(t, idx[0], 20, b)
+	c = check("with a damaged index file", true)
+	c.Close()
+
+	// A lying index: window 0's entry points at window 1's record (the
+	// file's CRC is right).
+	c = newDisk(t, dir, 4<<20, w)
+	d := c.disk
+	d.mu.Lock()
+	l0, l1 := d.index[key(0)], d.index[key(1)]
+	if l0.seg != l1.seg {
+		d.mu.Unlock()
+		t.Fatal("windows 0 and 1 in different segments")
+	}
+	d.index[key(0)] = recordLoc{seg: l1.seg, off: l1.off, size: l1.size}
+	d.mu.Unlock()
+	c.Close() // writes no index for old segments: write it by hand
+	seg := l0.seg
+	seg.dead = false
+	d.writeIndex(seg)
+	c = newDisk(t, dir, 4<<20, w)
+	if got, ok := c.Get(key(0)); ok {
+		t.Fatalf("served window 1's record as window 0 (equal to window 1: %v)", bytes.Equal(got, pattern(w, 1)))
+	}
+	if s := c.Stats(); s.DiskDropped != 1 {
+		t.Fatalf("dropped %d, want 1", s.DiskDropped)
+	}
+	if got, ok := c.Get(key(1)); !ok || !bytes.Equal(got, pattern(w, 1)) {
+		t.Fatal("window 1 lost")
 	}
 }

@@ -441,13 +441,15 @@ func newDiskCache(tb testing.TB, dir string) *cache.Cache {
 	return c
 }
 
-// damage flips bytes in every cache file under dir, so that every record
-// in it is damaged; it returns the number of files.
+// damage flips bytes in every cache segment under dir, so that every
+// record in it is damaged (the segments' index files are left as they
+// are: they point at the damaged records); it returns the number of
+// segments.
 func damage(tb testing.TB, dir string) int {
 	tb.Helper()
 	n := 0
 	err := filepath.WalkDir(dir, func(p string, e fs.DirEntry, err error) error {
-		if err != nil || e.IsDir() {
+		if err != nil || e.IsDir() || filepath.Ext(p) != ".seg" {
 			return err
 		}
 		b, err := os.ReadFile(p)
