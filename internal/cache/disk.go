@@ -27,10 +27,12 @@ import (
 // cold read can keep up with it: one append per window, no file created,
 // renamed or removed per window (one file per window managed ~1,800
 // windows/s on ext4, far behind a cold read; docs/ARCHITECTURE.md §1).
-// Space is freed a whole segment at a time, oldest first; a window read
-// from the oldest quarter of the segments while the tier is three
-// quarters full is appended again, so what is used stays. A restart rebuilds the index by reading each record's
-// header.
+// Records are staged per segment and written in 1 MiB O_DIRECT writes
+// (see flush). Space is freed a whole segment at a time, oldest first; a
+// window read from the oldest quarter of the segments while the tier is
+// three quarters full is appended again, so what is used stays. A restart
+// rebuilds the index from each segment's index file (see writeIndex), or
+// by reading each record's header where there is none.
 //
 // Nothing on disk is trusted: before a window is served, its record must
 // name the same volume, key, window and window size, and the CRC32C of
@@ -55,8 +57,8 @@ import (
 // own magic: a plaintext record is never served by an encrypted tier, nor
 // the reverse.
 //
-// A record enters the index only after its append returned, so a reader
-// never sees half of one; a crash leaves at most a torn record at the end
+// A record enters the index only after the write of its stage returned,
+// so a reader never sees half of one; a crash leaves at most a torn record at the end
 // of a segment, which the restart's scan stops at. A full queue drops the
 // write (it is only a cache). Each volume directory is flock'ed by the
 // process using it, so two daemons sharing cache.dir never append to or
