@@ -207,15 +207,7 @@ func (c *Cache) get(k Key, once bool) ([]byte, bool) {
 		}
 	}
 	if !ok && c.disk != nil {
-		var v []byte
-		if v, ok = c.disk.get(k); ok {
-			e = &entry{data: v}
-			if once {
-				c.keepStream(k, e)
-			} else {
-				c.setMain(k, e)
-			}
-		}
+		e, ok = c.fromDisk(k, once, false)
 	}
 	if !ok {
 		c.c.misses.Add(1)
@@ -295,7 +287,7 @@ func (c *Cache) setMain(k Key, e *entry) {
 // disk tier. It never blocks (it runs inside the cache's eviction).
 func (c *Cache) evicted(k Key, e *entry) {
 	if c.disk != nil && e.diskSkipped.Load() {
-		c.disk.putEvicted(k, e.data)
+		c.disk.put(k, e.data)
 	}
 }
 
@@ -386,12 +378,7 @@ func (c *Cache) CountFetch(n int, readahead bool) {
 // fetch asks this of many windows ahead, and loading them all would push
 // out what is read now. A window on disk that then fails its checks is a
 // miss for the read that gets it, which fetches it.
-func (c *Cache) Contains(k Key) bool {
-	if _, ok := c.mem.GetIfPresent(k); ok || c.stream.contains(k) {
-		return true
-	}
-	return c.disk != nil && c.disk.contains(k)
-}
+func (c *Cache) Contains(k Key) bool { return c.Where(k) != Missing }
 
 // Place is where a window is cached.
 type Place int
@@ -420,20 +407,32 @@ func (c *Cache) Where(k Key) Place {
 // first read that uses it counts a readahead hit). False: it is not on
 // disk, or its record failed its checks (and was dropped).
 func (c *Cache) LoadAhead(k Key) bool {
-	if c.disk == nil {
-		return false
-	}
-	if _, ok := c.mem.GetIfPresent(k); ok || c.stream.contains(k) {
+	switch c.Where(k) {
+	case InMemory:
 		return true
+	case OnDisk:
+		_, ok := c.fromDisk(k, true, true)
+		return ok
 	}
+	return false
+}
+
+// fromDisk loads window k from the disk tier into memory: kept as a
+// stream's window (once) or in the main tier, marked as readahead if
+// ahead. False: it is not on disk, or its record failed its checks.
+func (c *Cache) fromDisk(k Key, once, ahead bool) (*entry, bool) {
 	v, ok := c.disk.get(k)
 	if !ok {
-		return false
+		return nil, false
 	}
 	e := &entry{data: v}
-	e.ahead.Store(true)
-	c.keepStream(k, e)
-	return true
+	e.ahead.Store(ahead)
+	if once {
+		c.keepStream(k, e)
+	} else {
+		c.setMain(k, e)
+	}
+	return e, true
 }
 
 // CountReturned records bytes of mapped data returned to a reader.

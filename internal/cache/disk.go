@@ -72,7 +72,7 @@ const (
 	// it to an eighth of the memory bound).
 	minDiskQueue = 256
 	segSuffix    = ".seg"
-	tmpPrefix    = ".tmp-" // temporary files of the one-file-per-window format
+	tmpPrefix    = ".tmp-" // temporary files (index files, and the one-file-per-window format's)
 	// segSlack is the bytes counted per segment beyond its size (inode,
 	// directory entry, the partly used last block).
 	segSlack = 4 << 10
@@ -283,7 +283,7 @@ func (d *diskTier) openVolumeDir(vol string) ([]*segment, error) {
 		}
 	}
 	if old > 0 {
-		d.log.Info().Str("dir", p).Int("files", old).Msg("removed read cache files of the former one-file-per-window format")
+		d.log.Info().Str("dir", p).Int("files", old).Msg("removed leftover read cache files (the former one-file-per-window format, or temporary files of a crash)")
 	}
 	return segs, nil
 }
@@ -420,7 +420,8 @@ func (d *diskTier) writeIndex(s *segment) {
 	le.PutUint32(b[n:], uint32(count))
 	b = le.AppendUint32(b, crc32.Checksum(b, castagnoli))
 	p := d.idxPath(s)
-	tmp := p + ".tmp"
+	// A temporary name a start removes if a crash leaves it behind.
+	tmp := filepath.Join(filepath.Dir(p), tmpPrefix+filepath.Base(p))
 	err := os.WriteFile(tmp, b, 0o600)
 	if err == nil {
 		err = os.Rename(tmp, p)
@@ -703,15 +704,6 @@ func (d *diskTier) unclaim(k Key) {
 	d.mu.Lock()
 	delete(d.pending, k)
 	d.mu.Unlock()
-}
-
-// putEvicted is put for a window leaving memory: skipped at once when it
-// is on disk already, which is the common case.
-func (d *diskTier) putEvicted(k Key, data []byte) {
-	if !diskIDRe.MatchString(k.Volume) {
-		return
-	}
-	d.enqueue(diskWrite{k: k, data: data})
 }
 
 // enqueue queues w unless the window is on disk or on its way there

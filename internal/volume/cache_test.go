@@ -777,13 +777,20 @@ func warmThenDamaged(t *testing.T, dir string, run func(name string) cache.Stats
 // disk tier (no GET), so its reads find them in memory and count
 // readahead hits.
 func TestReadaheadLoadsFromDisk(t *testing.T) {
+	t.Run("mem", func(t *testing.T) { testReadaheadLoadsFromDisk(t, mem.New()) })
+	t.Run("minio", func(t *testing.T) {
+		srv := minio.Start(t)
+		testReadaheadLoadsFromDisk(t, srv.Store(t, srv.Bucket(t)))
+	})
+}
+
+func testReadaheadLoadsFromDisk(t *testing.T, st store.Store) {
 	const (
 		bs     = 4096
 		blocks = 16 * mib / bs
 		step   = mib / bs
 	)
 	dir := t.TempDir()
-	st := mem.New()
 	m := newVModel(bs)
 	eo := enginetest.Options{Size: 32 * mib, BlockSize: bs, ChunkSize: 1 * mib, Cache: newDiskCache(t, dir)}
 	e := enginetest.Open(t, st, eo)
