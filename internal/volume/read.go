@@ -315,11 +315,11 @@ func (v *Volume) fetchSpan(once bool) int64 {
 // spread out: at most an eighth of it (of at most chunk bytes of it: a
 // prefetch range of 32 MiB holds a whole 4 MiB object in an eighth), and
 // not a dense run (at least half of the device range its pieces span)
-// that is either longer than edgeSlack or at one end of the read. A dense run is part of an object
-// the stream reads through: one the read only starts or ends in (a range
-// rarely starts at an object's edge), or one written as several runs
-// from different places (a client writing with many requests in flight
-// fills a chunk out of device order). Taken for scattered, such objects
+// that is either longer than edgeSlack or at one end of the read. A
+// dense run is part of an object the stream reads through: one the read
+// only starts or ends in (a range rarely starts at an object's edge), or
+// one written as several runs from different places (a client writing
+// with many requests in flight fills a chunk out of device order). Taken for scattered, such objects
 // were fetched whole into the main tier (measured: ~600 MiB of the
 // 1.7 GiB fetched for a cold 1 GiB read through FUSE).
 func scattered(pieces []readPiece, readStart, readBytes, bs, chunk int64) bool {
