@@ -754,11 +754,7 @@ func (d *diskTier) writer() {
 			close(w.sync)
 			continue
 		}
-		err := d.write(w)
-		if err != nil && !w.refresh {
-			d.unclaim(w.k)
-		}
-		fail(err)
+		fail(d.write(w))
 		if len(d.queue) == 0 { // idle: what is staged goes to disk now
 			fail(d.flushAll())
 		}
@@ -768,21 +764,29 @@ func (d *diskTier) writer() {
 
 // write stages window w.k in its volume's open segment; it reaches the
 // disk (and the index) when the stage is full, the queue idle, or at a
-// sync. Only the writer goroutine stages, flushes, rotates and frees
-// segments.
+// sync. The window stays pending while staged; every path that does not
+// stage it clears that. An error from retiring the segment it replaced
+// is returned even though the window was staged. Only the writer
+// goroutine stages, flushes, rotates and frees segments.
 func (d *diskTier) write(w diskWrite) error {
 	k := w.k
+	unclaim := func() { // a refresh was never claimed
+		if !w.refresh {
+			d.unclaim(k)
+		}
+	}
 	d.mu.Lock()
 	_, indexed := d.index[k]
 	d.mu.Unlock()
 	if indexed && !w.refresh {
-		d.unclaim(k)
+		unclaim()
 		return nil // immutable content: already there
 	}
 	var hdr, data []byte
 	if d.seal != nil {
 		var err error
 		if hdr, err = sealWindow(d.seal, k, d.win, w.data); err != nil {
+			unclaim()
 			return fmt.Errorf("seal window %d of key %d: %w", k.Window, k.Object, err)
 		}
 	} else {
@@ -790,7 +794,7 @@ func (d *diskTier) write(w diskWrite) error {
 	}
 	n := int64(len(hdr) + len(data))
 	if n+segSlack > d.limit || n > stageSize/2 {
-		d.unclaim(k)
+		unclaim()
 		return nil
 	}
 	d.mu.Lock()
@@ -807,12 +811,12 @@ func (d *diskTier) write(w diskWrite) error {
 		}
 	}
 	if s == nil {
-		d.unclaim(k)
+		unclaim()
 		return err
 	}
 	if int64(len(s.stage))+n > int64(cap(s.stage)) {
 		if err := d.flush(s); err != nil {
-			d.unclaim(k)
+			unclaim()
 			return err
 		}
 	}
