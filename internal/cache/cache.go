@@ -17,7 +17,11 @@
 // know the extent map, the store or the object proxy. The caller
 // (internal/volume) looks up only keys the map points to, and inserts only
 // bytes it has just read from the store or that an upload has just stored.
-// Values handed out by Get are shared and must never be modified. A disk
+// Values handed out by Get are shared and must never be modified; their
+// memory is never reused. Acquire hands out a window for the time until
+// Release, after which its memory may be reused for another window
+// (pool.go): fetches and commits copy into Buffer and hand over with Keep.
+// A disk
 // file is served only after its header names the very key looked up and
 // the CRC32C of every 4 KiB block matches (or, for an encrypted volume,
 // its AES-GCM tag verifies); it never serves a damaged or foreign file,
@@ -111,6 +115,7 @@ type Cache struct {
 	mem      *otter.Cache[Key, *entry]
 	stream   *streamTier // windows a stream takes once (stream.go)
 	disk     *diskTier   // nil: memory only
+	pool     pool        // window buffers to reuse (pool.go)
 	log      zerolog.Logger
 	c        counters
 }
@@ -140,11 +145,14 @@ func New(o Options) (*Cache, error) {
 		},
 		// Inside the operation that removes the entry (eviction,
 		// replacement, invalidation), so that mainUsed never lags.
+		// It also drops the tier's reference (pool.go), after the
+		// disk tier took its own.
 		OnAtomicDeletion: func(e otter.DeletionEvent[Key, *entry]) {
 			c.mainUsed.Add(-weight(e.Key, e.Value))
 			if e.Cause.IsEviction() {
 				c.evicted(e.Key, e.Value)
 			}
+			c.release(e.Value)
 		},
 	})
 	if err != nil {
@@ -152,6 +160,11 @@ func New(o Options) (*Cache, error) {
 	}
 	c.mem = mem
 	c.stream.evicted = c.evicted
+	c.stream.release = c.release
+	// Buffers wait in the pool only between an eviction and the next
+	// insertion, or while readers finish with evicted windows: a
+	// thirty-second of the memory bound, beyond it (README, Read cache).
+	c.pool.max = max(int(o.MemoryBytes/32/o.Window), 64)
 	if o.Dir != "" {
 		if o.DiskBytes <= 0 {
 			return nil, fmt.Errorf("cache disk size %d: must be positive with a cache directory", o.DiskBytes)
@@ -166,6 +179,7 @@ func New(o Options) (*Cache, error) {
 		if c.disk, err = openDisk(o.Dir, o.DiskBytes, o.Window, queue, o.Sealer, o.Logger); err != nil {
 			return nil, err
 		}
+		c.disk.release = c.release
 	}
 	return c, nil
 }
@@ -179,6 +193,10 @@ type entry struct {
 	// diskSkipped: its disk write was skipped (a full queue), so memory
 	// offers it to the disk again when it evicts it.
 	diskSkipped atomic.Bool
+	// pooled: data came from Buffer and is reused once refs, the
+	// holders' references, falls to zero (pool.go).
+	pooled bool
+	refs   atomic.Int32
 }
 
 // Window is the size and alignment of an entry in bytes.
@@ -190,16 +208,31 @@ func (c *Cache) FetchSize() int64 { return c.fetch }
 
 // Get returns the bytes cached for k (shared: never modify them) and
 // counts a hit or a miss. A window of the stream tier used a second time
-// moves to the main tier.
-func (c *Cache) Get(k Key) ([]byte, bool) { return c.get(k, false) }
+// moves to the main tier. The bytes stay valid for good: their memory is
+// never reused (the read path uses Acquire, which lets it be).
+func (c *Cache) Get(k Key) ([]byte, bool) { return c.getShared(k, false) }
 
 // GetStream is Get for a sequential stream's read: a window it loads from
 // the disk tier is kept in memory as PutStream keeps one, so that a stream
 // read back from disk does not push the hot set out of the main tier.
-func (c *Cache) GetStream(k Key) ([]byte, bool) { return c.get(k, true) }
+func (c *Cache) GetStream(k Key) ([]byte, bool) { return c.getShared(k, true) }
 
-func (c *Cache) get(k Key, once bool) ([]byte, bool) {
+// getShared is get whose reference is never released: the bytes are the
+// caller's to keep reading.
+func (c *Cache) getShared(k Key, once bool) ([]byte, bool) {
+	e, ok := c.get(k, once)
+	if !ok {
+		return nil, false
+	}
+	return e.data, true
+}
+
+// get finds window k and takes a reference on it for the caller.
+func (c *Cache) get(k Key, once bool) (*entry, bool) {
 	e, ok := c.mem.GetIfPresent(k)
+	if ok && !e.acquire() {
+		ok = false // evicted meanwhile: its memory may be reused already
+	}
 	if !ok {
 		var again bool
 		if e, again, ok = c.stream.get(k); again {
@@ -219,7 +252,7 @@ func (c *Cache) get(k Key, once bool) ([]byte, bool) {
 		c.c.raHits.Add(1)
 		c.c.raHitBytes.Add(int64(len(e.data)))
 	}
-	return e.data, true
+	return e, true
 }
 
 // Put stores data as the content of window k. The cache keeps data: the
@@ -245,8 +278,19 @@ func (c *Cache) PutStream(k Key, data []byte, ahead bool) {
 	}
 	e := &entry{data: data}
 	e.ahead.Store(ahead)
+	c.insert(k, e, true)
+}
+
+// insert stores the new entry e as window k: in the disk tier and in
+// the main tier, or where keepStream keeps a stream's window.
+func (c *Cache) insert(k Key, e *entry, stream bool) {
 	c.stored(k, e) // first: it marks e if the disk write is skipped
-	c.keepStream(k, e)
+	if stream {
+		c.keepStream(k, e)
+		return
+	}
+	c.setMain(k, e)
+	c.stream.drop(k)
 }
 
 // keepStream stores e, a window a stream takes once, in the main tier
@@ -271,13 +315,13 @@ func (c *Cache) put(k Key, data []byte, ahead bool) {
 	}
 	e := &entry{data: data}
 	e.ahead.Store(ahead)
-	c.stored(k, e) // first: it marks e if the disk write is skipped
-	c.setMain(k, e)
-	c.stream.drop(k)
+	c.insert(k, e, false)
 }
 
-// setMain stores e as window k in the main tier.
+// setMain stores e as window k in the main tier, which takes a
+// reference on it (the caller holds one).
 func (c *Cache) setMain(k Key, e *entry) {
+	e.hold()
 	c.mainUsed.Add(weight(k, e))
 	c.mem.Set(k, e)
 }
@@ -287,13 +331,13 @@ func (c *Cache) setMain(k Key, e *entry) {
 // disk tier. It never blocks (it runs inside the cache's eviction).
 func (c *Cache) evicted(k Key, e *entry) {
 	if c.disk != nil && e.diskSkipped.Load() {
-		c.disk.put(k, e.data)
+		c.disk.put(k, e)
 	}
 }
 
 // stored writes window k to the disk tier and counts it.
 func (c *Cache) stored(k Key, e *entry) {
-	if c.disk != nil && !c.disk.put(k, e.data) {
+	if c.disk != nil && !c.disk.put(k, e) {
 		e.diskSkipped.Store(true)
 	}
 	c.c.inserted.Add(1)
@@ -305,7 +349,9 @@ func (c *Cache) stored(k Key, e *entry) {
 func (c *Cache) PutObject(vol string, key int64, data []byte) {
 	for w := int64(0); w*c.window < int64(len(data)); w++ {
 		end := min((w+1)*c.window, int64(len(data)))
-		c.Put(Key{Volume: vol, Object: key, Window: w}, append([]byte(nil), data[w*c.window:end]...))
+		buf := c.Buffer(int(end - w*c.window))
+		copy(buf, data[w*c.window:end])
+		c.Keep(Key{Volume: vol, Object: key, Window: w}, buf, false, false)
 	}
 }
 
@@ -468,6 +514,9 @@ type Stats struct {
 	DiskEvicted     int64 // records freed with their segment for room
 	DiskWriteErrors int64 // appends that failed (full or broken disk): windows skipped
 	DiskBytes       int64
+	BuffersReused   int64 // window buffers taken from the pool (pool.go)
+	BuffersFreed    int64 // window buffers no holder used any more
+	RefErrors       int64 // releases past zero: a bug, never expected
 }
 
 // Stats returns the counters.
@@ -480,6 +529,7 @@ func (c *Cache) Stats() Stats {
 		RAFetches:     c.c.raFetches.Load(), RAFetchedBytes: c.c.raBytes.Load(),
 		RAHits: c.c.raHits.Load(), RAHitBytes: c.c.raHitBytes.Load(),
 		MemoryBytes: int64(c.mem.WeightedSize()) + c.stream.weight(), MemoryLimit: int64(c.max),
+		BuffersReused: c.pool.reused.Load(), BuffersFreed: c.pool.recycled.Load(), RefErrors: c.pool.refErrors.Load(),
 	}
 	if d := c.disk; d != nil {
 		s.DiskHits, s.DiskDropped, s.DiskWritten, s.DiskEvicted = d.hits.Load(), d.dropped.Load(), d.written.Load(), d.evicted.Load()
@@ -499,5 +549,6 @@ func (s Stats) MarshalZerologObject(e *zerolog.Event) {
 		Int64("returned_bytes", s.ReturnedBytes).
 		Int64("memory_bytes", s.MemoryBytes).Int64("memory_limit", s.MemoryLimit).
 		Int64("disk_hits", s.DiskHits).Int64("disk_dropped", s.DiskDropped).Int64("disk_written", s.DiskWritten).
-		Int64("disk_evicted", s.DiskEvicted).Int64("disk_write_errors", s.DiskWriteErrors).Int64("disk_bytes", s.DiskBytes)
+		Int64("disk_evicted", s.DiskEvicted).Int64("disk_write_errors", s.DiskWriteErrors).Int64("disk_bytes", s.DiskBytes).
+		Int64("buffers_reused", s.BuffersReused).Int64("buffers_freed", s.BuffersFreed).Int64("ref_errors", s.RefErrors)
 }

@@ -117,6 +117,8 @@ type diskTier struct {
 	segSize int64
 	seal    Sealer // nil: plaintext records with CRC32C
 	log     zerolog.Logger
+	// release drops a queued write's reference on its memory entry.
+	release func(*entry)
 
 	mu      sync.Mutex
 	used    int64
@@ -176,8 +178,11 @@ type recordLoc struct {
 }
 
 type diskWrite struct {
-	k       Key
-	data    []byte
+	k    Key
+	data []byte
+	// e, when set, is the memory entry data belongs to: the write holds
+	// a reference on it until it is staged or dropped (pool.go).
+	e       *entry
 	refresh bool          // append again even though indexed (an old hit)
 	sync    chan struct{} // a marker: closed when reached, nothing written
 }
@@ -680,13 +685,24 @@ func (d *diskTier) removeFile(s *segment) {
 	}
 }
 
-// put queues window k for writing; data must not change afterwards.
-// False: the queue was full and the write skipped.
-func (d *diskTier) put(k Key, data []byte) bool {
+// put queues window k, the bytes of e, for writing; they must not change
+// afterwards. The write holds a reference on e until its bytes are
+// staged or it is dropped. False: the queue was full and the write
+// skipped.
+func (d *diskTier) put(k Key, e *entry) bool {
 	if !diskIDRe.MatchString(k.Volume) {
 		return true // never on disk: nothing to retry
 	}
-	return d.enqueue(diskWrite{k: k, data: data})
+	e.hold()
+	return d.enqueue(diskWrite{k: k, data: e.data, e: e})
+}
+
+// finished ends w's hold on its memory entry: its bytes are staged (copied)
+// or will never be.
+func (d *diskTier) finished(w diskWrite) {
+	if w.e != nil && d.release != nil {
+		d.release(w.e)
+	}
 }
 
 // claim marks window k pending unless it is on disk or pending already.
@@ -711,6 +727,7 @@ func (d *diskTier) unclaim(k Key) {
 // and returns false.
 func (d *diskTier) enqueue(w diskWrite) bool {
 	if !w.refresh && !d.claim(w.k) {
+		d.finished(w)
 		return true
 	}
 	d.qmu.RLock()
@@ -725,6 +742,7 @@ func (d *diskTier) enqueue(w diskWrite) bool {
 	if !w.refresh {
 		d.unclaim(w.k)
 	}
+	d.finished(w)
 	return false
 }
 
@@ -754,7 +772,9 @@ func (d *diskTier) writer() {
 			close(w.sync)
 			continue
 		}
-		fail(d.write(w))
+		err := d.write(w)
+		d.finished(w) // staged (copied) or dropped: its bytes are not used again
+		fail(err)
 		if len(d.queue) == 0 { // idle: what is staged goes to disk now
 			fail(d.flushAll())
 		}

@@ -24,8 +24,11 @@ type streamTier struct {
 	items map[Key]*list.Element // of *streamEntry
 	order list.List             // oldest first
 	// evicted, when set, is told of each window dropped for room (under
-	// mu: it must not block).
+	// mu: it must not block), before the tier's reference is released.
 	evicted func(Key, *entry)
+	// release drops the tier's reference on an entry that leaves it
+	// (pool.go): the tier takes one with each put.
+	release func(*entry)
 }
 
 type streamEntry struct {
@@ -52,20 +55,22 @@ func (s *streamTier) put(k Key, e *entry) {
 	if w > s.max {
 		return
 	}
+	e.hold()
 	s.items[k] = s.order.PushBack(&streamEntry{key: k, e: e})
 	s.used += w
 	for s.used > s.max {
 		el := s.order.Front()
-		s.remove(el)
 		if s.evicted != nil {
 			se := el.Value.(*streamEntry)
 			s.evicted(se.key, se.e)
 		}
+		s.remove(el)
 	}
 }
 
-// get returns window k and whether this is its second use (the caller
-// moves it to the main tier, and it leaves this one).
+// get returns window k, with a reference the caller releases, and
+// whether this is its second use (the caller moves it to the main tier,
+// and it leaves this one).
 func (s *streamTier) get(k Key) (e *entry, again, ok bool) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -74,6 +79,9 @@ func (s *streamTier) get(k Key) (e *entry, again, ok bool) {
 		return nil, false, false
 	}
 	se := el.Value.(*streamEntry)
+	if !se.e.acquire() { // never: the tier holds a reference
+		return nil, false, false
+	}
 	se.uses++
 	if se.uses > 1 {
 		s.remove(el)
@@ -99,11 +107,15 @@ func (s *streamTier) drop(k Key) {
 	}
 }
 
+// remove takes el out of the tier and releases the tier's reference.
 func (s *streamTier) remove(el *list.Element) {
 	se := el.Value.(*streamEntry)
 	s.order.Remove(el)
 	delete(s.items, se.key)
 	s.used -= weight(se.key, se.e)
+	if s.release != nil {
+		s.release(se.e)
+	}
 }
 
 func (s *streamTier) weight() int64 {
@@ -115,7 +127,9 @@ func (s *streamTier) weight() int64 {
 func (s *streamTier) purge() {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	s.items = make(map[Key]*list.Element)
-	s.order.Init()
-	s.used = 0
+	for el := s.order.Front(); el != nil; {
+		next := el.Next()
+		s.remove(el)
+		el = next
+	}
 }

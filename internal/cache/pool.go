@@ -1,0 +1,167 @@
+package cache
+
+import (
+	"sync"
+	"sync/atomic"
+)
+
+// Window memory is reused. Copying a GET body or a committed chunk into
+// freshly allocated windows cost more than the copy itself: the heap
+// grows, and first-touch page faults on this kind of VM made that copy
+// run at under 1 GB/s. Measured on the fragmented cold read through NBD:
+// 1.66 of bs3's 3.54 CPU-s went to that copy, 0.2 s once windows were
+// reused (docs/ARCHITECTURE.md §1, "Window memory").
+//
+// A window the cache may reuse is *pooled*: its buffer came from Buffer
+// and was handed over with Keep. Every holder of a pooled entry holds a
+// reference: each tier it is stored in (one per store), the disk write
+// queue while the record waits to be staged, and each reader between
+// Acquire and Release. The buffer goes back to the pool only when the
+// count falls to zero, so no tier, queue or reader can see it change. A
+// reader that finds an entry whose count is already zero (evicted while
+// it looked it up) takes it as a miss. Entries whose bytes the caller
+// supplied (Put, PutAhead, PutStream) or that were read from disk are
+// not pooled: the garbage collector frees them, as before.
+
+// poisonRecycled, set by tests, overwrites every buffer returned to the
+// pool, so that a reader still using one reads garbage and fails its
+// check instead of passing by luck.
+var poisonRecycled bool
+
+// pool holds window buffers (cap = the window) no entry uses any more.
+type pool struct {
+	mu   sync.Mutex
+	free [][]byte
+	max  int
+	// reused counts buffers Buffer took from the pool, recycled the ones
+	// returned to it; refErrors counts releases past zero (a bug: never
+	// expected, and the buffer is then not reused).
+	reused, recycled, refErrors atomic.Int64
+}
+
+// get returns a buffer of n bytes (n ≤ win) with cap win.
+func (p *pool) get(n int, win int64) []byte {
+	p.mu.Lock()
+	if k := len(p.free); k > 0 {
+		b := p.free[k-1]
+		p.free[k-1] = nil
+		p.free = p.free[:k-1]
+		p.mu.Unlock()
+		p.reused.Add(1)
+		return b[:n]
+	}
+	p.mu.Unlock()
+	return make([]byte, n, win)
+}
+
+// put returns b to the pool, or leaves it to the garbage collector when
+// the pool is full.
+func (p *pool) put(b []byte) {
+	b = b[:cap(b)]
+	if poisonRecycled {
+		for i := range b {
+			b[i] = 0xa5
+		}
+	}
+	p.recycled.Add(1)
+	p.mu.Lock()
+	if len(p.free) < p.max {
+		p.free = append(p.free, b)
+	}
+	p.mu.Unlock()
+}
+
+// acquire takes a reference on e, which the caller found in a tier. False:
+// e's count already fell to zero (it left every tier and its buffer may
+// be reused): the caller must not touch its bytes.
+func (e *entry) acquire() bool {
+	if !e.pooled {
+		return true
+	}
+	for {
+		r := e.refs.Load()
+		if r <= 0 {
+			return false
+		}
+		if e.refs.CompareAndSwap(r, r+1) {
+			return true
+		}
+	}
+}
+
+// hold takes one more reference on e for a new holder; the caller holds
+// one already, so the count cannot be zero.
+func (e *entry) hold() {
+	if e.pooled {
+		e.refs.Add(1)
+	}
+}
+
+// release drops one reference on e, and reuses its buffer at zero.
+func (c *Cache) release(e *entry) {
+	if !e.pooled {
+		return
+	}
+	switch r := e.refs.Add(-1); {
+	case r == 0:
+		c.pool.put(e.data)
+	case r < 0:
+		c.pool.refErrors.Add(1)
+	}
+}
+
+// Buffer returns a buffer of n bytes (at most a window) for the bytes of
+// one window, to be handed to Keep. Its memory may be a window the cache
+// no longer holds.
+func (c *Cache) Buffer(n int) []byte {
+	return c.pool.get(min(n, int(c.window)), c.window)
+}
+
+// Keep stores buf, from Buffer, as the content of window k: as Put, or
+// as PutStream when stream is set; ahead marks a window readahead
+// fetched. The cache owns buf from then on (the caller must not touch
+// it) and reuses its memory once no tier and no reader holds it.
+func (c *Cache) Keep(k Key, buf []byte, stream, ahead bool) {
+	if !c.valid(k, buf) || int64(cap(buf)) != c.window {
+		return // not a window's buffer: left to the garbage collector
+	}
+	e := &entry{data: buf, pooled: true}
+	e.refs.Store(1) // the caller's, until stored
+	e.ahead.Store(ahead)
+	c.insert(k, e, stream)
+	c.release(e)
+}
+
+// View is the bytes of a cached window, held for reading until Release:
+// the cache does not reuse them before. Data must not be modified.
+type View struct {
+	Data []byte
+	e    *entry
+	c    *Cache
+}
+
+// Release ends the hold on v's bytes; v must not be used afterwards.
+func (v View) Release() {
+	if v.e != nil {
+		v.c.release(v.e)
+	}
+}
+
+// Acquire is Get for a reader that copies the bytes out and then calls
+// Release: the window's memory can be reused afterwards.
+func (c *Cache) Acquire(k Key) (View, bool) {
+	e, ok := c.get(k, false)
+	if !ok {
+		return View{}, false
+	}
+	return View{Data: e.data, e: e, c: c}, true
+}
+
+// AcquireStream is Acquire for a sequential stream's read (GetStream).
+func (c *Cache) AcquireStream(k Key) (View, bool) {
+	e, ok := c.get(k, true)
+	if !ok {
+		return View{}, false
+	}
+	return View{Data: e.data, e: e, c: c}, true
+}
