@@ -364,9 +364,24 @@ func (v *Volume) release(p *objectPlan) {
 // of the stream tier moves to the main tier on its second use, and one
 // read is one use (docs/ARCHITECTURE.md §1, read path).
 func (v *Volume) serveCached(key int64, pieces []readPiece, only map[int64]*flight, once bool) map[int64]bool {
-	get := v.cache.Get
+	acquire := v.cache.Acquire
 	if once {
-		get = v.cache.GetStream
+		acquire = v.cache.AcquireStream
+	}
+	// The windows found are held until their bytes are copied: the
+	// cache reuses a window's memory once nothing holds it.
+	var held []cache.View
+	defer func() {
+		for _, h := range held {
+			h.Release()
+		}
+	}()
+	get := func(k cache.Key) ([]byte, bool) {
+		h, ok := acquire(k)
+		if ok {
+			held = append(held, h)
+		}
+		return h.Data, ok
 	}
 	w := v.cache.Window()
 	var missing map[int64]bool
@@ -541,15 +556,9 @@ func (v *Volume) fetch(ctx context.Context, prio objproxy.Priority, r fetchRun, 
 			if end < (win+1)*w && avail == r.end {
 				break // a window cut by the run, not by the object's end
 			}
-			data := append([]byte(nil), dst[win*w-r.start:end-r.start]...)
-			switch k := v.cacheKey(r.key, win); {
-			case r.once:
-				v.cache.PutStream(k, data, prio == objproxy.Low)
-			case prio == objproxy.Low:
-				v.cache.PutAhead(k, data)
-			default:
-				v.cache.Put(k, data)
-			}
+			data := v.cache.Buffer(int(end - win*w))
+			copy(data, dst[win*w-r.start:end-r.start])
+			v.cache.Keep(v.cacheKey(r.key, win), data, r.once, prio == objproxy.Low)
 		}
 	}
 	return nil

@@ -64,12 +64,17 @@ func (v *Volume) readCached(key, off int64, buf []byte) bool {
 	w := v.cache.Window()
 	end := off + int64(len(buf))
 	for win := off / w; win*w < end; win++ {
-		data, ok := v.cache.Get(cache.Key{Volume: v.sb.VolumeID, Object: key, Window: win})
+		h, ok := v.cache.Acquire(cache.Key{Volume: v.sb.VolumeID, Object: key, Window: win})
 		lo, hi := max(off, win*w), min(end, (win+1)*w)
-		if !ok || int64(len(data)) < hi-win*w {
+		if ok && int64(len(h.Data)) >= hi-win*w {
+			copy(buf[lo-off:hi-off], h.Data[lo-win*w:hi-win*w])
+		} else {
+			ok = false
+		}
+		h.Release()
+		if !ok {
 			return false
 		}
-		copy(buf[lo-off:hi-off], data[lo-win*w:hi-win*w])
 	}
 	return true
 }
