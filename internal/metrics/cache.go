@@ -51,6 +51,9 @@ func newCacheCollector(c cacheSource) *cacheCollector {
 		m("disk_written_total", cnt, "Window records appended to the disk tier.", func(s cache.Stats) int64 { return s.DiskWritten }),
 		m("disk_evicted_total", cnt, "Window records freed with their segment to keep the disk tier under its limit.", func(s cache.Stats) int64 { return s.DiskEvicted }),
 		m("disk_write_errors_total", cnt, "Appends to the disk tier that failed (a full or broken disk); those windows are skipped.", func(s cache.Stats) int64 { return s.DiskWriteErrors }),
+		m("buffers_reused_total", cnt, "Window buffers a fetch or commit took from the free list instead of allocating.", func(s cache.Stats) int64 { return s.BuffersReused }),
+		m("buffers_freed_total", cnt, "Window buffers that no tier, disk write or reader held any more.", func(s cache.Stats) int64 { return s.BuffersFreed }),
+		m("buffer_ref_errors_total", cnt, "Window releases past zero: a bug, never expected (the buffer is then not reused).", func(s cache.Stats) int64 { return s.RefErrors }),
 		m("disk_bytes", gauge, "Bytes the disk tier counts against cache.disk_size.", func(s cache.Stats) int64 { return s.DiskBytes }),
 	}}
 }

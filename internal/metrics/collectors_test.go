@@ -158,6 +158,7 @@ func TestCacheCollector(t *testing.T) {
 		Hits: 1, Misses: 2, HitBytes: 3, Inserted: 4, InsertedBytes: 5, Fetches: 6, FetchedBytes: 7,
 		RAFetches: 8, RAFetchedBytes: 9, RAHits: 18, RAHitBytes: 19, ReturnedBytes: 10, MemoryBytes: 11, MemoryLimit: 12,
 		DiskHits: 13, DiskDropped: 14, DiskWritten: 15, DiskEvicted: 16, DiskBytes: 17, DiskWriteErrors: 20,
+		BuffersReused: 21, BuffersFreed: 22, RefErrors: 23,
 	}
 	got := collect(t, newCacheCollector(fakeCache{s}))
 	got.want(t, sample{
@@ -169,6 +170,7 @@ func TestCacheCollector(t *testing.T) {
 		"bs3_cache_returned_bytes_total": 10, "bs3_cache_memory_bytes": 11, "bs3_cache_memory_limit_bytes": 12,
 		"bs3_cache_disk_hits_total": 13, "bs3_cache_disk_dropped_total": 14, "bs3_cache_disk_written_total": 15,
 		"bs3_cache_disk_evicted_total": 16, "bs3_cache_disk_bytes": 17, "bs3_cache_disk_write_errors_total": 20,
+		"bs3_cache_buffers_reused_total": 21, "bs3_cache_buffers_freed_total": 22, "bs3_cache_buffer_ref_errors_total": 23,
 	})
 	if n := reflect.TypeOf(cache.Stats{}).NumField(); len(got) != n {
 		t.Errorf("%d cache series, want one per field of cache.Stats (%d): export the new ones", len(got), n)
