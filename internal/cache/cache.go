@@ -259,11 +259,11 @@ func (c *Cache) get(k Key, once bool) (*entry, bool) {
 // caller must not modify it afterwards. data must start at the window's
 // first byte and hold the whole window, or everything up to the object's
 // end for its last window.
-func (c *Cache) Put(k Key, data []byte) { c.put(k, data, false) }
+func (c *Cache) Put(k Key, data []byte) { c.put(k, data, false, false) }
 
 // PutAhead is Put for a window readahead fetched: the first read that
 // uses it counts a readahead hit.
-func (c *Cache) PutAhead(k Key, data []byte) { c.put(k, data, true) }
+func (c *Cache) PutAhead(k Key, data []byte) { c.put(k, data, true, false) }
 
 // PutStream is Put for a window a sequential stream takes once (fetched
 // by its readahead, ahead set, or by its own read). While the main tier
@@ -272,14 +272,7 @@ func (c *Cache) PutAhead(k Key, data []byte) { c.put(k, data, true) }
 // otherwise it goes to the stream tier, where it does not compete with
 // the main tier's windows, and moves there if it is used a second time
 // (stream.go). The disk tier keeps it like any window.
-func (c *Cache) PutStream(k Key, data []byte, ahead bool) {
-	if !c.valid(k, data) {
-		return
-	}
-	e := &entry{data: data}
-	e.ahead.Store(ahead)
-	c.insert(k, e, true)
-}
+func (c *Cache) PutStream(k Key, data []byte, ahead bool) { c.put(k, data, ahead, true) }
 
 // insert stores the new entry e as window k: in the disk tier and in
 // the main tier, or where keepStream keeps a stream's window.
@@ -309,13 +302,14 @@ func (c *Cache) valid(k Key, data []byte) bool {
 	return len(data) > 0 && int64(len(data)) <= c.window && k.Window >= 0 && k.Object >= 0
 }
 
-func (c *Cache) put(k Key, data []byte, ahead bool) {
+// put stores data, which the caller supplied (not pooled), as window k.
+func (c *Cache) put(k Key, data []byte, ahead, stream bool) {
 	if !c.valid(k, data) {
 		return
 	}
 	e := &entry{data: data}
 	e.ahead.Store(ahead)
-	c.insert(k, e, false)
+	c.insert(k, e, stream)
 }
 
 // setMain stores e as window k in the main tier, which takes a

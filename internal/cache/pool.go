@@ -149,17 +149,13 @@ func (v View) Release() {
 
 // Acquire is Get for a reader that copies the bytes out and then calls
 // Release: the window's memory can be reused afterwards.
-func (c *Cache) Acquire(k Key) (View, bool) {
-	e, ok := c.get(k, false)
-	if !ok {
-		return View{}, false
-	}
-	return View{Data: e.data, e: e, c: c}, true
-}
+func (c *Cache) Acquire(k Key) (View, bool) { return c.acquire(k, false) }
 
 // AcquireStream is Acquire for a sequential stream's read (GetStream).
-func (c *Cache) AcquireStream(k Key) (View, bool) {
-	e, ok := c.get(k, true)
+func (c *Cache) AcquireStream(k Key) (View, bool) { return c.acquire(k, true) }
+
+func (c *Cache) acquire(k Key, once bool) (View, bool) {
+	e, ok := c.get(k, once)
 	if !ok {
 		return View{}, false
 	}

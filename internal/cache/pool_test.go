@@ -35,6 +35,15 @@ func keep(c *Cache, k Key, stream bool) {
 	c.Keep(k, buf, stream, false)
 }
 
+// keepMany keeps windows 2 to 199 of volA, enough to evict window 1 of a
+// cache of 16 windows; with streams, every other one as a stream's.
+func keepMany(c *Cache, streams bool) {
+	for i := int64(2); i < 200; i++ {
+		keep(c, Key{Volume: volA, Object: i}, streams && i%2 == 0)
+		c.mem.CleanUp()
+	}
+}
+
 // TestHeldWindowNotReused: a window a reader holds keeps its bytes while
 // it is evicted and the cache goes on reusing evicted windows' memory;
 // once released, its memory is reused.
@@ -47,10 +56,7 @@ func TestHeldWindowNotReused(t *testing.T) {
 	if !ok {
 		t.Fatal("a window just kept is missing")
 	}
-	for i := int64(2); i < 200; i++ {
-		keep(c, Key{Volume: volA, Object: i}, i%2 == 0)
-		c.mem.CleanUp()
-	}
+	keepMany(c, true)
 	s := c.Stats()
 	if s.BuffersReused == 0 || s.BuffersFreed == 0 {
 		t.Fatalf("buffers reused %d, freed %d: the cache did not reuse evicted windows", s.BuffersReused, s.BuffersFreed)
@@ -82,10 +88,7 @@ func TestSharedGetNeverReused(t *testing.T) {
 	if !ok {
 		t.Fatal("a window just kept is missing")
 	}
-	for i := int64(2); i < 200; i++ {
-		keep(c, Key{Volume: volA, Object: i}, false)
-		c.mem.CleanUp()
-	}
+	keepMany(c, false)
 	if !bytes.Equal(data, content(k, w)) {
 		t.Fatal("bytes returned by Get changed: their memory was reused")
 	}

@@ -66,10 +66,9 @@ func (v *Volume) readCached(key, off int64, buf []byte) bool {
 	for win := off / w; win*w < end; win++ {
 		h, ok := v.cache.Acquire(cache.Key{Volume: v.sb.VolumeID, Object: key, Window: win})
 		lo, hi := max(off, win*w), min(end, (win+1)*w)
-		if ok && int64(len(h.Data)) >= hi-win*w {
+		ok = ok && int64(len(h.Data)) >= hi-win*w
+		if ok {
 			copy(buf[lo-off:hi-off], h.Data[lo-win*w:hi-win*w])
-		} else {
-			ok = false
 		}
 		h.Release()
 		if !ok {
