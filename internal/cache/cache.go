@@ -413,6 +413,12 @@ func (c *Cache) CountFetch(n int, readahead bool) {
 	}
 }
 
+// CountReadahead records a prefetch started over bytes of the device.
+func (c *Cache) CountReadahead(bytes int64) {
+	c.c.raStarts.Add(1)
+	c.c.raPlanned.Add(bytes)
+}
+
 // Contains reports whether window k is cached, in memory or on disk,
 // without counting a hit or a miss and without loading it: planning a
 // fetch asks this of many windows ahead, and loading them all would push
@@ -485,6 +491,7 @@ type counters struct {
 	returnedBytes           atomic.Int64
 	raFetches, raBytes      atomic.Int64
 	raHits, raHitBytes      atomic.Int64
+	raStarts, raPlanned     atomic.Int64
 }
 
 // Stats is a snapshot of the cache counters, kept for the metrics export.
@@ -499,6 +506,8 @@ type Stats struct {
 	RAFetchedBytes  int64
 	RAHits          int64 // prefetched windows a read then used
 	RAHitBytes      int64
+	RAStarts        int64 // prefetches started
+	RAPlannedBytes  int64 // device bytes those prefetches covered (cached or not)
 	ReturnedBytes   int64 // mapped bytes returned to readers
 	MemoryBytes     int64 // weight held now
 	MemoryLimit     int64
@@ -522,6 +531,7 @@ func (c *Cache) Stats() Stats {
 		ReturnedBytes: c.c.returnedBytes.Load(),
 		RAFetches:     c.c.raFetches.Load(), RAFetchedBytes: c.c.raBytes.Load(),
 		RAHits: c.c.raHits.Load(), RAHitBytes: c.c.raHitBytes.Load(),
+		RAStarts: c.c.raStarts.Load(), RAPlannedBytes: c.c.raPlanned.Load(),
 		MemoryBytes: int64(c.mem.WeightedSize()) + c.stream.weight(), MemoryLimit: int64(c.max),
 		BuffersReused: c.pool.reused.Load(), BuffersFreed: c.pool.recycled.Load(), RefErrors: c.pool.refErrors.Load(),
 	}
@@ -540,6 +550,7 @@ func (s Stats) MarshalZerologObject(e *zerolog.Event) {
 		Int64("fetches", s.Fetches).Int64("fetched_bytes", s.FetchedBytes).
 		Int64("readahead_fetches", s.RAFetches).Int64("readahead_bytes", s.RAFetchedBytes).
 		Int64("readahead_hits", s.RAHits).Int64("readahead_hit_bytes", s.RAHitBytes).
+		Int64("readahead_starts", s.RAStarts).Int64("readahead_planned_bytes", s.RAPlannedBytes).
 		Int64("returned_bytes", s.ReturnedBytes).
 		Int64("memory_bytes", s.MemoryBytes).Int64("memory_limit", s.MemoryLimit).
 		Int64("disk_hits", s.DiskHits).Int64("disk_dropped", s.DiskDropped).Int64("disk_written", s.DiskWritten).

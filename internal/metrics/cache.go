@@ -43,6 +43,8 @@ func newCacheCollector(c cacheSource) *cacheCollector {
 		m("readahead_hit_bytes_total", cnt, "Bytes of the prefetched windows a read then used.", func(s cache.Stats) int64 { return s.RAHitBytes }),
 		m("returned_bytes_total", cnt, "Bytes of mapped data returned to readers.", func(s cache.Stats) int64 { return s.ReturnedBytes }),
 		m("readahead_fetches_total", cnt, "GETs issued by readahead.", func(s cache.Stats) int64 { return s.RAFetches }),
+		m("readahead_starts_total", cnt, "Prefetches started by sequential streams.", func(s cache.Stats) int64 { return s.RAStarts }),
+		m("readahead_planned_bytes_total", cnt, "Device bytes the started prefetches covered, cached or not.", func(s cache.Stats) int64 { return s.RAPlannedBytes }),
 		m("readahead_bytes_total", cnt, "Bytes fetched by readahead.", func(s cache.Stats) int64 { return s.RAFetchedBytes }),
 		m("memory_bytes", gauge, "Bytes the memory tier holds (data plus a per-entry overhead).", func(s cache.Stats) int64 { return s.MemoryBytes }),
 		m("memory_limit_bytes", gauge, "Bound of the memory tier (cache.memory_size).", func(s cache.Stats) int64 { return s.MemoryLimit }),

@@ -620,6 +620,43 @@ func TestReadahead(t *testing.T) {
 	}
 }
 
+// TestRandomReadsPlanLittleReadahead reads random 4 KiB blocks of a
+// cached 1 MiB hot set, where the 16 tracked streams are continued by
+// chance (one read in 16): readahead must plan a small fraction of what
+// the reads return, where a full-distance prefetch per chance
+// continuation would plan 32 MiB each, and the planning alone (a map
+// lookup over the range) cost a quarter of a hot-set read's CPU.
+func TestRandomReadsPlanLittleReadahead(t *testing.T) {
+	const (
+		bs    = 4096
+		hot   = mib / bs
+		reads = 20000
+	)
+	rc := newCache(t, 64*mib, 64*kib)
+	e := enginetest.Open(t, mem.New(), enginetest.Options{Size: 64 * mib, BlockSize: bs, ChunkSize: 4 * mib, Cache: rc})
+	m := newVModel(bs)
+	for b := int64(0); b < 64*mib/bs; b += 256 {
+		m.write(t, e.Dev, b, 256)
+	}
+	for b := int64(0); b < hot; b++ { // scatter the hot set over objects
+		m.write(t, e.Dev, b, 1)
+	}
+	drainEngine(t, e)
+	m.verifyRange(t, e.Dev, 0, hot, hot) // warm
+	s0 := rc.Stats()
+	rng := rand.New(rand.NewPCG(9, 9))
+	for range reads {
+		b := rng.Int64N(hot)
+		m.verifyRange(t, e.Dev, b, b+1, 1)
+	}
+	s := rc.Stats()
+	planned, starts := s.RAPlannedBytes-s0.RAPlannedBytes, s.RAStarts-s0.RAStarts
+	t.Logf("%d random 4 KiB reads over %d KiB: %d prefetches planned %d KiB", reads, hot*bs>>10, starts, planned>>10)
+	if limit := int64(reads * bs / 8); planned > limit {
+		t.Fatalf("readahead planned %d KiB in %d prefetches for %d KiB of random reads: want at most %d KiB", planned>>10, starts, reads*bs>>10, limit>>10)
+	}
+}
+
 // encryptedDiskEngine attaches the encrypted volume in raw (key file with
 // every byte key) as main does, with a disk cache in dir sealed under the
 // volume's cache key.

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math"
 	"sort"
 	"sync"
 	"time"
@@ -633,6 +634,9 @@ const (
 	raWait     = 200 * time.Millisecond // longest a read waits for a prefetch
 	raParallel = 8                      // GETs one prefetch issues at once
 	raSlack    = 4                      // a large read within this many of its own sizes of a stream's end continues it
+	// raSmallReads is the reads in a row that make a stream of reads
+	// smaller than a window (see observeRead).
+	raSmallReads = 3
 	// diskAheadRun is the windows one readahead run loads from the disk
 	// tier (1 MiB of 64 KiB windows).
 	diskAheadRun = 16
@@ -742,11 +746,27 @@ func (v *Volume) observeRead(block, n int64) *raStream {
 		return nil
 	}
 	s.next, s.reads = max(s.next, block+n), s.reads+1
+	// Evidence before cost, for small reads. Random 4 KiB reads over a
+	// hot set continue one of the tracked streams by chance (16 streams
+	// over 64 MiB: about one read in a thousand), and planning a
+	// full-distance prefetch over a fragmented range costs far more CPU
+	// than the read; so a stream of reads smaller than a window needs a
+	// third read in a row, and its distance then ramps up, doubling with
+	// every read, as the kernel's readahead does. Large reads keep the
+	// full distance from their second read: a stream of them that loses
+	// its place (reads out of order) starts again and must not crawl.
+	ramp := int64(math.MaxInt64)
+	if n*v.o.BlockSize < v.cache.Window() {
+		if s.reads < raSmallReads {
+			return s
+		}
+		ramp = 2 * n << min(s.reads-raSmallReads+1, 20)
+	}
 	// At least two reads ahead, at most half the cache's stream tier, so
 	// that prefetched windows are not evicted before they are read; a
 	// stream tier too small for that gets no readahead: what it fetched
 	// would push out what it fetched before, and the reads fetch it again.
-	dist := min(max(raBytes/v.o.BlockSize, 2*n), v.cache.StreamLimit()/2/v.o.BlockSize)
+	dist := min(max(raBytes/v.o.BlockSize, 2*n), ramp, v.cache.StreamLimit()/2/v.o.BlockSize)
 	if dist < 2*n {
 		return s
 	}
@@ -762,6 +782,7 @@ func (v *Volume) observeRead(block, n int64) *raStream {
 	from, cnt, ctx := s.ahead, target-s.ahead, s.ctx
 	s.ahead = target
 	ra.inflight++
+	v.cache.CountReadahead(cnt * v.o.BlockSize)
 	ra.wg.Add(1)
 	go func() {
 		defer ra.wg.Done()
