@@ -43,15 +43,15 @@ func TestKeysAreComplete(t *testing.T) {
 		{Volume: "a", Object: 1, Window: 1},
 	}
 	for i, k := range keys {
-		c.Put(k, bytes.Repeat([]byte{byte(i + 1)}, MinWindow))
+		put(c, k, bytes.Repeat([]byte{byte(i + 1)}, MinWindow))
 	}
 	for i, k := range keys {
-		got, ok := c.Get(k)
+		got, ok := get(c, k)
 		if !ok || got[0] != byte(i+1) {
 			t.Errorf("Get(%+v) = %v, %v; want the bytes put under it (%d)", k, ok, got[:1], i+1)
 		}
 	}
-	if _, ok := c.Get(Key{Volume: "c", Object: 1}); ok {
+	if _, ok := get(c, Key{Volume: "c", Object: 1}); ok {
 		t.Error("hit for a volume never put")
 	}
 }
@@ -69,16 +69,16 @@ func TestPutObjectSlicesAndCopies(t *testing.T) {
 	c.PutObject("v", 9, data)
 	clear(data) // the chunk buffer is recycled
 	for win, l := range []int{w, w, 100} {
-		got, ok := c.Get(Key{Volume: "v", Object: 9, Window: int64(win)})
+		got, ok := get(c, Key{Volume: "v", Object: 9, Window: int64(win)})
 		if !ok || !bytes.Equal(got, want[win*w:win*w+l]) {
 			t.Errorf("window %d: found %v, %d bytes, not the object's bytes", win, ok, len(got))
 		}
 	}
-	if _, ok := c.Get(Key{Volume: "v", Object: 9, Window: 3}); ok {
+	if _, ok := get(c, Key{Volume: "v", Object: 9, Window: 3}); ok {
 		t.Error("a window past the object's end is cached")
 	}
-	c.Put(Key{Volume: "v", Object: 1}, make([]byte, w+1))
-	if _, ok := c.Get(Key{Volume: "v", Object: 1}); ok {
+	c.Keep(Key{Volume: "v", Object: 1}, make([]byte, w+1), false, false)
+	if _, ok := get(c, Key{Volume: "v", Object: 1}); ok {
 		t.Error("an entry larger than a window was kept")
 	}
 }
@@ -97,7 +97,7 @@ func TestMemoryBound(t *testing.T) {
 		go func() {
 			defer wg.Done()
 			for i := range 10 * limit / w / 4 {
-				c.Put(Key{Volume: fmt.Sprint("vol", g), Object: int64(i), Window: 0}, make([]byte, w))
+				put(c, Key{Volume: fmt.Sprint("vol", g), Object: int64(i), Window: 0}, make([]byte, w))
 				if i%64 == 0 {
 					if used := c.MemoryUsed(); used > limit {
 						t.Errorf("holds %d bytes, over the %d-byte limit", used, limit)
@@ -127,11 +127,11 @@ func TestMemoryBound(t *testing.T) {
 func TestReadaheadHits(t *testing.T) {
 	c := newTest(t, 1<<20, MinWindow)
 	k := func(w int64) Key { return Key{Volume: "v", Object: 1, Window: w} }
-	c.PutAhead(k(0), make([]byte, MinWindow))
-	c.Put(k(1), make([]byte, MinWindow))
+	putAhead(c, k(0), make([]byte, MinWindow))
+	put(c, k(1), make([]byte, MinWindow))
 	for range 3 {
 		for w := int64(0); w < 2; w++ {
-			if _, ok := c.Get(k(w)); !ok {
+			if _, ok := get(c, k(w)); !ok {
 				t.Fatalf("window %d not found", w)
 			}
 		}

@@ -69,7 +69,7 @@ func TestDiskSurvivesRestart(t *testing.T) {
 	c.Close()
 	c = newDisk(t, dir, 1<<20, w)
 	for win := int64(0); win < 3; win++ {
-		got, ok := c.Get(Key{Volume: volA, Object: 7, Window: win})
+		got, ok := get(c, Key{Volume: volA, Object: 7, Window: win})
 		want := data[win*w : min((win+1)*w, int64(len(data)))]
 		if !ok || !bytes.Equal(got, want) {
 			t.Fatalf("window %d after restart: found %v, bytes equal %v", win, ok, bytes.Equal(got, want))
@@ -135,30 +135,30 @@ func TestDiskRefusesDamagedAndForeignRecords(t *testing.T) {
 	k := Key{Volume: volA, Object: 3, Window: 1}
 	otherVol := Key{Volume: volB, Object: 3, Window: 1}
 	otherKey := Key{Volume: volA, Object: 4, Window: 1}
-	put := func(c *Cache) {
-		c.Put(k, pattern(w, 2))
-		c.Put(otherVol, pattern(w, 3))
-		c.Put(otherKey, pattern(w, 4))
+	putAll := func(c *Cache) {
+		put(c, k, pattern(w, 2))
+		put(c, otherVol, pattern(w, 3))
+		put(c, otherKey, pattern(w, 4))
 	}
 	prepare := func(t *testing.T) string {
 		dir := t.TempDir()
 		c := newDisk(t, dir, 1<<20, w)
-		put(c)
+		putAll(c)
 		c.Close()
 		return dir
 	}
 	check := func(t *testing.T, c *Cache, dir string, window, dropped int64) {
 		t.Helper()
-		if got, ok := c.Get(k); ok {
+		if got, ok := get(c, k); ok {
 			t.Fatalf("served a bad record (%d bytes, equal to the original %v)", len(got), bytes.Equal(got, pattern(w, 2)))
 		}
 		if s := c.Stats(); s.DiskDropped != dropped || s.DiskHits != 0 {
 			t.Fatalf("dropped %d records, %d disk hits; want %d dropped, no hit", s.DiskDropped, s.DiskHits, dropped)
 		}
-		c.Put(k, pattern(w, 2)) // as a refetch does
+		put(c, k, pattern(w, 2)) // as a refetch does
 		c.Close()
 		c = newDisk(t, dir, 1<<20, window)
-		if got, ok := c.Get(k); !ok || !bytes.Equal(got, pattern(w, 2)) {
+		if got, ok := get(c, k); !ok || !bytes.Equal(got, pattern(w, 2)) {
 			t.Fatalf("after a refetch and a restart: found %v, equal %v", ok, bytes.Equal(got, pattern(w, 2)))
 		}
 	}
@@ -197,7 +197,7 @@ func TestDiskRefusesDamagedAndForeignRecords(t *testing.T) {
 		// With the tier running, so that its index still points there.
 		dir := t.TempDir()
 		c := newDisk(t, dir, 1<<20, w)
-		put(c)
+		putAll(c)
 		c.Sync()
 		c.Purge()
 		d := c.disk
@@ -224,7 +224,7 @@ func TestDiskBound(t *testing.T) {
 	)
 	c := newDisk(t, dir, limit, w)
 	for i := range 10 * limit / w {
-		c.Put(Key{Volume: volA, Object: int64(i)}, pattern(w, byte(i)))
+		put(c, Key{Volume: volA, Object: int64(i)}, pattern(w, byte(i)))
 		if i%8 == 0 {
 			c.Sync()
 			var sum int64
@@ -247,7 +247,7 @@ func TestDiskBound(t *testing.T) {
 	}
 	c.Purge()
 	last := int64(10*limit/w - 1)
-	if got, ok := c.Get(Key{Volume: volA, Object: last}); !ok || !bytes.Equal(got, pattern(w, byte(last))) {
+	if got, ok := get(c, Key{Volume: volA, Object: last}); !ok || !bytes.Equal(got, pattern(w, byte(last))) {
 		t.Error("the newest window is not on disk")
 	}
 	// A reopen over a directory fuller than a smaller limit trims it.
@@ -268,7 +268,7 @@ func TestDiskSkipsUnsafeVolumeIDs(t *testing.T) {
 	dir := t.TempDir()
 	c := newDisk(t, dir, 1<<20, 16<<10)
 	for _, id := range []string{"unknown", "../x", volA + "/.."} {
-		c.Put(Key{Volume: id, Object: 1}, pattern(100, 1))
+		put(c, Key{Volume: id, Object: 1}, pattern(100, 1))
 	}
 	c.Sync()
 	if f := files(t, dir); len(f) != 0 {
@@ -287,24 +287,24 @@ func TestDiskKeepsWhatIsRead(t *testing.T) {
 		limit = 4 << 20 // segments of 256 KiB: three windows each
 	)
 	c := newDisk(t, dir, limit, w)
-	put := func(from, to int) {
+	putRange := func(from, to int) {
 		for i := from; i < to; i++ {
-			c.Put(Key{Volume: volA, Object: int64(i)}, pattern(w, byte(i)))
+			put(c, Key{Volume: volA, Object: int64(i)}, pattern(w, byte(i)))
 			c.Sync() // the queue must not drop any
 		}
 	}
-	put(0, 56) // over three quarters of the limit: freeing is near
+	putRange(0, 56) // over three quarters of the limit: freeing is near
 	c.Purge()
-	if got, ok := c.Get(Key{Volume: volA, Object: 0}); !ok || !bytes.Equal(got, pattern(w, 0)) {
+	if got, ok := get(c, Key{Volume: volA, Object: 0}); !ok || !bytes.Equal(got, pattern(w, 0)) {
 		t.Fatal("window 0 not served from disk")
 	}
 	c.Sync()
-	put(40, 80) // frees the first segments many times over
+	putRange(40, 80) // frees the first segments many times over
 	c.Purge()
-	if got, ok := c.Get(Key{Volume: volA, Object: 0}); !ok || !bytes.Equal(got, pattern(w, 0)) {
+	if got, ok := get(c, Key{Volume: volA, Object: 0}); !ok || !bytes.Equal(got, pattern(w, 0)) {
 		t.Fatal("window 0, read while old, was freed with its segment")
 	}
-	if _, ok := c.Get(Key{Volume: volA, Object: 1}); ok {
+	if _, ok := get(c, Key{Volume: volA, Object: 1}); ok {
 		t.Fatal("window 1, never read, outlived its segment (the limit is not enforced?)")
 	}
 }
@@ -317,7 +317,7 @@ func TestDiskTornTail(t *testing.T) {
 	const w = 16 << 10
 	c := newDisk(t, dir, 1<<20, w)
 	for i := range 4 {
-		c.Put(Key{Volume: volA, Object: 9, Window: int64(i)}, pattern(w, byte(i)))
+		put(c, Key{Volume: volA, Object: 9, Window: int64(i)}, pattern(w, byte(i)))
 	}
 	c.Close()
 	p, off, size := recordOf(t, dir, w, nil, Key{Volume: volA, Object: 9, Window: 3})
@@ -326,11 +326,11 @@ func TestDiskTornTail(t *testing.T) {
 	}
 	c = newDisk(t, dir, 1<<20, w)
 	for i := range 3 {
-		if got, ok := c.Get(Key{Volume: volA, Object: 9, Window: int64(i)}); !ok || !bytes.Equal(got, pattern(w, byte(i))) {
+		if got, ok := get(c, Key{Volume: volA, Object: 9, Window: int64(i)}); !ok || !bytes.Equal(got, pattern(w, byte(i))) {
 			t.Fatalf("window %d before the torn record: found %v", i, ok)
 		}
 	}
-	if _, ok := c.Get(Key{Volume: volA, Object: 9, Window: 3}); ok {
+	if _, ok := get(c, Key{Volume: volA, Object: 9, Window: 3}); ok {
 		t.Fatal("the torn record was served")
 	}
 	if s := c.Stats(); s.DiskDropped != 1 {
@@ -346,29 +346,29 @@ func TestDiskDirectoryOfAnotherProcess(t *testing.T) {
 	const w = 16 << 10
 	first := newDisk(t, dir, 1<<20, w)
 	k := Key{Volume: volA, Object: 1}
-	first.Put(k, pattern(w, 1))
+	put(first, k, pattern(w, 1))
 	first.Sync()
 	before := files(t, dir)
 	second := newDisk(t, dir, 64<<10, w) // a limit the first's segment exceeds
-	if _, ok := second.Get(k); ok {
+	if _, ok := get(second, k); ok {
 		t.Fatal("the second tier served a window of a directory in use")
 	}
 	for i := range 20 {
-		second.Put(Key{Volume: volA, Object: int64(100 + i)}, pattern(w, 2))
+		put(second, Key{Volume: volA, Object: int64(100 + i)}, pattern(w, 2))
 	}
 	second.Sync()
 	if after := files(t, dir); len(after) != len(before) {
 		t.Fatalf("files changed under the second tier: %v, then %v", before, after)
 	}
 	first.Purge()
-	if got, ok := first.Get(k); !ok || !bytes.Equal(got, pattern(w, 1)) {
+	if got, ok := get(first, k); !ok || !bytes.Equal(got, pattern(w, 1)) {
 		t.Fatal("the first tier lost its window")
 	}
 	// Once the first is gone, the directory is free to use.
 	first.Close()
 	second.Close()
 	third := newDisk(t, dir, 1<<20, w)
-	if got, ok := third.Get(k); !ok || !bytes.Equal(got, pattern(w, 1)) {
+	if got, ok := get(third, k); !ok || !bytes.Equal(got, pattern(w, 1)) {
 		t.Fatal("after both closed, the window is not served")
 	}
 }
@@ -432,7 +432,7 @@ func TestDiskConcurrentReadsAndEviction(t *testing.T) {
 		}()
 	}
 	for i := range n {
-		c.Put(Key{Volume: volA, Object: int64(i)}, pattern(w, byte(i)))
+		put(c, Key{Volume: volA, Object: int64(i)}, pattern(w, byte(i)))
 		if i%16 == 0 {
 			c.Sync()
 		}
@@ -455,7 +455,7 @@ func TestContainsDoesNotLoad(t *testing.T) {
 	const w = 16 << 10
 	c := newDisk(t, dir, 1<<20, w)
 	k := Key{Volume: volA, Object: 2}
-	c.Put(k, pattern(w, 1))
+	put(c, k, pattern(w, 1))
 	c.Sync()
 	c.Purge()
 	if !c.Contains(k) {
@@ -469,36 +469,37 @@ func TestContainsDoesNotLoad(t *testing.T) {
 	}
 }
 
-// TestGetStreamKeepsDiskWindowsOutOfMain: once the main tier is three
-// quarters full, a window a stream reads back from disk goes to the stream
-// tier, as a fetched one would; a plain Get puts it in the main tier.
-func TestGetStreamKeepsDiskWindowsOutOfMain(t *testing.T) {
+// TestAcquireStreamKeepsDiskWindowsOutOfMain: once the main tier is
+// three quarters full, a window a stream reads back from disk goes to the
+// stream tier, as a fetched one would; a plain Acquire puts it in the main
+// tier.
+func TestAcquireStreamKeepsDiskWindowsOutOfMain(t *testing.T) {
 	dir := t.TempDir()
 	const w = 16 << 10
 	c := newDisk(t, dir, 1<<20, w)
 	onDisk := []Key{{Volume: volA, Object: 1}, {Volume: volA, Object: 2}}
 	for _, k := range onDisk {
-		c.Put(k, pattern(w, 1))
+		put(c, k, pattern(w, 1))
 	}
 	c.Sync()
 	c.Purge()
 	for i := int64(0); c.mainUsed.Load() <= c.mainMax/4*3; i++ {
 		c.setMain(Key{Volume: volB, Object: 100 + i}, &entry{data: pattern(w, 2)}) // memory only
 	}
-	if _, ok := c.GetStream(onDisk[0]); !ok {
-		t.Fatal("GetStream: not served from disk")
+	if _, ok := getStream(c, onDisk[0]); !ok {
+		t.Fatal("AcquireStream: not served from disk")
 	}
 	if !c.stream.contains(onDisk[0]) {
-		t.Fatal("GetStream put the disk window in the main tier")
+		t.Fatal("AcquireStream put the disk window in the main tier")
 	}
-	if _, ok := c.Get(onDisk[1]); !ok {
-		t.Fatal("Get: not served from disk")
+	if _, ok := get(c, onDisk[1]); !ok {
+		t.Fatal("Acquire: not served from disk")
 	}
 	if c.stream.contains(onDisk[1]) {
-		t.Fatal("Get put the disk window in the stream tier")
+		t.Fatal("Acquire put the disk window in the stream tier")
 	}
 	if _, ok := c.mem.GetIfPresent(onDisk[1]); !ok {
-		t.Fatal("Get did not keep the disk window in the main tier")
+		t.Fatal("Acquire did not keep the disk window in the main tier")
 	}
 }
 
@@ -518,8 +519,8 @@ func TestEvictedWindowsReachDisk(t *testing.T) {
 	c.setMain(main, em)
 	c.stream.put(streamed, es)
 	for i := range 4 * int(c.max) / w {
-		c.Put(Key{Volume: volB, Object: int64(100 + i)}, pattern(w, 3))
-		c.PutStream(Key{Volume: volB, Object: int64(100000 + i)}, pattern(w, 4), false)
+		put(c, Key{Volume: volB, Object: int64(100 + i)}, pattern(w, 3))
+		putStream(c, Key{Volume: volB, Object: int64(100000 + i)}, pattern(w, 4), false)
 		c.mem.CleanUp() // evictions now, not in one burst at the end
 		if i%16 == 0 {
 			c.Sync() // room in the queue: no write may be dropped here
@@ -545,13 +546,13 @@ func TestDiskWriteFailures(t *testing.T) {
 	const w = 64 << 10
 	c := newDisk(t, dir, 4<<20, w) // segments of 256 KiB: three windows each
 	first := Key{Volume: volA, Object: 1}
-	c.Put(first, pattern(w, 1))
+	put(c, first, pattern(w, 1))
 	c.Sync()
 	if err := os.RemoveAll(filepath.Join(dir, volA)); err != nil {
 		t.Fatal(err)
 	}
 	for i := range 8 {
-		c.Put(Key{Volume: volA, Object: int64(10 + i)}, pattern(w, 2))
+		put(c, Key{Volume: volA, Object: int64(10 + i)}, pattern(w, 2))
 		c.Sync()
 	}
 	s := c.Stats()
@@ -559,7 +560,7 @@ func TestDiskWriteFailures(t *testing.T) {
 		t.Fatalf("no write error counted: %+v", s)
 	}
 	c.Purge()
-	if got, ok := c.Get(first); !ok || !bytes.Equal(got, pattern(w, 1)) {
+	if got, ok := get(c, first); !ok || !bytes.Equal(got, pattern(w, 1)) {
 		t.Fatal("the window written before the failures is not served")
 	}
 }
@@ -570,7 +571,7 @@ func TestDiskWriteFailures(t *testing.T) {
 func TestDiskBufferedAppends(t *testing.T) {
 	dir := t.TempDir()
 	c := newDisk(t, dir, 1<<20, 16<<10)
-	c.Put(Key{Volume: volA, Object: 1}, pattern(100, 1))
+	put(c, Key{Volume: volA, Object: 1}, pattern(100, 1))
 	c.Sync()
 	c.disk.mu.Lock()
 	s := c.disk.open[volA]
@@ -605,11 +606,11 @@ func TestWhereAndLoadAhead(t *testing.T) {
 	const w = 16 << 10
 	c := newDisk(t, dir, 1<<20, w)
 	a, b, none := Key{Volume: volA, Object: 1}, Key{Volume: volA, Object: 2}, Key{Volume: volA, Object: 3}
-	c.Put(a, pattern(w, 1))
-	c.Put(b, pattern(w, 2))
+	put(c, a, pattern(w, 1))
+	put(c, b, pattern(w, 2))
 	c.Sync()
 	c.Purge()
-	c.Put(a, pattern(w, 1))
+	put(c, a, pattern(w, 1))
 	if c.Where(a) != InMemory || c.Where(b) != OnDisk || c.Where(none) != Missing {
 		t.Fatalf("where: %v %v %v", c.Where(a), c.Where(b), c.Where(none))
 	}
@@ -619,12 +620,12 @@ func TestWhereAndLoadAhead(t *testing.T) {
 	if !c.LoadAhead(b) || c.Where(b) != InMemory {
 		t.Fatal("LoadAhead did not bring the disk window into memory")
 	}
-	if got, ok := c.Get(b); !ok || !bytes.Equal(got, pattern(w, 2)) || c.Stats().RAHits != 1 || c.Stats().DiskHits != 1 {
+	if got, ok := get(c, b); !ok || !bytes.Equal(got, pattern(w, 2)) || c.Stats().RAHits != 1 || c.Stats().DiskHits != 1 {
 		t.Fatalf("after LoadAhead: found %v, stats %+v; want it from memory as a readahead hit", ok, c.Stats())
 	}
 	// A damaged record is not loaded.
 	d := Key{Volume: volA, Object: 4}
-	c.Put(d, pattern(w, 4))
+	put(c, d, pattern(w, 4))
 	c.Sync()
 	c.Purge()
 	c.disk.mu.Lock()
@@ -663,7 +664,7 @@ func TestDiskIndexFiles(t *testing.T) {
 	const n = 20 // segments of 256 KiB: several of them
 	c := newDisk(t, dir, 4<<20, w)
 	for i := range n {
-		c.Put(key(i), pattern(w, byte(i)))
+		put(c, key(i), pattern(w, byte(i)))
 		c.Sync()
 	}
 	c.Close()
@@ -674,7 +675,7 @@ func TestDiskIndexFiles(t *testing.T) {
 			t.Fatalf("%s: %d record headers scanned at start-up", what, scanned)
 		}
 		for i := range n {
-			if got, ok := c.Get(key(i)); !ok || !bytes.Equal(got, pattern(w, byte(i))) {
+			if got, ok := get(c, key(i)); !ok || !bytes.Equal(got, pattern(w, byte(i))) {
 				t.Fatalf("%s: window %d found %v", what, i, ok)
 			}
 		}
@@ -715,13 +716,13 @@ func TestDiskIndexFiles(t *testing.T) {
 	seg.dead = false
 	d.writeIndex(seg)
 	c = newDisk(t, dir, 4<<20, w)
-	if got, ok := c.Get(key(0)); ok {
+	if got, ok := get(c, key(0)); ok {
 		t.Fatalf("served window 1's record as window 0 (equal to window 1: %v)", bytes.Equal(got, pattern(w, 1)))
 	}
 	if s := c.Stats(); s.DiskDropped != 1 {
 		t.Fatalf("dropped %d, want 1", s.DiskDropped)
 	}
-	if got, ok := c.Get(key(1)); !ok || !bytes.Equal(got, pattern(w, 1)) {
+	if got, ok := get(c, key(1)); !ok || !bytes.Equal(got, pattern(w, 1)) {
 		t.Fatal("window 1 lost")
 	}
 }

@@ -62,7 +62,7 @@ func sealedWindows(c *Cache, n int) [][]byte {
 		for i := range blocks {
 			data = append(data, blockPattern(w, i)...)
 		}
-		c.Put(Key{Volume: volA, Object: 5, Window: int64(w)}, data)
+		put(c, Key{Volume: volA, Object: 5, Window: int64(w)}, data)
 		out = append(out, data)
 	}
 	c.Sync()
@@ -72,7 +72,7 @@ func sealedWindows(c *Cache, n int) [][]byte {
 func checkMissAll(t *testing.T, c *Cache, n, dropped int, what string) {
 	t.Helper()
 	for w := range n {
-		if v, ok := c.Get(Key{Volume: volA, Object: 5, Window: int64(w)}); ok {
+		if v, ok := get(c, Key{Volume: volA, Object: 5, Window: int64(w)}); ok {
 			t.Fatalf("%s: window %d served (%d bytes); want it dropped", what, w, len(v))
 		}
 	}
@@ -116,7 +116,7 @@ func TestSealedDiskNoPlaintextAndRestart(t *testing.T) {
 	}
 	c = newSealedDisk(t, dir, s)
 	for w := range n {
-		got, ok := c.Get(Key{Volume: volA, Object: 5, Window: int64(w)})
+		got, ok := get(c, Key{Volume: volA, Object: 5, Window: int64(w)})
 		if !ok || !bytes.Equal(got, want[w]) {
 			t.Fatalf("window %d after restart: found %v, equal %v", w, ok, bytes.Equal(got, want[w]))
 		}
@@ -186,7 +186,7 @@ func TestSealedDiskForeign(t *testing.T) {
 		dir := t.TempDir()
 		c := newSealedDisk(t, dir, s)
 		for w := range n {
-			c.Put(Key{Volume: volB, Object: 5, Window: int64(w)}, pattern(64<<10, byte(w)))
+			put(c, Key{Volume: volB, Object: 5, Window: int64(w)}, pattern(64<<10, byte(w)))
 		}
 		c.Close()
 		if err := os.Rename(filepath.Join(dir, volB), filepath.Join(dir, volA)); err != nil {
@@ -198,7 +198,7 @@ func TestSealedDiskForeign(t *testing.T) {
 		s := cacheSealer(t, 1, 2)
 		dir := t.TempDir()
 		c := newSealedDisk(t, dir, s)
-		c.Put(Key{Volume: volA, Object: 5, Window: 1}, pattern(64<<10, 1))
+		put(c, Key{Volume: volA, Object: 5, Window: 1}, pattern(64<<10, 1))
 		c.Close()
 		// Window 1's record with its header edited to name window 0,
 		// and no index file, so the start-up scan indexes it as window

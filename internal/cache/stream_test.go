@@ -15,15 +15,15 @@ func TestStreamTierKeepsMainTier(t *testing.T) {
 	data := func(b byte) []byte { return bytes.Repeat([]byte{b}, window) }
 	const mainWindows = 64 // 256 KiB and overheads: well inside the main tier
 	for w := int64(0); w < mainWindows; w++ {
-		c.Put(key(1, w), data(1))
-		c.Get(key(1, w)) // used often, as a scattered object's windows are
-		c.Get(key(1, w))
+		put(c, key(1, w), data(1))
+		get(c, key(1, w)) // used often, as a scattered object's windows are
+		get(c, key(1, w))
 	}
 	// Twenty times the whole memory bound streams through, each window
 	// used once.
 	for w := int64(0); w < 20*(1<<20)/window; w++ {
-		c.PutStream(key(2, w), data(2), w%2 == 0)
-		if got, ok := c.Get(key(2, w)); !ok || !bytes.Equal(got, data(2)) {
+		putStream(c, key(2, w), data(2), w%2 == 0)
+		if got, ok := get(c, key(2, w)); !ok || !bytes.Equal(got, data(2)) {
 			t.Fatalf("stream window %d just stored: found %v", w, ok)
 		}
 	}
@@ -65,16 +65,16 @@ func TestStreamTierSecondUse(t *testing.T) {
 	// A main tier three quarters full: stream windows go to the stream
 	// tier.
 	for w := int64(0); w*(window+entryOverhead+1) < c.mainMax/4*3; w++ {
-		c.Put(Key{Volume: "v", Object: 1, Window: w}, bytes.Repeat([]byte{1}, window))
+		put(c, Key{Volume: "v", Object: 1, Window: w}, bytes.Repeat([]byte{1}, window))
 	}
 	c.MemoryUsed() // applies the pending writes to the main tier's weight
 	k := Key{Volume: "v", Object: 7, Window: 3}
-	c.PutStream(k, bytes.Repeat([]byte{7}, window), false)
+	putStream(c, k, bytes.Repeat([]byte{7}, window), false)
 	if !c.stream.contains(k) {
 		t.Fatal("a stream window stored while the main tier is three quarters full is not in the stream tier")
 	}
 	for i := 0; i < 2; i++ {
-		if _, ok := c.Get(k); !ok {
+		if _, ok := get(c, k); !ok {
 			t.Fatalf("use %d: window not found", i+1)
 		}
 	}
@@ -82,9 +82,9 @@ func TestStreamTierSecondUse(t *testing.T) {
 		t.Fatal("a window used twice is still in the stream tier")
 	}
 	for w := int64(0); w < 4*c.StreamLimit()/window; w++ {
-		c.PutStream(Key{Volume: "v", Object: 8, Window: w}, bytes.Repeat([]byte{8}, window), false)
+		putStream(c, Key{Volume: "v", Object: 8, Window: w}, bytes.Repeat([]byte{8}, window), false)
 	}
-	if got, ok := c.Get(k); !ok || got[0] != 7 {
+	if got, ok := get(c, k); !ok || got[0] != 7 {
 		t.Fatal("a window used twice was lost when the stream tier turned over")
 	}
 }
