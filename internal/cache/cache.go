@@ -7,25 +7,24 @@
 //
 // An entry is one aligned *window* of an object's data area (Window bytes,
 // 64 KiB by default; the last window of an object may be shorter), keyed
-// by the volume id,
-// the object key and the window index. The key is that complete because a
-// data object is immutable once stored and its key is never reused within
-// one volume, while a wiped bucket or prefix may hold a new volume that
-// reuses keys with other content (docs/ARCHITECTURE.md §3, §4).
+// by the volume id, the object key and the window index. The key is that
+// complete because a data object is immutable once stored and its key is
+// never reused within one volume, while a wiped bucket or prefix may hold
+// a new volume that reuses keys with other content (docs/ARCHITECTURE.md
+// §3, §4).
 //
 // The package never decides what is current and never fetches: it does not
 // know the extent map, the store or the object proxy. The caller
 // (internal/volume) looks up only keys the map points to, and inserts only
-// bytes it has just read from the store or that an upload has just stored.
-// Values handed out by Get are shared and must never be modified; their
-// memory is never reused. Acquire hands out a window for the time until
-// Release, after which its memory may be reused for another window
-// (pool.go): fetches and commits copy into Buffer and hand over with Keep.
-// A disk
-// file is served only after its header names the very key looked up and
-// the CRC32C of every 4 KiB block matches (or, for an encrypted volume,
-// its AES-GCM tag verifies); it never serves a damaged or foreign file,
-// and never grows past its limit.
+// bytes it has just read from the store or that an upload has just stored:
+// fetches and commits copy a window into a buffer from Buffer and hand it
+// over with Keep. Acquire hands out a window, never to be modified, for
+// the time until Release, after which its memory may be reused for
+// another window (pool.go, docs/ARCHITECTURE.md §1 "Window memory"). A
+// disk file is served only after its header names the very key looked up
+// and the CRC32C of every 4 KiB block matches (or, for an encrypted
+// volume, its AES-GCM tag verifies); it never serves a damaged or foreign
+// file, and never grows past its limit.
 package cache
 
 import (
@@ -110,7 +109,7 @@ type Cache struct {
 	mainMax int64 // bound of the main tier: max less the stream tier's
 	// mainUsed is the weight of the entries in the main tier, pending
 	// evictions included: otter's WeightedSize lags behind its writes,
-	// and PutStream must not fill the main tier past its bound with it.
+	// and keepStream must not fill the main tier past its bound with it.
 	mainUsed atomic.Int64
 	mem      *otter.Cache[Key, *entry]
 	stream   *streamTier // windows a stream takes once (stream.go)
@@ -208,27 +207,6 @@ func (c *Cache) Window() int64 { return c.window }
 // a multiple of Window.
 func (c *Cache) FetchSize() int64 { return c.fetch }
 
-// Get returns the bytes cached for k (shared: never modify them) and
-// counts a hit or a miss. A window of the stream tier used a second time
-// moves to the main tier. The bytes stay valid for good: their memory is
-// never reused (the read path uses Acquire, which lets it be).
-func (c *Cache) Get(k Key) ([]byte, bool) { return c.getShared(k, false) }
-
-// GetStream is Get for a sequential stream's read: a window it loads from
-// the disk tier is kept in memory as PutStream keeps one, so that a stream
-// read back from disk does not push the hot set out of the main tier.
-func (c *Cache) GetStream(k Key) ([]byte, bool) { return c.getShared(k, true) }
-
-// getShared is get whose reference is never released: the bytes are the
-// caller's to keep reading.
-func (c *Cache) getShared(k Key, once bool) ([]byte, bool) {
-	e, ok := c.get(k, once)
-	if !ok {
-		return nil, false
-	}
-	return e.data, true
-}
-
 // get finds window k and takes a reference on it for the caller.
 func (c *Cache) get(k Key, once bool) (*entry, bool) {
 	e, ok := c.mem.GetIfPresent(k)
@@ -257,25 +235,6 @@ func (c *Cache) get(k Key, once bool) (*entry, bool) {
 	return e, true
 }
 
-// Put stores data as the content of window k. The cache keeps data: the
-// caller must not modify it afterwards. data must start at the window's
-// first byte and hold the whole window, or everything up to the object's
-// end for its last window.
-func (c *Cache) Put(k Key, data []byte) { c.put(k, data, false, false) }
-
-// PutAhead is Put for a window readahead fetched: the first read that
-// uses it counts a readahead hit.
-func (c *Cache) PutAhead(k Key, data []byte) { c.put(k, data, true, false) }
-
-// PutStream is Put for a window a sequential stream takes once (fetched
-// by its readahead, ahead set, or by its own read). While the main tier
-// is less than three quarters full it goes there (it evicts nothing, and
-// a stream read again that fits the cache is served from memory);
-// otherwise it goes to the stream tier, where it does not compete with
-// the main tier's windows, and moves there if it is used a second time
-// (stream.go). The disk tier keeps it like any window.
-func (c *Cache) PutStream(k Key, data []byte, ahead bool) { c.put(k, data, ahead, true) }
-
 // insert stores the new entry e as window k: in the disk tier and in
 // the main tier, or where keepStream keeps a stream's window.
 func (c *Cache) insert(k Key, e *entry, stream bool) {
@@ -302,16 +261,6 @@ func (c *Cache) keepStream(k Key, e *entry) {
 // at most a window (else a caller bug that must not poison the cache).
 func (c *Cache) valid(k Key, data []byte) bool {
 	return len(data) > 0 && int64(len(data)) <= c.window && k.Window >= 0 && k.Object >= 0
-}
-
-// put stores data, which the caller supplied (not pooled), as window k.
-func (c *Cache) put(k Key, data []byte, ahead, stream bool) {
-	if !c.valid(k, data) {
-		return
-	}
-	e := &entry{data: data}
-	e.ahead.Store(ahead)
-	c.insert(k, e, stream)
 }
 
 // setMain stores e as window k in the main tier, which takes a
@@ -452,7 +401,7 @@ func (c *Cache) Where(k Key) Place {
 }
 
 // LoadAhead loads window k from the disk tier into memory for a stream's
-// readahead, kept as PutStream keeps a window readahead fetched (the
+// readahead, kept as Keep keeps a stream's window readahead fetched (the
 // first read that uses it counts a readahead hit). False: it is not on
 // disk, or its record failed its checks (and was dropped).
 func (c *Cache) LoadAhead(k Key) bool {

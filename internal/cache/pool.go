@@ -19,9 +19,8 @@ import (
 // Acquire and Release. The buffer goes back to the pool only when the
 // count falls to zero, so no tier, queue or reader can see it change. A
 // reader that finds an entry whose count is already zero (evicted while
-// it looked it up) takes it as a miss. Entries whose bytes the caller
-// supplied (Put, PutAhead, PutStream) or that were read from disk are
-// not pooled: the garbage collector frees them, as before.
+// it looked it up) takes it as a miss. Entries whose bytes were read
+// from disk are not pooled: the garbage collector frees them.
 
 // poisonRecycled, set by tests, overwrites every buffer returned to the
 // pool, so that a reader still using one reads garbage and fails its
@@ -101,7 +100,7 @@ func (p *pool) close() {
 }
 
 // unmapIfIdle unmaps the arena if no window of it is held; p.mu is held.
-// A window never returned (a Get caller's, a leak) keeps it mapped: an
+// A window never returned (a leak) keeps it mapped: an
 // unmapped window still in use would crash the process.
 func (p *pool) unmapIfIdle() {
 	if p.arena.carved == 0 || len(p.arenaFree) != p.arena.carved {
@@ -159,10 +158,20 @@ func (c *Cache) Buffer(n int) []byte {
 	return c.pool.get(min(n, int(c.window)), c.window)
 }
 
-// Keep stores buf, from Buffer, as the content of window k: as Put, or
-// as PutStream when stream is set; ahead marks a window readahead
-// fetched. The cache owns buf from then on (the caller must not touch
-// it) and reuses its memory once no tier and no reader holds it.
+// Keep stores buf, from Buffer, as the content of window k: buf starts
+// at the window's first byte and holds the whole window, or everything up
+// to the object's end for its last window. The cache owns buf from then
+// on (the caller must not touch it) and reuses its memory once no tier
+// and no reader holds it. A buffer whose cap is not a window is not kept.
+//
+// ahead marks a window readahead fetched: the first read that uses it
+// counts a readahead hit. stream marks a window a sequential stream takes
+// once (fetched by its readahead or by its own read): while the main tier
+// is less than three quarters full it goes there (it evicts nothing, and
+// a stream read again that fits the cache is served from memory);
+// otherwise it goes to the stream tier, where it does not compete with
+// the main tier's windows, and moves there if it is used a second time
+// (stream.go). The disk tier keeps it like any window.
 func (c *Cache) Keep(k Key, buf []byte, stream, ahead bool) {
 	if int64(cap(buf)) != c.window {
 		return // not a window's buffer: left to the garbage collector
@@ -193,11 +202,16 @@ func (v View) Release() {
 	}
 }
 
-// Acquire is Get for a reader that copies the bytes out and then calls
-// Release: the window's memory can be reused afterwards.
+// Acquire returns window k, held until Release (its bytes must not be
+// modified), and counts a hit or a miss. A window of the stream tier used
+// a second time moves to the main tier. The reader copies the bytes out
+// and then calls Release: the window's memory can be reused afterwards.
 func (c *Cache) Acquire(k Key) (View, bool) { return c.acquire(k, false) }
 
-// AcquireStream is Acquire for a sequential stream's read (GetStream).
+// AcquireStream is Acquire for a sequential stream's read: a window it
+// loads from the disk tier is kept in memory as Keep keeps a stream's
+// window, so that a stream read back from disk does not push the hot set
+// out of the main tier.
 func (c *Cache) AcquireStream(k Key) (View, bool) { return c.acquire(k, true) }
 
 func (c *Cache) acquire(k Key, once bool) (View, bool) {
