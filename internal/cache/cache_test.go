@@ -48,7 +48,7 @@ func TestKeysAreComplete(t *testing.T) {
 	for i, k := range keys {
 		got, ok := get(c, k)
 		if !ok || got[0] != byte(i+1) {
-			t.Errorf("Acquire(%+v) = %v, %v; want the bytes put under it (%d)", k, ok, got[:1], i+1)
+			t.Errorf("Acquire(%+v) = %v, %v; want the bytes put under it (%d)", k, ok, got[:min(1, len(got))], i+1)
 		}
 	}
 	if _, ok := get(c, Key{Volume: "c", Object: 1}); ok {

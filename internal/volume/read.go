@@ -360,7 +360,7 @@ func (v *Volume) release(p *objectPlan) {
 
 // serveCached copies into the pieces what the cache holds, and returns
 // the windows it lacks. only, when not nil, limits it to those windows;
-// once marks a stream's read (Cache.GetStream).
+// once marks a stream's read (Cache.AcquireStream).
 // Each window is looked up once, however many pieces it holds: a window
 // of the stream tier moves to the main tier on its second use, and one
 // read is one use (docs/ARCHITECTURE.md §1, read path).
