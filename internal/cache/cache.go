@@ -164,8 +164,6 @@ func New(o Options) (*Cache, error) {
 	// insertion, or while readers finish with evicted windows: a
 	// thirty-second of the memory bound, beyond it (README, Read cache).
 	c.pool.max = max(int(o.MemoryBytes/32/o.Window), 64)
-	// The arena holds the memory bound at most (arena.go).
-	c.pool.arena = arena{limit: o.MemoryBytes, log: o.Logger}
 	if o.Dir != "" {
 		if o.DiskBytes <= 0 {
 			return nil, fmt.Errorf("cache disk size %d: must be positive with a cache directory", o.DiskBytes)
@@ -334,7 +332,6 @@ func (c *Cache) Close() {
 	c.mem.InvalidateAll()
 	c.stream.purge()
 	c.mem.StopAllGoroutines()
-	c.pool.close()
 }
 
 // Sync waits until the disk writes queued so far are done (tests, and a
@@ -472,7 +469,6 @@ type Stats struct {
 	BuffersReused   int64 // window buffers taken from the pool (pool.go)
 	BuffersFreed    int64 // window buffers no holder used any more
 	RefErrors       int64 // releases past zero: a bug, never expected
-	WindowMapped    int64 // window memory the arena mapped (arena.go), at most MemoryLimit
 }
 
 // Stats returns the counters.
@@ -488,9 +484,6 @@ func (c *Cache) Stats() Stats {
 		MemoryBytes: int64(c.mem.WeightedSize()) + c.stream.weight(), MemoryLimit: int64(c.max),
 		BuffersReused: c.pool.reused.Load(), BuffersFreed: c.pool.recycled.Load(), RefErrors: c.pool.refErrors.Load(),
 	}
-	c.pool.mu.Lock()
-	s.WindowMapped = c.pool.arena.mapped
-	c.pool.mu.Unlock()
 	if d := c.disk; d != nil {
 		s.DiskHits, s.DiskDropped, s.DiskWritten, s.DiskEvicted = d.hits.Load(), d.dropped.Load(), d.written.Load(), d.evicted.Load()
 		s.DiskWriteErrors = d.writeErrors.Load()
@@ -511,6 +504,5 @@ func (s Stats) MarshalZerologObject(e *zerolog.Event) {
 		Int64("memory_bytes", s.MemoryBytes).Int64("memory_limit", s.MemoryLimit).
 		Int64("disk_hits", s.DiskHits).Int64("disk_dropped", s.DiskDropped).Int64("disk_written", s.DiskWritten).
 		Int64("disk_evicted", s.DiskEvicted).Int64("disk_write_errors", s.DiskWriteErrors).Int64("disk_bytes", s.DiskBytes).
-		Int64("buffers_reused", s.BuffersReused).Int64("buffers_freed", s.BuffersFreed).Int64("ref_errors", s.RefErrors).
-		Int64("window_mapped_bytes", s.WindowMapped)
+		Int64("buffers_reused", s.BuffersReused).Int64("buffers_freed", s.BuffersFreed).Int64("ref_errors", s.RefErrors)
 }

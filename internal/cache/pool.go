@@ -27,47 +27,34 @@ import (
 // check instead of passing by luck.
 var poisonRecycled bool
 
-// pool holds window buffers (cap = the window) no entry uses any more,
-// and the arena they are carved from.
+// pool holds window buffers (cap = the window) no entry uses any more.
 type pool struct {
-	mu        sync.Mutex
-	arena     arena
-	arenaFree [][]byte // arena windows: always kept, never left to the GC
-	free      [][]byte // heap windows, at most max
-	max       int
-	closed    bool // Close ran: no more arena windows; unmap once all are back
+	mu   sync.Mutex
+	free [][]byte
+	max  int
 	// reused counts buffers Buffer took from the pool, recycled the ones
 	// returned to it; refErrors counts releases past zero (a bug: never
 	// expected, and the buffer is then not reused).
 	reused, recycled, refErrors atomic.Int64
 }
 
-// get returns a buffer of n bytes (n ≤ win) with cap win: a free one,
-// else a new arena window, else a new heap buffer.
+// get returns a buffer of n bytes (n ≤ win) with cap win.
 func (p *pool) get(n int, win int64) []byte {
 	p.mu.Lock()
-	for _, list := range []*[][]byte{&p.arenaFree, &p.free} {
-		if k := len(*list); k > 0 && !p.closed {
-			b := (*list)[k-1]
-			(*list)[k-1] = nil
-			*list = (*list)[:k-1]
-			p.mu.Unlock()
-			p.reused.Add(1)
-			return b[:n]
-		}
-	}
-	if !p.closed {
-		if b := p.arena.carve(win); b != nil {
-			p.mu.Unlock()
-			return b[:n]
-		}
+	if k := len(p.free); k > 0 {
+		b := p.free[k-1]
+		p.free[k-1] = nil
+		p.free = p.free[:k-1]
+		p.mu.Unlock()
+		p.reused.Add(1)
+		return b[:n]
 	}
 	p.mu.Unlock()
 	return make([]byte, n, win)
 }
 
-// put returns b to the pool: an arena window always, a heap buffer while
-// the pool has room (else the garbage collector frees it).
+// put returns b to the pool, or leaves it to the garbage collector when
+// the pool is full.
 func (p *pool) put(b []byte) {
 	b = b[:cap(b)]
 	if poisonRecycled {
@@ -77,39 +64,10 @@ func (p *pool) put(b []byte) {
 	}
 	p.recycled.Add(1)
 	p.mu.Lock()
-	defer p.mu.Unlock()
-	switch {
-	case p.arena.owns(b):
-		p.arenaFree = append(p.arenaFree, b)
-		if p.closed {
-			p.unmapIfIdle()
-		}
-	case len(p.free) < p.max && !p.closed:
+	if len(p.free) < p.max {
 		p.free = append(p.free, b)
 	}
-}
-
-// close stops handing out pooled memory and unmaps the arena once every
-// window of it is back (now, or when the last holder releases it).
-func (p *pool) close() {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	p.closed = true
-	p.free = nil
-	p.unmapIfIdle()
-}
-
-// unmapIfIdle unmaps the arena if no window of it is held; p.mu is held.
-// A window never returned (a leak) keeps it mapped: an
-// unmapped window still in use would crash the process.
-func (p *pool) unmapIfIdle() {
-	if p.arena.carved == 0 || len(p.arenaFree) != p.arena.carved {
-		return
-	}
-	if err := p.arena.unmap(); err != nil {
-		p.arena.log.Warn().Err(err).Msg("window memory not released")
-	}
-	p.arenaFree = nil
+	p.mu.Unlock()
 }
 
 // acquire takes a reference on e, which the caller found in a tier. False:
@@ -173,12 +131,8 @@ func (c *Cache) Buffer(n int) []byte {
 // the main tier's windows, and moves there if it is used a second time
 // (stream.go). The disk tier keeps it like any window.
 func (c *Cache) Keep(k Key, buf []byte, stream, ahead bool) {
-	if int64(cap(buf)) != c.window {
+	if !c.valid(k, buf) || int64(cap(buf)) != c.window {
 		return // not a window's buffer: left to the garbage collector
-	}
-	if !c.valid(k, buf) {
-		c.pool.put(buf) // arena memory must come back
-		return
 	}
 	e := &entry{data: buf, pooled: true}
 	e.refs.Store(1) // the caller's, until stored

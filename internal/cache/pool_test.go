@@ -120,24 +120,13 @@ func TestHeldWindowNotReused(t *testing.T) {
 // tier), readers acquire and check them while they are evicted and their
 // memory reused, with the disk tier queueing evicted windows; every byte
 // a reader sees and every record the disk tier wrote is the window's
-// own. Run with -race: in the heap mode the race detector sees the
-// windows' bytes too (it does not watch arena memory, outside the heap),
-// in the arena mode the poisoned reuse alone catches an early reuse.
+// own. Run with -race.
 func TestPooledWindowsConcurrent(t *testing.T) {
-	for _, heap := range []bool{false, true} {
-		t.Run(map[bool]string{false: "arena", true: "heap"}[heap], func(t *testing.T) { testPooledWindowsConcurrent(t, heap) })
-	}
-}
-
-func testPooledWindowsConcurrent(t *testing.T, heap bool) {
 	const w = MinWindow
 	dir := t.TempDir()
 	c, err := New(Options{MemoryBytes: 32 * (w + entryOverhead + int64(len(volA))), Window: w, Dir: dir, DiskBytes: 64 << 20, Logger: zerolog.Nop()})
 	if err != nil {
 		t.Fatal(err)
-	}
-	if heap {
-		c.pool.arena.limit = 0 // before any use
 	}
 	const keys = 400
 	key := func(r *rand.Rand) Key {

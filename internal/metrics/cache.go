@@ -47,7 +47,6 @@ func newCacheCollector(c cacheSource) *cacheCollector {
 		m("readahead_planned_bytes_total", cnt, "Device bytes the started prefetches covered, cached or not.", func(s cache.Stats) int64 { return s.RAPlannedBytes }),
 		m("readahead_bytes_total", cnt, "Bytes fetched by readahead.", func(s cache.Stats) int64 { return s.RAFetchedBytes }),
 		m("memory_bytes", gauge, "Bytes the memory tier holds (data plus a per-entry overhead).", func(s cache.Stats) int64 { return s.MemoryBytes }),
-		m("window_memory_mapped_bytes", gauge, "Window memory mapped outside the Go heap (huge pages where the kernel grants them), at most the memory limit.", func(s cache.Stats) int64 { return s.WindowMapped }),
 		m("memory_limit_bytes", gauge, "Bound of the memory tier (cache.memory_size).", func(s cache.Stats) int64 { return s.MemoryLimit }),
 		m("disk_hits_total", cnt, "Windows served from the disk tier after their checks passed.", func(s cache.Stats) int64 { return s.DiskHits }),
 		m("disk_dropped_total", cnt, "Disk tier records (or unreadable segment tails) dropped because a check failed (damaged, torn or foreign).", func(s cache.Stats) int64 { return s.DiskDropped }),

@@ -158,7 +158,7 @@ func TestCacheCollector(t *testing.T) {
 		Hits: 1, Misses: 2, HitBytes: 3, Inserted: 4, InsertedBytes: 5, Fetches: 6, FetchedBytes: 7,
 		RAFetches: 8, RAFetchedBytes: 9, RAHits: 18, RAHitBytes: 19, ReturnedBytes: 10, MemoryBytes: 11, MemoryLimit: 12,
 		DiskHits: 13, DiskDropped: 14, DiskWritten: 15, DiskEvicted: 16, DiskBytes: 17, DiskWriteErrors: 20,
-		BuffersReused: 21, BuffersFreed: 22, RefErrors: 23, RAStarts: 24, RAPlannedBytes: 25, WindowMapped: 26,
+		BuffersReused: 21, BuffersFreed: 22, RefErrors: 23, RAStarts: 24, RAPlannedBytes: 25,
 	}
 	got := collect(t, newCacheCollector(fakeCache{s}))
 	got.want(t, sample{
@@ -167,8 +167,7 @@ func TestCacheCollector(t *testing.T) {
 		"bs3_cache_fetches_total": 6, "bs3_cache_fetched_bytes_total": 7,
 		"bs3_cache_readahead_fetches_total": 8, "bs3_cache_readahead_bytes_total": 9,
 		"bs3_cache_readahead_hits_total": 18, "bs3_cache_readahead_hit_bytes_total": 19,
-		"bs3_cache_window_memory_mapped_bytes": 26,
-		"bs3_cache_readahead_starts_total":     24, "bs3_cache_readahead_planned_bytes_total": 25,
+		"bs3_cache_readahead_starts_total": 24, "bs3_cache_readahead_planned_bytes_total": 25,
 		"bs3_cache_returned_bytes_total": 10, "bs3_cache_memory_bytes": 11, "bs3_cache_memory_limit_bytes": 12,
 		"bs3_cache_disk_hits_total": 13, "bs3_cache_disk_dropped_total": 14, "bs3_cache_disk_written_total": 15,
 		"bs3_cache_disk_evicted_total": 16, "bs3_cache_disk_bytes": 17, "bs3_cache_disk_write_errors_total": 20,
