@@ -102,7 +102,7 @@ func BenchmarkFio(b *testing.B) {
 	}
 
 	srv := minio.Start(b)
-	e := enginetest.Open(b, srv.Store(b, srv.Bucket(b)), enginetest.Options{Size: size, BlockSize: 4096})
+	e := enginetest.Open(b, srv.Store(b, srv.Bucket(b)), enginetest.Options{Size: size, BlockSize: 4096, Buffers: daemonBuffers()})
 	s, err := nbd.New(e.Dev, nbd.Options{Listen: "127.0.0.1:0", Export: "bs3", Logger: zerolog.Nop()})
 	if err != nil {
 		b.Fatal(err)

@@ -40,7 +40,7 @@ func BenchmarkFUSEReadJobs(b *testing.B) {
 	srv := minio.Start(b)
 
 	st := srv.Store(b, srv.Bucket(b))
-	eo := enginetest.Options{Size: fill, BlockSize: bs, Cache: newReadCache(b)}
+	eo := enginetest.Options{Size: fill, BlockSize: bs, Cache: newReadCache(b), Buffers: daemonBuffers()}
 	e := enginetest.Open(b, st, eo)
 	m := mountBS3(b, e.Dev)
 	t := directTarget(m.LoopDevice())

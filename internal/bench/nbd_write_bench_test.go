@@ -12,6 +12,7 @@ import (
 
 	"github.com/rs/zerolog"
 
+	"github.com/bs3/bs3/internal/config"
 	"github.com/bs3/bs3/internal/frontend/nbd"
 	"github.com/bs3/bs3/internal/store/s3"
 	"github.com/bs3/bs3/internal/testutil/enginetest"
@@ -45,7 +46,7 @@ func BenchmarkNBDWrite(b *testing.B) {
 	_, rawPut, rawCPU := rawPuts(b, ctx, openStore())
 
 	const devSize = 4 * gib
-	e := enginetest.Open(b, openStore(), enginetest.Options{Size: devSize, BlockSize: 4096})
+	e := enginetest.Open(b, openStore(), enginetest.Options{Size: devSize, BlockSize: 4096, Buffers: daemonBuffers()})
 	s, err := nbd.New(e.Dev, nbd.Options{Listen: "127.0.0.1:0", Export: "bs3", Logger: zerolog.Nop()})
 	if err != nil {
 		b.Fatal(err)
@@ -140,3 +141,8 @@ func nbdkitWrite(b *testing.B, size int64, name string, n int64, args ...string)
 	fioNBDWrite(b, "nbd://"+addr+"/", name, n, args...)
 	return mbps(n, time.Since(start))
 }
+
+// daemonBuffers is the daemon's default chunk buffer count (2 ×
+// s3.uploaders + 2): write benchmarks measure what users run, not the
+// smaller count the engine tests use.
+func daemonBuffers() int { return config.Default().ChunkBuffers() }

@@ -77,7 +77,7 @@ func BenchmarkVsS3backer(b *testing.B) {
 	// bs3 through FUSE + loop, default read cache.
 	var b3 s3backerSide
 	st := srv.Store(b, srv.Bucket(b))
-	eo := enginetest.Options{Size: fill, BlockSize: bs, Cache: newReadCache(b)}
+	eo := enginetest.Options{Size: fill, BlockSize: bs, Cache: newReadCache(b), Buffers: daemonBuffers()}
 	e := enginetest.Open(b, st, eo)
 	m := mountBS3(b, e.Dev)
 	b3.fill, b3.overwrite = prepare(m.LoopDevice())

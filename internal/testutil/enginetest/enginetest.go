@@ -48,9 +48,15 @@ type Options struct {
 	// the key against st and seal it, as main does.
 	Encryption *sealed.Record
 	Key        *sealed.KeyConfig
+	// Buffers, when set, is the chunker's buffer count, with the chunks in
+	// flight the daemon allows for it (engine.DefaultInflight): benchmarks
+	// pass the daemon's default (config.Config.ChunkBuffers) to measure
+	// what users run. Tests keep the smaller default below.
+	Buffers int
 }
 
-// buffers is the chunker's buffer count and the volume's MaxInflight.
+// buffers is the chunker's buffer count and the volume's MaxInflight
+// unless Options.Buffers is set.
 const buffers = 18
 
 // New attaches the volume in st (creating it when new). Nothing stops it
@@ -59,6 +65,10 @@ func New(st store.Store, o Options) (*Engine, error) {
 	if o.ChunkSize == 0 {
 		o.ChunkSize = 4 << 20
 	}
+	nbuf, inflight := buffers, int64(buffers)
+	if o.Buffers > 0 {
+		nbuf, inflight = o.Buffers, int64(engine.DefaultInflight(o.Buffers))
+	}
 	eo := engine.Options{
 		Store:      st,
 		Encryption: o.Encryption,
@@ -66,11 +76,11 @@ func New(st store.Store, o Options) (*Engine, error) {
 		Proxy:      objproxy.Options{Uploaders: 16, Downloaders: 16, Observer: o.StoreObserver},
 		Volume: volume.Options{
 			Size: o.Size, BlockSize: o.BlockSize, ChunkSize: o.ChunkSize, ConditionalWrites: true,
-			CheckpointInterval: time.Minute, CheckpointObjects: 256, MaxInflight: buffers,
+			CheckpointInterval: time.Minute, CheckpointObjects: 256, MaxInflight: inflight,
 			MapIdleTimeout: 100 * time.Millisecond,
 		},
 		SharedCache: o.Cache,
-		Chunker:     &chunker.Options{Durable: o.Durable, Buffers: buffers, CollisionArea: 1 << 20},
+		Chunker:     &chunker.Options{Durable: o.Durable, Buffers: nbuf, MaxInflight: int(inflight), CollisionArea: 1 << 20},
 		Logger:      zerolog.Nop(),
 	}
 	if o.Cache == nil && !o.NoCache {
