@@ -3,6 +3,7 @@ package cache
 import (
 	"sync"
 	"sync/atomic"
+	"time"
 )
 
 // Window memory is reused. Copying a GET body or a committed chunk into
@@ -36,6 +37,7 @@ type pool struct {
 	// returned to it; refErrors counts releases past zero (a bug: never
 	// expected, and the buffer is then not reused).
 	reused, recycled, refErrors atomic.Int64
+	refErrorLogged              atomic.Int64 // unix nanoseconds of the last warning
 }
 
 // get returns a buffer of n bytes (n ≤ win) with cap win.
@@ -105,7 +107,13 @@ func (c *Cache) release(e *entry) {
 	case r == 0:
 		c.pool.put(e.data)
 	case r < 0:
-		c.pool.refErrors.Add(1)
+		n := c.pool.refErrors.Add(1)
+		// A bug, never expected: say so in the log, at most once a
+		// minute, as well as in the counter.
+		now := time.Now().UnixNano()
+		if last := c.pool.refErrorLogged.Load(); now-last >= int64(time.Minute) && c.pool.refErrorLogged.CompareAndSwap(last, now) {
+			c.log.Warn().Int64("ref_errors", n).Msg("a read cache window was released more often than it was held (a bug in bs3); its memory is not reused")
+		}
 	}
 }
 

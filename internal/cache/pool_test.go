@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"runtime"
+	"strings"
 	"sync"
 	"testing"
 
@@ -215,4 +216,32 @@ func TestPooledWindowsConcurrent(t *testing.T) {
 		t.Error("nothing reached the disk tier: the test did not exercise it")
 	}
 	t.Logf("reused %d buffers, %d windows on disk checked", s.BuffersReused, found)
+}
+
+// TestRefErrorWarned: a release past zero (a bug in a holder) is counted
+// every time and warned about in the log, at most once a minute.
+func TestRefErrorWarned(t *testing.T) {
+	var logged bytes.Buffer
+	c, err := New(Options{MemoryBytes: 1 << 20, Window: MinWindow, Logger: zerolog.New(&logged)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	for i := range int64(2) {
+		k := Key{Volume: volA, Object: i}
+		keep(c, k, false)
+		v, ok := c.Acquire(k)
+		if !ok {
+			t.Fatal("a window just kept is missing")
+		}
+		v.Release()
+		v.Release() // the tier's reference: gone
+		v.Release() // past zero
+	}
+	if got := c.Stats().RefErrors; got != 2 {
+		t.Fatalf("ref errors %d, want 2", got)
+	}
+	if n := strings.Count(logged.String(), "released more often than it was held"); n != 1 {
+		t.Fatalf("%d warnings logged for 2 ref errors within a minute, want 1:\n%s", n, logged.String())
+	}
 }
