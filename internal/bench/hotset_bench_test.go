@@ -83,6 +83,11 @@ func newReadCache(b *testing.B) *cache.Cache {
 	return newReadCacheDir(b, "")
 }
 
+// daemonBuffers is the daemon's default chunk buffer count (2 ×
+// s3.uploaders + 2): write benchmarks measure what users run, not the
+// smaller count the engine tests use.
+func daemonBuffers() int { return config.Default().ChunkBuffers() }
+
 // newReadCacheDir is newReadCache with a disk tier of 8 GiB in dir (none
 // when dir is empty).
 func newReadCacheDir(b *testing.B, dir string) *cache.Cache {

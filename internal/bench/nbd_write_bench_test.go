@@ -12,7 +12,6 @@ import (
 
 	"github.com/rs/zerolog"
 
-	"github.com/bs3/bs3/internal/config"
 	"github.com/bs3/bs3/internal/frontend/nbd"
 	"github.com/bs3/bs3/internal/store/s3"
 	"github.com/bs3/bs3/internal/testutil/enginetest"
@@ -142,8 +141,3 @@ func nbdkitWrite(b *testing.B, size int64, name string, n int64, args ...string)
 	fioNBDWrite(b, "nbd://"+addr+"/", name, n, args...)
 	return mbps(n, time.Since(start))
 }
-
-// daemonBuffers is the daemon's default chunk buffer count (2 ×
-// s3.uploaders + 2): write benchmarks measure what users run, not the
-// smaller count the engine tests use.
-func daemonBuffers() int { return config.Default().ChunkBuffers() }
