@@ -87,9 +87,10 @@ type Options struct {
 type Sealer interface {
 	// Seal appends to dst the sealed form of plain, bound to ad.
 	Seal(dst, plain, ad []byte) ([]byte, error)
-	// Open verifies sealed against ad and returns its plaintext, decrypted
-	// in place; an error means the file must not be served.
-	Open(sealed, ad []byte) ([]byte, error)
+	// Open verifies sealed against ad and appends its plaintext to dst,
+	// which must not overlap sealed; an error means the file must not be
+	// served.
+	Open(dst, sealed, ad []byte) ([]byte, error)
 	// Overhead is the bytes Seal adds to a plaintext.
 	Overhead() int
 }
@@ -179,6 +180,8 @@ func New(o Options) (*Cache, error) {
 			return nil, err
 		}
 		c.disk.release = c.release
+		c.disk.buffer = c.Buffer
+		c.disk.recycle = c.pool.put
 	}
 	return c, nil
 }
@@ -406,7 +409,10 @@ func (c *Cache) LoadAhead(k Key) bool {
 	case InMemory:
 		return true
 	case OnDisk:
-		_, ok := c.fromDisk(k, true, true)
+		e, ok := c.fromDisk(k, true, true)
+		if ok {
+			c.release(e) // the tier holds it; no reader does
+		}
 		return ok
 	}
 	return false
@@ -416,12 +422,18 @@ func (c *Cache) LoadAhead(k Key) bool {
 // stream's window (once) or in the main tier, marked as readahead if
 // ahead. False: it is not on disk, or its record failed its checks.
 func (c *Cache) fromDisk(k Key, once, ahead bool) (*entry, bool) {
-	v, ok := c.disk.get(k)
+	v, old, ok := c.disk.get(k)
 	if !ok {
 		return nil, false
 	}
-	e := &entry{data: v}
+	// v is a pooled buffer: the reader's reference is the first.
+	e := &entry{data: v, pooled: true}
+	e.refs.Store(1)
 	e.ahead.Store(ahead)
+	if old { // about to be freed with its segment: keep it (best effort)
+		e.hold()
+		c.disk.enqueue(diskWrite{k: k, data: v, e: e, refresh: true})
+	}
 	if once {
 		c.keepStream(k, e)
 	} else {

@@ -19,6 +19,7 @@ import (
 	"unsafe"
 
 	"github.com/rs/zerolog"
+	"golang.org/x/sys/unix"
 )
 
 // The disk tier is a log of segment files per volume,
@@ -119,6 +120,10 @@ type diskTier struct {
 	log     zerolog.Logger
 	// release drops a queued write's reference on its memory entry.
 	release func(*entry)
+	// buffer and recycle take and give back window buffers of the memory
+	// tier's pool: a window read from disk is loaded into one.
+	buffer  func(n int) []byte
+	recycle func([]byte)
 
 	mu      sync.Mutex
 	used    int64
@@ -570,14 +575,13 @@ func (d *diskTier) unindexLocked(k Key, loc recordLoc) {
 
 // get returns the verified window k from disk. A record that fails any
 // check is dropped from the index.
-func (d *diskTier) get(k Key) ([]byte, bool) {
+func (d *diskTier) get(k Key) (data []byte, old, ok bool) {
 	if !diskIDRe.MatchString(k.Volume) {
-		return nil, false
+		return nil, false, false
 	}
 	d.mu.Lock()
 	loc, ok := d.index[k]
 	ok = ok && !d.shut
-	var old bool
 	if ok {
 		loc.seg.refs++
 		// Close to being freed: the oldest quarter of the segments, with
@@ -586,34 +590,140 @@ func (d *diskTier) get(k Key) ([]byte, bool) {
 	}
 	d.mu.Unlock()
 	if !ok {
-		return nil, false
+		return nil, false, false
 	}
-	raw := make([]byte, loc.size)
-	_, err := loc.seg.f.ReadAt(raw, loc.off)
+	var err error
+	if d.seal != nil {
+		data, err = d.readSealed(k, loc)
+	} else {
+		data, err = d.readPlain(k, loc)
+	}
 	d.mu.Lock()
 	loc.seg.refs--
 	if loc.seg.dead && loc.seg.refs == 0 {
 		loc.seg.f.Close()
 	}
 	d.mu.Unlock()
-	var data []byte
-	if err == nil {
-		if d.seal != nil {
-			data, err = openWindow(d.seal, raw, k, d.win)
-		} else {
-			data, err = decodeWindow(raw, k, d.win)
-		}
-	}
 	if err != nil {
 		d.drop(k, loc, err)
-		return nil, false
+		return nil, false, false
 	}
 	d.hits.Add(1)
-	if old { // about to be freed with its segment: keep it
-		d.enqueue(diskWrite{k: k, data: data, refresh: true}) // best effort
-	}
-	return data, true
+	return data, old, true
 }
+
+// readPlain reads a plaintext record straight into a window buffer (its
+// header into a small one, in the same preadv) and checks it. A window
+// loaded from disk thus lands in memory the pool reuses: a fresh buffer
+// per load cost a zeroing and first-touch page faults that made the
+// disk-warm read slower than the copy (docs/ARCHITECTURE.md §1, "Window
+// memory").
+func (d *diskTier) readPlain(k Key, loc recordLoc) ([]byte, error) {
+	n, h, ok := plainSplit(loc.size, len(k.Volume), d.win)
+	if !ok {
+		return nil, fmt.Errorf("record of %d bytes cannot hold a window of volume %s (window size %d)", loc.size, k.Volume, d.win)
+	}
+	hdr := make([]byte, h)
+	data := d.buffer(int(n))
+	if err := preadvFull(loc.seg.f, [][]byte{hdr, data}, loc.off); err != nil {
+		d.recycle(data)
+		return nil, err
+	}
+	if err := checkWindow(hdr, data, k, d.win); err != nil {
+		d.recycle(data)
+		return nil, err
+	}
+	return data, nil
+}
+
+// readSealed reads an encrypted record into a scratch buffer and opens it
+// into a window buffer.
+func (d *diskTier) readSealed(k Key, loc recordLoc) ([]byte, error) {
+	scratch := getScratch(int(loc.size))
+	defer putScratch(scratch)
+	raw := *scratch
+	if _, err := loc.seg.f.ReadAt(raw, loc.off); err != nil {
+		return nil, fmt.Errorf("read record: %w", err)
+	}
+	n := len(raw) - headerFixed - len(k.Volume) - d.seal.Overhead()
+	if n <= 0 || int64(n) > d.win {
+		return nil, fmt.Errorf("record of %d bytes cannot hold a window of volume %s (window size %d)", loc.size, k.Volume, d.win)
+	}
+	data := d.buffer(n)
+	out, err := openWindow(d.seal, raw, k, d.win, data[:0])
+	if err != nil || len(out) != n || &out[0] != &data[0] {
+		d.recycle(data)
+		if err == nil {
+			err = fmt.Errorf("opened %d bytes, not the %d the record holds", len(out), n)
+		}
+		return nil, err
+	}
+	return data, nil
+}
+
+// plainSplit finds, from a plaintext record's size, the length n of its
+// data and the size h of the header before it (fields, volume id, one
+// CRC per 4 KiB block and the header's CRC); ok is false when no window
+// of at most win bytes makes a record of that size.
+func plainSplit(size int64, idLen int, win int64) (n, h int64, ok bool) {
+	for nCRC := int64(1); nCRC <= (win+crcBlock-1)/crcBlock; nCRC++ {
+		h = int64(headerFixed+idLen) + 4*nCRC + 4
+		n = size - h
+		if n > (nCRC-1)*crcBlock && n <= min(nCRC*crcBlock, win) {
+			return n, h, true
+		}
+	}
+	return 0, 0, false
+}
+
+// preadvFull fills bufs from f at off in one preadv (regular files return
+// short only at their end, which is an error here: a torn record).
+func preadvFull(f *os.File, bufs [][]byte, off int64) error {
+	want := 0
+	for _, b := range bufs {
+		want += len(b)
+	}
+	rc, err := f.SyscallConn()
+	if err != nil {
+		return fmt.Errorf("read record: %w", err)
+	}
+	var got int
+	var rerr error
+	if err := rc.Read(func(fd uintptr) bool {
+		for {
+			got, rerr = unix.Preadv(int(fd), bufs, off)
+			if rerr != unix.EINTR {
+				return true
+			}
+		}
+	}); err != nil {
+		return fmt.Errorf("read record: %w", err)
+	}
+	if rerr != nil {
+		return fmt.Errorf("read record: %w", rerr)
+	}
+	if got != want {
+		return fmt.Errorf("read record: %d of %d bytes (torn)", got, want)
+	}
+	return nil
+}
+
+// scratchBufs holds the buffers encrypted records are read into before
+// they are opened into a window.
+var scratchBufs sync.Pool
+
+func getScratch(n int) *[]byte {
+	if v := scratchBufs.Get(); v != nil {
+		if p := v.(*[]byte); cap(*p) >= n {
+			*p = (*p)[:n]
+			return p
+		}
+	}
+	b := make([]byte, n)
+	return &b
+}
+
+func putScratch(p *[]byte) { scratchBufs.Put(p) }
 
 // contains reports whether window k is indexed (not verified).
 func (d *diskTier) contains(k Key) bool {
@@ -1090,8 +1200,8 @@ func sealWindow(s Sealer, k Key, win int64, data []byte) ([]byte, error) {
 }
 
 // openWindow checks an encrypted file against the key it was looked up by
-// and returns its data (decrypted in place in raw).
-func openWindow(s Sealer, raw []byte, k Key, win int64) ([]byte, error) {
+// and appends its data to dst (which must not overlap raw).
+func openWindow(s Sealer, raw []byte, k Key, win int64, dst []byte) ([]byte, error) {
 	if len(raw) < headerFixed || string(raw[:8]) != sealedMagic {
 		return nil, errors.New("not an encrypted cache file (bad magic or too short)")
 	}
@@ -1109,7 +1219,7 @@ func openWindow(s Sealer, raw []byte, k Key, win int64) ([]byte, error) {
 	if got := int64(len(raw) - len(want) - s.Overhead()); got != length {
 		return nil, fmt.Errorf("file holds %d bytes of data, header says %d", got, length)
 	}
-	data, err := s.Open(raw[len(want):], want)
+	data, err := s.Open(dst, raw[len(want):], want)
 	if err != nil {
 		return nil, err
 	}
@@ -1135,37 +1245,50 @@ func encodeWindow(k Key, win int64, data []byte) []byte {
 	return append(windowHeader(k, win, data), data...)
 }
 
-// decodeWindow checks a file against the key it was looked up by and
-// returns its data.
+// decodeWindow checks a whole plaintext record against the key it was
+// looked up by and returns its data.
 func decodeWindow(raw []byte, k Key, win int64) ([]byte, error) {
-	const fixed = 8 + 4 + 4 + 8 + 8 + 2
-	if len(raw) < fixed || string(raw[:8]) != diskMagic {
-		return nil, errors.New("not a cache file (bad magic or too short)")
+	_, h, ok := plainSplit(int64(len(raw)), len(k.Volume), win)
+	if !ok {
+		return nil, fmt.Errorf("record of %d bytes cannot hold a window of volume %s (window size %d)", len(raw), k.Volume, win)
+	}
+	if err := checkWindow(raw[:h], raw[h:], k, win); err != nil {
+		return nil, err
+	}
+	return raw[h:], nil
+}
+
+// checkWindow checks a plaintext record, read as its header hdr and its
+// data, against the key it was looked up by: the fields, the header's
+// CRC32C and every block's.
+func checkWindow(hdr, data []byte, k Key, win int64) error {
+	const fixed = headerFixed
+	if len(hdr) < fixed || string(hdr[:8]) != diskMagic {
+		return errors.New("not a cache file (bad magic or too short)")
 	}
 	le := binary.LittleEndian
-	fwin, length := int64(le.Uint32(raw[8:])), int64(le.Uint32(raw[12:]))
-	key, w := int64(le.Uint64(raw[16:])), int64(le.Uint64(raw[24:]))
-	idLen := int(le.Uint16(raw[32:]))
+	fwin, length := int64(le.Uint32(hdr[8:])), int64(le.Uint32(hdr[12:]))
+	key, w := int64(le.Uint64(hdr[16:])), int64(le.Uint64(hdr[24:]))
+	idLen := int(le.Uint16(hdr[32:]))
 	if fwin != win || length <= 0 || length > win {
-		return nil, fmt.Errorf("window size %d, length %d: written with another window size or garbled", fwin, length)
+		return fmt.Errorf("window size %d, length %d: written with another window size or garbled", fwin, length)
 	}
 	nCRC := int((length + crcBlock - 1) / crcBlock)
-	hdr := fixed + idLen + 4*nCRC
-	if int64(len(raw)) != int64(hdr+4)+length {
-		return nil, fmt.Errorf("file is %d bytes, header says %d", len(raw), int64(hdr+4)+length)
+	h := fixed + idLen + 4*nCRC
+	if len(hdr) != h+4 || int64(len(data)) != length {
+		return fmt.Errorf("record is %d+%d bytes, header says %d+%d", len(hdr), len(data), h+4, length)
 	}
-	if crc32.Checksum(raw[:hdr], castagnoli) != le.Uint32(raw[hdr:]) {
-		return nil, errors.New("header CRC32C mismatch")
+	if crc32.Checksum(hdr[:h], castagnoli) != le.Uint32(hdr[h:]) {
+		return errors.New("header CRC32C mismatch")
 	}
-	if id := string(raw[fixed : fixed+idLen]); id != k.Volume || key != k.Object || w != k.Window {
-		return nil, fmt.Errorf("holds volume %s key %d window %d, not volume %s key %d window %d", id, key, w, k.Volume, k.Object, k.Window)
+	if id := string(hdr[fixed : fixed+idLen]); id != k.Volume || key != k.Object || w != k.Window {
+		return fmt.Errorf("holds volume %s key %d window %d, not volume %s key %d window %d", id, key, w, k.Volume, k.Object, k.Window)
 	}
-	data := raw[hdr+4:]
 	for i := range nCRC {
 		blk := data[i*crcBlock : min((i+1)*crcBlock, len(data))]
-		if crc32.Checksum(blk, castagnoli) != le.Uint32(raw[fixed+idLen+4*i:]) {
-			return nil, fmt.Errorf("CRC32C mismatch in block %d of the data", i)
+		if crc32.Checksum(blk, castagnoli) != le.Uint32(hdr[fixed+idLen+4*i:]) {
+			return fmt.Errorf("CRC32C mismatch in block %d of the data", i)
 		}
 	}
-	return data, nil
+	return nil
 }

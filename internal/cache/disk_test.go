@@ -420,13 +420,14 @@ func TestDiskConcurrentReadsAndEviction(t *testing.T) {
 				if !c.disk.contains(k) {
 					continue
 				}
-				got, ok := c.disk.get(k)
+				got, _, ok := c.disk.get(k)
 				if ok {
 					hits.Add(1)
 					if !bytes.Equal(got, pattern(w, byte(i))) {
 						t.Errorf("window %d: wrong bytes", i)
 						return
 					}
+					c.pool.put(got)
 				}
 			}
 		}()
@@ -724,5 +725,94 @@ func TestDiskIndexFiles(t *testing.T) {
 	}
 	if got, ok := get(c, key(1)); !ok || !bytes.Equal(got, pattern(w, 1)) {
 		t.Fatal("window 1 lost")
+	}
+}
+
+// TestDiskLoadsArePooled: windows loaded from the disk tier (plaintext
+// and encrypted) land in buffers of the pool and go back to it: after a
+// restart, loading more windows than memory holds reuses evicted
+// windows' memory, a window a reader holds keeps its bytes while its
+// memory would otherwise be reused (poisoned in these tests), and no
+// window is released more often than held.
+func TestDiskLoadsArePooled(t *testing.T) {
+	const w = 64 << 10
+	for _, tc := range []struct {
+		name string
+		seal func(t *testing.T) Sealer
+	}{
+		{"plain", func(*testing.T) Sealer { return nil }},
+		{"sealed", func(t *testing.T) Sealer { return cacheSealer(t, 1, 2) }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := t.TempDir()
+			seal := tc.seal(t)
+			open := func() *Cache {
+				// Memory for 8 windows, so loading 64 evicts most.
+				c, err := New(Options{MemoryBytes: 8 * (w + entryOverhead + int64(len(volA))), Window: w, Dir: dir, DiskBytes: 64 << 20, Sealer: seal, Logger: zerolog.Nop()})
+				if err != nil {
+					t.Fatal(err)
+				}
+				return c
+			}
+			want := func(i int64) []byte { return pattern(w-int(i)*100, byte(i)) } // every length differs
+			c := open()
+			for i := range int64(64) {
+				put(c, Key{Volume: volA, Object: i}, want(i))
+			}
+			c.Close()
+
+			c = open()
+			defer c.Close()
+			held, ok := c.Acquire(Key{Volume: volA, Object: 0})
+			if !ok || !bytes.Equal(held.Data, want(0)) {
+				t.Fatalf("window 0 after restart: found %v, bytes right %v", ok, ok && bytes.Equal(held.Data, want(0)))
+			}
+			for range 2 {
+				for i := int64(1); i < 64; i++ {
+					got, ok := get(c, Key{Volume: volA, Object: i})
+					if !ok || !bytes.Equal(got, want(i)) {
+						t.Fatalf("window %d from disk: found %v, bytes right %v", i, ok, ok && bytes.Equal(got, want(i)))
+					}
+					c.mem.CleanUp()
+				}
+			}
+			if !bytes.Equal(held.Data, want(0)) {
+				t.Fatal("a held window loaded from disk changed while others were loaded: its memory was reused under a reader")
+			}
+			held.Release()
+			s := c.Stats()
+			if s.DiskHits < 100 {
+				t.Fatalf("%d disk hits, want the 127 loads to come from disk", s.DiskHits)
+			}
+			if s.BuffersReused < 64 || s.BuffersFreed < 64 {
+				t.Fatalf("buffers reused %d, freed %d over %d disk loads: loads do not go through the pool", s.BuffersReused, s.BuffersFreed, s.DiskHits)
+			}
+			if s.RefErrors != 0 || s.DiskDropped != 0 {
+				t.Fatalf("%d releases past zero, %d records dropped", s.RefErrors, s.DiskDropped)
+			}
+		})
+	}
+}
+
+// TestPlainSplit: the data length and header size found from a record's
+// size are those of the record encodeWindow wrote, for every length near
+// a CRC block boundary, and a size no record has is refused.
+func TestPlainSplit(t *testing.T) {
+	const w = 64 << 10
+	k := Key{Volume: volA, Object: 3, Window: 1}
+	for n := 1; n <= w; n++ {
+		if r := n % crcBlock; n > 8 && r > 4 && r < crcBlock-4 && n < w-8 {
+			continue // the boundaries are where a mistake shows
+		}
+		rec := encodeWindow(k, w, make([]byte, n))
+		gotN, h, ok := plainSplit(int64(len(rec)), len(volA), w)
+		if !ok || gotN != int64(n) || h != int64(len(rec)-n) {
+			t.Fatalf("length %d: split gives %d, %d, %v; want %d, %d", n, gotN, h, ok, n, len(rec)-n)
+		}
+	}
+	for _, size := range []int64{0, headerFixed, int64(len(encodeWindow(k, w, make([]byte, w)))) + 1} {
+		if n, h, ok := plainSplit(size, len(volA), w); ok {
+			t.Errorf("size %d: split as %d + %d, want refused", size, h, n)
+		}
 	}
 }

@@ -20,8 +20,8 @@ import (
 // Acquire and Release. The buffer goes back to the pool only when the
 // count falls to zero, so no tier, queue or reader can see it change. A
 // reader that finds an entry whose count is already zero (evicted while
-// it looked it up) takes it as a miss. Entries whose bytes were read
-// from disk are not pooled: the garbage collector frees them.
+// it looked it up) takes it as a miss. A window loaded from the disk tier
+// is read into a pooled buffer too (disk.go, readPlain).
 
 // poisonRecycled, set by tests, overwrites every buffer returned to the
 // pool, so that a reader still using one reads garbage and fails its

@@ -87,10 +87,11 @@ func (c *CacheSealer) Seal(dst, plain, ad []byte) ([]byte, error) {
 	return g.Seal(dst, nonce[:], plain, ad), nil
 }
 
-// Open verifies sealed (as Seal made it) against ad and decrypts it in
-// place: the plaintext it returns shares sealed's memory. A file that
-// fails is an error, and sealed's contents are then undefined.
-func (c *CacheSealer) Open(sealed, ad []byte) ([]byte, error) {
+// Open verifies sealed (as Seal made it) against ad and appends its
+// plaintext to dst, which must not overlap sealed (the cache opens a
+// record into a window buffer of its pool). A file that fails is an error,
+// and dst's spare capacity is then undefined.
+func (c *CacheSealer) Open(dst, sealed, ad []byte) ([]byte, error) {
 	if len(sealed) < c.Overhead() {
 		return nil, fmt.Errorf("sealed cache data is %d bytes, shorter than its %d-byte overhead", len(sealed), c.Overhead())
 	}
@@ -100,7 +101,7 @@ func (c *CacheSealer) Open(sealed, ad []byte) ([]byte, error) {
 	}
 	var nonce [12]byte
 	ct := sealed[cacheSaltSize:]
-	p, err := g.Open(ct[:0], nonce[:], ct, ad)
+	p, err := g.Open(dst, nonce[:], ct, ad)
 	if err != nil {
 		return nil, errors.New("authentication failed (another volume's or key's file, or damaged)")
 	}
