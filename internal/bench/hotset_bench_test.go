@@ -86,7 +86,12 @@ func newReadCache(b *testing.B) *cache.Cache {
 // daemonBuffers is the daemon's default chunk buffer count (2 ×
 // s3.uploaders + 2): write benchmarks measure what users run, not the
 // smaller count the engine tests use.
-func daemonBuffers() int { return config.Default().ChunkBuffers() }
+func daemonBuffers() int {
+	if v, err := strconv.Atoi(os.Getenv("BS3_BENCH_BUFFERS")); err == nil && v > 0 {
+		return v
+	}
+	return config.Default().ChunkBuffers()
+}
 
 // newReadCacheDir is newReadCache with a disk tier of 8 GiB in dir (none
 // when dir is empty).
