@@ -51,15 +51,11 @@ pretty = false
 		"BS3_STORE=dir", "BS3_DIR_PATH="+filepath.Join(dir, "objects"),
 		"BS3_FRONTEND=nbd", "BS3_NBD_LISTEN="+addr,
 		"BS3_QUEUEDEPTH=64", "BS3_GC_LIVEDATA=0.4") // BS3's names
-	stderr, err := cmd.StderrPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
+	logs := watchStderr(t, cmd)
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
 	defer cmd.Process.Kill()
-	logs := watch(stderr)
 	logs.waitFor(t, "nbd server listening", 30*time.Second)
 	logs.waitFor(t, `"level":"warn","key":"cpus_per_node"`, time.Second)
 	logs.waitFor(t, `"queue_depth":64`, time.Second)   // BS3_QUEUEDEPTH over the file's 256

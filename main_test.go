@@ -96,6 +96,18 @@ type logWatcher struct {
 	cond  *sync.Cond
 }
 
+// watchStderr collects cmd's stderr through a pipe that cmd.Wait drains
+// before it returns. With cmd.StderrPipe, Wait closes the pipe as soon as
+// the process exits, and the last lines ("stopped cleanly") were lost
+// when the reader lagged under load. Call it before cmd.Start.
+func watchStderr(t *testing.T, cmd *exec.Cmd) *logWatcher {
+	t.Helper()
+	pr, pw := io.Pipe()
+	cmd.Stderr = pw
+	t.Cleanup(func() { pw.Close() })
+	return watch(pr)
+}
+
 func watch(r io.Reader) *logWatcher {
 	w := &logWatcher{}
 	w.cond = sync.NewCond(&w.mu)
@@ -147,15 +159,11 @@ func TestSignals(t *testing.T) {
 		"BS3_STORE=dir", "BS3_DIR_PATH="+filepath.Join(dir, "objects"),
 		"BS3_FRONTEND=nbd", "BS3_NBD_LISTEN="+addr, "BS3_SIZE=1", "BS3_LOG_LEVEL=debug",
 		"BS3_GC_DEFRAG_RANGE=4K-1M")
-	stderr, err := cmd.StderrPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
+	logs := watchStderr(t, cmd)
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
 	defer cmd.Process.Kill()
-	logs := watch(stderr)
 	logs.waitFor(t, "NBD export", 30*time.Second)
 
 	if err := cmd.Process.Signal(syscall.SIGUSR1); err != nil {
