@@ -75,12 +75,18 @@ type result struct {
 	rawMBps   float64
 	cpuPerGiB [2]float64 // user, system
 	rawCPU    [2]float64 // the raw client's, same object size and concurrency
+	// faultsPerGiB is this process's minor page faults per GiB (0: not
+	// measured): first touches of new memory, costly on a VM.
+	faultsPerGiB float64
 }
 
 func (r result) String() string {
 	s := fmt.Sprintf("%-44s %9.1f MB/s   raw %9.1f MB/s   ratio %5.2f", r.name, r.mbps, r.rawMBps, r.mbps/r.rawMBps)
 	if r.cpuPerGiB[0] > 0 {
 		s += fmt.Sprintf("   CPU-s/GiB user %.2f sys %.2f (raw client: user %.2f sys %.2f)", r.cpuPerGiB[0], r.cpuPerGiB[1], r.rawCPU[0], r.rawCPU[1])
+	}
+	if r.faultsPerGiB > 0 {
+		s += fmt.Sprintf("   page faults/GiB %.0f", r.faultsPerGiB)
 	}
 	return s
 }

@@ -57,12 +57,14 @@ func BenchmarkNBDWrite(b *testing.B) {
 		stop := startProfiles(b, os.Getenv("BS3_BENCH_PROFILE"), name)
 		defer stop()
 		cpu := startCPU()
+		f0 := minflt()
 		start := time.Now()
 		fioNBDWrite(b, s.URI(), name, n, args...)
 		if err := e.Dev.Drain(ctx); err != nil {
 			b.Fatal(err)
 		}
-		return result{name: name, mbps: mbps(n, time.Since(start)), rawMBps: rawPut, cpuPerGiB: cpu.perGiB(n), rawCPU: rawCPU}
+		faults := float64(minflt()-f0) / (float64(n) / gib)
+		return result{name: name, mbps: mbps(n, time.Since(start)), rawMBps: rawPut, cpuPerGiB: cpu.perGiB(n), rawCPU: rawCPU, faultsPerGiB: faults}
 	}
 	seq := scaled(2*gib) / mib * mib
 	rnd := scaled(512*mib) / mib * mib
