@@ -162,9 +162,12 @@ func New(o Options) (*Cache, error) {
 	c.stream.evicted = c.evicted
 	c.stream.release = c.release
 	// Buffers wait in the pool only between an eviction and the next
-	// insertion, or while readers finish with evicted windows: a
-	// thirty-second of the memory bound, beyond it (README, Read cache).
-	c.pool.max = max(int(o.MemoryBytes/32/o.Window), 64)
+	// insertion, or while readers finish with evicted windows: an eighth
+	// of the memory bound, beyond it (README, Read cache). Evictions come
+	// in bursts; with a thirty-second, sustained 1 MiB writes overflowed
+	// it and faulted in 10,000-14,000 new pages per GiB committed, with an
+	// eighth 1,600-3,700 (docs/ARCHITECTURE.md §1, "Window memory").
+	c.pool.max = max(int(o.MemoryBytes/8/o.Window), 64)
 	if o.Dir != "" {
 		if o.DiskBytes <= 0 {
 			return nil, fmt.Errorf("cache disk size %d: must be positive with a cache directory", o.DiskBytes)
