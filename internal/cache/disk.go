@@ -120,6 +120,8 @@ type diskTier struct {
 	log     zerolog.Logger
 	// release drops a queued write's reference on its memory entry.
 	release func(*entry)
+	// sealScratch is the writer's buffer for sealing a record.
+	sealScratch []byte
 	// buffer and recycle take and give back window buffers of the memory
 	// tier's pool: a window read from disk is loaded into one.
 	buffer  func(n int) []byte
@@ -915,12 +917,18 @@ func (d *diskTier) write(w diskWrite) error {
 	var hdr, data []byte
 	if d.seal != nil {
 		var err error
-		if hdr, err = sealWindow(d.seal, k, d.win, w.data); err != nil {
+		// Sealed into the writer's scratch buffer, reused for every
+		// record (write runs on the writer goroutine only): a fresh
+		// window-sized buffer per record was zeroed and faulted in.
+		if hdr, err = sealWindowTo(d.sealScratch[:0], d.seal, k, d.win, w.data); err != nil {
 			unclaim()
 			return fmt.Errorf("seal window %d of key %d: %w", k.Window, k.Object, err)
 		}
 	} else {
 		hdr, data = windowHeader(k, d.win, w.data), w.data
+	}
+	if d.seal != nil && cap(hdr) > cap(d.sealScratch) {
+		d.sealScratch = hdr[:0]
 	}
 	n := int64(len(hdr) + len(data))
 	if n+segSlack > d.limit || n > stageSize/2 {
@@ -1195,8 +1203,15 @@ func appendHeader(b []byte, magic string, k Key, win int64, n int) []byte {
 // sealWindow is the encrypted file of window k: the header, then the
 // data sealed with the header as associated data.
 func sealWindow(s Sealer, k Key, win int64, data []byte) ([]byte, error) {
-	hdr := appendHeader(make([]byte, 0, headerFixed+len(k.Volume)+len(data)+s.Overhead()), sealedMagic, k, win, len(data))
-	return s.Seal(hdr, data, hdr[:len(hdr):len(hdr)])
+	return sealWindowTo(make([]byte, 0, headerFixed+len(k.Volume)+len(data)+s.Overhead()), s, k, win, data)
+}
+
+// sealWindowTo is sealWindow appending to dst (which must not overlap
+// data).
+func sealWindowTo(dst []byte, s Sealer, k Key, win int64, data []byte) ([]byte, error) {
+	start := len(dst)
+	hdr := appendHeader(dst, sealedMagic, k, win, len(data))
+	return s.Seal(hdr, data, hdr[start:len(hdr):len(hdr)])
 }
 
 // openWindow checks an encrypted file against the key it was looked up by
