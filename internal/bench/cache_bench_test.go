@@ -135,8 +135,10 @@ func BenchmarkFragmentedRead(b *testing.B) {
 		freshMemory()
 		stop := startProfiles(b, os.Getenv("BS3_BENCH_PROFILE"), fmt.Sprintf("cold%d", workers))
 		f0c := minflt()
+		cpuCold := startCPU()
 		cold, err := readAll(e, workers)
 		coldFaults := minflt() - f0c
+		coldCPU := cpuCold.perGiB(fillBytes)
 		stop()
 		if err != nil {
 			b.Fatal(err)
@@ -185,8 +187,10 @@ func BenchmarkFragmentedRead(b *testing.B) {
 		freshMemory()
 		stop = startProfiles(b, os.Getenv("BS3_BENCH_PROFILE"), fmt.Sprintf("diskwarm%d", workers))
 		f0d := minflt()
+		cpuDisk := startCPU()
 		diskWarm, err := readAll(e, workers)
 		diskFaults := minflt() - f0d
+		diskCPU := cpuDisk.perGiB(fillBytes)
 		stop()
 		if err != nil {
 			b.Fatal(err)
@@ -198,6 +202,8 @@ func BenchmarkFragmentedRead(b *testing.B) {
 		// The cold read through NBD, as the issue states it: fio's nbd
 		// engine, 1 MiB reads at iodepth = readers, a fresh cache.
 		var viaNBD float64
+		var nbdCPU [2]float64
+		var nbdFaults int64
 		if _, err := exec.LookPath("fio"); err == nil {
 			with.Cache = newReadCache(b)
 			e = enginetest.Open(b, st, with)
@@ -208,8 +214,10 @@ func BenchmarkFragmentedRead(b *testing.B) {
 			go s.Serve()
 			freshMemory()
 			stop := startProfiles(b, os.Getenv("BS3_BENCH_PROFILE"), fmt.Sprintf("nbdcold%d", workers))
+			cpuNBD, f0n := startCPU(), minflt()
 			viaNBD = fio(b, "nbd-cold-read", "--ioengine=nbd", "--uri="+s.URI(), "--rw=read", "--bs=1m",
 				fmt.Sprintf("--iodepth=%d", workers), fmt.Sprintf("--size=%d", fillBytes)).MBps
+			nbdCPU, nbdFaults = cpuNBD.perGiB(fillBytes), minflt()-f0n
 			stop()
 			if err := s.Close(); err != nil {
 				b.Fatal(err)
@@ -219,11 +227,11 @@ func BenchmarkFragmentedRead(b *testing.B) {
 		b.Logf("%d MiB fill, %d MiB of 4 KiB overwrites, %d objects, 1 MiB reads, %d reader(s):", fillBytes>>20, overBytes>>20, objects, workers)
 		b.Logf("  raw MinIO GET %8.1f MB/s (1 MiB), %.1f MB/s (4 MiB)", raw, raw4)
 		b.Logf("  no cache      %8.1f MB/s (%.2f of raw 1 MiB)  %d GETs", none, none/raw, gNone)
-		b.Logf("  cold cache    %8.1f MB/s (%.2f of raw 1 MiB, %.2f of raw 4 MiB)  %d GETs, %d MiB fetched for %d MiB returned, %d page faults", cold, cold/raw, cold/raw4, g1-g0, (s1.FetchedBytes-s0.FetchedBytes)>>20, (s1.ReturnedBytes-s0.ReturnedBytes)>>20, coldFaults)
+		b.Logf("  cold cache    %8.1f MB/s (%.2f of raw 1 MiB, %.2f of raw 4 MiB)  %d GETs, %d MiB fetched for %d MiB returned, %d page faults, %.2f CPU-s/GiB", cold, cold/raw, cold/raw4, g1-g0, (s1.FetchedBytes-s0.FetchedBytes)>>20, (s1.ReturnedBytes-s0.ReturnedBytes)>>20, coldFaults, coldCPU[0]+coldCPU[1])
 		b.Logf("  warm cache    %8.1f MB/s (%.2f of raw 1 MiB)  %d GETs, hits %d misses %d, %d MiB held", warm, warm/raw, g2-g1, s2.Hits-s1.Hits, s2.Misses-s1.Misses, rc.MemoryUsed()>>20)
-		b.Logf("  disk-warm     %8.1f MB/s (%.2f of raw 1 MiB, %.2f of raw 4 MiB)  %d GETs, %d disk hits, %d page faults; the fill reads wrote %v windows", diskWarm, diskWarm/raw, diskWarm/raw4, g4-g3, ds.DiskHits, diskFaults, fills)
+		b.Logf("  disk-warm     %8.1f MB/s (%.2f of raw 1 MiB, %.2f of raw 4 MiB)  %d GETs, %d disk hits, %d page faults, %.2f CPU-s/GiB; the fill reads wrote %v windows", diskWarm, diskWarm/raw, diskWarm/raw4, g4-g3, ds.DiskHits, diskFaults, diskCPU[0]+diskCPU[1], fills)
 		if viaNBD > 0 {
-			b.Logf("  cold via NBD  %8.1f MB/s (%.2f of raw 1 MiB, %.2f of raw 4 MiB)  fio --ioengine=nbd, iodepth %d", viaNBD, viaNBD/raw, viaNBD/raw4, workers)
+			b.Logf("  cold via NBD  %8.1f MB/s (%.2f of raw 1 MiB, %.2f of raw 4 MiB)  fio --ioengine=nbd, iodepth %d; bs3 %d page faults, %.2f CPU-s/GiB", viaNBD, viaNBD/raw, viaNBD/raw4, workers, nbdFaults, nbdCPU[0]+nbdCPU[1])
 		}
 		b.ReportMetric(cold, fmt.Sprintf("cold-MB/s-qd%d", workers))
 		b.ReportMetric(warm, fmt.Sprintf("warm-MB/s-qd%d", workers))
