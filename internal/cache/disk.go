@@ -205,7 +205,10 @@ func openDisk(dir string, limit, win int64, queue int, seal Sealer, log zerolog.
 		segSize: min(max(limit/16, minSegment), maxSegment),
 		index:   make(map[Key]recordLoc), open: make(map[string]*segment), pending: make(map[Key]bool),
 		locks: make(map[string]*os.File), refused: make(map[string]bool),
-		queue: make(chan diskWrite, max(queue, minDiskQueue)), done: make(chan struct{})}
+		queue: make(chan diskWrite, max(queue, minDiskQueue)), done: make(chan struct{}),
+		// Until a Cache hands it its pool: plain allocations.
+		buffer:  func(n int) []byte { return make([]byte, n, win) },
+		recycle: func([]byte) {}}
 	ents, err := os.ReadDir(dir)
 	if err != nil {
 		return nil, fmt.Errorf("index the cache directory %s: %w", dir, err)
@@ -924,11 +927,9 @@ func (d *diskTier) write(w diskWrite) error {
 			unclaim()
 			return fmt.Errorf("seal window %d of key %d: %w", k.Window, k.Object, err)
 		}
+		d.sealScratch = hdr[:0] // grown if it had to be
 	} else {
 		hdr, data = windowHeader(k, d.win, w.data), w.data
-	}
-	if d.seal != nil && cap(hdr) > cap(d.sealScratch) {
-		d.sealScratch = hdr[:0]
 	}
 	n := int64(len(hdr) + len(data))
 	if n+segSlack > d.limit || n > stageSize/2 {
@@ -1200,14 +1201,9 @@ func appendHeader(b []byte, magic string, k Key, win int64, n int) []byte {
 	return append(b, k.Volume...)
 }
 
-// sealWindow is the encrypted file of window k: the header, then the
-// data sealed with the header as associated data.
-func sealWindow(s Sealer, k Key, win int64, data []byte) ([]byte, error) {
-	return sealWindowTo(make([]byte, 0, headerFixed+len(k.Volume)+len(data)+s.Overhead()), s, k, win, data)
-}
-
-// sealWindowTo is sealWindow appending to dst (which must not overlap
-// data).
+// sealWindowTo appends to dst (which must not overlap data) the
+// encrypted record of window k: the header, then the data sealed with the
+// header as associated data.
 func sealWindowTo(dst []byte, s Sealer, k Key, win int64, data []byte) ([]byte, error) {
 	start := len(dst)
 	hdr := appendHeader(dst, sealedMagic, k, win, len(data))
@@ -1253,24 +1249,6 @@ func windowHeader(k Key, win int64, data []byte) []byte {
 		b = binary.LittleEndian.AppendUint32(b, crc32.Checksum(data[off:min(off+crcBlock, len(data))], castagnoli))
 	}
 	return binary.LittleEndian.AppendUint32(b, crc32.Checksum(b, castagnoli))
-}
-
-// encodeWindow is the plaintext record of window k.
-func encodeWindow(k Key, win int64, data []byte) []byte {
-	return append(windowHeader(k, win, data), data...)
-}
-
-// decodeWindow checks a whole plaintext record against the key it was
-// looked up by and returns its data.
-func decodeWindow(raw []byte, k Key, win int64) ([]byte, error) {
-	_, h, ok := plainSplit(int64(len(raw)), len(k.Volume), win)
-	if !ok {
-		return nil, fmt.Errorf("record of %d bytes cannot hold a window of volume %s (window size %d)", len(raw), k.Volume, win)
-	}
-	if err := checkWindow(raw[:h], raw[h:], k, win); err != nil {
-		return nil, err
-	}
-	return raw[h:], nil
 }
 
 // checkWindow checks a plaintext record, read as its header hdr and its
