@@ -216,17 +216,13 @@ func shutdownStart(t *testing.T, bin, ready string, settings ...string) *shutdow
 	t.Helper()
 	cmd := exec.Command(bin, "-c", "")
 	cmd.Env = append(os.Environ(), settings...)
-	// Through a pipe that Wait drains, so no line is lost at exit.
-	pr, pw := io.Pipe()
-	cmd.Stderr = pw
-	d := &shutdownDaemon{cmd: cmd, logs: watch(pr), exited: make(chan struct{})}
+	d := &shutdownDaemon{cmd: cmd, logs: watchStderr(t, cmd), exited: make(chan struct{})}
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
 	go func() {
 		d.err = cmd.Wait()
 		d.at = time.Now()
-		pw.Close()
 		close(d.exited)
 	}()
 	t.Cleanup(func() {
