@@ -692,13 +692,16 @@ func preadvFull(f *os.File, bufs [][]byte, off int64) error {
 	if err != nil {
 		return fmt.Errorf("read record: %w", err)
 	}
+	// Control, not Read: RawConn.Read takes the file's read lock, which
+	// would let one preadv at a time into a segment. A positioned read
+	// needs no lock; concurrent loads are what the disk tier is for.
 	var got int
 	var rerr error
-	if err := rc.Read(func(fd uintptr) bool {
+	if err := rc.Control(func(fd uintptr) {
 		for {
 			got, rerr = unix.Preadv(int(fd), bufs, off)
 			if rerr != unix.EINTR {
-				return true
+				return
 			}
 		}
 	}); err != nil {

@@ -2,6 +2,7 @@ package cache
 
 import (
 	"bytes"
+	"errors"
 	"io/fs"
 	"os"
 	"path/filepath"
@@ -9,6 +10,7 @@ import (
 	"sync/atomic"
 	"syscall"
 	"testing"
+	"time"
 
 	"github.com/rs/zerolog"
 )
@@ -792,6 +794,40 @@ func TestDiskLoadsArePooled(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestPreadvFullTakesNoReadLock: a load does not wait for another read
+// of the same file, so concurrent loads from one segment run side by side.
+// A Read blocked on a pipe holds the file's read lock; preadvFull on the
+// same file must still get to the kernel (which refuses a positioned read
+// of a pipe) instead of queueing behind it.
+func TestPreadvFullTakesNoReadLock(t *testing.T) {
+	r, w, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	blocked := make(chan struct{})
+	go func() {
+		close(blocked)
+		var b [1]byte
+		_, _ = r.Read(b[:]) // returns when w closes; its result is not the point
+	}()
+	<-blocked
+	time.Sleep(50 * time.Millisecond) // let the Read reach its wait
+	done := make(chan error, 1)
+	go func() { done <- preadvFull(r, [][]byte{make([]byte, 8)}, 0) }()
+	select {
+	case err := <-done:
+		if !errors.Is(err, syscall.ESPIPE) {
+			t.Fatalf("preadvFull on a pipe: %v, want ESPIPE", err)
+		}
+	case <-time.After(10 * time.Second):
+		w.Close()
+		<-done
+		t.Fatal("preadvFull waited for a Read of the same file: loads from one segment are serialized")
+	}
+	w.Close()
 }
 
 // TestPlainSplit: the data length and header size found from a record's
