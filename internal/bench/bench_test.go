@@ -78,6 +78,26 @@ type result struct {
 	// faultsPerGiB is this process's minor page faults per GiB (0: not
 	// measured): first touches of new memory, costly on a VM.
 	faultsPerGiB float64
+	side         sideCPU // the other processes' CPU (zero: not measured)
+}
+
+// sideCPU is the CPU the client (fio) and the server (MinIO) spent per
+// GiB, in a job and in the raw baseline, and how many cores all of them
+// together kept busy. The client and the server share this machine's
+// cores with bs3, so even a bs3 that took no CPU could go no faster than
+// the cores divided by what they alone spend per GiB.
+type sideCPU struct {
+	fio, minio, busy  float64
+	rawMinio, rawBusy float64
+}
+
+func (c sideCPU) String(r result) string {
+	if c.minio == 0 {
+		return ""
+	}
+	ceiling := float64(runtime.NumCPU()) / (c.fio + c.minio) * gib / 1e6
+	return fmt.Sprintf("%-44s CPU-s/GiB fio %.2f MinIO %.2f (raw: client %.2f MinIO %.2f); cores busy %.2f of %d (raw %.2f); a bs3 that took no CPU: at most %.1f MB/s, %.2f of raw",
+		"", c.fio, c.minio, r.rawCPU[0]+r.rawCPU[1], c.rawMinio, c.busy, runtime.NumCPU(), c.rawBusy, ceiling, ceiling/r.rawMBps)
 }
 
 func (r result) String() string {

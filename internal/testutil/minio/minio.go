@@ -22,6 +22,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -366,6 +367,45 @@ func (s *Server) StoreWith(tb testing.TB, o s3.Options) *s3.Store {
 	}
 	tb.Cleanup(st.Close)
 	return st
+}
+
+// CPUSeconds is the CPU time (user + system) the running server process
+// has used, from /proc: benchmarks on a shared machine report it beside
+// their own, since the server's CPU is taken from the same cores.
+func (s *Server) CPUSeconds() (float64, error) {
+	s.mu.Lock()
+	cmd := s.cmd
+	s.mu.Unlock()
+	if cmd == nil || cmd.Process == nil {
+		return 0, errors.New("MinIO is not running")
+	}
+	return procCPUSeconds(cmd.Process.Pid)
+}
+
+// procCPUSeconds reads utime and stime of process pid from
+// /proc/pid/stat, in clock ticks of 1/100 s (USER_HZ on Linux).
+func procCPUSeconds(pid int) (float64, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0, fmt.Errorf("read CPU time of pid %d: %w", pid, err)
+	}
+	// The command name (field 2) is in parentheses and may hold spaces:
+	// fields are counted after its closing parenthesis.
+	rest := b[bytes.LastIndexByte(b, ')')+1:]
+	f := strings.Fields(string(rest))
+	if len(f) < 13 {
+		return 0, fmt.Errorf("read CPU time of pid %d: %d fields in %q", pid, len(f), b)
+	}
+	// f[0] is field 3 (state); utime and stime are fields 14 and 15.
+	var ticks float64
+	for _, x := range f[11:13] {
+		v, err := strconv.ParseUint(x, 10, 64)
+		if err != nil {
+			return 0, fmt.Errorf("read CPU time of pid %d: %w", pid, err)
+		}
+		ticks += float64(v)
+	}
+	return ticks / 100, nil
 }
 
 // logTail returns the last n lines of the server's log.

@@ -56,6 +56,10 @@ func TestStartKillRestart(t *testing.T) {
 	if err := st.Put(ctx, "k", []byte("kept"), false); err != nil {
 		t.Fatal(err)
 	}
+	// Starting and serving took the server some CPU, and it reports it.
+	if cpu, err := srv.CPUSeconds(); err != nil || cpu <= 0 {
+		t.Fatalf("CPUSeconds of a running server: %v, %v; want > 0", cpu, err)
+	}
 	srv.Kill()
 	if err := live(); err == nil {
 		t.Fatal("server still answers after Kill")
