@@ -103,15 +103,26 @@ func BenchmarkFragmentedRead(b *testing.B) {
 		})
 		return mbps(fillBytes, d), err
 	}
+	minioCPU := func() float64 {
+		c, err := srv.CPUSeconds()
+		if err != nil {
+			b.Fatal(err)
+		}
+		return c
+	}
 	for _, workers := range benchReaders() {
 		raw, err := rawRead(workers, mib)
 		if err != nil {
 			b.Fatal(err)
 		}
+		// The 4 MiB baseline's CPU, the client's and MinIO's, to set
+		// beside the NBD pass's (they share this machine's cores).
+		raw4CPU, raw4M0 := startCPU(), minioCPU()
 		raw4, err := rawRead(workers, 4*mib)
 		if err != nil {
 			b.Fatal(err)
 		}
+		raw4Client, raw4Minio := raw4CPU.perGiB(fillBytes), (minioCPU()-raw4M0)/(float64(fillBytes)/gib)
 		var none float64
 		var gNone uint64
 		if os.Getenv("BS3_BENCH_NOCACHE") != "0" {
@@ -204,7 +215,7 @@ func BenchmarkFragmentedRead(b *testing.B) {
 
 		// The cold read through NBD, as the issue states it: fio's nbd
 		// engine, 1 MiB reads at iodepth = readers, a fresh cache.
-		var viaNBD float64
+		var viaNBD, fioCPU, nbdMinio float64
 		var nbdCPU [2]float64
 		var nbdFaults int64
 		if _, err := exec.LookPath("fio"); err == nil {
@@ -217,9 +228,11 @@ func BenchmarkFragmentedRead(b *testing.B) {
 			go s.Serve()
 			freshMemory()
 			stop := startProfiles(b, os.Getenv("BS3_BENCH_PROFILE"), fmt.Sprintf("nbdcold%d", workers))
-			cpuNBD, f0n := startCPU(), minflt()
-			viaNBD = fio(b, "nbd-cold-read", "--ioengine=nbd", "--uri="+s.URI(), "--rw=read", "--bs=1m",
-				fmt.Sprintf("--iodepth=%d", workers), fmt.Sprintf("--size=%d", fillBytes)).MBps
+			cpuNBD, f0n, m0 := startCPU(), minflt(), minioCPU()
+			res := fio(b, "nbd-cold-read", "--ioengine=nbd", "--uri="+s.URI(), "--rw=read", "--bs=1m",
+				fmt.Sprintf("--iodepth=%d", workers), fmt.Sprintf("--size=%d", fillBytes))
+			g := float64(fillBytes) / gib
+			viaNBD, fioCPU, nbdMinio = res.MBps, res.CPU/g, (minioCPU()-m0)/g
 			nbdCPU, nbdFaults = cpuNBD.perGiB(fillBytes), minflt()-f0n
 			stop()
 			if err := s.Close(); err != nil {
@@ -235,6 +248,10 @@ func BenchmarkFragmentedRead(b *testing.B) {
 		b.Logf("  disk-warm     %8.1f MB/s (%.2f of raw 1 MiB, %.2f of raw 4 MiB)  %d GETs, %d disk hits, %d page faults, %.2f CPU-s/GiB; the fill reads wrote %v windows", diskWarm, diskWarm/raw, diskWarm/raw4, g4-g3, ds.DiskHits, diskFaults, diskCPU[0]+diskCPU[1], fills)
 		if viaNBD > 0 {
 			b.Logf("  cold via NBD  %8.1f MB/s (%.2f of raw 1 MiB, %.2f of raw 4 MiB)  fio --ioengine=nbd, iodepth %d; bs3 %d page faults, %.2f CPU-s/GiB", viaNBD, viaNBD/raw, viaNBD/raw4, workers, nbdFaults, nbdCPU[0]+nbdCPU[1])
+			// fio and MinIO share the cores with bs3: a bs3 that took
+			// no CPU could go no faster than the cores over their CPU.
+			ceiling := float64(runtime.NumCPU()) / (fioCPU + nbdMinio) * gib / 1e6
+			b.Logf("                CPU-s/GiB fio %.2f, MinIO %.2f (raw 4 MiB: client %.2f, MinIO %.2f); a bs3 that took no CPU: at most %.1f MB/s, %.2f of raw 4 MiB", fioCPU, nbdMinio, raw4Client[0]+raw4Client[1], raw4Minio, ceiling, ceiling/raw4)
 		}
 		b.ReportMetric(cold, fmt.Sprintf("cold-MB/s-qd%d", workers))
 		b.ReportMetric(warm, fmt.Sprintf("warm-MB/s-qd%d", workers))

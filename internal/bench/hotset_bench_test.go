@@ -27,6 +27,7 @@ import (
 type fioResult struct {
 	MBps float64
 	IOPS float64
+	CPU  float64 // fio's own CPU seconds, user + system
 }
 
 // fio runs one fio job with args (engine, target, job) and parses its
@@ -58,7 +59,8 @@ func fio(b *testing.B, name string, args ...string) fioResult {
 		b.Fatalf("fio %s: cannot parse output:\n%s", name, s)
 	}
 	j := res.Jobs[0]
-	return fioResult{MBps: float64(j.Read.BW+j.Write.BW) / 1e6, IOPS: j.Read.IOPS + j.Write.IOPS}
+	return fioResult{MBps: float64(j.Read.BW+j.Write.BW) / 1e6, IOPS: j.Read.IOPS + j.Write.IOPS,
+		CPU: (cmd.ProcessState.UserTime() + cmd.ProcessState.SystemTime()).Seconds()}
 }
 
 // fioSeqFill writes size bytes from offset 0 in 1 MiB sequential writes.
