@@ -124,6 +124,15 @@ func (c *Cache) Buffer(n int) []byte {
 	return c.pool.get(min(n, int(c.window)), c.window)
 }
 
+// Recycle takes back a buffer from Buffer that will not be handed to
+// Keep (the read that filled it failed, or it holds less than a window),
+// for reuse. The caller must not touch buf afterwards.
+func (c *Cache) Recycle(buf []byte) {
+	if int64(cap(buf)) == c.window {
+		c.pool.put(buf)
+	}
+}
+
 // Keep stores buf, from Buffer, as the content of window k: buf starts
 // at the window's first byte and holds the whole window, or everything up
 // to the object's end for its last window. The cache owns buf from then

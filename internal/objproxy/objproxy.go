@@ -233,6 +233,27 @@ func (p *Proxy) GetRange(ctx context.Context, prio Priority, name string, off in
 	return n, err
 }
 
+// Vectored reports whether the store reads a range into several buffers
+// with one call (store.VectorReader): GetRangeV is then worth calling.
+func (p *Proxy) Vectored() bool {
+	_, ok := p.st.(store.VectorReader)
+	return ok
+}
+
+// GetRangeV reads up to the total length of bufs of name at off into
+// bufs in turn (see store.VectorReader). Without Vectored it fails.
+func (p *Proxy) GetRangeV(ctx context.Context, prio Priority, name string, off int64, bufs [][]byte) (int, error) {
+	if !p.Vectored() {
+		return 0, fmt.Errorf("get %q: the store cannot read into several buffers", name)
+	}
+	r := p.newRequest(opGet, prio, name)
+	r.off, r.bufs = off, bufs
+	err := p.run(ctx, p.down, r)
+	n := r.n
+	p.release(r)
+	return n, err
+}
+
 // Delete removes name; it is served by the uploader pool, as it changes
 // the bucket.
 func (p *Proxy) Delete(ctx context.Context, prio Priority, name string) error {
@@ -354,7 +375,11 @@ func (p *Proxy) call(ctx context.Context, r *request) error {
 	case opPut:
 		err = p.st.Put(ctx, r.name, r.body, r.ifAbsent)
 	case opGet:
-		r.n, err = p.st.GetRange(ctx, r.name, r.off, r.buf)
+		if r.bufs != nil {
+			r.n, err = p.st.(store.VectorReader).GetRangeV(ctx, r.name, r.off, r.bufs)
+		} else {
+			r.n, err = p.st.GetRange(ctx, r.name, r.off, r.buf)
+		}
 	case opDelete:
 		err = p.st.Delete(ctx, r.name)
 	case opSize:
@@ -443,6 +468,9 @@ func (p *Proxy) attemptTimeout(r *request) time.Duration {
 		bytes = int64(len(r.body))
 	case opGet:
 		bytes = int64(len(r.buf))
+		for _, b := range r.bufs {
+			bytes += int64(len(b))
+		}
 	}
 	return scaledTimeout(p.o.AttemptTimeout, bytes, p.o.MinRate, r.attempt, p.o.MaxAttemptTimeout)
 }

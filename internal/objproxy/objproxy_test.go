@@ -827,3 +827,63 @@ func TestAttemptDeadlines(t *testing.T) {
 		near("list", s[0], time.Hour)
 	}
 }
+
+// flakyVector is a store that reads into several buffers and fails its
+// first fails GetRangeV calls with a transient error.
+type flakyVector struct {
+	*mem.Store
+	mu    sync.Mutex
+	fails int
+}
+
+func (f *flakyVector) GetRangeV(ctx context.Context, name string, off int64, bufs [][]byte) (int, error) {
+	f.mu.Lock()
+	fail := f.fails > 0
+	f.fails--
+	f.mu.Unlock()
+	if fail {
+		// Part of the body arrived before the failure: the retry must
+		// fill the buffers again from the start.
+		for _, b := range bufs {
+			for i := range b {
+				b[i] = 0xEE
+			}
+		}
+		return 0, errBoom
+	}
+	return f.Store.GetRangeV(ctx, name, off, bufs)
+}
+
+// TestGetRangeV: a read into several buffers goes to a store that can do
+// it, is retried like GetRange, and is refused (not emulated) by a proxy
+// over a store that cannot.
+func TestGetRangeV(t *testing.T) {
+	ctx := context.Background()
+	st := &flakyVector{Store: mem.New(), fails: 2}
+	p := newProxy(t, st, Options{Uploaders: 1, Downloaders: 1})
+	if !p.Vectored() {
+		t.Fatal("a proxy over a store.VectorReader says it is not vectored")
+	}
+	if err := p.Put(ctx, High, "x", []byte("0123456789"), false); err != nil {
+		t.Fatal(err)
+	}
+	bufs := [][]byte{make([]byte, 3), nil, make([]byte, 4), make([]byte, 10)}
+	n, err := p.GetRangeV(ctx, High, "x", 1, bufs)
+	if err != nil || n != 9 {
+		t.Fatalf("GetRangeV = %d, %v; want 9 bytes", n, err)
+	}
+	if got := string(bufs[0]) + string(bufs[2]) + string(bufs[3][:2]); got != "123456789" {
+		t.Fatalf("GetRangeV read %q, want %q", got, "123456789")
+	}
+	if s := p.Stats().Get; s != (OpStats{Attempts: 3, Retries: 2}) {
+		t.Errorf("get stats %+v, want 3 attempts, 2 retries", s)
+	}
+
+	plain := newProxy(t, newHookStore(nil), Options{Uploaders: 1, Downloaders: 1})
+	if plain.Vectored() {
+		t.Fatal("a proxy over a store without GetRangeV says it is vectored")
+	}
+	if _, err := plain.GetRangeV(ctx, High, "x", 0, bufs); err == nil {
+		t.Fatal("GetRangeV over a store without it: no error")
+	}
+}

@@ -28,6 +28,7 @@ type request struct {
 	ifAbsent bool
 	off      int64
 	buf      []byte
+	bufs     [][]byte // GetRangeV's, instead of buf
 
 	// Results, written by the worker before it signals done.
 	n      int

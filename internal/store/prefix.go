@@ -15,7 +15,20 @@ func WithPrefix(s Store, prefix string) Store {
 	if !strings.HasSuffix(prefix, "/") {
 		prefix += "/"
 	}
+	if v, ok := s.(VectorReader); ok {
+		return prefixedV{prefixed{s: s, p: prefix}, v}
+	}
 	return prefixed{s: s, p: prefix}
+}
+
+// prefixedV is prefixed over a store that reads into several buffers.
+type prefixedV struct {
+	prefixed
+	v VectorReader
+}
+
+func (p prefixedV) GetRangeV(ctx context.Context, name string, off int64, bufs [][]byte) (int, error) {
+	return p.v.GetRangeV(ctx, p.p+name, off, bufs)
 }
 
 type prefixed struct {

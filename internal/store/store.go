@@ -60,6 +60,19 @@ type Store interface {
 	Delete(ctx context.Context, name string) error
 }
 
+// VectorReader is a Store that reads one range into several buffers with
+// one request (for S3, one GET), so that a caller can read straight into
+// the buffers it keeps instead of copying out of one (the read cache's
+// windows, docs/ARCHITECTURE.md §1). Wrappers that transform bytes
+// (compression, encryption) do not implement it.
+type VectorReader interface {
+	Store
+	// GetRangeV is GetRange into the concatenation of bufs: it fills them
+	// in order and returns the number of bytes read, fewer than their
+	// total only when the object ends first.
+	GetRangeV(ctx context.Context, name string, off int64, bufs [][]byte) (int, error)
+}
+
 // DataName is the object name of data key k: the low 32 bits first, so that
 // consecutive keys spread over many name prefixes (S3 rate limits are per
 // prefix), then the high 32 bits.

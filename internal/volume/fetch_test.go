@@ -7,7 +7,9 @@ package volume_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -302,4 +304,44 @@ func TestFetchBuffersNotKept(t *testing.T) {
 	if got := rc.Stats().FetchedBytes; got != before {
 		t.Fatalf("the first MiB was fetched again (%d bytes): the test needs it served from the cache", got-before)
 	}
+}
+
+// damagingStore reads into several buffers and, while fail is set,
+// scribbles over them and reports the object damaged (a final error: no
+// retry).
+type damagingStore struct {
+	*mem.Store
+	fail atomic.Bool
+}
+
+func (d *damagingStore) GetRangeV(ctx context.Context, name string, off int64, bufs [][]byte) (int, error) {
+	if d.fail.Load() {
+		for _, b := range bufs {
+			for i := range b {
+				b[i] = 0xEE
+			}
+		}
+		return 0, fmt.Errorf("get %q: %w", name, store.ErrCorrupt)
+	}
+	return d.Store.GetRangeV(ctx, name, off, bufs)
+}
+
+// TestFailedFetchKeepsNothing: the windows a failed GET was reading into
+// are not kept, whatever the failure left in them: once the store
+// answers again, the same reads return the written bytes.
+func TestFailedFetchKeepsNothing(t *testing.T) {
+	st := &damagingStore{Store: mem.New()}
+	e, m, rc := fetchEngine(t, st, 256)
+	st.fail.Store(true)
+	buf := make([]byte, 64*kib)
+	for off := int64(0); off < mib; off += int64(len(buf)) {
+		if err := e.Dev.ReadAt(context.Background(), buf, off); err == nil {
+			t.Fatalf("read at %d through a failing store: no error", off)
+		}
+	}
+	if n := rc.Stats().Hits; n != 0 {
+		t.Fatalf("%d cache hits while every GET failed", n)
+	}
+	st.fail.Store(false)
+	m.verifyRange(t, e.Dev, 0, 256, 16)
 }

@@ -557,6 +557,9 @@ func (v *Volume) fetch(ctx context.Context, prio objproxy.Priority, r fetchRun, 
 	if err != nil {
 		return fmt.Errorf("read key %d: %w", r.key, err)
 	}
+	if r.direct == nil && v.cache != nil && r.start%v.cache.Window() == 0 && v.objs.Vectored() {
+		return v.fetchIntoWindows(ctx, prio, r, pieces, md)
+	}
 	dst := r.direct
 	if dst == nil {
 		buf := getFetchBuf(r.end - r.start)
@@ -603,6 +606,60 @@ func (v *Volume) fetch(ctx context.Context, prio objproxy.Priority, r fetchRun, 
 			copy(data, dst[win*w-r.start:end-r.start])
 			v.cache.Keep(v.cacheKey(r.key, win), data, r.once, prio == objproxy.Low)
 		}
+	}
+	return nil
+}
+
+// fetchIntoWindows is fetch with the cache, on a store that reads into
+// several buffers: the GET's body lands in the window buffers the cache
+// keeps, and the pieces are copied out of them. Through one fetch buffer
+// every fetched byte was copied once more (docs/ARCHITECTURE.md §1).
+// r.start is a window boundary.
+func (v *Volume) fetchIntoWindows(ctx context.Context, prio objproxy.Priority, r fetchRun, pieces []readPiece, md int64) error {
+	w := v.cache.Window()
+	bufs := make([][]byte, 0, (r.end-r.start+w-1)/w)
+	for lo := r.start; lo < r.end; lo += w {
+		bufs = append(bufs, v.cache.Buffer(int(min(lo+w, r.end)-lo)))
+	}
+	recycle := func(from int) {
+		for _, b := range bufs[from:] {
+			v.cache.Recycle(b)
+		}
+	}
+	got, err := v.objs.GetRangeV(ctx, prio, store.DataName(r.key), md+r.start, bufs)
+	if errors.Is(err, store.ErrCorrupt) {
+		v.log.Error().Err(err).Int64("key", r.key).Int64("offset", md+r.start).Msg("damaged object: read refused")
+	}
+	if err != nil {
+		recycle(0)
+		return fmt.Errorf("read key %d at %d: %w", r.key, md+r.start, err)
+	}
+	v.cache.CountFetch(got, prio == objproxy.Low)
+	avail := r.start + int64(got) // the object ends here if got is short
+	for _, p := range pieces {
+		lo, hi := max(p.off, r.start), min(p.off+p.length, r.end)
+		if lo >= hi {
+			continue
+		}
+		if hi > avail {
+			recycle(0)
+			return fmt.Errorf("read key %d at %d: object ends after %d of the %d bytes the map points to (corrupt or truncated object)", r.key, md+lo, max(avail-lo, 0), hi-lo)
+		}
+		for x := lo; x < hi; {
+			i := (x - r.start) / w
+			x += int64(copy(p.buf[x-p.off:hi-p.off], bufs[i][x-r.start-i*w:]))
+		}
+	}
+	for i, b := range bufs {
+		lo := r.start + int64(i)*w
+		end := min(lo+w, avail)
+		if end <= lo || (end < lo+w && avail == r.end) {
+			// Nothing of the object, or a window cut by the run rather
+			// than by the object's end: not a whole window to keep.
+			recycle(i)
+			break
+		}
+		v.cache.Keep(v.cacheKey(r.key, lo/w), b[:end-lo], r.once, prio == objproxy.Low)
 	}
 	return nil
 }

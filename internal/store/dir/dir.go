@@ -39,7 +39,7 @@ type Store struct {
 	root string
 }
 
-var _ store.Store = (*Store)(nil)
+var _ store.VectorReader = (*Store)(nil)
 
 // New opens (creating if needed) the directory at path and removes
 // temporary files a crash may have left behind.
@@ -245,6 +245,40 @@ func (s *Store) GetRange(ctx context.Context, name string, off int64, buf []byte
 	}
 	if err != nil {
 		return n, fmt.Errorf("dir get %q at %d: %w", name, off, err)
+	}
+	return n, nil
+}
+
+// GetRangeV implements store.VectorReader.
+func (s *Store) GetRangeV(ctx context.Context, name string, off int64, bufs [][]byte) (int, error) {
+	if err := ctx.Err(); err != nil {
+		return 0, fmt.Errorf("dir get %q: %w", name, err)
+	}
+	if off < 0 {
+		return 0, fmt.Errorf("dir get %q: negative offset %d", name, off)
+	}
+	p, err := s.path(name)
+	if err != nil {
+		return 0, fmt.Errorf("dir get: %w", err)
+	}
+	f, err := os.Open(p)
+	if err != nil {
+		return 0, fmt.Errorf("dir get %q: %w", name, mapNotFound(err))
+	}
+	defer f.Close()
+	n := 0
+	for _, buf := range bufs {
+		k, err := f.ReadAt(buf, off+int64(n))
+		n += k
+		if err == io.EOF {
+			break // the object ended: a short read, not an error
+		}
+		if errors.Is(err, syscall.EISDIR) {
+			err = store.ErrNotFound
+		}
+		if err != nil {
+			return n, fmt.Errorf("dir get %q at %d: %w", name, off+int64(n), err)
+		}
 	}
 	return n, nil
 }

@@ -23,7 +23,7 @@ type Store struct {
 	bytes int64
 }
 
-var _ store.Store = (*Store)(nil)
+var _ store.VectorReader = (*Store)(nil)
 
 // New returns an empty store.
 func New() *Store {
@@ -67,6 +67,32 @@ func (s *Store) GetRange(ctx context.Context, name string, off int64, buf []byte
 		return 0, nil
 	}
 	return copy(buf, b[off:]), nil
+}
+
+// GetRangeV implements store.VectorReader.
+func (s *Store) GetRangeV(ctx context.Context, name string, off int64, bufs [][]byte) (int, error) {
+	if err := ctx.Err(); err != nil {
+		return 0, fmt.Errorf("mem get %q: %w", name, err)
+	}
+	if off < 0 {
+		return 0, fmt.Errorf("mem get %q: negative offset %d", name, off)
+	}
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	b, ok := s.objs[name]
+	if !ok {
+		return 0, fmt.Errorf("mem get %q: %w", name, store.ErrNotFound)
+	}
+	n := 0
+	for _, buf := range bufs {
+		if off >= int64(len(b)) {
+			break
+		}
+		k := copy(buf, b[off:])
+		n += k
+		off += int64(k)
+	}
+	return n, nil
 }
 
 // Size implements store.Store.

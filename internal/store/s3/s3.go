@@ -83,7 +83,7 @@ type Store struct {
 	log     zerolog.Logger
 }
 
-var _ store.Store = (*Store)(nil)
+var _ store.VectorReader = (*Store)(nil)
 
 const defaultMaxConns = 64
 
@@ -356,17 +356,34 @@ func (s *Store) put(ctx context.Context, name string, body []byte, ifAbsent bool
 
 // GetRange implements store.Store. The body is read straight into buf.
 func (s *Store) GetRange(ctx context.Context, name string, off int64, buf []byte) (int, error) {
+	one := [1][]byte{buf}
+	return s.getRange(ctx, name, off, len(buf), one[:])
+}
+
+// GetRangeV implements store.VectorReader: one GET, its body read
+// straight into bufs in turn.
+func (s *Store) GetRangeV(ctx context.Context, name string, off int64, bufs [][]byte) (int, error) {
+	total := 0
+	for _, b := range bufs {
+		total += len(b)
+	}
+	return s.getRange(ctx, name, off, total, bufs)
+}
+
+// getRange reads up to total bytes at off into bufs (total bytes long
+// together).
+func (s *Store) getRange(ctx context.Context, name string, off int64, total int, bufs [][]byte) (int, error) {
 	if off < 0 {
 		return 0, fmt.Errorf("s3 get %q: negative offset %d", name, off)
 	}
-	if len(buf) == 0 {
+	if total == 0 {
 		// No byte range is empty in HTTP; only existence can be checked.
 		if _, err := s.Size(ctx, name); err != nil {
 			return 0, err
 		}
 		return 0, nil
 	}
-	end := off + int64(len(buf)) - 1
+	end := off + int64(total) - 1
 	out, err := s.client.GetObject(ctx, &s3.GetObjectInput{
 		Bucket: aws.String(s.bucket),
 		Key:    aws.String(name),
@@ -406,16 +423,24 @@ func (s *Store) GetRange(ctx context.Context, name string, off int64, buf []byte
 	} else if want := "bytes " + strconv.FormatInt(off, 10) + "-"; !strings.HasPrefix(*out.ContentRange, want) {
 		return 0, fmt.Errorf("s3 get %q at %d: unexpected Content-Range %q", name, off, *out.ContentRange)
 	}
-	want := len(buf)
+	want := total
 	if remaining >= 0 && remaining < int64(want) {
 		want = int(remaining) // the object ends inside the range
 	}
-	n, err := io.ReadFull(out.Body, buf[:want])
-	if err != nil {
-		if remaining < 0 && (err == io.ErrUnexpectedEOF || err == io.EOF) {
-			return n, nil // length unknown: the end of the body is the end of the object
+	n := 0
+	for _, b := range bufs {
+		if n >= want {
+			break
 		}
-		return n, fmt.Errorf("s3 get %q at %d: body ended after %d of %d bytes: %w", name, off, n, want, err)
+		b = b[:min(len(b), want-n)]
+		k, err := io.ReadFull(out.Body, b)
+		n += k
+		if err != nil {
+			if remaining < 0 && (err == io.ErrUnexpectedEOF || err == io.EOF) {
+				return n, nil // length unknown: the end of the body is the end of the object
+			}
+			return n, fmt.Errorf("s3 get %q at %d: body ended after %d of %d bytes: %w", name, off, n, want, err)
+		}
 	}
 	return n, nil
 }

@@ -45,6 +45,7 @@ func RunWith(t *testing.T, newStore func(t *testing.T) store.Store, o Options) {
 	}{
 		{"PutGetWhole", testPutGetWhole},
 		{"GetRanges", testGetRanges},
+		{"GetRangesVectored", testGetRangesV},
 		{"Size", testSize},
 		{"Missing", testMissing},
 		{"Overwrite", func(t *testing.T, s store.Store) { testOverwrite(t, s, o) }},
@@ -197,6 +198,74 @@ func testGetRanges(t *testing.T, s store.Store) {
 				break
 			}
 		}
+	}
+}
+
+// testGetRangesV: a store that reads into several buffers fills them as
+// GetRange fills their concatenation, also through a prefix, for ranges
+// split at every kind of place (empty buffers, the object's end inside a
+// buffer or between two). Stores without it skip.
+func testGetRangesV(t *testing.T, s store.Store) {
+	if _, ok := s.(store.VectorReader); !ok {
+		t.Skip("the store does not implement store.VectorReader")
+	}
+	const size = 10000
+	body := randBytes(3, size)
+	mustPut(t, s, "vranges", body)
+	mustPut(t, store.WithPrefix(s, "p"), "vranges", body)
+	splits := [][]int{
+		{1},
+		{4096, 4096, 1808},       // exactly the object
+		{4096, 4096, 4096},       // the end inside the last buffer
+		{5000, 5000, 100},        // the end between two buffers
+		{0, 3000, 0, 7000, 50},   // empty buffers among them
+		{1, 2, 3, 4, 5, 6, 7},    // small pieces
+		{size + 100},             // one buffer past the end
+		{3000, 3000, 3000, 3000}, // past the end
+	}
+	for _, off := range []int64{0, 1, 4096, size - 10, size, size + 7} {
+		for _, sp := range splits {
+			var bufs [][]byte
+			total := 0
+			for _, n := range sp {
+				bufs = append(bufs, bytes.Repeat([]byte{0xEE}, n))
+				total += n
+			}
+			want := int(max(0, min(int64(total), size-off)))
+			for _, st := range []store.Store{s, store.WithPrefix(s, "p")} {
+				v, ok := st.(store.VectorReader)
+				if !ok {
+					t.Fatalf("WithPrefix over a VectorReader is not one")
+				}
+				n, err := v.GetRangeV(ctxT(t), "vranges", off, bufs)
+				if err != nil || n != want {
+					t.Errorf("GetRangeV(off %d, split %v) = %d, %v; want %d bytes", off, sp, n, err, want)
+					continue
+				}
+				var got []byte
+				for _, b := range bufs {
+					got = append(got, b...)
+				}
+				if !bytes.Equal(got[:n], body[min(off, size):min(off, size)+int64(n)]) {
+					t.Errorf("GetRangeV(off %d, split %v): wrong bytes", off, sp)
+				}
+				for i := n; i < len(got); i++ {
+					if got[i] != 0xEE {
+						t.Errorf("GetRangeV(off %d, split %v) wrote byte %d beyond the %d it returned", off, sp, i, n)
+						break
+					}
+				}
+				for _, b := range bufs { // again, for the next store
+					for i := range b {
+						b[i] = 0xEE
+					}
+				}
+			}
+		}
+	}
+	v := s.(store.VectorReader)
+	if _, err := v.GetRangeV(ctxT(t), "no-such-object", 0, [][]byte{make([]byte, 10)}); !errors.Is(err, store.ErrNotFound) {
+		t.Errorf("GetRangeV of a missing object: %v, want ErrNotFound", err)
 	}
 }
 
