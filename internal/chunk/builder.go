@@ -1,6 +1,10 @@
 package chunk
 
-import "fmt"
+import (
+	"fmt"
+
+	"github.com/bs3/bs3/internal/crc32c"
+)
 
 // Builder fills one chunk buffer in the BUSE layout: items are written into
 // the metadata area in order, the data of each item that carries data is
@@ -15,7 +19,13 @@ type Builder struct {
 	slots int    // item slots in the metadata area
 	items int
 	end   int64 // object offset of the next data byte
+	// dataCRC is the CRC32C of the data area so far, updated as each
+	// item's data is copied in (while it is in the CPU's cache).
+	dataCRC uint32
 }
+
+// crcPiece is how much Add copies before it checksums what it copied.
+const crcPiece = 64 << 10
 
 // NewBuilder returns an empty Builder over buf, which must hold at least
 // l.BufferSize() bytes (a shorter buffer is a programming error and
@@ -33,6 +43,7 @@ func NewBuilder(l Layout, buf []byte) *Builder {
 func (b *Builder) Reset() {
 	b.items = 0
 	b.end = b.md
+	b.dataCRC = 0
 }
 
 // Fits reports whether one more item with dataBytes bytes of data (0 for an
@@ -78,10 +89,21 @@ func (b *Builder) Add(it Item, data []byte) int64 {
 		return -1
 	}
 	off := b.end
-	copy(b.buf[off:], data)
+	// Copied and checksummed a piece at a time, so that the checksum
+	// reads bytes still in the CPU's cache: 1 MiB copied, then
+	// checksummed, ran at 6 GB/s here; in 64 KiB pieces, at 10 GB/s.
+	dst := b.buf[off : off+need]
+	for len(data) > 0 {
+		n := copy(dst, data[:min(len(data), crcPiece)])
+		b.dataCRC = crc32c.Update(b.dataCRC, dst[:n])
+		dst, data = dst[n:], data[n:]
+	}
 	b.end += need
 	return off
 }
+
+// DataCRC is the CRC32C of the data area so far: buf[MetadataSize():Len()].
+func (b *Builder) DataCRC() uint32 { return b.dataCRC }
 
 // Items is the number of items added since the last Reset.
 func (b *Builder) Items() int { return b.items }

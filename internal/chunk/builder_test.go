@@ -2,6 +2,7 @@ package chunk_test
 
 import (
 	"bytes"
+	"github.com/bs3/bs3/internal/crc32c"
 	"testing"
 
 	"github.com/bs3/bs3/internal/chunk"
@@ -134,5 +135,24 @@ func TestBuilderAddMisusePanics(t *testing.T) {
 			}()
 			add(b)
 		})
+	}
+}
+
+// TestBuilderDataCRC: the checksum the builder keeps is that of its data
+// area, through items with and without data and across Reset.
+func TestBuilderDataCRC(t *testing.T) {
+	l := chunk.Layout{ChunkSize: 64 << 10, BlockSize: 4096}
+	b := chunk.NewBuilder(l, bytes.Repeat([]byte{0xee}, 512+64<<10))
+	for round := range 2 {
+		b.Reset()
+		if b.DataCRC() != crc32c.Checksum(nil) {
+			t.Fatalf("round %d: an empty builder's checksum is %08x", round, b.DataCRC())
+		}
+		b.Add(chunk.Item{Sector: 16, Length: 16, Seqno: 3, Flag: chunk.OpWrite}, pattern(8192, byte(round)))
+		b.Add(chunk.Item{Sector: 64, Length: 8, Seqno: 1, Flag: chunk.OpDiscard}, nil)
+		b.Add(chunk.Item{Sector: 8, Length: 8, Seqno: 4, Flag: chunk.OpWrite}, pattern(4096, 50))
+		if got, want := b.DataCRC(), crc32c.Checksum(b.Buffer()[l.MetadataSize():b.Len()]); got != want {
+			t.Fatalf("round %d: DataCRC %08x, data area's %08x", round, got, want)
+		}
 	}
 }

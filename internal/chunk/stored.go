@@ -25,3 +25,18 @@ func StoredHook(ctx context.Context) func(dataStart int64) {
 	fn, _ := ctx.Value(storedKey{}).(func(int64))
 	return fn
 }
+
+type dataCRCKey struct{}
+
+// WithDataCRC returns ctx carrying the CRC32C of the chunk's data area
+// (Builder.DataCRC), which the engine combines into the upload's payload
+// checksum instead of reading the whole object again.
+func WithDataCRC(ctx context.Context, crc uint32) context.Context {
+	return context.WithValue(ctx, dataCRCKey{}, crc)
+}
+
+// DataCRC returns the data area's CRC32C that ctx carries, if any.
+func DataCRC(ctx context.Context) (uint32, bool) {
+	crc, ok := ctx.Value(dataCRCKey{}).(uint32)
+	return crc, ok
+}

@@ -272,7 +272,7 @@ func (c *Chunker) closeLocked() {
 }
 
 func (c *Chunker) commit(p *pending, items int) {
-	ctx := context.Background()
+	ctx := chunk.WithDataCRC(context.Background(), p.b.DataCRC())
 	if c.ur != nil {
 		ctx = chunk.WithStoredHook(ctx, func(dataStart int64) { c.stored(p, dataStart) })
 	}

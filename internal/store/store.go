@@ -73,6 +73,36 @@ type VectorReader interface {
 	GetRangeV(ctx context.Context, name string, off int64, bufs [][]byte) (int, error)
 }
 
+type bodyCRCKey struct{}
+
+type bodyCRC struct {
+	first *byte
+	n     int
+	crc   uint32
+}
+
+// WithBodyCRC32C returns ctx carrying the CRC32C of body, for a Put of
+// exactly that slice: a store that sends a CRC32C payload checksum uses it
+// instead of reading body again. A wrapper that puts other bytes (a
+// compressed or encrypted body) puts another slice, which BodyCRC32C does
+// not match.
+func WithBodyCRC32C(ctx context.Context, body []byte, crc uint32) context.Context {
+	if len(body) == 0 {
+		return ctx
+	}
+	return context.WithValue(ctx, bodyCRCKey{}, bodyCRC{first: &body[0], n: len(body), crc: crc})
+}
+
+// BodyCRC32C returns the CRC32C ctx carries for body: only for the very
+// slice given to WithBodyCRC32C (same first byte, same length).
+func BodyCRC32C(ctx context.Context, body []byte) (uint32, bool) {
+	c, ok := ctx.Value(bodyCRCKey{}).(bodyCRC)
+	if !ok || len(body) == 0 || c.first != &body[0] || c.n != len(body) {
+		return 0, false
+	}
+	return c.crc, true
+}
+
 // DataName is the object name of data key k: the low 32 bits first, so that
 // consecutive keys spread over many name prefixes (S3 rate limits are per
 // prefix), then the high 32 bits.

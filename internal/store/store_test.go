@@ -121,3 +121,28 @@ func TestProbeName(t *testing.T) {
 		}
 	}
 }
+
+// TestBodyCRC32C: a checksum put in a context is found for the very
+// slice it was given for, and for no other: not a copy with the same
+// bytes, not a part of it (a wrapper that stores other bytes must not
+// send it).
+func TestBodyCRC32C(t *testing.T) {
+	body := []byte("the object's bytes")
+	ctx := store.WithBodyCRC32C(context.Background(), body, 0x1234)
+	if crc, ok := store.BodyCRC32C(ctx, body); !ok || crc != 0x1234 {
+		t.Fatalf("BodyCRC32C(the same slice) = %x, %v", crc, ok)
+	}
+	for name, other := range map[string][]byte{
+		"a copy":   append([]byte(nil), body...),
+		"a prefix": body[:len(body)-1],
+		"a suffix": body[1:],
+		"empty":    nil,
+	} {
+		if _, ok := store.BodyCRC32C(ctx, other); ok {
+			t.Errorf("BodyCRC32C(%s) found the checksum of another slice", name)
+		}
+	}
+	if _, ok := store.BodyCRC32C(context.Background(), body); ok {
+		t.Error("BodyCRC32C found a checksum in a context without one")
+	}
+}

@@ -6,6 +6,7 @@ import (
 	"fmt"
 
 	"github.com/bs3/bs3/internal/chunk"
+	"github.com/bs3/bs3/internal/crc32c"
 	"github.com/bs3/bs3/internal/extentmap"
 	"github.com/bs3/bs3/internal/mapproxy"
 	"github.com/bs3/bs3/internal/objproxy"
@@ -82,13 +83,18 @@ func (v *Volume) commit(ctx context.Context, key int64, buf []byte, items int, u
 		prio = objproxy.Low
 	}
 	var body []byte
+	dataStart := v.layout.MetadataSize() // in body
 	if v.o.CompactChunks {
-		var start int64
-		body, start = v.layout.Compact(buf, len(p.Items), p.End)
-		p.Rebase(start)
+		body, dataStart = v.layout.Compact(buf, len(p.Items), p.End)
+		p.Rebase(dataStart)
 	} else {
 		v.layout.ZeroTail(buf, len(p.Items))
 		body = buf[:p.End]
+	}
+	if crc, ok := chunk.DataCRC(ctx); ok {
+		// The builder checksummed the data as it copied it in; only the
+		// metadata in front of it is read again (docs/ARCHITECTURE.md §18).
+		ctx = store.WithBodyCRC32C(ctx, body, crc32c.Combine(crc32c.Checksum(body[:dataStart]), crc, int64(len(body))-dataStart))
 	}
 	name := store.DataName(key)
 	if err := v.objs.Put(ctx, prio, name, body, v.o.ConditionalWrites); err != nil {

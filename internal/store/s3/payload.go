@@ -70,8 +70,13 @@ var castagnoli = crc32.MakeTable(crc32.Castagnoli)
 // crc32cBase64 is the x-amz-checksum-crc32c value of body: the big-endian
 // CRC32C, base64-encoded.
 func crc32cBase64(body []byte) string {
+	return crc32cString(crc32.Checksum(body, castagnoli))
+}
+
+// crc32cString is the x-amz-checksum-crc32c value of a CRC32C.
+func crc32cString(crc uint32) string {
 	var b [4]byte
-	binary.BigEndian.PutUint32(b[:], crc32.Checksum(body, castagnoli))
+	binary.BigEndian.PutUint32(b[:], crc)
 	return base64.StdEncoding.EncodeToString(b[:])
 }
 

@@ -326,7 +326,11 @@ func (s *Store) put(ctx context.Context, name string, body []byte, ifAbsent bool
 	switch mode {
 	case PayloadCRC32C:
 		if sum == "" {
-			sum = crc32cBase64(body)
+			if crc, ok := store.BodyCRC32C(ctx, body); ok {
+				sum = crc32cString(crc) // computed as the chunk was built
+			} else {
+				sum = crc32cBase64(body)
+			}
 		}
 		// Set by us, the SDK sends it as it is and hashes nothing.
 		in.ChecksumCRC32C = aws.String(sum)
