@@ -89,6 +89,7 @@ type result struct {
 type sideCPU struct {
 	fio, minio, busy  float64
 	rawMinio, rawBusy float64
+	uploading         float64 // uploads running at once, on average (0: not measured)
 }
 
 func (c sideCPU) String(r result) string {
@@ -96,8 +97,12 @@ func (c sideCPU) String(r result) string {
 		return ""
 	}
 	ceiling := float64(runtime.NumCPU()) / (c.fio + c.minio) * gib / 1e6
+	up := ""
+	if c.uploading > 0 {
+		up = fmt.Sprintf("; uploads at once %.1f of %d", c.uploading, uploaders)
+	}
 	return fmt.Sprintf("%-44s CPU-s/GiB fio %.2f MinIO %.2f (raw: client %.2f MinIO %.2f); cores busy %.2f of %d (raw %.2f); a bs3 that took no CPU: at most %.1f MB/s, %.2f of raw",
-		"", c.fio, c.minio, r.rawCPU[0]+r.rawCPU[1], c.rawMinio, c.busy, runtime.NumCPU(), c.rawBusy, ceiling, ceiling/r.rawMBps)
+		"", c.fio, c.minio, r.rawCPU[0]+r.rawCPU[1], c.rawMinio, c.busy, runtime.NumCPU(), c.rawBusy, ceiling, ceiling/r.rawMBps) + up
 }
 
 func (r result) String() string {

@@ -74,17 +74,39 @@ func BenchmarkNBDWrite(b *testing.B) {
 		defer stop()
 		cpu := startCPU()
 		f0, m0 := minflt(), minioCPU()
+		// How many uploads run at once, sampled: a job that keeps fewer
+		// than the uploaders busy is not limited by the store.
+		sampled := make(chan float64)
+		done := make(chan struct{})
+		go func() {
+			var sum, k float64
+			t := time.NewTicker(10 * time.Millisecond)
+			defer t.Stop()
+			for {
+				select {
+				case <-done:
+					sampled <- sum / max(k, 1)
+					return
+				case <-t.C:
+					up, _ := e.Objs.Pools()
+					sum, k = sum+float64(up.Running), k+1
+				}
+			}
+		}()
 		start := time.Now()
 		fioCPU := fioNBDWrite(b, s.URI(), name, n, args...)
 		if err := e.Dev.Drain(ctx); err != nil {
 			b.Fatal(err)
 		}
 		d := time.Since(start)
+		close(done)
+		uploading := <-sampled
 		g := float64(n) / gib
 		r := result{name: name, mbps: mbps(n, d), rawMBps: rawPut, cpuPerGiB: cpu.perGiB(n), rawCPU: rawCPU,
 			faultsPerGiB: float64(minflt()-f0) / g,
 			side:         sideCPU{fio: fioCPU / g, minio: (minioCPU() - m0) / g, rawMinio: rawMinio, rawBusy: rawBusy}}
 		r.side.busy = (r.cpuPerGiB[0] + r.cpuPerGiB[1] + r.side.fio + r.side.minio) * g / d.Seconds()
+		r.side.uploading = uploading
 		return r
 	}
 	seq := scaled(2*gib) / mib * mib
