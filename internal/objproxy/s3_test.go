@@ -7,10 +7,12 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/bs3/bs3/internal/crc32c"
 	"github.com/bs3/bs3/internal/store"
 	"github.com/bs3/bs3/internal/store/s3"
 	"github.com/bs3/bs3/internal/testutil/minio"
@@ -87,5 +89,47 @@ func TestDamagedUploadRetried(t *testing.T) {
 				t.Errorf("a damaged body was stored: Size err = %v", err)
 			}
 		})
+	}
+}
+
+// TestBodyDamagedInMemoryNotRetried: a body whose bytes changed after the
+// checksum that came with it was taken (store.WithBodyCRC32C: taken as
+// the chunk was built) is refused by the store, and the upload fails at
+// once as damaged, naming the cause, instead of being resent without end.
+// The same checksum over an intact body damaged on the wire is retried.
+func TestBodyDamagedInMemoryNotRetried(t *testing.T) {
+	srv := minio.Start(t)
+	d := &damagingTransport{}
+	o := srv.Options(t, srv.Bucket(t))
+	o.PayloadChecksum = s3.PayloadCRC32C
+	o.WrapTransport = func(next http.RoundTripper) http.RoundTripper { d.next = next; return d }
+	st := srv.StoreWith(t, o)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	p := newProxy(t, st, Options{Uploaders: 2, MaxAttempts: 5})
+
+	// Damaged on the wire once: resent, stored.
+	body := bytes.Repeat([]byte("chunk bytes "), 100000)
+	d.n.Store(1)
+	if err := p.Put(store.WithBodyCRC32C(ctx, body, crc32c.Checksum(body)), High, store.DataName(1), body, true); err != nil {
+		t.Fatalf("Put damaged once in transit: %v", err)
+	}
+	if s := p.Stats().Put; s.Attempts != 2 || s.Failures != 0 {
+		t.Fatalf("stats after damage in transit: %+v, want 2 attempts", s)
+	}
+
+	// Changed in memory after its checksum was taken: one attempt, a
+	// final error.
+	sum := crc32c.Checksum(body)
+	body[12345] ^= 1
+	err := p.Put(store.WithBodyCRC32C(ctx, body, sum), High, store.DataName(2), body, true)
+	if !errors.Is(err, store.ErrCorrupt) || !strings.Contains(err.Error(), "changed in memory") {
+		t.Fatalf("Put of a body changed in memory: %v, want store.ErrCorrupt naming the cause", err)
+	}
+	if s := p.Stats().Put; s.Attempts != 3 {
+		t.Fatalf("stats: %+v: the damaged body was sent %d times, want once", s, s.Attempts-2)
+	}
+	if _, err := p.Size(ctx, High, store.DataName(2)); !errors.Is(err, store.ErrNotFound) {
+		t.Fatalf("a body changed in memory was stored: Size err = %v", err)
 	}
 }

@@ -305,7 +305,10 @@ func errorCode(err error) string {
 // Put implements store.Store. A conditional Put sends If-None-Match: *;
 // HTTP 412 becomes store.ErrExists and 409 store.ErrConflict. The body is
 // protected as the payload mode says; a body the store found damaged
-// yields ErrChecksumMismatch (retryable: the damage happened in transit).
+// yields ErrChecksumMismatch (retryable: the damage happened in transit),
+// unless its checksum came with it (store.WithBodyCRC32C) and the body no
+// longer matches it: then the damage is in memory, and the error is
+// store.ErrCorrupt, which the object proxy does not retry.
 func (s *Store) Put(ctx context.Context, name string, body []byte, ifAbsent bool) error {
 	return s.put(ctx, name, body, ifAbsent, *s.payload.Load(), "")
 }
@@ -323,11 +326,12 @@ func (s *Store) put(ctx context.Context, name string, body []byte, ifAbsent bool
 		in.IfNoneMatch = aws.String("*")
 	}
 	client := s.unsigned
+	ingested := false // sum was taken as the data came in, not from body now
 	switch mode {
 	case PayloadCRC32C:
 		if sum == "" {
 			if crc, ok := store.BodyCRC32C(ctx, body); ok {
-				sum = crc32cString(crc) // computed as the chunk was built
+				sum, ingested = crc32cString(crc), true // computed as the chunk was built
 			} else {
 				sum = crc32cBase64(body)
 			}
@@ -351,6 +355,13 @@ func (s *Store) put(ctx context.Context, name string, body []byte, ifAbsent bool
 			return fmt.Errorf("s3 put %q: %w: %w", name, store.ErrConflict, err)
 		}
 		if checksumMismatch(err) {
+			if now := crc32cBase64(body); ingested && now != sum {
+				// Not damage in transit: the bytes changed in memory after
+				// they were written. No retry can bring them back, and
+				// storing them would serve acknowledged writes wrong.
+				return fmt.Errorf("s3 put %q: %w: the chunk's bytes changed in memory after its writes were taken (CRC32C %s when written, %s now): memory damage or a bs3 bug; not uploaded: %w",
+					name, store.ErrCorrupt, sum, now, err)
+			}
 			return fmt.Errorf("s3 put %q (%s payload): %w: %w", name, mode, ErrChecksumMismatch, err)
 		}
 		return fmt.Errorf("s3 put %q: %w", name, err)
