@@ -225,8 +225,13 @@ func (p *Proxy) Put(ctx context.Context, prio Priority, name string, body []byte
 // GetRange reads up to len(buf) bytes of name at off into buf (see
 // store.Store.GetRange).
 func (p *Proxy) GetRange(ctx context.Context, prio Priority, name string, off int64, buf []byte) (int, error) {
+	return p.get(ctx, prio, name, off, buf, nil)
+}
+
+// get runs a GET into buf, or into bufs when they are not nil.
+func (p *Proxy) get(ctx context.Context, prio Priority, name string, off int64, buf []byte, bufs [][]byte) (int, error) {
 	r := p.newRequest(opGet, prio, name)
-	r.off, r.buf = off, buf
+	r.off, r.buf, r.bufs = off, buf, bufs
 	err := p.run(ctx, p.down, r)
 	n := r.n
 	p.release(r)
@@ -246,12 +251,7 @@ func (p *Proxy) GetRangeV(ctx context.Context, prio Priority, name string, off i
 	if !p.Vectored() {
 		return 0, fmt.Errorf("get %q: the store cannot read into several buffers", name)
 	}
-	r := p.newRequest(opGet, prio, name)
-	r.off, r.bufs = off, bufs
-	err := p.run(ctx, p.down, r)
-	n := r.n
-	p.release(r)
-	return n, err
+	return p.get(ctx, prio, name, off, nil, bufs)
 }
 
 // Delete removes name; it is served by the uploader pool, as it changes

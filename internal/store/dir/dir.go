@@ -220,33 +220,8 @@ func syncDir(d string) error {
 
 // GetRange implements store.Store.
 func (s *Store) GetRange(ctx context.Context, name string, off int64, buf []byte) (int, error) {
-	if err := ctx.Err(); err != nil {
-		return 0, fmt.Errorf("dir get %q: %w", name, err)
-	}
-	if off < 0 {
-		return 0, fmt.Errorf("dir get %q: negative offset %d", name, off)
-	}
-	p, err := s.path(name)
-	if err != nil {
-		return 0, fmt.Errorf("dir get: %w", err)
-	}
-	f, err := os.Open(p)
-	if err != nil {
-		return 0, fmt.Errorf("dir get %q: %w", name, mapNotFound(err))
-	}
-	defer f.Close()
-	n, err := f.ReadAt(buf, off)
-	if err == io.EOF {
-		// The object ended before buf was full: a short read, not an error.
-		err = nil
-	}
-	if errors.Is(err, syscall.EISDIR) {
-		err = store.ErrNotFound
-	}
-	if err != nil {
-		return n, fmt.Errorf("dir get %q at %d: %w", name, off, err)
-	}
-	return n, nil
+	one := [1][]byte{buf}
+	return s.GetRangeV(ctx, name, off, one[:])
 }
 
 // GetRangeV implements store.VectorReader.

@@ -51,22 +51,8 @@ func (s *Store) Put(ctx context.Context, name string, body []byte, ifAbsent bool
 
 // GetRange implements store.Store.
 func (s *Store) GetRange(ctx context.Context, name string, off int64, buf []byte) (int, error) {
-	if err := ctx.Err(); err != nil {
-		return 0, fmt.Errorf("mem get %q: %w", name, err)
-	}
-	if off < 0 {
-		return 0, fmt.Errorf("mem get %q: negative offset %d", name, off)
-	}
-	s.mu.RLock()
-	defer s.mu.RUnlock()
-	b, ok := s.objs[name]
-	if !ok {
-		return 0, fmt.Errorf("mem get %q: %w", name, store.ErrNotFound)
-	}
-	if off >= int64(len(b)) {
-		return 0, nil
-	}
-	return copy(buf, b[off:]), nil
+	one := [1][]byte{buf}
+	return s.GetRangeV(ctx, name, off, one[:])
 }
 
 // GetRangeV implements store.VectorReader.
