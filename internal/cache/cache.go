@@ -421,9 +421,9 @@ func (c *Cache) LoadAhead(k Key) bool {
 	return false
 }
 
-// fromDisk loads window k from the disk tier into memory: kept as a
-// stream's window (once) or in the main tier, marked as readahead if
-// ahead. False: it is not on disk, or its record failed its checks.
+// fromDisk loads window k from the disk tier into memory: kept in the
+// stream tier (once: a stream's read or its readahead) or in the main
+// tier, marked as readahead if ahead. False: it is not on disk, or its record failed its checks.
 func (c *Cache) fromDisk(k Key, once, ahead bool) (*entry, bool) {
 	v, old, ok := c.disk.get(k)
 	if !ok {
@@ -438,7 +438,13 @@ func (c *Cache) fromDisk(k Key, once, ahead bool) (*entry, bool) {
 		c.disk.enqueue(diskWrite{k: k, data: v, e: e, refresh: true})
 	}
 	if once {
-		c.keepStream(k, e)
+		// Not keepStream: a stream read back from disk goes to the
+		// stream tier even while the main tier has room. Filling the
+		// main tier with it would fault in new memory for every window
+		// (a restarted daemon reading 1 GiB from disk took ~125,000
+		// page faults) to keep what disk serves again at disk speed;
+		// the stream tier reuses its windows' memory.
+		c.stream.put(k, e)
 	} else {
 		c.setMain(k, e)
 	}

@@ -472,10 +472,11 @@ func TestContainsDoesNotLoad(t *testing.T) {
 	}
 }
 
-// TestAcquireStreamKeepsDiskWindowsOutOfMain: once the main tier is
-// three quarters full, a window a stream reads back from disk goes to the
-// stream tier, as a fetched one would; a plain Acquire puts it in the main
-// tier.
+// TestAcquireStreamKeepsDiskWindowsOutOfMain: a window a stream reads
+// back from disk goes to the stream tier, also while the main tier is
+// empty (a fetched one would go to the main tier then); a plain Acquire
+// puts it in the main tier; a stream window used a second time moves
+// there too.
 func TestAcquireStreamKeepsDiskWindowsOutOfMain(t *testing.T) {
 	dir := t.TempDir()
 	const w = 16 << 10
@@ -486,14 +487,26 @@ func TestAcquireStreamKeepsDiskWindowsOutOfMain(t *testing.T) {
 	}
 	c.Sync()
 	c.Purge()
-	for i := int64(0); c.mainUsed.Load() <= c.mainMax/4*3; i++ {
-		c.setMain(Key{Volume: volB, Object: 100 + i}, &entry{data: pattern(w, 2)}) // memory only
+	if c.mainUsed.Load() != 0 {
+		t.Fatalf("main tier holds %d bytes after Purge", c.mainUsed.Load())
 	}
-	if _, ok := getStream(c, onDisk[0]); !ok {
-		t.Fatal("AcquireStream: not served from disk")
+	if b, ok := getStream(c, onDisk[0]); !ok || !bytes.Equal(b, pattern(w, 1)) {
+		t.Fatal("AcquireStream: not served from disk, or wrong bytes")
 	}
-	if !c.stream.contains(onDisk[0]) {
-		t.Fatal("AcquireStream put the disk window in the main tier")
+	if !c.stream.contains(onDisk[0]) || c.mainUsed.Load() != 0 {
+		t.Fatalf("AcquireStream put the disk window in the main tier (main holds %d bytes)", c.mainUsed.Load())
+	}
+	// The tier counts the lookups it serves: the second moves the window.
+	for i := 0; i < 2; i++ {
+		if b, ok := getStream(c, onDisk[0]); !ok || !bytes.Equal(b, pattern(w, 1)) {
+			t.Fatal("stream window read again: not found, or wrong bytes")
+		}
+	}
+	if c.stream.contains(onDisk[0]) {
+		t.Fatal("a stream window used a second time stayed in the stream tier")
+	}
+	if _, ok := c.mem.GetIfPresent(onDisk[0]); !ok {
+		t.Fatal("a stream window used a second time did not move to the main tier")
 	}
 	if _, ok := get(c, onDisk[1]); !ok {
 		t.Fatal("Acquire: not served from disk")

@@ -180,9 +180,9 @@ func (v View) Release() {
 func (c *Cache) Acquire(k Key) (View, bool) { return c.acquire(k, false) }
 
 // AcquireStream is Acquire for a sequential stream's read: a window it
-// loads from the disk tier is kept in memory as Keep keeps a stream's
-// window, so that a stream read back from disk does not push the hot set
-// out of the main tier.
+// loads from the disk tier goes to the stream tier (cache.go, fromDisk),
+// so that a stream read back from disk neither pushes the hot set out of
+// the main tier nor fills it with new memory.
 func (c *Cache) AcquireStream(k Key) (View, bool) { return c.acquire(k, true) }
 
 func (c *Cache) acquire(k Key, once bool) (View, bool) {
