@@ -215,9 +215,13 @@ func newTransport(sdkClient aws.HTTPClient, maxConns int) *http.Transport {
 	tr.MaxIdleConnsPerHost = maxConns
 	tr.MaxConnsPerHost = maxConns
 	tr.IdleConnTimeout = 90 * time.Second
-	// Larger buffers than the 4 KiB default: bodies are MiB-sized.
+	// A larger write buffer than the 4 KiB default: bodies are MiB-sized.
+	// The read buffer stays at the default, smaller than every read of a
+	// body (a window, at least a block): a read that finds it empty goes
+	// straight into the caller's buffer. At 64 KiB, a GET into 64 KiB
+	// windows went through it for good once the headers left part of the
+	// body in it, and every byte fetched was copied twice.
 	tr.WriteBufferSize = 64 << 10
-	tr.ReadBufferSize = 64 << 10
 	// S3 speaks HTTP/1.1: one connection per request in flight.
 	tr.ForceAttemptHTTP2 = false
 	return tr
