@@ -126,25 +126,36 @@ func startProfiles(b *testing.B, dir, name string) func() {
 	}
 	runtime.SetBlockProfileRate(10000) // one blocking event per 10 µs blocked
 	runtime.SetMutexProfileFraction(10)
+	// Allocations are cumulative: name.allocs0 is the base to subtract
+	// (go tool pprof -base name.allocs0 name.allocs).
+	writeProfile(b, "allocs", filepath.Join(dir, name+".allocs0"))
 	return func() {
 		pprof.StopCPUProfile()
 		if err := f.Close(); err != nil {
 			b.Errorf("profile: %v", err)
 		}
-		for _, p := range []string{"block", "mutex"} {
-			pf, err := os.Create(filepath.Join(dir, name+"."+p))
-			if err != nil {
-				b.Fatalf("profile: %v", err)
-			}
-			if err := pprof.Lookup(p).WriteTo(pf, 0); err != nil {
-				b.Errorf("profile %s: %v", p, err)
-			}
-			if err := pf.Close(); err != nil {
-				b.Errorf("profile: %v", err)
-			}
+		for _, p := range []string{"block", "mutex", "allocs"} {
+			writeProfile(b, p, filepath.Join(dir, name+"."+p))
 		}
 		runtime.SetBlockProfileRate(0)
 		runtime.SetMutexProfileFraction(0)
+	}
+}
+
+// writeProfile writes the named runtime profile to path.
+func writeProfile(b *testing.B, name, path string) {
+	if name == "allocs" {
+		runtime.GC() // the allocation profile is as of the last collection
+	}
+	f, err := os.Create(path)
+	if err != nil {
+		b.Fatalf("profile: %v", err)
+	}
+	if err := pprof.Lookup(name).WriteTo(f, 0); err != nil {
+		b.Errorf("profile %s: %v", name, err)
+	}
+	if err := f.Close(); err != nil {
+		b.Errorf("profile: %v", err)
 	}
 }
 
