@@ -187,7 +187,9 @@ func mbps(bytes int64, d time.Duration) float64 { return float64(bytes) / 1e6 / 
 func dropPageCache(b *testing.B) {
 	b.Helper()
 	if os.Geteuid() != 0 {
-		dropWarn.Do(func() { fmt.Println("(not root: the page cache is not dropped between write jobs; MinIO's speed drifts as it fills)") })
+		dropWarn.Do(func() {
+			fmt.Println("(not root: the page cache is not dropped between write jobs; MinIO's speed drifts as it fills)")
+		})
 		return
 	}
 	syscall.Sync()
