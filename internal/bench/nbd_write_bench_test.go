@@ -26,7 +26,10 @@ import (
 // heap has grown) and 4 KiB random writes (512 MiB over 4 GiB, iodepth
 // 32), each followed by a flush and a drain, so the time counts until
 // every byte is stored. CPU is this process's (engine + NBD server), per
-// GiB written by fio. With BS3_BENCH_PROFILE=dir it writes a CPU, block
+// GiB written by fio. The baseline writes as many bytes as the sequential
+// job, and it and every job start from a dropped page cache
+// (dropPageCache). The random job runs again on bs3's NBD server over a
+// null device: what the client reaches with no engine and no store. With BS3_BENCH_PROFILE=dir it writes a CPU, block
 // and mutex profile of each job there.
 func BenchmarkNBDWrite(b *testing.B) {
 	if _, err := exec.LookPath("fio"); err != nil {
@@ -136,8 +139,8 @@ func BenchmarkNBDWrite(b *testing.B) {
 			nbdkitMBps = nbdkitWrite(b, devSize, "nbdkit-4k-rand-write-qd32", rnd, args...)
 		}
 	})
-	// Raw PUTs again after the jobs: a fresh MinIO is often slower at
-	// first, and the faster of the two runs is the stricter baseline.
+	// Raw PUTs again after the jobs: MinIO's speed drifts within a run,
+	// and the faster of the two runs is the stricter baseline.
 	rawPut2, rawCPU2, rawMinio2, rawBusy2 := rawRun()
 	fmt.Printf("\nNBD writes through fio beside raw MinIO 4 MiB PUTs at c=%d (scale %.2f; MB/s until stored; raw before %.1f, after %.1f MB/s: the faster is the baseline)\n",
 		uploaders, scale(), rawPut, rawPut2)
@@ -208,10 +211,13 @@ func nullWrite(b *testing.B, size int64, name string, n int64, args ...string) f
 		b.Fatal(err)
 	}
 	go s.Serve()
-	defer s.Close()
 	start := time.Now()
 	fioNBDWrite(b, s.URI(), name, n, args...)
-	return mbps(n, time.Since(start))
+	d := time.Since(start)
+	if err := s.Close(); err != nil {
+		b.Fatal(err)
+	}
+	return mbps(n, d)
 }
 
 // randMBps is the random write job's MB/s among results (0 if absent).
