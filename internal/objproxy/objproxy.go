@@ -445,9 +445,8 @@ func (p *Proxy) attempt(pl *pool, r *request) {
 	}
 	attempt := r.attempt // once the retry is scheduled, another worker may own r
 	delay := p.backoff(attempt)
-	switch pl.retryLater(r, err, delay) {
+	switch pl.retryLater(r, err, delay, func() { c.retries.Add(1) }) {
 	case retryScheduled:
-		c.retries.Add(1)
 		p.log.Warn().Str("op", r.op.String()).Str("name", r.name).Int("attempt", attempt).Err(err).Dur("retry_in_ms", delay).Msg("object store request failed, will retry")
 	case retryClosed:
 		c.failures.Add(1)

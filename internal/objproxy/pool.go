@@ -186,8 +186,9 @@ const (
 // retryLater parks a running request for delay and re-queues it then,
 // without holding a worker. Checking the context under the mutex closes
 // the race with abandon: either abandon sees stateWaiting and withdraws r,
-// or this sees the context done.
-func (pl *pool) retryLater(r *request, err error, delay time.Duration) retryOutcome {
+// or this sees the context done. scheduled runs once the retry is
+// certain, before it can run (it counts it).
+func (pl *pool) retryLater(r *request, err error, delay time.Duration, scheduled func()) retryOutcome {
 	pl.mu.Lock()
 	defer pl.mu.Unlock()
 	if pl.closed {
@@ -196,6 +197,10 @@ func (pl *pool) retryLater(r *request, err error, delay time.Duration) retryOutc
 	if r.ctx.Err() != nil {
 		return retryCanceled
 	}
+	// Before the timer can fire: the retry may complete r on another
+	// worker before retryLater's caller runs again, and whoever waits
+	// for r must then find the retry counted.
+	scheduled()
 	r.state = stateWaiting
 	r.lastErr = err
 	r.retried = true
