@@ -359,12 +359,17 @@ func (s *Store) put(ctx context.Context, name string, body []byte, ifAbsent bool
 			return fmt.Errorf("s3 put %q: %w: %w", name, store.ErrConflict, err)
 		}
 		if checksumMismatch(err) {
-			if now := crc32cBase64(body); ingested && now != sum {
-				// Not damage in transit: the bytes changed in memory after
-				// they were written. No retry can bring them back, and
-				// storing them would serve acknowledged writes wrong.
-				return fmt.Errorf("s3 put %q: %w: the chunk's bytes changed in memory after its writes were taken (CRC32C %s when written, %s now): memory damage or a bs3 bug; not uploaded: %w",
-					name, store.ErrCorrupt, sum, now, err)
+			// A checksum taken from body now matched what was sent; one
+			// taken as the data came in is checked against body now.
+			if ingested {
+				if now := crc32cBase64(body); now != sum {
+					// Not damage in transit: the bytes changed in memory
+					// after they were written. No retry can bring them
+					// back, and storing them would serve acknowledged
+					// writes wrong.
+					return fmt.Errorf("s3 put %q: %w: the chunk's bytes changed in memory after its writes were taken (CRC32C %s when written, %s now): memory damage or a bs3 bug; not uploaded: %w",
+						name, store.ErrCorrupt, sum, now, err)
+				}
 			}
 			return fmt.Errorf("s3 put %q (%s payload): %w: %w", name, mode, ErrChecksumMismatch, err)
 		}
