@@ -4,7 +4,6 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
-	"hash/crc32"
 	"io"
 	"os"
 	"path/filepath"
@@ -20,6 +19,8 @@ import (
 
 	"github.com/rs/zerolog"
 	"golang.org/x/sys/unix"
+
+	"github.com/bs3/bs3/internal/crc32c"
 )
 
 // The disk tier is a log of segment files per volume,
@@ -94,8 +95,6 @@ const (
 // directIO opens segments for O_DIRECT appends (a test turns it off to
 // check the buffered fallback used where the file system refuses it).
 var directIO = true
-
-var castagnoli = crc32.MakeTable(crc32.Castagnoli)
 
 // diskIDRe is the volume ids whose windows go to disk: the 32 hex digits
 // bs3 generates. Anything else (a hand-edited superblock, the "unknown"
@@ -433,7 +432,7 @@ func (d *diskTier) writeIndex(s *segment) {
 	}
 	d.mu.Unlock()
 	le.PutUint32(b[n:], uint32(count))
-	b = le.AppendUint32(b, crc32.Checksum(b, castagnoli))
+	b = le.AppendUint32(b, crc32c.Checksum(b))
 	p := d.idxPath(s)
 	// A temporary name a start removes if a crash leaves it behind.
 	tmp := filepath.Join(filepath.Dir(p), tmpPrefix+filepath.Base(p))
@@ -471,7 +470,7 @@ func (d *diskTier) parseIndex(s *segment, b []byte) error {
 	if len(b) < fixed+4 || string(b[:8]) != idxMagic {
 		return errors.New("not a segment index (bad magic or too short)")
 	}
-	if crc32.Checksum(b[:len(b)-4], castagnoli) != le.Uint32(b[len(b)-4:]) {
+	if crc32c.Checksum(b[:len(b)-4]) != le.Uint32(b[len(b)-4:]) {
 		return errors.New("CRC32C mismatch")
 	}
 	seq, size, win, sealed, count := le.Uint64(b[8:]), int64(le.Uint64(b[16:])), int64(le.Uint32(b[24:])), b[28], int(le.Uint32(b[29:]))
@@ -540,7 +539,7 @@ func (d *diskTier) parseHeader(b []byte, vol string) (Key, int64, error) {
 		size = int64(headerFixed+idLen+d.seal.Overhead()) + length
 	} else {
 		hdr := headerFixed + idLen + 4*int((length+crcBlock-1)/crcBlock)
-		if len(b) < hdr+4 || crc32.Checksum(b[:hdr], castagnoli) != le.Uint32(b[hdr:]) {
+		if len(b) < hdr+4 || crc32c.Checksum(b[:hdr]) != le.Uint32(b[hdr:]) {
 			return Key{}, 0, errors.New("header CRC32C mismatch")
 		}
 		size = int64(hdr+4) + length
@@ -1249,9 +1248,9 @@ func windowHeader(k Key, win int64, data []byte) []byte {
 	nCRC := (len(data) + crcBlock - 1) / crcBlock
 	b := appendHeader(make([]byte, 0, headerFixed+len(k.Volume)+4*nCRC+4), diskMagic, k, win, len(data))
 	for off := 0; off < len(data); off += crcBlock {
-		b = binary.LittleEndian.AppendUint32(b, crc32.Checksum(data[off:min(off+crcBlock, len(data))], castagnoli))
+		b = binary.LittleEndian.AppendUint32(b, crc32c.Checksum(data[off:min(off+crcBlock, len(data))]))
 	}
-	return binary.LittleEndian.AppendUint32(b, crc32.Checksum(b, castagnoli))
+	return binary.LittleEndian.AppendUint32(b, crc32c.Checksum(b))
 }
 
 // checkWindow checks a plaintext record, read as its header hdr and its
@@ -1274,7 +1273,7 @@ func checkWindow(hdr, data []byte, k Key, win int64) error {
 	if len(hdr) != h+4 || int64(len(data)) != length {
 		return fmt.Errorf("record is %d+%d bytes, header says %d+%d", len(hdr), len(data), h+4, length)
 	}
-	if crc32.Checksum(hdr[:h], castagnoli) != le.Uint32(hdr[h:]) {
+	if crc32c.Checksum(hdr[:h]) != le.Uint32(hdr[h:]) {
 		return errors.New("header CRC32C mismatch")
 	}
 	if id := string(hdr[fixed : fixed+idLen]); id != k.Volume || key != k.Object || w != k.Window {
@@ -1282,7 +1281,7 @@ func checkWindow(hdr, data []byte, k Key, win int64) error {
 	}
 	for i := range nCRC {
 		blk := data[i*crcBlock : min((i+1)*crcBlock, len(data))]
-		if crc32.Checksum(blk, castagnoli) != le.Uint32(hdr[fixed+idLen+4*i:]) {
+		if crc32c.Checksum(blk) != le.Uint32(hdr[fixed+idLen+4*i:]) {
 			return fmt.Errorf("CRC32C mismatch in block %d of the data", i)
 		}
 	}

@@ -1,6 +1,8 @@
-// Package crc32c owns the CRC32C (Castagnoli) arithmetic bs3 needs beyond
-// hash/crc32: combining the checksums of two pieces into the checksum of
-// their concatenation. The chunk builder checksums each write's data as
+// Package crc32c owns the CRC32C (Castagnoli) checksums bs3 uses
+// everywhere (chunk uploads, checkpoints, the read cache's records, the
+// compressed and sealed formats), with the one table they share, and what
+// hash/crc32 lacks: combining the checksums of two pieces into the
+// checksum of their concatenation. The chunk builder checksums each write's data as
 // it copies it into the chunk, while the bytes are in the CPU's cache, and
 // the upload's payload checksum is then combined from that and the small
 // metadata area instead of reading the whole object from memory again

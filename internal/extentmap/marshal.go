@@ -4,7 +4,8 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
-	"hash/crc32"
+
+	"github.com/bs3/bs3/internal/crc32c"
 )
 
 // Serialized form (all integers minimal unsigned varints unless noted):
@@ -51,8 +52,6 @@ const (
 // ErrCorrupt reports serialized map data that does not decode.
 var ErrCorrupt = errors.New("extentmap: corrupt serialized map")
 
-var castagnoli = crc32.MakeTable(crc32.Castagnoli)
-
 func zigzag(v int64) uint64   { return uint64(v<<1) ^ uint64(v>>63) }
 func unzigzag(u uint64) int64 { return int64(u>>1) ^ -int64(u&1) }
 
@@ -95,7 +94,7 @@ func (m *Map) MarshalBinary() ([]byte, error) {
 			b = append(b, scratch...)
 		}
 	}
-	return binary.LittleEndian.AppendUint32(b, crc32.Checksum(b, castagnoli)), nil
+	return binary.LittleEndian.AppendUint32(b, crc32c.Checksum(b)), nil
 }
 
 // runEncoder appends the version 3 runs of one page.
@@ -188,7 +187,7 @@ func UnmarshalBinary(data []byte) (*Map, error) {
 		return nil, fmt.Errorf("%w: bad magic", ErrCorrupt)
 	}
 	body := data[:len(data)-4]
-	if crc32.Checksum(body, castagnoli) != binary.LittleEndian.Uint32(data[len(data)-4:]) {
+	if crc32c.Checksum(body) != binary.LittleEndian.Uint32(data[len(data)-4:]) {
 		return nil, fmt.Errorf("%w: checksum mismatch", ErrCorrupt)
 	}
 	return decode(body[len(magic):])

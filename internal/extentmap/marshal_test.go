@@ -5,11 +5,12 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
-	"hash/crc32"
 	"math"
 	"math/rand/v2"
 	"slices"
 	"testing"
+
+	"github.com/bs3/bs3/internal/crc32c"
 )
 
 // sampleMap builds a map with sparse and dense pages, tombstones, a
@@ -131,7 +132,7 @@ func TestUnmarshalRejectsCorruption(t *testing.T) {
 // structural corruption reaches the decoder instead of the checksum test.
 func withCRC(body []byte) []byte {
 	b := append([]byte(magic), body...)
-	return binary.LittleEndian.AppendUint32(b, crc32.Checksum(b, castagnoli))
+	return binary.LittleEndian.AppendUint32(b, crc32c.Checksum(b))
 }
 
 func TestUnmarshalRejectsBadStructure(t *testing.T) {
@@ -285,7 +286,7 @@ func encodeV2(m *Map) []byte {
 			return true
 		})
 	}
-	return binary.LittleEndian.AppendUint32(b, crc32.Checksum(b, castagnoli))
+	return binary.LittleEndian.AppendUint32(b, crc32c.Checksum(b))
 }
 
 // TestDecodeVersion2 loads version 2 bodies (what existing volumes'
@@ -684,7 +685,7 @@ func fixCRC(data []byte) []byte {
 		return nil
 	}
 	b := append([]byte(nil), data[:len(data)-4]...)
-	return binary.LittleEndian.AppendUint32(b, crc32.Checksum(b, castagnoli))
+	return binary.LittleEndian.AppendUint32(b, crc32c.Checksum(b))
 }
 
 func FuzzUnmarshal(f *testing.F) {

@@ -5,10 +5,10 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
-	"hash/crc32"
 	"sort"
 	"time"
 
+	"github.com/bs3/bs3/internal/crc32c"
 	"github.com/bs3/bs3/internal/extentmap"
 	"github.com/bs3/bs3/internal/mapproxy"
 	"github.com/bs3/bs3/internal/objproxy"
@@ -27,8 +27,6 @@ const (
 	ckptKeep = 2
 )
 
-var castagnoli = crc32.MakeTable(crc32.Castagnoli)
-
 type ckptHeader struct {
 	generation uint64
 	blockSize  int64
@@ -46,7 +44,7 @@ func encodeCheckpoint(h ckptHeader, mapBytes []byte) []byte {
 	binary.LittleEndian.PutUint64(b[40:], uint64(len(mapBytes)))
 	copy(b[ckptHeaderSize:], mapBytes)
 	n := ckptHeaderSize + len(mapBytes)
-	binary.LittleEndian.PutUint32(b[n:], crc32.Checksum(b[:n], castagnoli))
+	binary.LittleEndian.PutUint32(b[n:], crc32c.Checksum(b[:n]))
 	return b
 }
 
@@ -59,7 +57,7 @@ func decodeCheckpoint(b []byte) (ckptHeader, []byte, error) {
 		return h, nil, errors.New("checkpoint has a bad magic number")
 	}
 	n := len(b) - 4
-	if got, want := crc32.Checksum(b[:n], castagnoli), binary.LittleEndian.Uint32(b[n:]); got != want {
+	if got, want := crc32c.Checksum(b[:n]), binary.LittleEndian.Uint32(b[n:]); got != want {
 		return h, nil, fmt.Errorf("checkpoint checksum mismatch (%08x, stored %08x): truncated or damaged", got, want)
 	}
 	if v := binary.LittleEndian.Uint32(b[8:]); v != ckptVersion {

@@ -4,8 +4,9 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
-	"hash/crc32"
 	"math/bits"
+
+	"github.com/bs3/bs3/internal/crc32c"
 )
 
 // Object format (docs/ARCHITECTURE.md §19.1), little-endian:
@@ -32,9 +33,7 @@ const (
 	indexCRCLen = 4
 )
 
-var castagnoli = crc32.MakeTable(crc32.Castagnoli)
-
-func crc(b []byte) uint32 { return crc32.Checksum(b, castagnoli) }
+func crc(b []byte) uint32 { return crc32c.Checksum(b) }
 
 // hasMagic reports whether b starts like a compressed object. A body that
 // does is always stored framed, so reading it back cannot mistake it for

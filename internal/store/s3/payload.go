@@ -8,9 +8,10 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
-	"hash/crc32"
 	"net/http"
 	"slices"
+
+	"github.com/bs3/bs3/internal/crc32c"
 )
 
 // PayloadMode is how a Put body is protected between bs3 and the store
@@ -65,12 +66,10 @@ func checksumMismatch(err error) bool {
 	return false
 }
 
-var castagnoli = crc32.MakeTable(crc32.Castagnoli)
-
 // crc32cBase64 is the x-amz-checksum-crc32c value of body: the big-endian
 // CRC32C, base64-encoded.
 func crc32cBase64(body []byte) string {
-	return crc32cString(crc32.Checksum(body, castagnoli))
+	return crc32cString(crc32c.Checksum(body))
 }
 
 // crc32cString is the x-amz-checksum-crc32c value of a CRC32C.

@@ -7,8 +7,8 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
-	"hash/crc32"
 
+	"github.com/bs3/bs3/internal/crc32c"
 	"github.com/bs3/bs3/internal/store"
 )
 
@@ -58,8 +58,6 @@ func (crcSuite) aead(salt []byte) (cipher.AEAD, error) {
 
 func (crcSuite) nonce(n []byte, salt []byte, i uint64) []byte { return aesSuite{}.nonce(n, salt, i) }
 
-var castagnoli = crc32.MakeTable(crc32.Castagnoli)
-
 // crcTagMark fills the tag's unused bytes, so that a tag of zeros (a
 // zeroed-out region) never verifies.
 const crcTagMark = "bs3crc32"
@@ -72,10 +70,10 @@ func (*crcFrame) NonceSize() int { return 12 }
 func (*crcFrame) Overhead() int  { return tagSize }
 
 func (f *crcFrame) tag(t []byte, nonce, body, ad []byte) {
-	c := crc32.Update(0, castagnoli, f.salt[:])
-	c = crc32.Update(c, castagnoli, nonce)
-	c = crc32.Update(c, castagnoli, ad)
-	c = crc32.Update(c, castagnoli, body)
+	c := crc32c.Update(0, f.salt[:])
+	c = crc32c.Update(c, nonce)
+	c = crc32c.Update(c, ad)
+	c = crc32c.Update(c, body)
 	binary.BigEndian.PutUint32(t[0:4], c)
 	binary.BigEndian.PutUint32(t[4:8], uint32(len(body)))
 	copy(t[8:16], crcTagMark)
