@@ -325,6 +325,11 @@ func (s *Store) Put(ctx context.Context, name string, body []byte, ifAbsent bool
 	return s.do(OpPut, name, ifAbsent, func() error { return s.inner.Put(ctx, name, body, ifAbsent) })
 }
 
+// PutV implements store.VectorWriter, with the crash points of Put.
+func (s *Store) PutV(ctx context.Context, name string, body [][]byte, ifAbsent bool) error {
+	return s.do(OpPut, name, ifAbsent, func() error { return store.PutPieces(ctx, s.inner, name, body, ifAbsent) })
+}
+
 // GetRange implements store.Store.
 func (s *Store) GetRange(ctx context.Context, name string, off int64, buf []byte) (int, error) {
 	var n int

@@ -222,6 +222,17 @@ func (p *Proxy) Put(ctx context.Context, prio Priority, name string, body []byte
 	return err
 }
 
+// PutV stores the concatenation of body's pieces under name with one call
+// where the store takes pieces (store.VectorWriter; joined into one buffer
+// for it otherwise). The pieces must not be modified until PutV returns.
+func (p *Proxy) PutV(ctx context.Context, prio Priority, name string, body [][]byte, ifAbsent bool) error {
+	r := p.newRequest(opPut, prio, name)
+	r.pieces, r.ifAbsent = body, ifAbsent
+	err := p.run(ctx, p.up, r)
+	p.release(r)
+	return err
+}
+
 // GetRange reads up to len(buf) bytes of name at off into buf (see
 // store.Store.GetRange).
 func (p *Proxy) GetRange(ctx context.Context, prio Priority, name string, off int64, buf []byte) (int, error) {
@@ -373,7 +384,11 @@ func (p *Proxy) call(ctx context.Context, r *request) error {
 	var err error
 	switch r.op {
 	case opPut:
-		err = p.st.Put(ctx, r.name, r.body, r.ifAbsent)
+		if r.pieces != nil {
+			err = store.PutPieces(ctx, p.st, r.name, r.pieces, r.ifAbsent)
+		} else {
+			err = p.st.Put(ctx, r.name, r.body, r.ifAbsent)
+		}
 	case opGet:
 		if r.bufs != nil {
 			r.n, err = p.st.(store.VectorReader).GetRangeV(ctx, r.name, r.off, r.bufs)
@@ -464,7 +479,7 @@ func (p *Proxy) attemptTimeout(r *request) time.Duration {
 	case opList:
 		return p.o.MaxAttemptTimeout
 	case opPut:
-		bytes = int64(len(r.body))
+		bytes = int64(r.putLen())
 	case opGet:
 		bytes = int64(len(r.buf))
 		for _, b := range r.bufs {
@@ -491,12 +506,18 @@ func (p *Proxy) putLanded(r *request) bool {
 	ctx, cancel := context.WithTimeout(r.ctx, p.attemptTimeout(r))
 	defer cancel()
 	size, err := p.st.Size(ctx, r.name)
-	if err != nil || size != int64(len(r.body)) {
+	if err != nil || size != int64(r.putLen()) {
 		return false
 	}
-	buf := make([]byte, len(r.body))
+	buf := make([]byte, r.putLen())
 	n, err := p.st.GetRange(ctx, r.name, 0, buf)
-	return err == nil && n == len(buf) && bytes.Equal(buf, r.body)
+	if err != nil || n != len(buf) {
+		return false
+	}
+	if r.pieces != nil {
+		return bytes.Equal(buf, store.Join(r.pieces))
+	}
+	return bytes.Equal(buf, r.body)
 }
 
 // giveUp completes r because its context ended; attemptErr is the error of

@@ -92,7 +92,7 @@ func (p *Proxy) observe(r *request, err error, took time.Duration) {
 	if err == nil {
 		switch r.op {
 		case opPut:
-			n = len(r.body)
+			n = r.putLen()
 		case opGet:
 			n = r.n
 		}

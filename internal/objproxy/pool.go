@@ -5,6 +5,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/bs3/bs3/internal/store"
 )
 
 // reqState is where a request is; it is guarded by its pool's mutex.
@@ -25,6 +27,7 @@ type request struct {
 	ctx      context.Context
 	name     string
 	body     []byte
+	pieces   [][]byte // PutV's, instead of body
 	ifAbsent bool
 	off      int64
 	buf      []byte
@@ -46,6 +49,14 @@ type request struct {
 	abandoned bool // a queue may still hold it: never reuse
 
 	done chan struct{} // buffered 1, reused with the request
+}
+
+// putLen is the length of a Put's body.
+func (r *request) putLen() int {
+	if r.pieces != nil {
+		return store.PiecesLen(r.pieces)
+	}
+	return len(r.body)
 }
 
 // complete hands the result to the waiting caller. The worker must not

@@ -40,6 +40,11 @@ func (p prefixed) Put(ctx context.Context, name string, body []byte, ifAbsent bo
 	return p.s.Put(ctx, p.p+name, body, ifAbsent)
 }
 
+// PutV implements VectorWriter: pieces go through when s takes them.
+func (p prefixed) PutV(ctx context.Context, name string, body [][]byte, ifAbsent bool) error {
+	return PutPieces(ctx, p.s, p.p+name, body, ifAbsent)
+}
+
 func (p prefixed) GetRange(ctx context.Context, name string, off int64, buf []byte) (int, error) {
 	return p.s.GetRange(ctx, p.p+name, off, buf)
 }

@@ -73,6 +73,51 @@ type VectorReader interface {
 	GetRangeV(ctx context.Context, name string, off int64, bufs [][]byte) (int, error)
 }
 
+// VectorWriter is a Store that stores a body given in pieces with one
+// request, so that a caller can upload the buffers it goes on to keep
+// instead of joining them first: the engine uploads a chunk whose data
+// lies in read-cache windows and hands those windows to the cache
+// (docs/ARCHITECTURE.md §18). Wrappers that transform bytes (compression,
+// encryption) do not implement it; PutPieces joins the pieces for them.
+type VectorWriter interface {
+	Store
+	// PutV is Put of the concatenation of body's pieces. The store must
+	// not retain the pieces after PutV returns.
+	PutV(ctx context.Context, name string, body [][]byte, ifAbsent bool) error
+}
+
+// PutPieces stores the concatenation of body under name: with one PutV
+// when s is a VectorWriter, otherwise joined into one buffer (a copy)
+// for Put.
+func PutPieces(ctx context.Context, s Store, name string, body [][]byte, ifAbsent bool) error {
+	if v, ok := s.(VectorWriter); ok {
+		return v.PutV(ctx, name, body, ifAbsent)
+	}
+	return s.Put(ctx, name, Join(body), ifAbsent)
+}
+
+// Join returns the concatenation of pieces in one new buffer (the one
+// piece itself when there is only one).
+func Join(pieces [][]byte) []byte {
+	if len(pieces) == 1 {
+		return pieces[0]
+	}
+	out := make([]byte, 0, PiecesLen(pieces))
+	for _, p := range pieces {
+		out = append(out, p...)
+	}
+	return out
+}
+
+// PiecesLen is the total length of pieces.
+func PiecesLen(pieces [][]byte) int {
+	n := 0
+	for _, p := range pieces {
+		n += len(p)
+	}
+	return n
+}
+
 type bodyCRCKey struct{}
 
 type bodyCRC struct {
@@ -98,6 +143,26 @@ func WithBodyCRC32C(ctx context.Context, body []byte, crc uint32) context.Contex
 func BodyCRC32C(ctx context.Context, body []byte) (uint32, bool) {
 	c, ok := ctx.Value(bodyCRCKey{}).(bodyCRC)
 	if !ok || len(body) == 0 || c.first != &body[0] || c.n != len(body) {
+		return 0, false
+	}
+	return c.crc, true
+}
+
+// WithPiecesCRC32C is WithBodyCRC32C for a body given in pieces (PutV):
+// it matches the same pieces (same first byte, same total length), never
+// a joined copy of them.
+func WithPiecesCRC32C(ctx context.Context, body [][]byte, crc uint32) context.Context {
+	if len(body) == 0 || len(body[0]) == 0 {
+		return ctx
+	}
+	return context.WithValue(ctx, bodyCRCKey{}, bodyCRC{first: &body[0][0], n: PiecesLen(body), crc: crc})
+}
+
+// PiecesCRC32C returns the CRC32C ctx carries for body, given in pieces:
+// only for the pieces given to WithPiecesCRC32C.
+func PiecesCRC32C(ctx context.Context, body [][]byte) (uint32, bool) {
+	c, ok := ctx.Value(bodyCRCKey{}).(bodyCRC)
+	if !ok || len(body) == 0 || len(body[0]) == 0 || c.first != &body[0][0] || c.n != PiecesLen(body) {
 		return 0, false
 	}
 	return c.crc, true

@@ -39,7 +39,10 @@ type Store struct {
 	root string
 }
 
-var _ store.VectorReader = (*Store)(nil)
+var (
+	_ store.VectorReader = (*Store)(nil)
+	_ store.VectorWriter = (*Store)(nil)
+)
 
 // New opens (creating if needed) the directory at path and removes
 // temporary files a crash may have left behind.
@@ -106,13 +109,30 @@ func (s *Store) Put(ctx context.Context, name string, body []byte, ifAbsent bool
 	if err != nil {
 		return fmt.Errorf("dir put: %w", err)
 	}
+	one := [1][]byte{body}
+	if err := s.put(p, one[:], ifAbsent); err != nil {
+		return fmt.Errorf("dir put %q: %w", name, err)
+	}
+	return nil
+}
+
+// PutV implements store.VectorWriter: the pieces are written to the file
+// in turn.
+func (s *Store) PutV(ctx context.Context, name string, body [][]byte, ifAbsent bool) error {
+	if err := ctx.Err(); err != nil {
+		return fmt.Errorf("dir put %q: %w", name, err)
+	}
+	p, err := s.path(name)
+	if err != nil {
+		return fmt.Errorf("dir put: %w", err)
+	}
 	if err := s.put(p, body, ifAbsent); err != nil {
 		return fmt.Errorf("dir put %q: %w", name, err)
 	}
 	return nil
 }
 
-func (s *Store) put(p string, body []byte, ifAbsent bool) error {
+func (s *Store) put(p string, body [][]byte, ifAbsent bool) error {
 	dir := filepath.Dir(p)
 	tmp, err := s.createTemp(dir)
 	if err != nil {
@@ -126,9 +146,11 @@ func (s *Store) put(p string, body []byte, ifAbsent bool) error {
 			_ = os.Remove(tmpName)
 		}
 	}()
-	if _, err := tmp.Write(body); err != nil {
-		_ = tmp.Close()
-		return fmt.Errorf("write temporary file: %w", err)
+	for _, piece := range body {
+		if _, err := tmp.Write(piece); err != nil {
+			_ = tmp.Close()
+			return fmt.Errorf("write temporary file: %w", err)
+		}
 	}
 	if err := tmp.Sync(); err != nil {
 		_ = tmp.Close()

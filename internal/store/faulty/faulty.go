@@ -176,6 +176,11 @@ func (f *Store) Put(ctx context.Context, name string, body []byte, ifAbsent bool
 	return f.do(ctx, OpPut, name, func() error { return f.s.Put(ctx, name, body, ifAbsent) })
 }
 
+// PutV implements store.VectorWriter, with the rules of Put.
+func (f *Store) PutV(ctx context.Context, name string, body [][]byte, ifAbsent bool) error {
+	return f.do(ctx, OpPut, name, func() error { return store.PutPieces(ctx, f.s, name, body, ifAbsent) })
+}
+
 // GetRange implements store.Store.
 func (f *Store) GetRange(ctx context.Context, name string, off int64, buf []byte) (int, error) {
 	var n int

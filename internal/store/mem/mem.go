@@ -23,7 +23,10 @@ type Store struct {
 	bytes int64
 }
 
-var _ store.VectorReader = (*Store)(nil)
+var (
+	_ store.VectorReader = (*Store)(nil)
+	_ store.VectorWriter = (*Store)(nil)
+)
 
 // New returns an empty store.
 func New() *Store {
@@ -38,6 +41,23 @@ func (s *Store) Put(ctx context.Context, name string, body []byte, ifAbsent bool
 	// Copy outside the lock: an 8 MiB memmove should not stall readers.
 	c := make([]byte, len(body))
 	copy(c, body)
+	return s.store(name, c, ifAbsent)
+}
+
+// PutV implements store.VectorWriter.
+func (s *Store) PutV(ctx context.Context, name string, body [][]byte, ifAbsent bool) error {
+	if err := ctx.Err(); err != nil {
+		return fmt.Errorf("mem put %q: %w", name, err)
+	}
+	c := make([]byte, 0, store.PiecesLen(body))
+	for _, p := range body {
+		c = append(c, p...)
+	}
+	return s.store(name, c, ifAbsent)
+}
+
+// store keeps c, the store's own copy of a body, under name.
+func (s *Store) store(name string, c []byte, ifAbsent bool) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	old, ok := s.objs[name]

@@ -68,8 +68,12 @@ func checksumMismatch(err error) bool {
 
 // crc32cBase64 is the x-amz-checksum-crc32c value of body: the big-endian
 // CRC32C, base64-encoded.
-func crc32cBase64(body []byte) string {
-	return crc32cString(crc32c.Checksum(body))
+func crc32cBase64(body [][]byte) string {
+	var crc uint32
+	for _, p := range body {
+		crc = crc32c.Update(crc, p)
+	}
+	return crc32cString(crc)
 }
 
 // crc32cString is the x-amz-checksum-crc32c value of a CRC32C.
@@ -80,9 +84,12 @@ func crc32cString(crc uint32) string {
 }
 
 // md5Base64 is the Content-MD5 value of body.
-func md5Base64(body []byte) string {
-	sum := md5.Sum(body)
-	return base64.StdEncoding.EncodeToString(sum[:])
+func md5Base64(body [][]byte) string {
+	h := md5.New()
+	for _, p := range body {
+		h.Write(p) // a hash.Hash never fails
+	}
+	return base64.StdEncoding.EncodeToString(h.Sum(nil))
 }
 
 // fallback is the mode of an auto store whose store does not verify
@@ -169,17 +176,17 @@ func (s *Store) probeVerifies(ctx context.Context, probeName string, mode Payloa
 	}()
 	good := []byte("bs3 payload checksum probe: this body carries its checksum")
 	bad := []byte("bs3 payload checksum probe: this body does not match its checksum")
-	if err := s.put(ctx, probeName, good, false, mode, ""); err != nil {
+	if err := s.put(ctx, probeName, [][]byte{good}, false, mode, ""); err != nil {
 		if st := httpStatus(err); refusal(st) {
 			return false, fmt.Sprintf("a PUT with UNSIGNED-PAYLOAD and a correct checksum was refused with HTTP %d: %v", st, err), nil
 		}
 		return false, "", fmt.Errorf("%s: first write: %w", prefix, err)
 	}
-	wrong := crc32cBase64(good)
+	wrong := crc32cBase64([][]byte{good})
 	if mode == PayloadMD5 {
-		wrong = md5Base64(good)
+		wrong = md5Base64([][]byte{good})
 	}
-	perr := s.put(ctx, probeName, bad, false, mode, wrong)
+	perr := s.put(ctx, probeName, [][]byte{bad}, false, mode, wrong)
 	switch st := httpStatus(perr); {
 	case perr == nil:
 		return false, "a PUT whose checksum did not match its body was accepted", nil

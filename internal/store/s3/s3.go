@@ -63,7 +63,10 @@ type Options struct {
 	// WrapTransport, if set, wraps the HTTP transport of every request:
 	// tests use it to damage bodies after they were checksummed.
 	WrapTransport func(http.RoundTripper) http.RoundTripper
-	Logger        zerolog.Logger
+	// WrapConn, if set, wraps every connection dialed, below bs3's own
+	// connection type: tests use it to watch what goes to the socket.
+	WrapConn func(net.Conn) net.Conn
+	Logger   zerolog.Logger
 }
 
 // Store is an S3 bucket seen as a store.Store. Safe for concurrent use.
@@ -83,7 +86,10 @@ type Store struct {
 	log     zerolog.Logger
 }
 
-var _ store.VectorReader = (*Store)(nil)
+var (
+	_ store.VectorReader = (*Store)(nil)
+	_ store.VectorWriter = (*Store)(nil)
+)
 
 const defaultMaxConns = 64
 
@@ -138,11 +144,12 @@ func New(ctx context.Context, o Options) (*Store, error) {
 	// Our own pool, sized for the proxy's workers, but built on the SDK's
 	// transport so settings it loaded (AWS_CA_BUNDLE, proxies, TLS
 	// minimum) are kept.
-	transport := newTransport(cfg.HTTPClient, maxConns)
+	transport := newTransport(cfg.HTTPClient, maxConns, o.WrapConn)
 	var rt http.RoundTripper = transport
 	if o.WrapTransport != nil {
 		rt = o.WrapTransport(rt)
 	}
+	rt = bodyTransport{next: rt} // outermost: a wrapper sees the body sent
 	cfg.HTTPClient = &http.Client{
 		Transport: rt,
 		// S3 redirects (wrong region) are errors to report, not to follow.
@@ -197,7 +204,7 @@ func New(ctx context.Context, o Options) (*Store, error) {
 
 // newTransport returns the HTTP transport of the SDK's default client with
 // the connection pool set to maxConns, and no timeout on a whole request.
-func newTransport(sdkClient aws.HTTPClient, maxConns int) *http.Transport {
+func newTransport(sdkClient aws.HTTPClient, maxConns int, wrap func(net.Conn) net.Conn) *http.Transport {
 	var tr *http.Transport
 	if bc, ok := sdkClient.(*awshttp.BuildableClient); ok {
 		tr = bc.GetTransport() // a copy
@@ -206,22 +213,33 @@ func newTransport(sdkClient aws.HTTPClient, maxConns int) *http.Transport {
 	} else {
 		tr = &http.Transport{Proxy: http.ProxyFromEnvironment}
 	}
-	tr.DialContext = (&net.Dialer{
+	dial := (&net.Dialer{
 		Timeout:   10 * time.Second,
 		KeepAlive: 30 * time.Second,
 	}).DialContext
+	tr.DialContext = func(ctx context.Context, network, addr string) (net.Conn, error) {
+		c, err := dial(ctx, network, addr)
+		if err != nil {
+			return nil, err
+		}
+		if wrap != nil {
+			c = wrap(c)
+		}
+		return bodyConn{c}, nil // PUT bodies without a copy (putbody.go)
+	}
 	tr.TLSHandshakeTimeout = 10 * time.Second
 	tr.MaxIdleConns = maxConns
 	tr.MaxIdleConnsPerHost = maxConns
 	tr.MaxConnsPerHost = maxConns
 	tr.IdleConnTimeout = 90 * time.Second
-	// A larger write buffer than the 4 KiB default: bodies are MiB-sized.
-	// The read buffer stays at the default, smaller than every read of a
-	// body (a window, at least a block): a read that finds it empty goes
-	// straight into the caller's buffer. At 64 KiB, a GET into 64 KiB
-	// windows went through it for good once the headers left part of the
-	// body in it, and every byte fetched was copied twice.
-	tr.WriteBufferSize = 64 << 10
+	// Both buffers stay at the 4 KiB default. The read buffer is smaller
+	// than every read of a body (a window, at least a block): a read that
+	// finds it empty goes straight into the caller's buffer. At 64 KiB, a
+	// GET into 64 KiB windows went through it for good once the headers
+	// left part of the body in it, and every byte fetched was copied
+	// twice. The write buffer holds only a request's headers: net/http
+	// flushes them before a body it does not know as in-memory, and
+	// bodyConn writes the body straight from its buffers (putbody.go).
 	// S3 speaks HTTP/1.1: one connection per request in flight.
 	tr.ForceAttemptHTTP2 = false
 	return tr
@@ -314,17 +332,29 @@ func errorCode(err error) string {
 // longer matches it: then the damage is in memory, and the error is
 // store.ErrCorrupt, which the object proxy does not retry.
 func (s *Store) Put(ctx context.Context, name string, body []byte, ifAbsent bool) error {
+	one := [1][]byte{body}
+	if crc, ok := store.BodyCRC32C(ctx, body); ok {
+		ctx = store.WithPiecesCRC32C(ctx, one[:], crc)
+	}
+	return s.put(ctx, name, one[:], ifAbsent, *s.payload.Load(), "")
+}
+
+// PutV implements store.VectorWriter: one PUT whose body is read from the
+// pieces in turn.
+func (s *Store) PutV(ctx context.Context, name string, body [][]byte, ifAbsent bool) error {
 	return s.put(ctx, name, body, ifAbsent, *s.payload.Load(), "")
 }
 
-// put is Put in the given mode; a non-empty sum replaces the computed
-// checksum (the probe sends a wrong one on purpose).
-func (s *Store) put(ctx context.Context, name string, body []byte, ifAbsent bool, mode PayloadMode, sum string) error {
+// put is Put of the concatenation of body in the given mode; a non-empty
+// sum replaces the computed checksum (the probe sends a wrong one on
+// purpose).
+func (s *Store) put(ctx context.Context, name string, body [][]byte, ifAbsent bool, mode PayloadMode, sum string) error {
+	ctx = withPutBody(ctx, body)
 	in := &s3.PutObjectInput{
 		Bucket:        aws.String(s.bucket),
 		Key:           aws.String(name),
-		Body:          bytes.NewReader(body),
-		ContentLength: aws.Int64(int64(len(body))),
+		Body:          newPiecesReader(body),
+		ContentLength: aws.Int64(int64(store.PiecesLen(body))),
 	}
 	if ifAbsent {
 		in.IfNoneMatch = aws.String("*")
@@ -334,7 +364,7 @@ func (s *Store) put(ctx context.Context, name string, body []byte, ifAbsent bool
 	switch mode {
 	case PayloadCRC32C:
 		if sum == "" {
-			if crc, ok := store.BodyCRC32C(ctx, body); ok {
+			if crc, ok := store.PiecesCRC32C(ctx, body); ok {
 				sum, ingested = crc32cString(crc), true // computed as the chunk was built
 			} else {
 				sum = crc32cBase64(body)

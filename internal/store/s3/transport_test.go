@@ -72,7 +72,7 @@ func TestBodyReadsLandInCallerBuffers(t *testing.T) {
 	}
 	var mu sync.Mutex
 	var direct, through int
-	tr := newTransport(nil, 4)
+	tr := newTransport(nil, 4, nil)
 	dial := tr.DialContext
 	tr.DialContext = func(ctx context.Context, network, addr string) (net.Conn, error) {
 		c, err := dial(ctx, network, addr)

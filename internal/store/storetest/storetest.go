@@ -46,6 +46,7 @@ func RunWith(t *testing.T, newStore func(t *testing.T) store.Store, o Options) {
 		{"PutGetWhole", testPutGetWhole},
 		{"GetRanges", testGetRanges},
 		{"GetRangesVectored", testGetRangesV},
+		{"PutVectored", testPutV},
 		{"Size", testSize},
 		{"Missing", testMissing},
 		{"Overwrite", func(t *testing.T, s store.Store) { testOverwrite(t, s, o) }},
@@ -266,6 +267,52 @@ func testGetRangesV(t *testing.T, s store.Store) {
 	v := s.(store.VectorReader)
 	if _, err := v.GetRangeV(ctxT(t), "no-such-object", 0, [][]byte{make([]byte, 10)}); !errors.Is(err, store.ErrNotFound) {
 		t.Errorf("GetRangeV of a missing object: %v, want ErrNotFound", err)
+	}
+}
+
+// testPutV: a store that takes a body in pieces stores their
+// concatenation, also through a prefix and conditionally, for pieces
+// split at every kind of place (empty pieces, one byte, one piece).
+// PutPieces joins them for a store without it, which must store the
+// same. A conditional PutV of a taken name is refused like Put's.
+func testPutV(t *testing.T, s store.Store) {
+	const size = 10000
+	body := randBytes(11, size)
+	splits := [][]int{
+		{size},
+		{4096, 4096, 1808},
+		{0, 3000, 0, 7000, 0},
+		{1, 2, 3, 4, 5, 6, 7, size - 28},
+		{size - 1, 1},
+	}
+	_, vectored := s.(store.VectorWriter)
+	for i, sp := range splits {
+		var pieces [][]byte
+		off := 0
+		for _, n := range sp {
+			pieces = append(pieces, body[off:off+n])
+			off += n
+		}
+		for j, st := range []store.Store{s, store.WithPrefix(s, "p")} {
+			if _, ok := st.(store.VectorWriter); vectored && !ok {
+				t.Fatal("WithPrefix over a VectorWriter is not one")
+			}
+			name := fmt.Sprintf("vput-%d", i)
+			if err := store.PutPieces(ctxT(t), st, name, pieces, j == 0); err != nil {
+				t.Fatalf("PutV (split %v): %v", sp, err)
+			}
+			if got := mustRead(t, st, name, size); !bytes.Equal(got, body) {
+				t.Fatalf("PutV (split %v): the object is not the pieces' concatenation", sp)
+			}
+			if j == 0 {
+				if err := store.PutPieces(ctxT(t), st, name, [][]byte{{1}, {2}}, true); !errors.Is(err, store.ErrExists) {
+					t.Fatalf("conditional PutV of an existing name: err = %v, want ErrExists", err)
+				}
+			}
+		}
+	}
+	if got := mustRead(t, s, "vput-0", size); !bytes.Equal(got, body) {
+		t.Fatal("a refused conditional PutV changed the object")
 	}
 }
 
