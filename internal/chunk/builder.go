@@ -6,19 +6,34 @@ import (
 	"github.com/bs3/bs3/internal/crc32c"
 )
 
-// Builder fills one chunk buffer in the BUSE layout: items are written into
-// the metadata area in order, the data of each item that carries data is
-// appended to the data area. The buffer is reused across chunks (Reset), so
-// Seal must zero the stale items after the last one.
+// Builder fills one chunk in the BUSE layout: items are written into the
+// metadata area in order, the data of each item that carries data is
+// appended to the data area. The builder is reused across chunks (Reset),
+// so Seal (or the engine's commit) must zero the stale items after the
+// last one.
+//
+// A contiguous builder (NewBuilder) fills one buffer holding both areas,
+// as the BUSE kernel module hands a chunk to userspace. A windowed builder
+// (NewWindowed) keeps the metadata area in one buffer and the data area in
+// windows of a fixed size taken from a source as the data grows: the
+// engine uploads them as the pieces of one body and hands them on to its
+// read cache, which then holds a chunk just written without copying it
+// (docs/ARCHITECTURE.md §18).
 //
 // A Builder is not safe for concurrent use.
 type Builder struct {
 	l     Layout
-	buf   []byte // exactly l.BufferSize() bytes
+	buf   []byte // contiguous: exactly l.BufferSize() bytes; nil when windowed
+	meta  []byte // the metadata area
 	md    int64  // metadata area size, where data starts
 	slots int    // item slots in the metadata area
 	items int
 	end   int64 // object offset of the next data byte
+	// win is the size of a data window; wins the windows holding the
+	// data area so far (contiguous: one window, the whole data area).
+	win   int64
+	wins  [][]byte
+	alloc func() []byte // windowed: a new window
 	// dataCRC is the CRC32C of the data area so far, updated as each
 	// item's data is copied in (while it is in the CPU's cache).
 	dataCRC uint32
@@ -35,11 +50,27 @@ func NewBuilder(l Layout, buf []byte) *Builder {
 		panic(fmt.Sprintf("chunk.NewBuilder: buffer of %d bytes, layout needs %d", len(buf), l.BufferSize()))
 	}
 	md := l.MetadataSize()
-	return &Builder{l: l, buf: buf[:l.BufferSize()], md: md, slots: int(l.MaxItems()), end: md}
+	buf = buf[:l.BufferSize()]
+	return &Builder{l: l, buf: buf, meta: buf[:md], md: md, slots: int(l.MaxItems()), end: md,
+		win: l.ChunkSize, wins: [][]byte{buf[md:]}}
+}
+
+// NewWindowed returns an empty windowed Builder: meta holds the metadata
+// area (at least l.MetadataSize() bytes), and alloc returns a new data
+// window of at least window bytes each time the data outgrows the
+// windows the builder holds. window must be positive (a programming
+// error panics).
+func NewWindowed(l Layout, meta []byte, window int64, alloc func() []byte) *Builder {
+	md := l.MetadataSize()
+	if int64(len(meta)) < md || window <= 0 {
+		panic(fmt.Sprintf("chunk.NewWindowed: metadata buffer of %d bytes (layout needs %d), window %d", len(meta), md, window))
+	}
+	return &Builder{l: l, meta: meta[:md], md: md, slots: int(l.MaxItems()), end: md, win: window, alloc: alloc}
 }
 
 // Reset empties the builder for the next chunk. Old contents stay in the
-// buffer until overwritten; Seal hides stale items.
+// buffers until overwritten; Seal hides stale items. A windowed builder
+// reuses the windows it still holds.
 func (b *Builder) Reset() {
 	b.items = 0
 	b.end = b.md
@@ -83,7 +114,7 @@ func (b *Builder) Add(it Item, data []byte) int64 {
 	if !b.Fits(need) {
 		panic(fmt.Sprintf("chunk.Builder.Add: item %d with %d bytes does not fit (data end %d of %d)", b.items, need, b.end, b.md+b.l.ChunkSize))
 	}
-	PutItem(b.buf, b.items, it)
+	PutItem(b.meta, b.items, it)
 	b.items++
 	if !it.HasData() {
 		return -1
@@ -92,14 +123,63 @@ func (b *Builder) Add(it Item, data []byte) int64 {
 	// Copied and checksummed a piece at a time, so that the checksum
 	// reads bytes still in the CPU's cache: 1 MiB copied, then
 	// checksummed, ran at 6 GB/s here; in 64 KiB pieces, at 10 GB/s.
-	dst := b.buf[off : off+need]
+	d := off - b.md
 	for len(data) > 0 {
+		w, in := int(d/b.win), d%b.win
+		if w == len(b.wins) {
+			b.wins = append(b.wins, b.alloc()[:b.win])
+		}
+		dst := b.wins[w][in:]
 		n := copy(dst, data[:min(len(data), crcPiece)])
 		b.dataCRC = crc32c.Update(b.dataCRC, dst[:n])
-		dst, data = dst[n:], data[n:]
+		data = data[n:]
+		d += int64(n)
 	}
 	b.end += need
 	return off
+}
+
+// ReadData copies len(dst) bytes of the data added, starting at object
+// offset off (as Add returned it), into dst.
+func (b *Builder) ReadData(off int64, dst []byte) {
+	d := off - b.md
+	for len(dst) > 0 {
+		n := copy(dst, b.wins[d/b.win][d%b.win:])
+		dst = dst[n:]
+		d += int64(n)
+	}
+}
+
+// Metadata is the metadata area.
+func (b *Builder) Metadata() []byte { return b.meta }
+
+// Windowed reports whether the data area is in windows (NewWindowed).
+func (b *Builder) Windowed() bool { return b.buf == nil }
+
+// Data is the data area added so far in pieces: the windows, the last
+// one cut at the end of the data (none when no data was added).
+func (b *Builder) Data() [][]byte {
+	n := b.end - b.md
+	if n == 0 {
+		return nil
+	}
+	k := int((n + b.win - 1) / b.win)
+	out := make([][]byte, k)
+	copy(out, b.wins[:k])
+	out[k-1] = out[k-1][:n-int64(k-1)*b.win]
+	return out
+}
+
+// DropWindows makes a windowed builder forget the windows holding its
+// data, which now belong to someone else (the engine took them); it
+// takes new ones from its source from now on. The builder must be Reset
+// before it is used again.
+func (b *Builder) DropWindows() {
+	if b.buf == nil {
+		k := int((b.end - b.md + b.win - 1) / b.win)
+		clear(b.wins[:k])
+		b.wins = b.wins[k:]
+	}
 }
 
 // DataCRC is the CRC32C of the data area so far: buf[MetadataSize():Len()].
@@ -121,11 +201,16 @@ func (b *Builder) Full() bool {
 // Seal zero-fills the metadata area after the last item, so a reader finds
 // the end of the list, and returns the object body: buf[:Len()]. The
 // whole buffer (Buffer) is then a valid chunk too.
+// Seal applies to a contiguous builder only (a windowed one panics).
 func (b *Builder) Seal() []byte {
+	if b.buf == nil {
+		panic("chunk.Builder.Seal: a windowed builder has no contiguous body")
+	}
 	b.l.ZeroTail(b.buf, b.items)
 	return b.buf[:b.end]
 }
 
-// Buffer is the builder's whole chunk buffer (metadata area and the full
-// data area), as the BUSE kernel module hands a chunk to userspace.
+// Buffer is a contiguous builder's whole chunk buffer (metadata area and
+// the full data area), as the BUSE kernel module hands a chunk to
+// userspace; nil for a windowed builder.
 func (b *Builder) Buffer() []byte { return b.buf }

@@ -156,3 +156,100 @@ func TestBuilderDataCRC(t *testing.T) {
 		}
 	}
 }
+
+// TestWindowedBuilderMatchesContiguous: a windowed builder fed the same
+// items as a contiguous one holds the same metadata, the same data area
+// (in windows taken from its source only as the data grows, the last cut
+// at the data's end) and the same data checksum, and reads back any
+// range across window boundaries. After DropWindows it never writes into
+// the windows it gave up.
+func TestWindowedBuilderMatchesContiguous(t *testing.T) {
+	l := chunk.Layout{ChunkSize: 256 << 10, BlockSize: 4096} // 64 slots, 2 KiB metadata
+	const win = 16 << 10
+	var allocated [][]byte
+	alloc := func() []byte {
+		w := bytes.Repeat([]byte{0xcc}, win)
+		allocated = append(allocated, w)
+		return w
+	}
+	wb := chunk.NewWindowed(l, make([]byte, l.MetadataSize()), win, alloc)
+	cb := chunk.NewBuilder(l, make([]byte, l.BufferSize()))
+	if !wb.Windowed() || cb.Windowed() {
+		t.Fatal("Windowed() is wrong")
+	}
+	sizes := []int{4096, 20480, 12288, 0, 65536, 4096}
+	for i, n := range sizes {
+		it := chunk.Item{Sector: uint64(i * 128), Length: uint64(max(n, 4096) / 512), Seqno: uint64(i + 1), Flag: chunk.OpWrite}
+		var data []byte
+		if n == 0 {
+			it.Flag = chunk.OpDiscard
+		} else {
+			data = pattern(n, byte(i*17))
+		}
+		wo, co := wb.Add(it, data), cb.Add(it, data)
+		if wo != co {
+			t.Fatalf("item %d: windowed data offset %d, contiguous %d", i, wo, co)
+		}
+		dataLen := wb.Len() - l.MetadataSize()
+		if want := int((dataLen + win - 1) / win); len(allocated) != want {
+			t.Fatalf("after item %d: %d windows taken for %d bytes of data, want %d", i, len(allocated), dataLen, want)
+		}
+	}
+	if wb.DataCRC() != cb.DataCRC() || wb.Len() != cb.Len() || wb.Items() != cb.Items() {
+		t.Fatalf("windowed: crc %08x len %d items %d; contiguous: %08x %d %d", wb.DataCRC(), wb.Len(), wb.Items(), cb.DataCRC(), cb.Len(), cb.Items())
+	}
+	body := cb.Seal()
+	md := l.MetadataSize()
+	l.ZeroTail(wb.Metadata(), wb.Items())
+	if !bytes.Equal(wb.Metadata(), body[:md]) {
+		t.Fatal("the windowed builder's metadata differs")
+	}
+	var joined []byte
+	for i, p := range wb.Data() {
+		if &p[0] != &allocated[i][0] {
+			t.Fatalf("Data() piece %d is not window %d", i, i)
+		}
+		joined = append(joined, p...)
+	}
+	if !bytes.Equal(joined, body[md:]) {
+		t.Fatalf("the windows hold %d bytes unlike the contiguous data area (%d bytes)", len(joined), len(body)-int(md))
+	}
+	if crc32c.Checksum(joined) != wb.DataCRC() {
+		t.Fatal("DataCRC is not the checksum of the data")
+	}
+	for _, r := range [][2]int64{{0, 4096}, {12288, 8192}, {win - 1, 2}, {3, 90000}} {
+		got := make([]byte, r[1])
+		wb.ReadData(md+r[0], got)
+		if !bytes.Equal(got, body[md+r[0]:md+r[0]+r[1]]) {
+			t.Fatalf("ReadData(%d, %d bytes) reads wrong bytes", r[0], r[1])
+		}
+	}
+
+	// Dropped windows belong to someone else: a new chunk takes new ones.
+	given := allocated
+	allocated = nil
+	wb.DropWindows()
+	wb.Reset()
+	snap := make([][]byte, len(given))
+	for i, w := range given {
+		snap[i] = bytes.Clone(w)
+	}
+	wb.Add(chunk.Item{Sector: 0, Length: 64, Flag: chunk.OpWrite}, pattern(32768, 9))
+	if len(allocated) != 2 {
+		t.Fatalf("the next chunk took %d new windows for 32 KiB, want 2", len(allocated))
+	}
+	for i, w := range given {
+		if !bytes.Equal(w, snap[i]) {
+			t.Fatalf("window %d was written after it was dropped", i)
+		}
+	}
+	if wb.Data() == nil || len(wb.Data()) != 2 {
+		t.Fatalf("Data() after the reuse: %d pieces, want 2", len(wb.Data()))
+	}
+	// A builder with no data has no pieces.
+	wb.DropWindows()
+	wb.Reset()
+	if d := wb.Data(); d != nil {
+		t.Fatalf("an empty builder's Data() = %d pieces", len(d))
+	}
+}
