@@ -79,6 +79,10 @@ type Options struct {
 	// plaintext); the memory tier stays plaintext.
 	Sealer Sealer
 	Logger zerolog.Logger
+	// PoisonRecycled (tests) overwrites every window buffer returned to
+	// the pool, so that anyone still reading one after it was given up
+	// reads garbage and fails a check instead of passing by luck.
+	PoisonRecycled bool
 }
 
 // Sealer seals the disk tier's files of an encrypted volume
@@ -168,6 +172,7 @@ func New(o Options) (*Cache, error) {
 	// it and faulted in 10,000-14,000 new pages per GiB committed, with an
 	// eighth 1,600-3,700 (docs/ARCHITECTURE.md §1, "Window memory").
 	c.pool.max = max(int(o.MemoryBytes/8/o.Window), 64)
+	c.pool.poison = o.PoisonRecycled
 	if o.Dir != "" {
 		if o.DiskBytes <= 0 {
 			return nil, fmt.Errorf("cache disk size %d: must be positive with a cache directory", o.DiskBytes)
@@ -298,10 +303,16 @@ func (c *Cache) stored(k Key, e *entry) {
 func (c *Cache) PutObject(vol string, key int64, data []byte) {
 	for w := int64(0); w*c.window < int64(len(data)); w++ {
 		end := min((w+1)*c.window, int64(len(data)))
-		buf := c.Buffer(int(end - w*c.window))
-		copy(buf, data[w*c.window:end])
-		c.Keep(Key{Volume: vol, Object: key, Window: w}, buf, false, false)
+		c.PutWindow(Key{Volume: vol, Object: key, Window: w}, data[w*c.window:end])
 	}
+}
+
+// PutWindow caches a copy of data as window k, just stored: the caller
+// may reuse data.
+func (c *Cache) PutWindow(k Key, data []byte) {
+	buf := c.Buffer(len(data))
+	copy(buf, data)
+	c.Keep(k, buf, false, false)
 }
 
 // MemoryUsed is the weight held now, after pending evictions are done.

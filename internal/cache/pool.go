@@ -30,9 +30,10 @@ var poisonRecycled bool
 
 // pool holds window buffers (cap = the window) no entry uses any more.
 type pool struct {
-	mu   sync.Mutex
-	free [][]byte
-	max  int
+	mu     sync.Mutex
+	free   [][]byte
+	max    int
+	poison bool // Options.PoisonRecycled
 	// reused counts buffers Buffer took from the pool, recycled the ones
 	// returned to it; refErrors counts releases past zero (a bug: never
 	// expected, and the buffer is then not reused).
@@ -59,7 +60,7 @@ func (p *pool) get(n int, win int64) []byte {
 // the pool is full.
 func (p *pool) put(b []byte) {
 	b = b[:cap(b)]
-	if poisonRecycled {
+	if poisonRecycled || p.poison {
 		for i := range b {
 			b[i] = 0xa5
 		}

@@ -51,6 +51,24 @@ type UnappliedReader interface {
 	ReadUnapplied(ctx context.Context, key, dataStart, dataOff, block, n int64, buf []byte) error
 }
 
+// WindowedEngine is an UnappliedReader that takes a chunk's data area in
+// windows of its read cache: the chunker builds chunks in windows from
+// the engine's source, and the engine uploads them as one body and keeps
+// them as cached windows of the new object without copying them
+// (docs/ARCHITECTURE.md §18).
+type WindowedEngine interface {
+	// ChunkWindow is the size of a data window and the source of new
+	// windows of that size; size 0: the engine takes no windows now.
+	ChunkWindow() (size int64, alloc func() []byte)
+	// CommitWindows is Commit of a chunk whose metadata area is md and
+	// whose data area is data, windows of ChunkWindow's size (the last
+	// one cut at the end of the data). From the moment the engine calls
+	// the stored hook (chunk.WithStoredHook) the windows are the
+	// engine's, and the caller must not touch them again; until then,
+	// and when it fails before, they stay the caller's.
+	CommitWindows(ctx context.Context, key int64, md []byte, data [][]byte, items int) error
+}
+
 // Options configure a Chunker.
 type Options struct {
 	// Durable: Flush waits until every earlier chunk is committed
@@ -77,8 +95,7 @@ type Options struct {
 // pending is a chunk buffer from the moment it is opened until its commit
 // is done.
 type pending struct {
-	buf    []byte         // nil once released (the object is stored)
-	b      *chunk.Builder // over buf; nil once released
+	b      *chunk.Builder // holds the chunk; nil once released (the object is stored)
 	items  int            // items, counted at close
 	key    int64          // -1 while open
 	opened time.Time
@@ -88,7 +105,7 @@ type pending struct {
 	// ones merged: what to drop from the overlay once it is applied.
 	runs [][2]int64
 	// dataStart is where the stored object's data area starts, valid
-	// once buf is nil.
+	// once b is nil.
 	dataStart int64
 
 	// What the chunk holds, for the report of a shutdown cut short. A
@@ -126,6 +143,7 @@ type Chunker struct {
 	log    zerolog.Logger
 
 	ur     UnappliedReader // e, when it is one; nil otherwise
+	we     WindowedEngine  // e, when its chunks are built in its windows; nil otherwise
 	md     int64           // metadata area size: data offsets in a buffer start here
 	maxInf int
 
@@ -194,9 +212,20 @@ func New(e Engine, o Options) *Chunker {
 		loopDone:       make(chan struct{}),
 	}
 	c.ur, _ = e.(UnappliedReader)
+	var win int64
+	var alloc func() []byte
+	if we, ok := e.(WindowedEngine); ok && c.ur != nil {
+		if win, alloc = we.ChunkWindow(); win > 0 {
+			c.we = we
+		}
+	}
 	c.cond = sync.NewCond(&c.mu)
 	for i := 0; i < o.Buffers; i++ {
-		c.free = append(c.free, chunk.NewBuilder(l, make([]byte, l.BufferSize())))
+		if c.we != nil {
+			c.free = append(c.free, chunk.NewWindowed(l, make([]byte, l.MetadataSize()), win, alloc))
+		} else {
+			c.free = append(c.free, chunk.NewBuilder(l, make([]byte, l.BufferSize())))
+		}
 	}
 	go c.ageLoop()
 	return c
@@ -239,7 +268,7 @@ func (c *Chunker) openLocked() (*pending, error) {
 			b := c.free[n-1]
 			c.free = c.free[:n-1]
 			b.Reset()
-			c.open = &pending{buf: b.Buffer(), b: b, key: -1, opened: time.Now(), done: make(chan struct{}), firstByte: -1}
+			c.open = &pending{b: b, key: -1, opened: time.Now(), done: make(chan struct{}), firstByte: -1}
 			if k := len(c.freeRuns); k > 0 {
 				c.open.runs = c.freeRuns[k-1][:0]
 				c.freeRuns = c.freeRuns[:k-1]
@@ -276,7 +305,12 @@ func (c *Chunker) commit(p *pending, items int) {
 	if c.ur != nil {
 		ctx = chunk.WithStoredHook(ctx, func(dataStart int64) { c.stored(p, dataStart) })
 	}
-	err := c.e.Commit(ctx, p.key, p.buf, items)
+	var err error
+	if p.b.Windowed() {
+		err = c.we.CommitWindows(ctx, p.key, p.b.Metadata(), p.b.Data(), items)
+	} else {
+		err = c.e.Commit(ctx, p.key, p.b.Buffer(), items)
+	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	delete(c.inflight, p.key)
@@ -307,6 +341,12 @@ func (c *Chunker) stored(p *pending, dataStart int64) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	p.dataStart = dataStart
+	if p.b != nil {
+		// A windowed chunk's windows are the engine's now (it caches
+		// them once this returns); no reader copies from them after
+		// this, since readers copy under c.mu.
+		p.b.DropWindows()
+	}
 	c.releaseLocked(p)
 	c.cond.Broadcast()
 }
@@ -314,9 +354,9 @@ func (c *Chunker) stored(p *pending, dataStart int64) {
 // releaseLocked returns p's buffer (and its builder) to the free list,
 // once. p.b must not be used afterwards; p.items keeps the item count.
 func (c *Chunker) releaseLocked(p *pending) {
-	if p.buf != nil {
+	if p.b != nil {
 		c.free = append(c.free, p.b)
-		p.buf, p.b = nil, nil
+		p.b = nil
 	}
 }
 
@@ -593,9 +633,8 @@ func (c *Chunker) ReadAt(ctx context.Context, p []byte, off int64) error {
 		switch {
 		case e.off < 0:
 			clear(dst)
-		case e.p.buf != nil:
-			src := e.off + (lo-e.start)*c.bs
-			copy(dst, e.p.buf[src:src+int64(len(dst))])
+		case e.p.b != nil:
+			e.p.b.ReadData(e.off+(lo-e.start)*c.bs, dst)
 		default:
 			stored = append(stored, storedRun{key: e.p.key, dataStart: e.p.dataStart, dataOff: e.off - c.md + (lo-e.start)*c.bs, block: lo, n: hi - lo})
 		}

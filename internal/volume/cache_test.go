@@ -219,7 +219,7 @@ func testCacheNeverStale(t *testing.T, st store.Store, purge bool) {
 
 func newCache(tb testing.TB, memBytes, window int64) *cache.Cache {
 	tb.Helper()
-	c, err := cache.New(cache.Options{MemoryBytes: memBytes, Window: window, Logger: zerolog.Nop()})
+	c, err := cache.New(cache.Options{MemoryBytes: memBytes, Window: window, Logger: zerolog.Nop(), PoisonRecycled: true})
 	if err != nil {
 		tb.Fatal(err)
 	}

@@ -6,6 +6,8 @@ import (
 	"errors"
 	"testing"
 
+	"github.com/bs3/bs3/internal/cache"
+	"github.com/bs3/bs3/internal/chunk"
 	"github.com/bs3/bs3/internal/store"
 	"github.com/bs3/bs3/internal/store/faulty"
 	"github.com/bs3/bs3/internal/store/mem"
@@ -13,9 +15,9 @@ import (
 	"github.com/bs3/bs3/internal/volume"
 )
 
-// TestCommitKeepsWindowsOnlyOnceStored: a commit copies its data into
-// cache windows before the upload but keeps them only once the object is
-// stored. An upload refused for good (another writer's object at that
+// TestCommitKeepsWindowsOnlyOnceStored: a chunk's data is in cache
+// windows before its upload (the chunker builds it there), but the cache
+// keeps them only once the object is stored. An upload refused for good (another writer's object at that
 // key) leaves nothing in the cache, so no later read can be served bytes
 // the bucket never held; a stored one is served from the cache.
 func TestCommitKeepsWindowsOnlyOnceStored(t *testing.T) {
@@ -83,5 +85,73 @@ func TestCommitKeepsWindowsOnlyOnceStored(t *testing.T) {
 				t.Fatalf("re-read of a committed write: bytes right %v, %d GETs (want 0)", bytes.Equal(got, data), e.Objs.Stats().Get.Attempts-gets)
 			}
 		})
+	}
+}
+
+// TestCommitWindowsCachesWithoutCopy: a chunk built in the read cache's
+// windows (the chunker's path whenever there is a cache) is uploaded from
+// them and they become the cache's windows of the new object: the cache
+// serves the very memory the data was written into, not a copy. The
+// stored hook runs before the cache holds them (from then on the cache
+// may recycle them, so the chunker must have let go first), and the
+// object in the store holds the same bytes.
+func TestCommitWindowsCachesWithoutCopy(t *testing.T) {
+	const bs = 4096
+	e := enginetest.Open(t, mem.New(), enginetest.Options{Size: 32 * mib, BlockSize: bs, ChunkSize: 1 * mib})
+	win, alloc := e.Volume.ChunkWindow()
+	if win == 0 || e.Cache == nil {
+		t.Fatal("an engine with a read cache takes no chunk windows")
+	}
+	l := e.Volume.Layout()
+	b := chunk.NewWindowed(l, make([]byte, l.MetadataSize()), win, alloc)
+	data := make([]byte, 3*win+win/2)
+	for i := range data {
+		data[i] = byte(i*13 + i>>12)
+	}
+	b.Add(chunk.Item{Sector: 8 * 16, Length: uint64(len(data)) / chunk.SectorSize, Seqno: 1, Flag: chunk.OpWrite}, data)
+	pieces := b.Data()
+	if len(pieces) != 4 {
+		t.Fatalf("%d windows for %d bytes", len(pieces), len(data))
+	}
+	vol := e.Volume.Superblock().VolumeID
+	key := e.Volume.NextKey()
+	cached := func() int {
+		n := 0
+		for w := range pieces {
+			if v, ok := e.Cache.Acquire(cache.Key{Volume: vol, Object: key, Window: int64(w)}); ok {
+				n++
+				v.Release()
+			}
+		}
+		return n
+	}
+	atHook := -1
+	ctx := chunk.WithStoredHook(context.Background(), func(int64) { atHook = cached() })
+	ctx = chunk.WithDataCRC(ctx, b.DataCRC())
+	if err := e.Volume.CommitWindows(ctx, key, b.Metadata(), pieces, b.Items()); err != nil {
+		t.Fatal(err)
+	}
+	if atHook != 0 {
+		t.Fatalf("the stored hook ran with %d of the windows in the cache already (or not at all: -1)", atHook)
+	}
+	for w, p := range pieces {
+		v, ok := e.Cache.Acquire(cache.Key{Volume: vol, Object: key, Window: int64(w)})
+		if !ok {
+			t.Fatalf("window %d of the committed object is not cached", w)
+		}
+		same := len(v.Data) == len(p) && &v.Data[0] == &p[0]
+		v.Release()
+		if !same {
+			t.Fatalf("window %d is cached as a copy, not as the window it was written into", w)
+		}
+	}
+	got := make([]byte, len(data))
+	if err := e.Dev.ReadAt(context.Background(), got, 8*16*chunk.SectorSize); err != nil || !bytes.Equal(got, data) {
+		t.Fatalf("read back from the cache: %v, equal %v", err, bytes.Equal(got, data))
+	}
+	e.Cache.Purge()
+	clear(got)
+	if err := e.Dev.ReadAt(context.Background(), got, 8*16*chunk.SectorSize); err != nil || !bytes.Equal(got, data) {
+		t.Fatalf("read back from the store: %v, equal %v", err, bytes.Equal(got, data))
 	}
 }

@@ -23,6 +23,7 @@ type crcCheckStore struct {
 	store.Store
 	mu      sync.Mutex
 	carried int
+	pieces  int // of carried: uploads in pieces (PutV)
 	wrong   []string
 }
 
@@ -38,6 +39,21 @@ func (c *crcCheckStore) Put(ctx context.Context, name string, body []byte, ifAbs
 	return c.Store.Put(ctx, name, body, ifAbsent)
 }
 
+// PutV checks the checksum of a chunk uploaded from cache windows.
+func (c *crcCheckStore) PutV(ctx context.Context, name string, body [][]byte, ifAbsent bool) error {
+	if crc, ok := store.PiecesCRC32C(ctx, body); ok {
+		joined := store.Join(body)
+		c.mu.Lock()
+		c.carried++
+		c.pieces++
+		if want := crc32c.Checksum(joined); crc != want {
+			c.wrong = append(c.wrong, fmt.Sprintf("%s: %08x, body's %08x (%d bytes in %d pieces)", name, crc, want, len(joined), len(body)))
+		}
+		c.mu.Unlock()
+	}
+	return store.PutPieces(ctx, c.Store, name, body, ifAbsent)
+}
+
 // TestUploadCRCFromBuilder: the CRC32C an upload carries, combined from
 // the checksum the chunk builder kept of the data as it was copied in and
 // the metadata in front of it, is the checksum of the object's bytes: for
@@ -45,9 +61,17 @@ func (c *crcCheckStore) Put(ctx context.Context, name string, body []byte, ifAbs
 // without data (trims, zeroes). A wrong one would have every upload
 // refused by an S3 store that checks it.
 func TestUploadCRCFromBuilder(t *testing.T) {
+	// With the read cache the chunker builds chunks in cache windows and
+	// the engine uploads them in pieces; without it, one buffer.
+	for _, noCache := range []bool{false, true} {
+		t.Run(fmt.Sprintf("nocache=%v", noCache), func(t *testing.T) { testUploadCRCFromBuilder(t, noCache) })
+	}
+}
+
+func testUploadCRCFromBuilder(t *testing.T, noCache bool) {
 	const bs = 4096
 	st := &crcCheckStore{Store: mem.New()}
-	e := enginetest.Open(t, st, enginetest.Options{Size: 64 << 20, BlockSize: bs, ChunkSize: 1 << 20})
+	e := enginetest.Open(t, st, enginetest.Options{Size: 64 << 20, BlockSize: bs, ChunkSize: 1 << 20, NoCache: noCache})
 	defer e.Close(t)
 	ctx := context.Background()
 	rng := rand.New(rand.NewPCG(3, 4))
@@ -86,6 +110,9 @@ func TestUploadCRCFromBuilder(t *testing.T) {
 	if st.carried < 30 {
 		t.Fatalf("only %d uploads carried a checksum", st.carried)
 	}
+	if want := map[bool]int{false: st.carried, true: 0}[noCache]; st.pieces != want {
+		t.Fatalf("%d of %d uploads were in pieces, want %d", st.pieces, st.carried, want)
+	}
 	if len(st.wrong) > 0 {
 		t.Fatalf("%d of %d uploads carried a wrong checksum, first: %s", len(st.wrong), st.carried, st.wrong[0])
 	}
@@ -95,12 +122,18 @@ func TestUploadCRCFromBuilder(t *testing.T) {
 // checksum of every upload, takes the ones combined from the builder's
 // checksum, and the data reads back.
 func TestUploadCRCAcceptedByMinIO(t *testing.T) {
-	const bs = 4096
 	srv := minio.Start(t)
+	for _, noCache := range []bool{false, true} {
+		t.Run(fmt.Sprintf("nocache=%v", noCache), func(t *testing.T) { testUploadCRCAcceptedByMinIO(t, srv, noCache) })
+	}
+}
+
+func testUploadCRCAcceptedByMinIO(t *testing.T, srv *minio.Server, noCache bool) {
+	const bs = 4096
 	o := srv.Options(t, srv.Bucket(t))
 	o.PayloadChecksum = s3.PayloadCRC32C
 	st := srv.StoreWith(t, o)
-	e := enginetest.Open(t, st, enginetest.Options{Size: 16 << 20, BlockSize: bs, ChunkSize: 1 << 20, NoCache: true})
+	e := enginetest.Open(t, st, enginetest.Options{Size: 16 << 20, BlockSize: bs, ChunkSize: 1 << 20, NoCache: noCache})
 	defer e.Close(t)
 	ctx := context.Background()
 	rng := rand.New(rand.NewPCG(5, 6))
@@ -130,11 +163,17 @@ func TestUploadCRCAcceptedByMinIO(t *testing.T) {
 	if s := e.Objs.Stats().Put; s.Retries != 0 || s.Failures != 0 {
 		t.Fatalf("uploads retried %d times, failed %d: MinIO refused their checksums", s.Retries, s.Failures)
 	}
+	if e.Cache != nil {
+		e.Cache.Purge() // read back what MinIO stored, not the windows
+	}
 	got := make([]byte, len(want))
 	if err := e.Dev.ReadAt(ctx, got, 0); err != nil {
 		t.Fatal(err)
 	}
 	if !bytes.Equal(got, want) {
 		t.Fatal("the device does not read back what was written")
+	}
+	if e.Cache != nil && e.Cache.Stats().Misses == 0 {
+		t.Fatal("the read back never missed the purged cache: it did not read what MinIO stored")
 	}
 }

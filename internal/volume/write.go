@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 
+	"github.com/bs3/bs3/internal/cache"
 	"github.com/bs3/bs3/internal/chunk"
 	"github.com/bs3/bs3/internal/crc32c"
 	"github.com/bs3/bs3/internal/extentmap"
@@ -25,14 +26,39 @@ import (
 // last item are zeroed. buf is modified in place; its first item slots
 // need not hold the item list afterwards.
 func (v *Volume) Commit(ctx context.Context, key int64, buf []byte, items int) error {
-	return v.commit(ctx, key, buf, items, true)
+	return v.commit(ctx, key, buf, nil, items, true)
+}
+
+// ChunkWindow implements chunker.WindowedEngine: with a read cache, the
+// chunker builds chunks in windows of the cache's memory, so that a
+// committed chunk is cached without a copy; without one, size 0.
+func (v *Volume) ChunkWindow() (size int64, alloc func() []byte) {
+	if v.cache == nil {
+		return 0, nil
+	}
+	w := v.cache.Window()
+	return w, func() []byte { return v.cache.Buffer(int(w)) }
+}
+
+// CommitWindows implements chunker.WindowedEngine: Commit of a chunk whose
+// metadata area is md and whose data area is data, windows of the read
+// cache (ChunkWindow). The object is uploaded from the pieces as one
+// body; once it is stored the stored hook runs and then the windows
+// become the cache's windows of the object, with no copy. Without a
+// stored hook in ctx the windows stay the caller's and are copied into
+// the cache instead.
+func (v *Volume) CommitWindows(ctx context.Context, key int64, md []byte, data [][]byte, items int) error {
+	if data == nil {
+		data = [][]byte{} // marks the windowed form
+	}
+	return v.commit(ctx, key, md, data, items, true)
 }
 
 // CommitCopies is Commit for chunks of copied writes (threshold GC): the
 // items keep their original seqnos, generation included, so a copy never
 // wins over a write made after the original (docs/ARCHITECTURE.md §4).
 func (v *Volume) CommitCopies(ctx context.Context, key int64, buf []byte, items int) error {
-	return v.commit(ctx, key, buf, items, false)
+	return v.commit(ctx, key, buf, nil, items, false)
 }
 
 // ErrClosing is returned by a commit that starts after Close began.
@@ -46,7 +72,11 @@ const maxSeqno = 1<<GenerationBits - 1
 // used every seqno it can order.
 var ErrSeqnoExhausted = errors.New("sequence numbers of this attach are exhausted")
 
-func (v *Volume) commit(ctx context.Context, key int64, buf []byte, items int, user bool) error {
+// commit stores and applies a chunk: contiguous in buf (data nil), or
+// windowed (data not nil): buf is then the metadata area alone and data
+// the data area in cache windows.
+func (v *Volume) commit(ctx context.Context, key int64, buf []byte, data [][]byte, items int, user bool) error {
+	windowed := data != nil
 	v.inflightMu.Lock()
 	if v.closing {
 		v.inflightMu.Unlock()
@@ -59,6 +89,9 @@ func (v *Volume) commit(ctx context.Context, key int64, buf []byte, items int, u
 		return err
 	}
 	p, err := v.layout.Parse(buf, items, v.devSectors())
+	if err == nil && windowed && int64(store.PiecesLen(data)) != p.End-p.DataStart {
+		err = fmt.Errorf("items claim %d bytes of data, the windows hold %d", p.End-p.DataStart, store.PiecesLen(data))
+	}
 	if err != nil {
 		v.fail(fmt.Errorf("chunk for key %d is malformed: %w", key, err))
 		return fmt.Errorf("commit key %d: %w", key, err)
@@ -83,21 +116,40 @@ func (v *Volume) commit(ctx context.Context, key int64, buf []byte, items int, u
 		prio = objproxy.Low
 	}
 	var body []byte
+	end := p.End // of the part of the chunk in buf
+	if windowed {
+		end = v.layout.MetadataSize()
+	}
 	dataStart := v.layout.MetadataSize() // in body
 	if v.o.CompactChunks {
-		body, dataStart = v.layout.Compact(buf, len(p.Items), p.End)
+		body, dataStart = v.layout.Compact(buf, len(p.Items), end)
 		p.Rebase(dataStart)
 	} else {
 		v.layout.ZeroTail(buf, len(p.Items))
-		body = buf[:p.End]
+		body = buf[:end]
+	}
+	var pieces [][]byte // the windowed body: metadata, then the windows
+	if windowed {
+		pieces = append(make([][]byte, 0, 1+len(data)), body)
+		pieces = append(pieces, data...)
 	}
 	if crc, ok := chunk.DataCRC(ctx); ok {
 		// The builder checksummed the data as it copied it in; only the
 		// metadata in front of it is read again (docs/ARCHITECTURE.md §18).
-		ctx = store.WithBodyCRC32C(ctx, body, crc32c.Combine(crc32c.Checksum(body[:dataStart]), crc, int64(len(body))-dataStart))
+		sum := crc32c.Combine(crc32c.Checksum(body[:dataStart]), crc, p.End-p.DataStart)
+		if windowed {
+			ctx = store.WithPiecesCRC32C(ctx, pieces, sum)
+		} else {
+			ctx = store.WithBodyCRC32C(ctx, body, sum)
+		}
 	}
 	name := store.DataName(key)
-	if err := v.objs.Put(ctx, prio, name, body, v.o.ConditionalWrites); err != nil {
+	if windowed {
+		err = v.objs.PutV(ctx, prio, name, pieces, v.o.ConditionalWrites)
+	} else {
+		err = v.objs.Put(ctx, prio, name, body, v.o.ConditionalWrites)
+	}
+	if err != nil {
 		if errors.Is(err, store.ErrExists) {
 			err = fmt.Errorf("%w: key %d was written by someone else (is a second bs3 attached to this volume?): %v", ErrFenced, key, err)
 			v.fail(err)
@@ -109,12 +161,28 @@ func (v *Volume) commit(ctx context.Context, key int64, buf []byte, items int, u
 		v.fail(err)
 		return err
 	}
-	if v.cache != nil && p.End > p.DataStart {
+	stored := chunk.StoredHook(ctx)
+	switch {
+	case v.cache == nil || p.End == p.DataStart:
+	case windowed && stored != nil:
+		// The windows are the cache's once the hook has run (the
+		// chunker then no longer reads them); until the cache has
+		// them, a read of these blocks fetches from the store.
+		stored(p.DataStart)
+		stored = nil
+		for w, win := range data {
+			v.cache.Keep(cache.Key{Volume: v.sb.VolumeID, Object: key, Window: int64(w)}, win, false, false)
+		}
+	case windowed:
+		for w, win := range data {
+			v.cache.PutWindow(cache.Key{Volume: v.sb.VolumeID, Object: key, Window: int64(w)}, win)
+		}
+	default:
 		// Stored, so these are the object's bytes for good (data objects
 		// are immutable); nothing looks them up before the map points here.
 		v.cache.PutObject(v.sb.VolumeID, key, body[p.DataStart:])
 	}
-	if stored := chunk.StoredHook(ctx); stored != nil {
+	if stored != nil {
 		// The frontend may reuse buf from now on and serves reads of
 		// these writes with ReadUnapplied until the apply is done.
 		stored(p.DataStart)
