@@ -172,6 +172,7 @@ func New(o Options) (*Cache, error) {
 	// it and faulted in 10,000-14,000 new pages per GiB committed, with an
 	// eighth 1,600-3,700 (docs/ARCHITECTURE.md §1, "Window memory").
 	c.pool.max = max(int(o.MemoryBytes/8/o.Window), 64)
+	c.pool.base = c.pool.max
 	c.pool.poison = o.PoisonRecycled
 	if o.Dir != "" {
 		if o.DiskBytes <= 0 {

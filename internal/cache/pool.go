@@ -33,6 +33,7 @@ type pool struct {
 	mu     sync.Mutex
 	free   [][]byte
 	max    int
+	base   int  // max without ReservePool
 	poison bool // Options.PoisonRecycled
 	// reused counts buffers Buffer took from the pool, recycled the ones
 	// returned to it; refErrors counts releases past zero (a bug: never
@@ -116,6 +117,18 @@ func (c *Cache) release(e *entry) {
 			c.log.Warn().Int64("ref_errors", n).Msg("a read cache window was released more often than it was held (a bug in bs3); its memory is not reused")
 		}
 	}
+}
+
+// ReservePool lets the pool of free windows hold n windows more than the
+// cache itself needs (at least; calls do not add up): the chunker builds
+// chunks in windows, and the windows evicted for a committed chunk are
+// reused by the next ones rather than freed and allocated again. Idle,
+// they are memory beside the cache's bound, as the chunk buffers they
+// replace were.
+func (c *Cache) ReservePool(n int) {
+	c.pool.mu.Lock()
+	c.pool.max = max(c.pool.max, c.pool.base+n)
+	c.pool.mu.Unlock()
 }
 
 // Buffer returns a buffer of n bytes (at most a window) for the bytes of

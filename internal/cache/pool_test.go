@@ -245,3 +245,36 @@ func TestRefErrorWarned(t *testing.T) {
 		t.Fatalf("%d warnings logged for 2 ref errors within a minute, want 1:\n%s", n, logged.String())
 	}
 }
+
+// TestReservePoolKeepsEvictedWindows: the pool keeps at most its base
+// count of evicted windows for reuse, and ReservePool(n) lets it keep n
+// more (the windows of the chunks the chunker fills), without adding up
+// over calls.
+func TestReservePoolKeepsEvictedWindows(t *testing.T) {
+	const w = MinWindow
+	const windows = 300
+	for _, reserve := range []int{0, 100} {
+		c := newTest(t, 16*(w+entryOverhead+int64(len(volA))), w)
+		base := c.pool.base
+		if reserve > 0 {
+			c.ReservePool(reserve)
+			c.ReservePool(reserve) // again: no more than once
+		}
+		bufs := make([][]byte, windows)
+		for i := range bufs {
+			bufs[i] = c.Buffer(int(w))
+		}
+		for i, b := range bufs {
+			c.Keep(Key{Volume: volA, Object: int64(i)}, b, false, false)
+			c.mem.CleanUp()
+		}
+		before := c.Stats().BuffersReused
+		for range windows {
+			c.Buffer(int(w))
+		}
+		reused := int(c.Stats().BuffersReused - before)
+		if want := base + reserve; reused != want {
+			t.Errorf("reserve %d: %d evicted windows reused, want %d (pool base %d)", reserve, reused, want, base)
+		}
+	}
+}

@@ -59,7 +59,9 @@ type UnappliedReader interface {
 type WindowedEngine interface {
 	// ChunkWindow is the size of a data window and the source of new
 	// windows of that size; size 0: the engine takes no windows now.
-	ChunkWindow() (size int64, alloc func() []byte)
+	// chunks is how many chunks the caller fills at once at most (its
+	// buffers): the source keeps that many chunks' windows at hand.
+	ChunkWindow(chunks int) (size int64, alloc func() []byte)
 	// CommitWindows is Commit of a chunk whose metadata area is md and
 	// whose data area is data, windows of ChunkWindow's size (the last
 	// one cut at the end of the data). From the moment the engine calls
@@ -215,7 +217,7 @@ func New(e Engine, o Options) *Chunker {
 	var win int64
 	var alloc func() []byte
 	if we, ok := e.(WindowedEngine); ok && c.ur != nil {
-		if win, alloc = we.ChunkWindow(); win > 0 {
+		if win, alloc = we.ChunkWindow(o.Buffers); win > 0 {
 			c.we = we
 		}
 	}

@@ -98,7 +98,7 @@ func TestCommitKeepsWindowsOnlyOnceStored(t *testing.T) {
 func TestCommitWindowsCachesWithoutCopy(t *testing.T) {
 	const bs = 4096
 	e := enginetest.Open(t, mem.New(), enginetest.Options{Size: 32 * mib, BlockSize: bs, ChunkSize: 1 * mib})
-	win, alloc := e.Volume.ChunkWindow()
+	win, alloc := e.Volume.ChunkWindow(1)
 	if win == 0 || e.Cache == nil {
 		t.Fatal("an engine with a read cache takes no chunk windows")
 	}

@@ -31,12 +31,17 @@ func (v *Volume) Commit(ctx context.Context, key int64, buf []byte, items int) e
 
 // ChunkWindow implements chunker.WindowedEngine: with a read cache, the
 // chunker builds chunks in windows of the cache's memory, so that a
-// committed chunk is cached without a copy; without one, size 0.
-func (v *Volume) ChunkWindow() (size int64, alloc func() []byte) {
+// committed chunk is cached without a copy; without one, size 0. The
+// cache's pool of free windows grows to hold the windows of chunks
+// chunks: the windows the cache evicts for each new chunk are taken by
+// the next ones instead of left to the garbage collector and allocated
+// again (first-touch page faults: docs/ARCHITECTURE.md §18).
+func (v *Volume) ChunkWindow(chunks int) (size int64, alloc func() []byte) {
 	if v.cache == nil {
 		return 0, nil
 	}
 	w := v.cache.Window()
+	v.cache.ReservePool(chunks * int((v.layout.ChunkSize+w-1)/w))
 	return w, func() []byte { return v.cache.Buffer(int(w)) }
 }
 
