@@ -173,7 +173,7 @@ func New(o Options) (*Cache, error) {
 	// eighth 1,600-3,700 (docs/ARCHITECTURE.md §1, "Window memory").
 	c.pool.max = max(int(o.MemoryBytes/8/o.Window), 64)
 	c.pool.base = c.pool.max
-	c.pool.poison = o.PoisonRecycled
+	c.pool.poison = o.PoisonRecycled || poisonRecycled
 	if o.Dir != "" {
 		if o.DiskBytes <= 0 {
 			return nil, fmt.Errorf("cache disk size %d: must be positive with a cache directory", o.DiskBytes)

@@ -23,9 +23,8 @@ import (
 // it looked it up) takes it as a miss. A window loaded from the disk tier
 // is read into a pooled buffer too (disk.go, readPlain).
 
-// poisonRecycled, set by tests, overwrites every buffer returned to the
-// pool, so that a reader still using one reads garbage and fails its
-// check instead of passing by luck.
+// poisonRecycled, set by this package's tests, turns on
+// Options.PoisonRecycled in every cache they build.
 var poisonRecycled bool
 
 // pool holds window buffers (cap = the window) no entry uses any more.
@@ -61,7 +60,7 @@ func (p *pool) get(n int, win int64) []byte {
 // the pool is full.
 func (p *pool) put(b []byte) {
 	b = b[:cap(b)]
-	if poisonRecycled || p.poison {
+	if p.poison {
 		for i := range b {
 			b[i] = 0xa5
 		}

@@ -176,9 +176,8 @@ func (b *Builder) Data() [][]byte {
 // before it is used again.
 func (b *Builder) DropWindows() {
 	if b.buf == nil {
-		k := int((b.end - b.md + b.win - 1) / b.win)
-		clear(b.wins[:k])
-		b.wins = b.wins[k:]
+		clear(b.wins) // the list's memory is reused, the windows are not
+		b.wins = b.wins[:0]
 	}
 }
 

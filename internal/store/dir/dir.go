@@ -102,18 +102,8 @@ func (s *Store) path(name string) (string, error) {
 
 // Put implements store.Store.
 func (s *Store) Put(ctx context.Context, name string, body []byte, ifAbsent bool) error {
-	if err := ctx.Err(); err != nil {
-		return fmt.Errorf("dir put %q: %w", name, err)
-	}
-	p, err := s.path(name)
-	if err != nil {
-		return fmt.Errorf("dir put: %w", err)
-	}
 	one := [1][]byte{body}
-	if err := s.put(p, one[:], ifAbsent); err != nil {
-		return fmt.Errorf("dir put %q: %w", name, err)
-	}
-	return nil
+	return s.PutV(ctx, name, one[:], ifAbsent)
 }
 
 // PutV implements store.VectorWriter: the pieces are written to the file

@@ -35,13 +35,8 @@ func New() *Store {
 
 // Put implements store.Store.
 func (s *Store) Put(ctx context.Context, name string, body []byte, ifAbsent bool) error {
-	if err := ctx.Err(); err != nil {
-		return fmt.Errorf("mem put %q: %w", name, err)
-	}
-	// Copy outside the lock: an 8 MiB memmove should not stall readers.
-	c := make([]byte, len(body))
-	copy(c, body)
-	return s.store(name, c, ifAbsent)
+	one := [1][]byte{body}
+	return s.PutV(ctx, name, one[:], ifAbsent)
 }
 
 // PutV implements store.VectorWriter.
@@ -49,15 +44,11 @@ func (s *Store) PutV(ctx context.Context, name string, body [][]byte, ifAbsent b
 	if err := ctx.Err(); err != nil {
 		return fmt.Errorf("mem put %q: %w", name, err)
 	}
+	// Copy outside the lock: an 8 MiB memmove should not stall readers.
 	c := make([]byte, 0, store.PiecesLen(body))
 	for _, p := range body {
 		c = append(c, p...)
 	}
-	return s.store(name, c, ifAbsent)
-}
-
-// store keeps c, the store's own copy of a body, under name.
-func (s *Store) store(name string, c []byte, ifAbsent bool) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	old, ok := s.objs[name]

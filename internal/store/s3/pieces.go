@@ -74,11 +74,7 @@ func (r *piecesReader) Seek(offset int64, whence int) (int64, error) {
 	if abs < 0 {
 		return 0, errNegativeSeek
 	}
-	r.off = min(abs, r.size)
-	r.locate()
 	r.off = abs
-	if abs > r.size {
-		r.i, r.in = len(r.pieces), 0
-	}
+	r.locate() // past the end: no piece, reads find EOF
 	return abs, nil
 }
