@@ -649,16 +649,31 @@ func BenchmarkPut(b *testing.B) {
 }
 
 func TestLostReplyOnConditionalPut(t *testing.T) {
+	// In one piece (Put) and in pieces (PutV): the retry compares the
+	// whole body, not its first piece.
+	for _, vectored := range []bool{false, true} {
+		t.Run(fmt.Sprintf("vectored=%v", vectored), func(t *testing.T) { testLostReplyOnConditionalPut(t, vectored) })
+	}
+}
+
+func testLostReplyOnConditionalPut(t *testing.T, vectored bool) {
 	m := mem.New()
 	f := faulty.New(m)
 	p := newProxy(t, f, Options{})
 	ctx := context.Background()
 	errReset := errors.New("connection reset by peer")
+	put := func(name, body string) error {
+		if vectored {
+			b := []byte(body)
+			return p.PutV(ctx, High, name, [][]byte{b[:6], b[6:7], {}, b[7:]}, true)
+		}
+		return p.Put(ctx, High, name, []byte(body), true)
+	}
 
 	// The first attempt stores the object but its reply is lost; the retry
 	// meets ErrExists for what is its own object.
 	f.Add(faulty.Rule{Ops: []faulty.Op{faulty.OpPut}, After: true, Err: errReset, Count: 1})
-	if err := p.Put(ctx, High, "k1", []byte("chunk one"), true); err != nil {
+	if err := put("k1", "chunk one"); err != nil {
 		t.Fatalf("conditional put with a lost reply: %v", err)
 	}
 	if s := p.Stats().Put; s.Attempts != 2 || s.Retries != 1 {
@@ -671,15 +686,15 @@ func TestLostReplyOnConditionalPut(t *testing.T) {
 		t.Fatal(err)
 	}
 	f.Add(faulty.Rule{Ops: []faulty.Op{faulty.OpPut}, Err: errReset, Count: 1})
-	if err := p.Put(ctx, High, "k2", []byte("chunk two"), true); !errors.Is(err, store.ErrExists) {
+	if err := put("k2", "chunk two"); !errors.Is(err, store.ErrExists) {
 		t.Fatalf("conditional put over another writer's object: %v, want ErrExists", err)
 	}
-	// Same length, different bytes.
+	// Same length, different bytes, and the same first piece.
 	if err := m.Put(ctx, "k3", []byte("chunk 3!!"), false); err != nil {
 		t.Fatal(err)
 	}
 	f.Add(faulty.Rule{Ops: []faulty.Op{faulty.OpPut}, Err: errReset, Count: 1})
-	if err := p.Put(ctx, High, "k3", []byte("chunk 333"), true); !errors.Is(err, store.ErrExists) {
+	if err := put("k3", "chunk 333"); !errors.Is(err, store.ErrExists) {
 		t.Fatalf("conditional put over a same-sized foreign object: %v, want ErrExists", err)
 	}
 }

@@ -68,6 +68,12 @@ func TestCommitKeepsWindowsOnlyOnceStored(t *testing.T) {
 				if used := e.Cache.MemoryUsed(); used != 0 {
 					t.Fatalf("the cache holds %d bytes after a refused upload", used)
 				}
+				// The acknowledged write is still served, from the
+				// windows the chunk was built in (still the chunker's).
+				got := make([]byte, len(data))
+				if err := e.Dev.ReadAt(ctx, got, 0); err != nil || !bytes.Equal(got, data) {
+					t.Fatalf("read of a write whose upload was refused: %v, equal %v", err, bytes.Equal(got, data))
+				}
 				return
 			}
 			if werr != nil {
@@ -153,5 +159,36 @@ func TestCommitWindowsCachesWithoutCopy(t *testing.T) {
 	clear(got)
 	if err := e.Dev.ReadAt(context.Background(), got, 8*16*chunk.SectorSize); err != nil || !bytes.Equal(got, data) {
 		t.Fatalf("read back from the store: %v, equal %v", err, bytes.Equal(got, data))
+	}
+}
+
+// TestCommitWindowsWithoutStoredHook: a caller that does not take the
+// stored hook keeps its windows (nothing tells it when they would stop
+// being its own), so the cache gets copies of them, never the windows.
+func TestCommitWindowsWithoutStoredHook(t *testing.T) {
+	const bs = 4096
+	e := enginetest.Open(t, mem.New(), enginetest.Options{Size: 32 * mib, BlockSize: bs, ChunkSize: 1 * mib})
+	win, alloc := e.Volume.ChunkWindow(1)
+	l := e.Volume.Layout()
+	b := chunk.NewWindowed(l, make([]byte, l.MetadataSize()), win, alloc)
+	data := bytes.Repeat([]byte{0x3c}, int(2*win))
+	b.Add(chunk.Item{Sector: 0, Length: uint64(len(data)) / chunk.SectorSize, Seqno: 1, Flag: chunk.OpWrite}, data)
+	pieces := b.Data()
+	key := e.Volume.NextKey()
+	if err := e.Volume.CommitWindows(context.Background(), key, b.Metadata(), pieces, b.Items()); err != nil {
+		t.Fatal(err)
+	}
+	vol := e.Volume.Superblock().VolumeID
+	for w, p := range pieces {
+		v, ok := e.Cache.Acquire(cache.Key{Volume: vol, Object: key, Window: int64(w)})
+		if !ok {
+			t.Fatalf("window %d of the committed object is not cached", w)
+		}
+		same := &v.Data[0] == &p[0]
+		equal := bytes.Equal(v.Data, p)
+		v.Release()
+		if same || !equal {
+			t.Fatalf("window %d: cached as the caller's own window %v, equal bytes %v; want a copy", w, same, equal)
+		}
 	}
 }
