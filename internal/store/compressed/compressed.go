@@ -191,6 +191,32 @@ func (s *Store) Put(ctx context.Context, name string, body []byte, ifAbsent bool
 	return s.inner.Put(ctx, name, *out, ifAbsent)
 }
 
+var _ store.VectorWriter = (*Store)(nil)
+
+// PutV implements store.VectorWriter. A body stored as it is (codec
+// "none", the default, or an empty one) goes through in its pieces, so
+// the engine's chunks built in cache windows reach the store without
+// being joined; a body to compress or frame is joined first.
+func (s *Store) PutV(ctx context.Context, name string, body [][]byte, ifAbsent bool) error {
+	if Clear(name) {
+		return store.PutPieces(ctx, s.inner, name, body, ifAbsent)
+	}
+	var head [len(magic)]byte
+	n := 0
+	for _, p := range body {
+		if n == len(head) {
+			break
+		}
+		n += copy(head[n:], p)
+	}
+	if store.PiecesLen(body) > 0 && (s.enc != nil || hasMagic(head[:n]) || s.o.frameAll) {
+		return s.Put(ctx, name, store.Join(body), ifAbsent)
+	}
+	s.idx.Invalidate(name)
+	defer s.idx.Invalidate(name)
+	return store.PutPieces(ctx, s.inner, name, body, ifAbsent)
+}
+
 // ensureMarker writes the marker before the first compressed object, so
 // that "no marker" always means "nothing is compressed".
 func (s *Store) ensureMarker(ctx context.Context) error {

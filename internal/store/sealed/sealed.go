@@ -217,7 +217,20 @@ func (s *Store) Put(ctx context.Context, name string, body []byte, ifAbsent bool
 	if Clear(name) {
 		return s.inner.Put(ctx, name, body, ifAbsent)
 	}
-	buf := s.getBuf(int(SealedSize(int64(len(body)))))
+	one := [1][]byte{body}
+	return s.PutV(ctx, name, one[:], ifAbsent)
+}
+
+var _ store.VectorWriter = (*Store)(nil)
+
+// PutV implements store.VectorWriter: the concatenation of body is sealed
+// from its pieces (a segment that spans two pieces is gathered first), so
+// a chunk built in cache windows is never joined before it is sealed.
+func (s *Store) PutV(ctx context.Context, name string, body [][]byte, ifAbsent bool) error {
+	if Clear(name) {
+		return store.PutPieces(ctx, s.inner, name, body, ifAbsent)
+	}
+	buf := s.getBuf(int(SealedSize(int64(store.PiecesLen(body)))))
 	defer s.putBuf(buf)
 	if err := s.sealInto(*buf, name, body); err != nil {
 		return err
@@ -225,9 +238,9 @@ func (s *Store) Put(ctx context.Context, name string, body []byte, ifAbsent bool
 	return s.inner.Put(ctx, name, *buf, ifAbsent)
 }
 
-// sealInto writes the sealed form of body into out, which has exactly
-// SealedSize(len(body)) bytes.
-func (s *Store) sealInto(out []byte, name string, body []byte) error {
+// sealInto writes the sealed form of the concatenation of body into out,
+// which has exactly SealedSize of its length bytes.
+func (s *Store) sealInto(out []byte, name string, body [][]byte) error {
 	var salt [saltSize]byte
 	if _, err := rand.Read(salt[:]); err != nil {
 		return fmt.Errorf("seal %s: salt: %w", name, err)
@@ -238,13 +251,33 @@ func (s *Store) sealInto(out []byte, name string, body []byte) error {
 	}
 	var nb [24]byte
 	ad := s.ad(make([]byte, 0, len(adPrefix)+16+9+len(name)), name, 0, false)
-	segs := max(1, (len(body)+SegmentSize-1)/SegmentSize)
+	total := store.PiecesLen(body)
+	segs := max(1, (total+SegmentSize-1)/SegmentSize)
+	var gather [SegmentSize]byte
+	p, in := 0, 0 // the piece and the offset in it where the next segment starts
 	out = out[:0]
 	for i := range segs {
-		lo, hi := i*SegmentSize, min((i+1)*SegmentSize, len(body))
+		n := min(SegmentSize, total-i*SegmentSize)
+		for p < len(body) && in == len(body[p]) {
+			p, in = p+1, 0
+		}
+		var seg []byte
+		if p < len(body) && len(body[p])-in >= n {
+			seg = body[p][in : in+n] // within one piece: sealed from it
+			in += n
+		} else {
+			for k := 0; k < n; {
+				for in == len(body[p]) {
+					p, in = p+1, 0
+				}
+				c := copy(gather[k:n], body[p][in:])
+				k, in = k+c, in+c
+			}
+			seg = gather[:n]
+		}
 		out = append(out, salt[:]...)
 		setADSegment(ad, uint64(i), i == segs-1)
-		out = aead.Seal(out, s.suite.nonce(nb[:], salt[:], uint64(i)), body[lo:hi], ad)
+		out = aead.Seal(out, s.suite.nonce(nb[:], salt[:], uint64(i)), seg, ad)
 	}
 	return nil
 }
