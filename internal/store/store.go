@@ -77,8 +77,9 @@ type VectorReader interface {
 // request, so that a caller can upload the buffers it goes on to keep
 // instead of joining them first: the engine uploads a chunk whose data
 // lies in read-cache windows and hands those windows to the cache
-// (docs/ARCHITECTURE.md §18). Wrappers that transform bytes (compression,
-// encryption) do not implement it; PutPieces joins the pieces for them.
+// (docs/ARCHITECTURE.md §18). Every store and wrapper bs3 has implements
+// it (the compressed store joins the pieces only for a body it
+// compresses); PutPieces joins them for a store that does not.
 type VectorWriter interface {
 	Store
 	// PutV is Put of the concatenation of body's pieces. The store must
