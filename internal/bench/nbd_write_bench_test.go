@@ -29,7 +29,9 @@ import (
 // GiB written by fio. The baseline writes as many bytes as the sequential
 // job, and it and every job start from a dropped page cache
 // (dropPageCache). The random job runs again on bs3's NBD server over a
-// null device: what the client reaches with no engine and no store. With BS3_BENCH_PROFILE=dir it writes a CPU, block
+// null device: what the client reaches with no engine and no store.
+// bs3 writes through the daemon's default store stack unless
+// BS3_BENCH_STACK=raw. With BS3_BENCH_PROFILE=dir it writes a CPU, block
 // and mutex profile of each job there.
 func BenchmarkNBDWrite(b *testing.B) {
 	if _, err := exec.LookPath("fio"); err != nil {
@@ -69,7 +71,12 @@ func BenchmarkNBDWrite(b *testing.B) {
 	rawPut, rawCPU, rawMinio, rawBusy := rawRun()
 
 	const devSize = 4 * gib
-	e := enginetest.Open(b, openStore(), enginetest.Options{Size: devSize, BlockSize: 4096, Buffers: daemonBuffers()})
+	// bs3 writes through the store stack of the daemon's default
+	// configuration (checksummed objects under the compressed store,
+	// codec none), as users run it; BS3_BENCH_STACK=raw writes straight
+	// to the S3 store, to see what the stack costs.
+	daemonStack := os.Getenv("BS3_BENCH_STACK") != "raw"
+	e := enginetest.Open(b, openStore(), enginetest.Options{Size: devSize, BlockSize: 4096, Buffers: daemonBuffers(), DaemonStack: daemonStack})
 	s, err := nbd.New(e.Dev, nbd.Options{Listen: "127.0.0.1:0", Export: "bs3", Logger: zerolog.Nop()})
 	if err != nil {
 		b.Fatal(err)
@@ -142,8 +149,12 @@ func BenchmarkNBDWrite(b *testing.B) {
 	// Raw PUTs again after the jobs: MinIO's speed drifts within a run,
 	// and the faster of the two runs is the stricter baseline.
 	rawPut2, rawCPU2, rawMinio2, rawBusy2 := rawRun()
-	fmt.Printf("\nNBD writes through fio beside raw MinIO 4 MiB PUTs at c=%d (scale %.2f; MB/s until stored; raw before %.1f, after %.1f MB/s: the faster is the baseline)\n",
-		uploaders, scale(), rawPut, rawPut2)
+	stack := "the daemon's default store stack"
+	if !daemonStack {
+		stack = "the raw S3 store (BS3_BENCH_STACK=raw)"
+	}
+	fmt.Printf("\nNBD writes through fio beside raw MinIO 4 MiB PUTs at c=%d (scale %.2f; MB/s until stored; raw before %.1f, after %.1f MB/s: the faster is the baseline); bs3 over %s\n",
+		uploaders, scale(), rawPut, rawPut2, stack)
 	for _, r := range results {
 		if rawPut2 > r.rawMBps {
 			r.rawMBps, r.rawCPU, r.side.rawMinio, r.side.rawBusy = rawPut2, rawCPU2, rawMinio2, rawBusy2

@@ -14,6 +14,7 @@ import (
 
 	"github.com/bs3/bs3/internal/cache"
 	"github.com/bs3/bs3/internal/chunker"
+	"github.com/bs3/bs3/internal/config"
 	"github.com/bs3/bs3/internal/engine"
 	"github.com/bs3/bs3/internal/objproxy"
 	"github.com/bs3/bs3/internal/store"
@@ -53,6 +54,11 @@ type Options struct {
 	// pass the daemon's default (config.Config.ChunkBuffers) to measure
 	// what users run. Tests keep the smaller default below.
 	Buffers int
+	// DaemonStack stacks the store as the daemon's default configuration
+	// does (engine.FromConfig): CRC32C-checksummed objects under the
+	// compressed store with its default codec. Benchmarks use it to
+	// measure the write path users run; it overrides Key.
+	DaemonStack bool
 }
 
 // buffers is the chunker's buffer count and the volume's MaxInflight
@@ -82,6 +88,10 @@ func New(st store.Store, o Options) (*Engine, error) {
 		SharedCache: o.Cache,
 		Chunker:     &chunker.Options{Durable: o.Durable, Buffers: nbuf, MaxInflight: int(inflight), CollisionArea: 1 << 20},
 		Logger:      zerolog.Nop(),
+	}
+	if o.DaemonStack {
+		d := engine.FromConfig(config.Default(), false, zerolog.Nop())
+		eo.Key, eo.Wrappers = d.Key, d.Wrappers
 	}
 	if o.Cache == nil && !o.NoCache {
 		eo.Cache = &cache.Options{MemoryBytes: 64 << 20, Window: cache.DefaultWindow, FetchSize: 256 << 10}
