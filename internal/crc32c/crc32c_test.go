@@ -42,3 +42,33 @@ func BenchmarkCombine(b *testing.B) {
 		Combine(uint32(i), uint32(i*3), 4<<20)
 	}
 }
+
+// TestShifter: a Shifter gives Combine's result for its length, checked
+// against the checksum of the concatenation.
+func TestShifter(t *testing.T) {
+	rng := rand.New(rand.NewPCG(9, 10))
+	buf := make([]byte, 3<<13)
+	for i := range buf {
+		buf[i] = byte(rng.Uint32())
+	}
+	for _, n := range []int{0, 1, 7, 512, 4096, 8192} {
+		s := NewShifter(int64(n))
+		if s.Len() != int64(n) {
+			t.Fatalf("Len %d, want %d", s.Len(), n)
+		}
+		for range 100 {
+			na := rng.IntN(len(buf) - n)
+			a, b := buf[:na], buf[na:na+n]
+			if got, want := s.Combine(Checksum(a), Checksum(b)), Checksum(buf[:na+n]); got != want {
+				t.Fatalf("Shifter(%d).Combine after %d bytes = %08x, want %08x", n, na, got, want)
+			}
+		}
+	}
+}
+
+func BenchmarkShifterCombine(b *testing.B) {
+	s := NewShifter(4096)
+	for i := 0; b.Loop(); i++ {
+		s.Combine(uint32(i), uint32(i*3))
+	}
+}

@@ -4,7 +4,6 @@ import (
 	"crypto/cipher"
 	"crypto/rand"
 	"crypto/subtle"
-	"encoding/binary"
 	"errors"
 	"fmt"
 
@@ -74,9 +73,7 @@ func (f *crcFrame) tag(t []byte, nonce, body, ad []byte) {
 	c = crc32c.Update(c, nonce)
 	c = crc32c.Update(c, ad)
 	c = crc32c.Update(c, body)
-	binary.BigEndian.PutUint32(t[0:4], c)
-	binary.BigEndian.PutUint32(t[4:8], uint32(len(body)))
-	copy(t[8:16], crcTagMark)
+	putCRCTag(t, c, len(body))
 }
 
 func (f *crcFrame) Seal(dst, nonce, plaintext, ad []byte) []byte {

@@ -4,10 +4,14 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"math/rand/v2"
 	"testing"
+	"unsafe"
 
+	"github.com/bs3/bs3/internal/crc32c"
 	"github.com/bs3/bs3/internal/store"
 	"github.com/bs3/bs3/internal/store/mem"
+	"github.com/bs3/bs3/internal/store/s3"
 	"github.com/bs3/bs3/internal/store/storetest"
 	"github.com/bs3/bs3/internal/testutil/minio"
 )
@@ -113,5 +117,103 @@ func TestPutVSealsAcrossPieces(t *testing.T) {
 		if _, err := s.GetRange(ctx, name, 0, make([]byte, len(body))); !errors.Is(err, store.ErrCorrupt) {
 			t.Fatalf("%s: a flipped byte read back with err %v, want ErrCorrupt", kind, err)
 		}
+	}
+}
+
+// TestFramedMatchesSealed: a checksum-only put framed around the caller's
+// pieces (framed.go) stores byte for byte what sealing a copy stores, for
+// bodies cut at segment boundaries, inside segments and into empty
+// pieces, without copying any of the body, and the stored bytes'
+// checksum it returns is theirs.
+func TestFramedMatchesSealed(t *testing.T) {
+	s := newChecksummed(t, mem.New())
+	rng := rand.New(rand.NewPCG(3, 4))
+	name := store.DataName(7)
+	var salt [saltSize]byte
+	for _, size := range []int{0, 1, SegmentSize - 1, SegmentSize, SegmentSize + 1, 3*SegmentSize + 1234, 64 << 10} {
+		body := make([]byte, size)
+		for i := range body {
+			body[i] = byte(rng.Uint32())
+		}
+		for trial := range 8 {
+			// Trial 0: one piece; 1: cut at segment boundaries; then
+			// random cuts, some empty.
+			var pieces [][]byte
+			switch rest := body; trial {
+			case 0:
+				pieces = [][]byte{body}
+			case 1:
+				for len(rest) > SegmentSize {
+					pieces, rest = append(pieces, rest[:SegmentSize]), rest[SegmentSize:]
+				}
+				pieces = append(pieces, rest)
+			default:
+				for len(rest) > 0 {
+					n := min(len(rest), rng.IntN(2*SegmentSize))
+					pieces, rest = append(pieces, rest[:n]), rest[n:]
+				}
+			}
+			for i := range salt {
+				salt[i] = byte(rng.Uint32())
+			}
+			want := make([]byte, SealedSize(int64(size)))
+			if err := s.sealWith(want, name, [][]byte{body}, salt); err != nil {
+				t.Fatal(err)
+			}
+			fp := new(framedPut)
+			crc := s.frame(fp, name, pieces, salt)
+			got := store.Join(fp.pieces)
+			if !bytes.Equal(got, want) {
+				t.Fatalf("%d bytes in %d pieces: framed form differs from the sealed one", size, len(pieces))
+			}
+			if crc != crc32c.Checksum(want) {
+				t.Fatalf("%d bytes in %d pieces: checksum %08x, stored bytes have %08x", size, len(pieces), crc, crc32c.Checksum(want))
+			}
+			// Nothing is copied: every piece is the caller's memory or
+			// the framing's.
+			for _, p := range fp.pieces {
+				if !within(p, body) && !within(p, fp.frame) {
+					t.Fatalf("%d bytes in %d pieces: a piece of %d bytes is a copy", size, len(pieces), len(p))
+				}
+			}
+		}
+	}
+}
+
+// within reports whether p lies in b's memory.
+func within(p, b []byte) bool {
+	if len(p) == 0 || len(b) == 0 {
+		return false
+	}
+	start := uintptr(unsafe.Pointer(&b[0]))
+	at := uintptr(unsafe.Pointer(&p[0]))
+	return at >= start && at+uintptr(len(p)) <= start+uintptr(len(b))
+}
+
+// TestFramedPutVerifiedByMinIO: a checksum-only object put from pieces
+// reaches MinIO with the payload checksum combined while framing, which
+// MinIO verifies, and reads back whole.
+func TestFramedPutVerifiedByMinIO(t *testing.T) {
+	ctx := context.Background()
+	srv := minio.Start(t)
+	o := srv.Options(t, srv.Bucket(t))
+	o.PayloadChecksum = s3.PayloadCRC32C
+	raw := srv.StoreWith(t, o)
+	if mode, err := raw.ProbePayloadChecksum(ctx, "payload-probe"); err != nil || mode != s3.PayloadCRC32C {
+		t.Fatalf("payload mode %q (%v), want crc32c", mode, err)
+	}
+	s := newChecksummed(t, raw)
+	body := make([]byte, 1<<20+5000)
+	for i := range body {
+		body[i] = byte(i*7 + i>>12)
+	}
+	pieces := [][]byte{body[:32<<10], body[32<<10 : 96<<10], body[96<<10 : 96<<10+100], body[96<<10+100:]}
+	name := store.DataName(9)
+	if err := s.PutV(ctx, name, pieces, true); err != nil {
+		t.Fatalf("PutV: %v", err)
+	}
+	got := make([]byte, len(body))
+	if n, err := s.GetRange(ctx, name, 0, got); err != nil || n != len(body) || !bytes.Equal(got, body) {
+		t.Fatalf("read back %d bytes (%v), equal %v", n, err, bytes.Equal(got[:n], body[:n]))
 	}
 }

@@ -92,6 +92,9 @@ type Store struct {
 	bufs  sync.Pool // *[]byte scratch for sealed bytes
 	// failure says what a segment that does not open failed.
 	failure string
+	// checksumOnly: the crcSuite framing, whose segment bodies are the
+	// plaintext, so puts send the caller's bytes (framed.go).
+	checksumOnly bool
 	// cacheKey seals the read cache's disk files (cachekey.go); nil for
 	// a store built on a benchmark suite or the checksum-only framing.
 	cacheKey []byte
@@ -132,6 +135,7 @@ func newWithSuite(inner store.Store, su suite, volumeSeal []byte) (*Store, error
 	s := &Store{inner: inner, suite: su, aeads: c, failure: "authentication failed"}
 	if _, ok := su.(crcSuite); ok {
 		s.failure = "checksum mismatch"
+		s.checksumOnly = true
 	}
 	copy(s.seal[:], volumeSeal)
 	return s, nil
@@ -230,6 +234,9 @@ func (s *Store) PutV(ctx context.Context, name string, body [][]byte, ifAbsent b
 	if Clear(name) {
 		return store.PutPieces(ctx, s.inner, name, body, ifAbsent)
 	}
+	if vw, ok := s.inner.(store.VectorWriter); ok && s.checksumOnly {
+		return s.putFramed(ctx, vw, name, body, ifAbsent)
+	}
 	buf := s.getBuf(int(SealedSize(int64(store.PiecesLen(body)))))
 	defer s.putBuf(buf)
 	if err := s.sealInto(*buf, name, body); err != nil {
@@ -242,9 +249,22 @@ func (s *Store) PutV(ctx context.Context, name string, body [][]byte, ifAbsent b
 // which has exactly SealedSize of its length bytes.
 func (s *Store) sealInto(out []byte, name string, body [][]byte) error {
 	var salt [saltSize]byte
-	if _, err := rand.Read(salt[:]); err != nil {
+	if err := newSalt(salt[:], name); err != nil {
+		return err
+	}
+	return s.sealWith(out, name, body, salt)
+}
+
+// newSalt fills salt with a new object's random salt.
+func newSalt(salt []byte, name string) error {
+	if _, err := rand.Read(salt); err != nil {
 		return fmt.Errorf("seal %s: salt: %w", name, err)
 	}
+	return nil
+}
+
+// sealWith is sealInto with the given salt.
+func (s *Store) sealWith(out []byte, name string, body [][]byte, salt [saltSize]byte) error {
 	aead, err := s.suite.aead(salt[:])
 	if err != nil {
 		return fmt.Errorf("seal %s: %w", name, err)

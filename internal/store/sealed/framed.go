@@ -1,0 +1,124 @@
+package sealed
+
+import (
+	"context"
+	"encoding/binary"
+	"sync"
+
+	"github.com/bs3/bs3/internal/crc32c"
+	"github.com/bs3/bs3/internal/store"
+)
+
+// Checksum-only objects are put without copying their plaintext
+// (docs/ARCHITECTURE.md §16.6, §18): a segment's body is stored as it is,
+// so the stored object is the caller's pieces with the framing (salt,
+// tags) between them, and an inner store that takes pieces sends it with
+// no copy. Each segment's bytes are checksummed once; the tag and the
+// checksum of the whole stored object, which the S3 store sends as the
+// payload checksum, are both combined from that one pass instead of
+// reading the segment again for each.
+
+// segShift combines a checksum with that of a full segment's body.
+var segShift = crc32c.NewShifter(SegmentSize)
+
+// framedPut is the scratch of one framed put, pooled: a 4 MiB chunk has
+// over a thousand segments, each with its framing and at least two
+// pieces.
+type framedPut struct {
+	frame  []byte   // salt | tag 0 | salt | tag 1 | ... | tag n-1
+	pieces [][]byte // salt, body 0 (one or more parts), tag 0 + salt, body 1, ..., tag n-1
+}
+
+var framedPuts = sync.Pool{New: func() any { return new(framedPut) }}
+
+// putFramed puts the checksum-only form of the concatenation of body
+// under name through vw (the inner store).
+func (s *Store) putFramed(ctx context.Context, vw store.VectorWriter, name string, body [][]byte, ifAbsent bool) error {
+	var salt [saltSize]byte
+	if err := newSalt(salt[:], name); err != nil {
+		return err
+	}
+	fp := framedPuts.Get().(*framedPut)
+	defer func() {
+		clear(fp.pieces) // no reference to the caller's memory stays in the pool
+		fp.pieces = fp.pieces[:0]
+		framedPuts.Put(fp)
+	}()
+	crc := s.frame(fp, name, body, salt)
+	return vw.PutV(store.WithPiecesCRC32C(ctx, fp.pieces, crc), name, fp.pieces, ifAbsent)
+}
+
+// frame fills fp with the stored form of the concatenation of body
+// sealed with salt under the checksum-only framing, byte for byte what
+// sealInto writes, and returns the CRC32C of those stored bytes. The
+// segments' bodies are body's own memory: a segment that spans pieces is
+// stored from its parts, never gathered.
+func (s *Store) frame(fp *framedPut, name string, body [][]byte, salt [saltSize]byte) uint32 {
+	total := store.PiecesLen(body)
+	segs := max(1, (total+SegmentSize-1)/SegmentSize)
+	fp.frame = grow(fp.frame, segs*(tagSize+saltSize))
+	fp.pieces = fp.pieces[:0]
+	copy(fp.frame, salt[:])
+	fp.pieces = append(fp.pieces, fp.frame[:saltSize])
+	// The tag's checksum covers salt | nonce | associated data | body:
+	// the salt's part is the same for every segment.
+	saltCRC := crc32c.Checksum(salt[:])
+	stored := saltCRC // of the stored bytes so far
+	var nb [24]byte
+	ad := s.ad(make([]byte, 0, len(adPrefix)+16+9+len(name)), name, 0, false)
+	p, in := 0, 0 // the piece and the offset in it where the next segment starts
+	for i := range segs {
+		n := min(SegmentSize, total-i*SegmentSize)
+		// The segment's body: one piece, or the parts of several (pieces
+		// not cut at segment boundaries), checksummed part by part.
+		var bodyCRC uint32
+		for k := 0; k < n; {
+			for in == len(body[p]) {
+				p, in = p+1, 0
+			}
+			part := body[p][in:min(len(body[p]), in+n-k)]
+			fp.pieces = append(fp.pieces, part)
+			bodyCRC = crc32c.Update(bodyCRC, part)
+			k, in = k+len(part), in+len(part)
+		}
+		final := i == segs-1
+		setADSegment(ad, uint64(i), final)
+		prefix := crc32c.Update(crc32c.Update(saltCRC, crcSuite{}.nonce(nb[:], salt[:], uint64(i))), ad)
+		var tagCRC uint32
+		if n == SegmentSize {
+			tagCRC = segShift.Combine(prefix, bodyCRC)
+			stored = segShift.Combine(stored, bodyCRC)
+		} else {
+			tagCRC = crc32c.Combine(prefix, bodyCRC, int64(n))
+			stored = crc32c.Combine(stored, bodyCRC, int64(n))
+		}
+		at := saltSize + i*(tagSize+saltSize)
+		t := fp.frame[at : at+tagSize]
+		putCRCTag(t, tagCRC, n)
+		framing := t // the tag, and the next segment's salt unless final
+		if !final {
+			framing = fp.frame[at : at+tagSize+saltSize]
+			copy(framing[tagSize:], salt[:])
+		}
+		fp.pieces = append(fp.pieces, framing)
+		stored = crc32c.Update(stored, framing)
+	}
+	return stored
+}
+
+// grow returns b resized to n bytes, reusing its memory when it is large
+// enough.
+func grow(b []byte, n int) []byte {
+	if cap(b) < n {
+		return make([]byte, n)
+	}
+	return b[:n]
+}
+
+// putCRCTag writes the checksum-only tag of a segment body of n bytes
+// whose checksum (salt, nonce, associated data and body) is crc.
+func putCRCTag(t []byte, crc uint32, n int) {
+	binary.BigEndian.PutUint32(t[0:4], crc)
+	binary.BigEndian.PutUint32(t[4:8], uint32(n))
+	copy(t[8:16], crcTagMark)
+}
