@@ -33,7 +33,8 @@ type Builder struct {
 	// data area so far (contiguous: one window, the whole data area).
 	win   int64
 	wins  [][]byte
-	alloc func() []byte // windowed: a new window
+	alloc func() []byte   // windowed: a new window
+	shift *crc32c.Shifter // windowed: combines a whole window's checksum
 	// dataCRC is the CRC32C of the data area so far, updated as each
 	// item's data is copied in (while it is in the CPU's cache).
 	dataCRC uint32
@@ -65,7 +66,8 @@ func NewWindowed(l Layout, meta []byte, window int64, alloc func() []byte) *Buil
 	if int64(len(meta)) < md || window <= 0 {
 		panic(fmt.Sprintf("chunk.NewWindowed: metadata buffer of %d bytes (layout needs %d), window %d", len(meta), md, window))
 	}
-	return &Builder{l: l, meta: meta[:md], md: md, slots: int(l.MaxItems()), end: md, win: window, alloc: alloc}
+	return &Builder{l: l, meta: meta[:md], md: md, slots: int(l.MaxItems()), end: md, win: window, alloc: alloc,
+		shift: crc32c.NewShifter(window)}
 }
 
 // Reset empties the builder for the next chunk. Old contents stay in the
@@ -133,6 +135,68 @@ func (b *Builder) Add(it Item, data []byte) int64 {
 		n := copy(dst, data[:min(len(data), crcPiece)])
 		b.dataCRC = crc32c.Update(b.dataCRC, dst[:n])
 		data = data[n:]
+		d += int64(n)
+	}
+	b.end += need
+	return off
+}
+
+// AddWindows is Add for an item whose data is held in src, windows of
+// srcWin bytes (the last may be shorter): the it.Bytes() bytes starting
+// at byte at of their concatenation. crcs, when not nil, holds the
+// CRC32C of each source window's bytes, combined into the data checksum
+// for a window taken whole instead of reading it again. Where the data area reaches the
+// start of a window of its own just as the item's data reaches the start
+// of a source window, and the item's data covers that source window to
+// its end, a windowed builder takes the source window as its own window
+// instead of copying it, and sets src's entry to nil: it is the
+// builder's from then on, and the caller must not touch it again (its
+// further data goes into the rest of it, and the engine hands it on with
+// the chunk). Everything else is copied as Add copies. A frontend that
+// reads a write's payload into windows of the builder's size thus puts
+// it into the chunk without a copy (docs/ARCHITECTURE.md §18).
+//
+// Misuse panics as with Add; src must hold at+it.Bytes() bytes.
+func (b *Builder) AddWindows(it Item, src [][]byte, crcs []uint32, srcWin, at int64) int64 {
+	need := it.Bytes()
+	if !it.HasData() || it.Length == 0 || !b.Fits(need) || srcWin <= 0 || at < 0 {
+		panic(fmt.Sprintf("chunk.Builder.AddWindows: item %+v with %d bytes at %d of %d-byte windows does not fit (data end %d of %d)", it, need, at, srcWin, b.end, b.md+b.l.ChunkSize))
+	}
+	PutItem(b.meta, b.items, it)
+	b.items++
+	off := b.end
+	d := off - b.md
+	adopt := b.buf == nil && srcWin == b.win
+	for x, end := at, at+need; x < end; {
+		j, sin := int(x/srcWin), x%srcWin
+		if j >= len(src) || src[j] == nil || sin >= int64(len(src[j])) {
+			panic(fmt.Sprintf("chunk.Builder.AddWindows: no source data at byte %d", x))
+		}
+		w, in := int(d/b.win), d%b.win
+		if sw := src[j]; adopt && in == 0 && sin == 0 && w == len(b.wins) &&
+			int64(cap(sw)) >= b.win && x+int64(len(sw)) <= end {
+			b.wins = append(b.wins, sw[:b.win])
+			switch {
+			case crcs == nil:
+				b.dataCRC = crc32c.Update(b.dataCRC, sw)
+			case int64(len(sw)) == b.win:
+				b.dataCRC = b.shift.Combine(b.dataCRC, crcs[j])
+			default:
+				b.dataCRC = crc32c.Combine(b.dataCRC, crcs[j], int64(len(sw)))
+			}
+			src[j] = nil
+			x += int64(len(sw))
+			d += int64(len(sw))
+			continue
+		}
+		if w == len(b.wins) {
+			b.wins = append(b.wins, b.alloc()[:b.win])
+		}
+		piece := src[j][sin:min(int64(len(src[j])), sin+end-x)]
+		dst := b.wins[w][in:]
+		n := copy(dst, piece[:min(len(piece), crcPiece)])
+		b.dataCRC = crc32c.Update(b.dataCRC, dst[:n])
+		x += int64(n)
 		d += int64(n)
 	}
 	b.end += need

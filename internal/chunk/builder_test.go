@@ -2,10 +2,11 @@ package chunk_test
 
 import (
 	"bytes"
-	"github.com/bs3/bs3/internal/crc32c"
+	"fmt"
 	"testing"
 
 	"github.com/bs3/bs3/internal/chunk"
+	"github.com/bs3/bs3/internal/crc32c"
 )
 
 func pattern(n int, seed byte) []byte {
@@ -251,5 +252,121 @@ func TestWindowedBuilderMatchesContiguous(t *testing.T) {
 	wb.Reset()
 	if d := wb.Data(); d != nil {
 		t.Fatalf("an empty builder's Data() = %d pieces", len(d))
+	}
+}
+
+// TestAddWindowsAdoptsAlignedWindows: items added from source windows
+// build the same chunk as Add (metadata, data, checksum) in every
+// alignment, and a windowed builder takes exactly the source windows
+// that start a window of its data area and that the item covers to their
+// end, as they are (same memory, its entry in src set to nil), copying
+// the rest; the data checksum combined from the source windows' own is
+// the data's. A contiguous builder, or source windows of another size,
+// copy everything.
+func TestAddWindowsAdoptsAlignedWindows(t *testing.T) {
+	l := chunk.Layout{ChunkSize: 256 << 10, BlockSize: 4096}
+	const win = 16 << 10
+	mkWins := func(data []byte, size int) [][]byte {
+		var src [][]byte
+		for len(data) > 0 {
+			w := make([]byte, size)
+			n := copy(w, data)
+			src, data = append(src, w[:n]), data[n:]
+		}
+		return src
+	}
+	type add struct {
+		size int // bytes of the write
+		cuts []int
+	}
+	// Each case: writes, each added as items cut at the given payload
+	// offsets (collision areas, chunk ends), and the source windows
+	// expected to be adopted, by write and window.
+	for _, tc := range []struct {
+		name   string
+		writes []add
+		adopt  [][]int
+	}{
+		{"aligned whole windows", []add{{64 << 10, nil}}, [][]int{{0, 1, 2, 3}}},
+		{"partial last window", []add{{40 << 10, nil}, {8 << 10, nil}}, [][]int{{0, 1, 2}, nil}},
+		{"after an unaligned write", []add{{4 << 10, nil}, {64 << 10, nil}}, [][]int{{0}, nil}},
+		{"realigned", []add{{12 << 10, nil}, {4 << 10, nil}, {32 << 10, nil}}, [][]int{{0}, nil, {0, 1}}},
+		// The data area and the payload realign once the copy reaches
+		// the next window.
+		{"cut inside a window", []add{{64 << 10, []int{20 << 10}}}, [][]int{{0, 2, 3}}},
+		{"cut at a window", []add{{64 << 10, []int{32 << 10}}}, [][]int{{0, 1, 2, 3}}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			wb := chunk.NewWindowed(l, make([]byte, l.MetadataSize()), win, func() []byte { return make([]byte, win) })
+			cb := chunk.NewBuilder(l, make([]byte, l.BufferSize()))
+			other := chunk.NewWindowed(l, make([]byte, l.MetadataSize()), win, func() []byte { return make([]byte, win) })
+			ref := chunk.NewBuilder(l, make([]byte, l.BufferSize()))
+			sector := uint64(0)
+			for wi, w := range tc.writes {
+				data := pattern(w.size, byte(wi*29+1))
+				src, csrc, osrc := mkWins(data, win), mkWins(data, win), mkWins(data, win/2)
+				orig := append([][]byte(nil), src...)
+				crcs := make([]uint32, len(src))
+				for j, w := range src {
+					crcs[j] = crc32c.Checksum(w)
+				}
+				bounds := append(append([]int{0}, w.cuts...), w.size)
+				for k := 0; k+1 < len(bounds); k++ {
+					at, n := bounds[k], bounds[k+1]-bounds[k]
+					it := chunk.Item{Sector: sector, Length: uint64(n / 512), Seqno: uint64(wi + 1), Flag: chunk.OpWrite}
+					sector += uint64(n / 512)
+					wo := wb.AddWindows(it, src, crcs, win, int64(at)) // checksums combined
+					co := cb.AddWindows(it, csrc, nil, win, int64(at))
+					oo := other.AddWindows(it, osrc, nil, win/2, int64(at)) // another size: copied
+					ro := ref.Add(it, data[at:at+n])
+					if wo != ro || co != ro || oo != ro {
+						t.Fatalf("write %d item %d: data offsets %d %d %d, Add gives %d", wi, k, wo, co, oo, ro)
+					}
+				}
+				var adopted []int
+				for j := range src {
+					if src[j] == nil {
+						adopted = append(adopted, j)
+					} else if &src[j][0] != &orig[j][0] {
+						t.Fatalf("write %d: window %d replaced, not adopted", wi, j)
+					}
+				}
+				if fmt.Sprint(adopted) != fmt.Sprint(tc.adopt[wi]) && !(len(adopted) == 0 && len(tc.adopt[wi]) == 0) {
+					t.Fatalf("write %d: adopted windows %v, want %v", wi, adopted, tc.adopt[wi])
+				}
+				for j := range csrc {
+					if csrc[j] == nil {
+						t.Fatalf("write %d: a contiguous builder took window %d", wi, j)
+					}
+				}
+				// The adopted windows are the builder's windows, same memory.
+				for _, j := range adopted {
+					found := false
+					for _, p := range wb.Data() {
+						found = found || &p[0] == &orig[j][0]
+					}
+					if !found {
+						t.Fatalf("write %d: adopted window %d is not among the builder's windows", wi, j)
+					}
+				}
+			}
+			body := ref.Seal()
+			md := l.MetadataSize()
+			for name, b := range map[string]*chunk.Builder{"windowed": wb, "other size": other} {
+				if b.DataCRC() != ref.DataCRC() || b.Len() != ref.Len() {
+					t.Fatalf("%s: crc %08x len %d, Add gives %08x %d", name, b.DataCRC(), b.Len(), ref.DataCRC(), ref.Len())
+				}
+				if got := bytes.Join(b.Data(), nil); !bytes.Equal(got, body[md:]) {
+					t.Fatalf("%s: data area differs from Add's", name)
+				}
+				l.ZeroTail(b.Metadata(), b.Items())
+				if !bytes.Equal(b.Metadata(), body[:md]) {
+					t.Fatalf("%s: metadata differs from Add's", name)
+				}
+			}
+			if got := cb.Seal(); !bytes.Equal(got, body) {
+				t.Fatal("contiguous: chunk differs from Add's")
+			}
+		})
 	}
 }

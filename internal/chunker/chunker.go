@@ -18,6 +18,7 @@ import (
 	"fmt"
 	"sort"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/rs/zerolog"
@@ -69,6 +70,9 @@ type WindowedEngine interface {
 	// engine's, and the caller must not touch them again; until then,
 	// and when it fails before, they stay the caller's.
 	CommitWindows(ctx context.Context, key int64, md []byte, data [][]byte, items int) error
+	// RecycleWindow takes back a window from ChunkWindow's source that
+	// no chunk kept (a write's payload window that was copied).
+	RecycleWindow(w []byte)
 }
 
 // Options configure a Chunker.
@@ -146,7 +150,9 @@ type Chunker struct {
 
 	ur     UnappliedReader // e, when it is one; nil otherwise
 	we     WindowedEngine  // e, when its chunks are built in its windows; nil otherwise
-	md     int64           // metadata area size: data offsets in a buffer start here
+	win    int64           // with we: the window size and source
+	alloc  func() []byte
+	md     int64 // metadata area size: data offsets in a buffer start here
 	maxInf int
 
 	mu       sync.Mutex
@@ -167,11 +173,15 @@ type Chunker struct {
 
 	stop     chan struct{}
 	loopDone chan struct{}
+
+	// adopted counts the payload windows chunks took without a copy.
+	adopted atomic.Int64
 }
 
 var (
-	_ frontend.Device    = (*Chunker)(nil)
-	_ frontend.TryWriter = (*Chunker)(nil)
+	_ frontend.Device       = (*Chunker)(nil)
+	_ frontend.TryWriter    = (*Chunker)(nil)
+	_ frontend.WindowWriter = (*Chunker)(nil)
 )
 
 // DefaultCollisionArea is CollisionArea when Options leave it 0, that of
@@ -218,7 +228,7 @@ func New(e Engine, o Options) *Chunker {
 	var alloc func() []byte
 	if we, ok := e.(WindowedEngine); ok && c.ur != nil {
 		if win, alloc = we.ChunkWindow(o.Buffers); win > 0 {
-			c.we = we
+			c.we, c.win, c.alloc = we, win, alloc
 		}
 	}
 	c.cond = sync.NewCond(&c.mu)
@@ -374,17 +384,28 @@ func (c *Chunker) noteLocked(p *pending, block, n, off int64) {
 	}
 }
 
-// appendLocked adds one item of length bytes at off (data may be nil for
-// data-less ops) to open chunks, splitting it when a chunk fills up, and
-// records the chunks it went to.
-func (c *Chunker) appendLocked(off, length int64, data []byte, op uint64, seq uint64, touched *[]part) error {
+// payload is a write's data: one slice, or the windows of WriteWindows,
+// which a windowed chunk takes as they are where they line up with its
+// own windows.
+type payload struct {
+	b    []byte
+	wins [][]byte
+	crcs []uint32 // with wins: their checksums, or nil
+	win  int64    // with wins: their size
+}
+
+// appendLocked adds one item of length bytes at off to open chunks,
+// splitting it when a chunk fills up, and records the chunks it went to.
+// Its data is src from byte at; src is nil for data-less ops.
+func (c *Chunker) appendLocked(off, length int64, src *payload, at int64, op uint64, seq uint64, touched *[]part) error {
+	data := src != nil
 	for length > 0 {
 		p, err := c.openLocked()
 		if err != nil {
 			return err
 		}
 		n, need := length, int64(0) // need: data bytes the item takes
-		if data != nil {
+		if data {
 			room := (c.layout.BufferSize() - p.b.Len()) / c.bs * c.bs
 			n = min(n, room)
 			need = n
@@ -394,12 +415,16 @@ func (c *Chunker) appendLocked(off, length int64, data []byte, op uint64, seq ui
 			continue
 		}
 		it := chunk.Item{Sector: uint64(off / chunk.SectorSize), Length: uint64(n / chunk.SectorSize), Seqno: seq, Flag: op}
-		var d []byte
-		if data != nil {
-			d = data[:n]
-			data = data[n:]
+		var dataOff int64
+		switch {
+		case !data:
+			dataOff = p.b.Add(it, nil)
+		case src.wins != nil:
+			dataOff = p.b.AddWindows(it, src.wins, src.crcs, src.win, at)
+		default:
+			dataOff = p.b.Add(it, src.b[at:at+n])
 		}
-		dataOff := p.b.Add(it, d)
+		at += n
 		c.noteLocked(p, off/c.bs, n/c.bs, dataOff)
 		if k := len(*touched); k == 0 || (*touched)[k-1].p != p {
 			*touched = append(*touched, part{p: p})
@@ -461,7 +486,7 @@ func (c *Chunker) WriteAt(ctx context.Context, data []byte, off int64, fua bool)
 	if err := c.usableLocked(); err != nil {
 		return err
 	}
-	return c.writeLocked(data, off, fua)
+	return c.writeLocked(&payload{b: data}, int64(len(data)), off, fua)
 }
 
 // MaxTryWrite is the largest write TryWriteAt takes: small enough that it
@@ -490,7 +515,74 @@ func (c *Chunker) TryWriteAt(data []byte, off int64) (bool, error) {
 	if !c.canTakeLocked(off, n) {
 		return false, nil
 	}
-	return true, c.writeLocked(data, off, false)
+	return true, c.writeLocked(&payload{b: data}, n, off, false)
+}
+
+// PayloadWindow implements frontend.WindowWriter: a window of the
+// engine's read cache, the memory the chunks are built in; nil when the
+// chunks are not built in windows (no read cache).
+func (c *Chunker) PayloadWindow() []byte {
+	if c.we == nil {
+		return nil
+	}
+	return c.alloc()[:c.win]
+}
+
+// WriteWindows implements frontend.WindowWriter: WriteAt of the n bytes
+// in wins, windows from PayloadWindow, with their checksums crcs (or
+// nil). Windows that line up with the
+// chunk's own become its windows as they are (chunk.Builder.AddWindows),
+// so a large aligned write reaches its chunk without a copy; the others
+// are copied and recycled.
+func (c *Chunker) WriteWindows(ctx context.Context, wins [][]byte, crcs []uint32, n, off int64, fua bool) error {
+	defer func() { // after c.mu is released
+		for _, w := range wins {
+			if w == nil {
+				c.adopted.Add(1)
+			}
+		}
+		c.RecycleWindows(wins) // those no chunk took
+	}()
+	if !c.fillsWindows(wins, n) {
+		return fmt.Errorf("write of %d bytes in %d windows not filled as %d-byte windows from PayloadWindow: %w", n, len(wins), c.win, frontend.ErrInvalid)
+	}
+	if err := c.check(off, n); err != nil {
+		return err
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if err := c.usableLocked(); err != nil {
+		return err
+	}
+	if len(crcs) != len(wins) {
+		crcs = nil
+	}
+	return c.writeLocked(&payload{wins: wins, crcs: crcs, win: c.win}, n, off, fua)
+}
+
+// fillsWindows reports whether wins hold n bytes as WriteWindows takes
+// them: every window full but the last, which is not empty.
+func (c *Chunker) fillsWindows(wins [][]byte, n int64) bool {
+	if c.we == nil || len(wins) == 0 {
+		return false
+	}
+	for i, w := range wins {
+		if int64(cap(w)) < c.win || (i < len(wins)-1 && int64(len(w)) != c.win) {
+			return false
+		}
+	}
+	return len(wins[len(wins)-1]) > 0 && int64(len(wins)-1)*c.win+int64(len(wins[len(wins)-1])) == n
+}
+
+// RecycleWindows implements frontend.WindowWriter: the windows of wins
+// that are not nil go back to the engine's source.
+func (c *Chunker) RecycleWindows(wins [][]byte) {
+	for i, w := range wins {
+		if w != nil && c.we != nil {
+			c.we.RecycleWindow(w)
+		}
+		wins[i] = nil
+	}
 }
 
 // canTakeLocked reports whether a write of n bytes at off goes into
@@ -514,17 +606,16 @@ func (c *Chunker) canTakeLocked(off, n int64) bool {
 	return len(c.free) > 0 && inflight < c.maxInf
 }
 
-// writeLocked puts a checked write into chunks and acknowledges it (with
-// fua, once committed).
-func (c *Chunker) writeLocked(data []byte, off int64, fua bool) error {
+// writeLocked puts a checked write of n bytes into chunks and
+// acknowledges it (with fua, once committed).
+func (c *Chunker) writeLocked(data *payload, n, off int64, fua bool) error {
 	touched := c.touched[:0]
 	var err error
-	c.seq.Split(off, int64(len(data)), func(o, l int64, seq uint64) {
+	c.seq.Split(off, n, func(o, l int64, seq uint64) {
 		if err != nil {
 			return
 		}
-		start := o - off
-		err = c.appendLocked(o, l, data[start:start+l], chunk.OpWrite, seq, &touched)
+		err = c.appendLocked(o, l, data, o-off, chunk.OpWrite, seq, &touched)
 	})
 	if err != nil {
 		if len(touched) > 0 {
@@ -568,7 +659,7 @@ func (c *Chunker) Zero(ctx context.Context, off, length int64, discard, fua bool
 		var err error
 		c.seq.Split(r[0]*c.bs, r[1]*c.bs, func(o, l int64, seq uint64) {
 			if err == nil {
-				err = c.appendLocked(o, l, nil, op, seq, &touched)
+				err = c.appendLocked(o, l, nil, 0, op, seq, &touched)
 			}
 		})
 		if err != nil {

@@ -8,3 +8,7 @@ func (c *Chunker) Buffers() (inUse, total int) {
 	defer c.mu.Unlock()
 	return c.o.Buffers - len(c.free), c.o.Buffers
 }
+
+// AdoptedWindows is how many payload windows (WriteWindows) chunks took
+// as they are, without copying them.
+func (c *Chunker) AdoptedWindows() int64 { return c.adopted.Load() }

@@ -277,3 +277,11 @@ func (e *Engine) abandon() {
 		e.Proxy.Close()
 	}
 }
+
+// The volume is what the chunker writes through, with every optional
+// part: a volume that stopped being one would silently lose them (the
+// chunker finds them by type assertion).
+var (
+	_ chunker.UnappliedReader = (*volume.Volume)(nil)
+	_ chunker.WindowedEngine  = (*volume.Volume)(nil)
+)

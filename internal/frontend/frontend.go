@@ -51,3 +51,26 @@ type TryWriter interface {
 	// changes nothing; the caller then uses WriteAt.
 	TryWriteAt(p []byte, off int64) (bool, error)
 }
+
+// WindowWriter is implemented by devices that build their chunks in
+// windows of memory of one size (the read cache's): a frontend that
+// reads a large write's payload into such windows hands them over, and
+// the device keeps those that line up with its chunk as they are instead
+// of copying them (docs/ARCHITECTURE.md §18).
+type WindowWriter interface {
+	// PayloadWindow returns a new window, its length the window size;
+	// nil when the device takes no windows (then WriteAt is the way),
+	// which a device decides once: it never changes between calls.
+	PayloadWindow() []byte
+	// WriteWindows is WriteAt of the n bytes in wins, windows from
+	// PayloadWindow, every one full but the last. crcs, when not nil,
+	// holds the CRC32C of each window's bytes, taken as the caller
+	// filled them (while they were in the CPU's cache), so the device
+	// need not read them again for its checksums. It takes all the
+	// windows, whatever it returns: the caller must not touch them
+	// afterwards.
+	WriteWindows(ctx context.Context, wins [][]byte, crcs []uint32, n, off int64, fua bool) error
+	// RecycleWindows takes back windows from PayloadWindow that are not
+	// given to WriteWindows (the payload never arrived whole).
+	RecycleWindows(wins [][]byte)
+}

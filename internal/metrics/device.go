@@ -2,6 +2,7 @@ package metrics
 
 import (
 	"context"
+	"fmt"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -145,6 +146,35 @@ func (d *device) TryWriteAt(p []byte, off int64) (bool, error) {
 		d.m.ops[devWrite].done(start, int64(len(p)), err, true)
 	}
 	return done, err
+}
+
+// PayloadWindow forwards to the device when it is a
+// frontend.WindowWriter; otherwise it takes no windows.
+func (d *device) PayloadWindow() []byte {
+	if ww, ok := d.Device.(frontend.WindowWriter); ok {
+		return ww.PayloadWindow()
+	}
+	return nil
+}
+
+// WriteWindows forwards to the device (only windows from PayloadWindow
+// reach it) and counts the write as WriteAt does.
+func (d *device) WriteWindows(ctx context.Context, wins [][]byte, crcs []uint32, n, off int64, fua bool) error {
+	ww, ok := d.Device.(frontend.WindowWriter)
+	if !ok {
+		return fmt.Errorf("write windows: the device takes none: %w", frontend.ErrInvalid)
+	}
+	start := time.Now()
+	err := ww.WriteWindows(ctx, wins, crcs, n, off, fua)
+	d.m.ops[devWrite].done(start, n, err, true)
+	return err
+}
+
+// RecycleWindows forwards to the device.
+func (d *device) RecycleWindows(wins [][]byte) {
+	if ww, ok := d.Device.(frontend.WindowWriter); ok {
+		ww.RecycleWindows(wins)
+	}
 }
 
 func (d *device) Zero(ctx context.Context, off, length int64, discard, fua bool) error {

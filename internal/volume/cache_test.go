@@ -22,6 +22,7 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/bs3/bs3/internal/cache"
+	"github.com/bs3/bs3/internal/crc32c"
 	"github.com/bs3/bs3/internal/frontend"
 	"github.com/bs3/bs3/internal/gc"
 	"github.com/bs3/bs3/internal/store"
@@ -338,14 +339,40 @@ func TestCacheConcurrentReadersWriters(t *testing.T) {
 				default:
 				}
 				n := 1 + rng.Int64N(16)
+				windows := w%2 == 1 // half the writers hand their payload over in windows
+				if windows && rng.IntN(2) == 0 {
+					n = 4 * (1 + rng.Int64N(4)) // whole 16 KiB windows
+				}
 				b := int64(w*stripe) + rng.Int64N(stripe-n+1)
 				vers := make([]uint64, n)
+				var wins [][]byte
 				for j := range vers {
 					vers[j] = next.Add(1)
 					issued[b+int64(j)].Store(vers[j])
-					enginetest.BlockVersion(buf[int64(j)*bs:int64(j+1)*bs], b+int64(j), vers[j])
+					dst := buf[int64(j)*bs : int64(j+1)*bs]
+					if windows {
+						if j%4 == 0 {
+							wins = append(wins, e.Dev.PayloadWindow()[:0])
+						}
+						k := len(wins) - 1
+						wins[k] = wins[k][:len(wins[k])+bs]
+						dst = wins[k][len(wins[k])-bs:]
+					}
+					enginetest.BlockVersion(dst, b+int64(j), vers[j])
 				}
-				if err := e.Dev.WriteAt(context.Background(), buf[:n*bs], b*bs, false); err != nil {
+				var err error
+				if windows {
+					var crcs []uint32 // half the time the caller's checksums
+					if rng.IntN(2) == 0 {
+						for _, w := range wins {
+							crcs = append(crcs, crc32c.Checksum(w))
+						}
+					}
+					err = e.Dev.WriteWindows(context.Background(), wins, crcs, n*bs, b*bs, false)
+				} else {
+					err = e.Dev.WriteAt(context.Background(), buf[:n*bs], b*bs, false)
+				}
+				if err != nil {
 					errc <- err
 					return
 				}
@@ -423,8 +450,9 @@ func TestCacheConcurrentReadersWriters(t *testing.T) {
 	}
 	st := rc.Stats()
 	t.Logf("%d reads; cache %+v", reads.Load(), st)
-	if st.Hits == 0 || st.Misses == 0 || st.RAFetches == 0 {
-		t.Errorf("cache hits %d, misses %d, readahead GETs %d: the test did not exercise every path", st.Hits, st.Misses, st.RAFetches)
+	if st.Hits == 0 || st.Misses == 0 || st.RAFetches == 0 || e.Dev.AdoptedWindows() == 0 {
+		t.Errorf("cache hits %d, misses %d, readahead GETs %d, payload windows taken without a copy %d: the test did not exercise every path",
+			st.Hits, st.Misses, st.RAFetches, e.Dev.AdoptedWindows())
 	}
 	if used := rc.MemoryUsed(); used > rc.MemoryLimit() {
 		t.Errorf("memory tier holds %d bytes, over its %d-byte limit", used, rc.MemoryLimit())

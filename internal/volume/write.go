@@ -45,6 +45,14 @@ func (v *Volume) ChunkWindow(chunks int) (size int64, alloc func() []byte) {
 	return w, func() []byte { return v.cache.Buffer(int(w)) }
 }
 
+// RecycleWindow implements chunker.WindowedEngine: a window from
+// ChunkWindow's source that no chunk kept goes back to the cache's pool.
+func (v *Volume) RecycleWindow(w []byte) {
+	if v.cache != nil {
+		v.cache.Recycle(w)
+	}
+}
+
 // CommitWindows implements chunker.WindowedEngine: Commit of a chunk whose
 // metadata area is md and whose data area is data, windows of the read
 // cache (ChunkWindow). The object is uploaded from the pieces as one

@@ -16,6 +16,7 @@ import (
 
 	"github.com/rs/zerolog"
 
+	"github.com/bs3/bs3/internal/crc32c"
 	"github.com/bs3/bs3/internal/frontend"
 )
 
@@ -239,6 +240,9 @@ func (c *conn) handle(req request) bool {
 		if done, ok := c.writeInline(req); done {
 			return ok
 		}
+		if done, ok := c.writeWindows(req); done {
+			return ok
+		}
 		// The offset is not validated yet (the payload must be read to
 		// stay in sync), so scratch is reserved for any misalignment.
 		buf, ok := c.acquire(n, scratchFor(off, n, bs))
@@ -384,6 +388,51 @@ func (c *conn) writeInline(req request) (done, ok bool) {
 	return true, c.deferReply(req.handle, c.errno(werr, req, "write"))
 }
 
+// writeWindows reads a write of at least a window, aligned to the
+// block size, into windows of the device (frontend.WindowWriter), which
+// its chunk keeps as they are where they line up with its own, so the
+// payload is never copied after the socket read. done is false, with
+// nothing read, when the write takes the general path; ok is false when
+// the connection must end.
+func (c *conn) writeWindows(req request) (done, ok bool) {
+	off, n := int64(req.off), int64(req.length)
+	if c.s.ww == nil || n < c.s.winSize || !aligned(off, n, c.s.blockSize) {
+		return false, true
+	}
+	buf, ok := c.acquire(0, n) // the budget only: the windows hold the payload
+	if !ok {
+		return true, false
+	}
+	k := (n + c.s.winSize - 1) / c.s.winSize
+	wins := make([][]byte, k)
+	for i := range wins {
+		wins[i] = c.s.ww.PayloadWindow()
+	}
+	wins[k-1] = wins[k-1][:n-(k-1)*c.s.winSize]
+	// Each window is checksummed right after it is read, while it is in
+	// the CPU's cache: the chunk's checksum is combined from these.
+	crcs := make([]uint32, k)
+	err := c.readPayloadV(wins, func(i int) { crcs[i] = crc32c.Checksum(wins[i]) })
+	if err != nil {
+		c.logReadEnd(err, "read write payload")
+		c.s.ww.RecycleWindows(wins)
+		c.release(buf)
+		return true, false
+	}
+	if e := c.check(req, cmdFlagFUA); e != 0 {
+		c.s.ww.RecycleWindows(wins)
+		c.release(buf)
+		return true, c.reply(req.handle, e, nil)
+	}
+	fua := req.flags&cmdFlagFUA != 0
+	c.dispatch(func() {
+		err := c.s.writeWindows(c.s.devCtx, wins, crcs, n, off, fua)
+		c.release(buf)
+		c.reply(req.handle, c.errno(err, req, "write"), nil)
+	})
+	return true, true
+}
+
 // check validates flags and range; it returns an NBD error or 0. Any
 // alignment is valid.
 func (c *conn) check(req request, allowedFlags uint16) uint32 {
@@ -479,6 +528,12 @@ func (c *conn) release(b *buffer) {
 	c.releaseSlot()
 }
 
+// directRead is the size from which a payload piece is read straight
+// from the connection once the reader's buffer is drained: through the
+// buffer (256 KiB) it would be copied once more. Smaller pieces go
+// through the buffer, which also takes the requests behind them.
+const directRead = 64 << 10
+
 // ioPiece is the most a payload read or reply write does under one
 // deadline: a client that keeps making progress is never cut off.
 const ioPiece = 1 << 20
@@ -487,28 +542,58 @@ const ioPiece = 1 << 20
 // the stall timeout, then clears the deadline: between requests a client
 // may be idle as long as it likes.
 func (c *conn) readPayload(p []byte) error {
+	one := [1][]byte{p}
+	return c.readPayloadV(one[:], nil)
+}
+
+// readPayloadV is readPayload of a payload read into the pieces ps, in
+// order; read(i), when not nil, runs once piece i is read.
+func (c *conn) readPayloadV(ps [][]byte, read func(i int)) error {
 	armed := false
-	for len(p) > 0 {
-		k := min(len(p), ioPiece)
-		// A payload already buffered (small pipelined writes) needs no
-		// socket read, hence no deadline.
-		if c.r.Buffered() < k {
-			c.flushReplies() // the read may block: no reply waits behind it
-			if err := c.nc.SetReadDeadline(time.Now().Add(c.s.stall)); err != nil {
-				return fmt.Errorf("set payload read deadline: %w", err)
-			}
-			armed = true
-			if c.stopping.Load() {
-				return errors.New("server closing during the payload")
-			}
+	for i, p := range ps {
+		if i > 0 && read != nil {
+			read(i - 1)
 		}
-		if _, err := io.ReadFull(c.r, p[:k]); err != nil {
-			if errors.Is(err, os.ErrDeadlineExceeded) && !c.stopping.Load() {
-				return fmt.Errorf("%w: payload not received within %v (%v)", errStalled, c.s.stall, err)
+		// A large piece takes what the reader holds, then the rest
+		// straight from the connection: through the reader's buffer it
+		// would be copied once more.
+		direct := len(p) >= directRead
+		if b := c.r.Buffered(); direct && b > 0 {
+			n, err := c.r.Read(p[:min(b, len(p))])
+			if err != nil {
+				return err
 			}
-			return err
+			p = p[n:]
 		}
-		p = p[k:]
+		for len(p) > 0 {
+			k := min(len(p), ioPiece)
+			// A payload already buffered (small pipelined writes) needs
+			// no socket read, hence no deadline.
+			if direct || c.r.Buffered() < k {
+				c.flushReplies() // the read may block: no reply waits behind it
+				if err := c.nc.SetReadDeadline(time.Now().Add(c.s.stall)); err != nil {
+					return fmt.Errorf("set payload read deadline: %w", err)
+				}
+				armed = true
+				if c.stopping.Load() {
+					return errors.New("server closing during the payload")
+				}
+			}
+			src := io.Reader(c.r)
+			if direct {
+				src = c.nc
+			}
+			if _, err := io.ReadFull(src, p[:k]); err != nil {
+				if errors.Is(err, os.ErrDeadlineExceeded) && !c.stopping.Load() {
+					return fmt.Errorf("%w: payload not received within %v (%v)", errStalled, c.s.stall, err)
+				}
+				return err
+			}
+			p = p[k:]
+		}
+	}
+	if read != nil && len(ps) > 0 {
+		read(len(ps) - 1)
 	}
 	if !armed {
 		return nil

@@ -2,6 +2,7 @@ package nbd
 
 import (
 	"bytes"
+	"context"
 	"crypto/sha256"
 	"encoding/binary"
 	"fmt"
@@ -11,6 +12,7 @@ import (
 	"sync"
 	"testing"
 
+	"github.com/bs3/bs3/internal/store/s3"
 	"github.com/bs3/bs3/internal/testutil/enginetest"
 	"github.com/bs3/bs3/internal/testutil/minio"
 )
@@ -28,6 +30,11 @@ func TestRealClientsOnEngine(t *testing.T) {
 	t.Run("qemu-io", func(t *testing.T) { runQemuIOPatterns(t, s.URI(), size) })
 	t.Run("nbdcopy", func(t *testing.T) { runNbdcopy(t, s.URI(), 256<<20) })
 	t.Run("fio", func(t *testing.T) { runFio(t, s.URI(), 64<<20) })
+	// The large writes reached their chunks in the payload windows the
+	// server read them into (frontend.WindowWriter), not as copies.
+	if e.Dev.AdoptedWindows() == 0 {
+		t.Error("no payload window was taken into a chunk as it is")
+	}
 	before := exportSum(t, s.URI())
 	if err := s.Close(); err != nil {
 		t.Fatal(err)
@@ -62,13 +69,31 @@ func exportSum(t *testing.T, uri string) []byte {
 }
 
 // Concurrent writes and reads of the same blocks through NBD never return
-// data older than an acknowledged write, while chunks upload to MinIO.
+// data older than an acknowledged write, while chunks upload to MinIO:
+// with 4 KiB writes, and with 128 KiB writes, which the server reads into
+// payload windows that their chunks keep.
 func TestReadAfterWriteOnEngine(t *testing.T) {
+	for _, size := range []int{4096, 128 << 10} {
+		t.Run(fmt.Sprintf("%dKiB", size>>10), func(t *testing.T) { readAfterWriteOnEngine(t, size) })
+	}
+}
+
+func readAfterWriteOnEngine(t *testing.T, size int) {
 	srv := minio.Start(t)
 	st := srv.Store(t, srv.Bucket(t))
+	// As the daemon runs: every PUT carries a CRC32C that MinIO checks,
+	// combined from the checksums the server took of each payload
+	// window as it read it.
+	if mode, err := st.ProbePayloadChecksum(context.Background(), "payload-probe"); err != nil || mode != s3.PayloadCRC32C {
+		t.Fatalf("payload mode %q (%v), want crc32c", mode, err)
+	}
 	e := enginetest.Open(t, st, enginetest.Options{Size: 64 << 20, BlockSize: 4096})
 	s := startServer(t, e.Dev, Options{})
-	const clients, blocks, rounds = 4, 8, 60
+	const clients, blocks = 4, 8
+	rounds := uint64(60)
+	if size > 4096 {
+		rounds = 20
+	}
 	var wg sync.WaitGroup
 	errs := make(chan error, clients)
 	for c := 0; c < clients; c++ {
@@ -77,24 +102,24 @@ func TestReadAfterWriteOnEngine(t *testing.T) {
 			defer wg.Done()
 			cl := connect(t, s.Addr(), "bs3")
 			defer cl.disconnect()
-			payload := make([]byte, 4096)
+			payload := make([]byte, size)
 			for v := uint64(1); v <= rounds; v++ {
 				for b := 0; b < blocks; b++ {
-					off := uint64(c*blocks+b) * 4096
+					off := uint64((c*blocks + b) * size)
 					for i := 0; i < len(payload); i += 8 {
-						binary.LittleEndian.PutUint64(payload[i:], v)
+						binary.LittleEndian.PutUint64(payload[i:], v<<32|uint64(i))
 					}
 					if errno := cl.writeAt(off, payload, 0); errno != 0 {
 						errs <- fmt.Errorf("write errno %d", errno)
 						return
 					}
-					errno, data := cl.readAt(off, 4096)
+					errno, data := cl.readAt(off, uint32(size))
 					if errno != 0 {
 						errs <- fmt.Errorf("read errno %d", errno)
 						return
 					}
-					if got := binary.LittleEndian.Uint64(data); got != v {
-						errs <- fmt.Errorf("client %d block %d: read version %d right after acknowledged write %d", c, b, got, v)
+					if !bytes.Equal(data, payload) {
+						errs <- fmt.Errorf("client %d write %d: read version %d right after acknowledged write %d", c, b, binary.LittleEndian.Uint64(data)>>32, v)
 						return
 					}
 				}
@@ -105,5 +130,8 @@ func TestReadAfterWriteOnEngine(t *testing.T) {
 	close(errs)
 	for err := range errs {
 		t.Fatal(err)
+	}
+	if size >= 64<<10 && e.Dev.AdoptedWindows() == 0 {
+		t.Error("no payload window was taken into a chunk as it is")
 	}
 }

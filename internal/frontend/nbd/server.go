@@ -139,7 +139,11 @@ type Server struct {
 	dev frontend.Device
 	// tw is dev when it can take small writes without waiting: the
 	// reader then runs them itself (docs/ARCHITECTURE.md §20).
-	tw        frontend.TryWriter
+	tw frontend.TryWriter
+	// ww, when the device takes payloads in its windows of winSize
+	// bytes: writes of a window or more are read into them.
+	ww        frontend.WindowWriter
+	winSize   int64
 	export    string
 	size      int64
 	blockSize int64
@@ -224,6 +228,12 @@ func New(dev frontend.Device, o Options) (*Server, error) {
 	}
 	s.buffered = newBudget(maxBuffered)
 	s.tw, _ = dev.(frontend.TryWriter)
+	if ww, ok := dev.(frontend.WindowWriter); ok {
+		if w := ww.PayloadWindow(); w != nil {
+			s.ww, s.winSize = ww, int64(len(w))
+			ww.RecycleWindows([][]byte{w})
+		}
+	}
 	if s.export == "" {
 		s.export = DefaultExport
 	}

@@ -204,6 +204,15 @@ func (s *Server) writeAt(ctx context.Context, p []byte, off int64, fua bool) err
 	})
 }
 
+// writeWindows is writeAt of an aligned write whose n bytes are in wins,
+// windows of s.ww with their checksums, which it hands on whatever
+// happens.
+func (s *Server) writeWindows(ctx context.Context, wins [][]byte, crcs []uint32, n, off int64, fua bool) error {
+	h := s.locks.lock(off, off+n, false)
+	defer h.unlock()
+	return s.ww.WriteWindows(ctx, wins, crcs, n, off, fua)
+}
+
 // zero makes [off, off+n) read as zeros, any alignment. discard lets the
 // device punch a hole. A trim discards only the whole blocks it covers and
 // leaves partial blocks as they are, which the protocol allows (a trimmed
