@@ -530,10 +530,10 @@ func (c *Chunker) PayloadWindow() []byte {
 
 // WriteWindows implements frontend.WindowWriter: WriteAt of the n bytes
 // in wins, windows from PayloadWindow, with their checksums crcs (or
-// nil). Windows that line up with the
-// chunk's own become its windows as they are (chunk.Builder.AddWindows),
-// so a large aligned write reaches its chunk without a copy; the others
-// are copied and recycled.
+// nil). Windows that line up with the chunk's own become its windows as
+// they are (chunk.Builder.AddWindows), so a large aligned write reaches
+// its chunk without a copy; the others are copied and recycled
+// (docs/ARCHITECTURE.md §18).
 func (c *Chunker) WriteWindows(ctx context.Context, wins [][]byte, crcs []uint32, n, off int64, fua bool) error {
 	defer func() { // after c.mu is released
 		for _, w := range wins {
