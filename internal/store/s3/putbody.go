@@ -77,7 +77,9 @@ func (r *piecesReader) Close() error { return nil }
 // writeTo writes up to limit bytes from the read position to w, with one
 // writev where w is a socket, and advances the position by what it wrote.
 func (r *piecesReader) writeTo(w io.Writer, limit int64) (int64, error) {
-	var bufs net.Buffers
+	// Its own list, sized once: WriteTo consumes the list it is given,
+	// and a checksummed chunk comes in over two thousand pieces.
+	bufs := make(net.Buffers, 0, len(r.pieces)-r.i)
 	for i, in := r.i, r.in; i < len(r.pieces) && limit > 0; i, in = i+1, 0 {
 		p := r.pieces[i][in:]
 		if int64(len(p)) > limit {

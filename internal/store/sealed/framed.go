@@ -57,6 +57,11 @@ func (s *Store) frame(fp *framedPut, name string, body [][]byte, salt [saltSize]
 	total := store.PiecesLen(body)
 	segs := max(1, (total+SegmentSize-1)/SegmentSize)
 	fp.frame = grow(fp.frame, segs*(tagSize+saltSize))
+	// At most: the first salt, each segment's framing, and each
+	// segment's body in as many parts as body has pieces beside it.
+	if most := 1 + 2*segs + len(body); cap(fp.pieces) < most {
+		fp.pieces = make([][]byte, 0, most)
+	}
 	fp.pieces = fp.pieces[:0]
 	copy(fp.frame, salt[:])
 	fp.pieces = append(fp.pieces, fp.frame[:saltSize])
