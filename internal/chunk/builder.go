@@ -143,9 +143,7 @@ func (b *Builder) Add(it Item, data []byte) int64 {
 
 // AddWindows is Add for an item whose data is held in src, windows of
 // srcWin bytes (the last may be shorter): the it.Bytes() bytes starting
-// at byte at of their concatenation. crcs, when not nil, holds the
-// CRC32C of each source window's bytes, combined into the data checksum
-// for a window taken whole instead of reading it again. Where the data area reaches the
+// at byte at of their concatenation. Where the data area reaches the
 // start of a window of its own just as the item's data reaches the start
 // of a source window, and the item's data covers that source window to
 // its end, a windowed builder takes the source window as its own window
@@ -154,7 +152,9 @@ func (b *Builder) Add(it Item, data []byte) int64 {
 // further data goes into the rest of it, and the engine hands it on with
 // the chunk). Everything else is copied as Add copies. A frontend that
 // reads a write's payload into windows of the builder's size thus puts
-// it into the chunk without a copy (docs/ARCHITECTURE.md §18).
+// it into the chunk without a copy (docs/ARCHITECTURE.md §18). crcs,
+// when not nil, holds the CRC32C of each source window's bytes: a window
+// taken whole is not read again for the data checksum.
 //
 // Misuse panics as with Add; src must hold at+it.Bytes() bytes.
 func (b *Builder) AddWindows(it Item, src [][]byte, crcs []uint32, srcWin, at int64) int64 {

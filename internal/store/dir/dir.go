@@ -16,6 +16,7 @@
 package dir
 
 import (
+	"bufio"
 	"context"
 	"errors"
 	"fmt"
@@ -122,6 +123,9 @@ func (s *Store) PutV(ctx context.Context, name string, body [][]byte, ifAbsent b
 	return nil
 }
 
+// putBuffer gathers the small pieces of a body into writes of this size.
+const putBuffer = 256 << 10
+
 func (s *Store) put(p string, body [][]byte, ifAbsent bool) error {
 	dir := filepath.Dir(p)
 	tmp, err := s.createTemp(dir)
@@ -136,11 +140,19 @@ func (s *Store) put(p string, body [][]byte, ifAbsent bool) error {
 			_ = os.Remove(tmpName)
 		}
 	}()
+	// Small pieces are gathered (a checksummed chunk comes as thousands
+	// of them: 4 KiB segments with their framing between); a piece as
+	// large as the buffer goes straight to the file.
+	w := bufio.NewWriterSize(tmp, putBuffer)
 	for _, piece := range body {
-		if _, err := tmp.Write(piece); err != nil {
+		if _, err := w.Write(piece); err != nil {
 			_ = tmp.Close()
 			return fmt.Errorf("write temporary file: %w", err)
 		}
+	}
+	if err := w.Flush(); err != nil {
+		_ = tmp.Close()
+		return fmt.Errorf("write temporary file: %w", err)
 	}
 	if err := tmp.Sync(); err != nil {
 		_ = tmp.Close()
