@@ -36,7 +36,7 @@ type overlay struct {
 }
 
 func newOverlay(bs int64) *overlay {
-	return &overlay{t: btree.NewG(16, func(a, b ovExt) bool { return a.start < b.start }), bs: bs}
+	return &overlay{t: btree.NewG(64, func(a, b ovExt) bool { return a.start < b.start }), bs: bs}
 }
 
 func (o *overlay) len() int { return o.t.Len() }
