@@ -58,7 +58,8 @@ func (o *overlay) each(start, end int64, fn func(ovExt) bool) {
 
 // set records n blocks at start as written to p at buffer offset off
 // (-1: zeros), replacing whatever covered them. A write to blocks no
-// pending write covers (the common case) costs three tree walks.
+// pending write covers (the common case) costs three tree walks, two for
+// a single block.
 func (o *overlay) set(start, n int64, p *pending, off int64) {
 	end := start + n
 	o.scratch = o.scratch[:0]
@@ -71,13 +72,15 @@ func (o *overlay) set(start, n int64, p *pending, off int64) {
 		}
 		return false
 	})
-	o.t.AscendGreaterOrEqual(ovExt{start: start + 1}, func(e ovExt) bool {
-		if e.start >= end {
-			return false
-		}
-		o.scratch = append(o.scratch, e)
-		return true
-	})
+	if n > 1 { // extents starting inside (start, end): none for one block
+		o.t.AscendGreaterOrEqual(ovExt{start: start + 1}, func(e ovExt) bool {
+			if e.start >= end {
+				return false
+			}
+			o.scratch = append(o.scratch, e)
+			return true
+		})
+	}
 	for _, e := range o.scratch {
 		o.t.Delete(e)
 		if e.start < start {
