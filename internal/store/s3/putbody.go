@@ -5,6 +5,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"sync"
 
 	"github.com/bs3/bs3/internal/store"
 )
@@ -74,12 +75,24 @@ func (c bodyConn) ReadFrom(r io.Reader) (int64, error) {
 // Close implements io.Closer: there is nothing to release.
 func (r *piecesReader) Close() error { return nil }
 
+// writeLists holds the iovec lists of writeTo for reuse.
+var writeLists = sync.Pool{New: func() any { return new(net.Buffers) }}
+
 // writeTo writes up to limit bytes from the read position to w, with one
 // writev where w is a socket, and advances the position by what it wrote.
 func (r *piecesReader) writeTo(w io.Writer, limit int64) (int64, error) {
-	// Its own list, sized once: WriteTo consumes the list it is given,
-	// and a checksummed chunk comes in over two thousand pieces.
-	bufs := make(net.Buffers, 0, len(r.pieces)-r.i)
+	// Its own list (WriteTo consumes the list it is given), pooled: a
+	// checksummed chunk comes in over two thousand pieces.
+	bp := writeLists.Get().(*net.Buffers)
+	bufs := (*bp)[:0]
+	if need := len(r.pieces) - r.i; cap(bufs) < need {
+		bufs = make(net.Buffers, 0, need)
+	}
+	defer func(all net.Buffers) {
+		clear(all[:cap(all)]) // no reference to a body stays in the pool
+		*bp = all[:0]
+		writeLists.Put(bp)
+	}(bufs)
 	for i, in := r.i, r.in; i < len(r.pieces) && limit > 0; i, in = i+1, 0 {
 		p := r.pieces[i][in:]
 		if int64(len(p)) > limit {
