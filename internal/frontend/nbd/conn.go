@@ -551,9 +551,6 @@ func (c *conn) readPayload(p []byte) error {
 func (c *conn) readPayloadV(ps [][]byte, read func(i int)) error {
 	armed := false
 	for i, p := range ps {
-		if i > 0 && read != nil {
-			read(i - 1)
-		}
 		// A large piece takes what the reader holds, then the rest
 		// straight from the connection: through the reader's buffer it
 		// would be copied once more.
@@ -591,9 +588,9 @@ func (c *conn) readPayloadV(ps [][]byte, read func(i int)) error {
 			}
 			p = p[k:]
 		}
-	}
-	if read != nil && len(ps) > 0 {
-		read(len(ps) - 1)
+		if read != nil {
+			read(i)
+		}
 	}
 	if !armed {
 		return nil

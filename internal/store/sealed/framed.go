@@ -70,7 +70,7 @@ func (s *Store) frame(fp *framedPut, name string, body [][]byte, salt [saltSize]
 	saltCRC := crc32c.Checksum(salt[:])
 	stored := saltCRC // of the stored bytes so far
 	var nb [24]byte
-	ad := s.ad(make([]byte, 0, len(adPrefix)+16+9+len(name)), name, 0, false)
+	ad := s.ad(name)
 	p, in := 0, 0 // the piece and the offset in it where the next segment starts
 	for i := range segs {
 		n := min(SegmentSize, total-i*SegmentSize)

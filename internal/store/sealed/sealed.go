@@ -174,15 +174,16 @@ func corrupt(name string, off int64, why string) error {
 	return fmt.Errorf("%w: %s at plaintext offset %d: %s", store.ErrCorrupt, name, off, why)
 }
 
-// ad builds the associated data of one segment into b: the format, the
-// volume's seal id, the segment index, whether it is the last one, and
-// the object's name (last, as the only variable-length field).
-func (s *Store) ad(b []byte, name string, i uint64, final bool) []byte {
-	b = append(b[:0], adPrefix...)
+// ad returns the associated data of segment 0 of object name, not
+// final: the format, the volume's seal id, the segment index, whether it
+// is the last one, and the name (last, as the only variable-length
+// field). setADSegment makes it that of another segment.
+func (s *Store) ad(name string) []byte {
+	b := make([]byte, 0, len(adPrefix)+16+9+len(name))
+	b = append(b, adPrefix...)
 	b = append(b, s.seal[:]...)
-	b = binary.BigEndian.AppendUint64(b, i)
+	b = binary.BigEndian.AppendUint64(b, 0)
 	b = append(b, 0)
-	setADSegment(b, i, final)
 	return append(b, name...)
 }
 
@@ -229,7 +230,8 @@ var _ store.VectorWriter = (*Store)(nil)
 
 // PutV implements store.VectorWriter: the concatenation of body is sealed
 // from its pieces (a segment that spans two pieces is gathered first), so
-// a chunk built in cache windows is never joined before it is sealed.
+// a chunk built in cache windows is never joined before it is sealed; a
+// checksum-only object is not even copied (framed.go).
 func (s *Store) PutV(ctx context.Context, name string, body [][]byte, ifAbsent bool) error {
 	if Clear(name) {
 		return store.PutPieces(ctx, s.inner, name, body, ifAbsent)
@@ -270,7 +272,7 @@ func (s *Store) sealWith(out []byte, name string, body [][]byte, salt [saltSize]
 		return fmt.Errorf("seal %s: %w", name, err)
 	}
 	var nb [24]byte
-	ad := s.ad(make([]byte, 0, len(adPrefix)+16+9+len(name)), name, 0, false)
+	ad := s.ad(name)
 	total := store.PiecesLen(body)
 	segs := max(1, (total+SegmentSize-1)/SegmentSize)
 	var gather [SegmentSize]byte
@@ -348,7 +350,7 @@ func (s *Store) GetRange(ctx context.Context, name string, off int64, buf []byte
 	raw := (*sb)[:n]
 	ended := int64(n) < want
 	var nb [24]byte
-	ad := s.ad(make([]byte, 0, len(adPrefix)+16+9+len(name)), name, 0, false)
+	ad := s.ad(name)
 	var salt []byte
 	var aead cipher.AEAD
 	end := off + int64(len(buf)) // plaintext end of the request
