@@ -75,6 +75,13 @@ type WindowedEngine interface {
 	RecycleWindow(w []byte)
 }
 
+// StreamObserver is implemented by engines that read ahead of sequential
+// streams: the chunker passes frontend.ReadObserver's calls on, in
+// blocks.
+type StreamObserver interface {
+	ObserveRead(ctx context.Context, block, n int64) context.Context
+}
+
 // Options configure a Chunker.
 type Options struct {
 	// Durable: Flush waits until every earlier chunk is committed
@@ -182,6 +189,7 @@ var (
 	_ frontend.Device       = (*Chunker)(nil)
 	_ frontend.TryWriter    = (*Chunker)(nil)
 	_ frontend.WindowWriter = (*Chunker)(nil)
+	_ frontend.ReadObserver = (*Chunker)(nil)
 )
 
 // DefaultCollisionArea is CollisionArea when Options leave it 0, that of
@@ -696,6 +704,18 @@ func mergeRuns(runs [][2]int64) [][2]int64 {
 type storedRun struct {
 	key, dataStart, dataOff int64
 	block, n                int64
+}
+
+// ObserveRead implements frontend.ReadObserver: it passes the read on to
+// the engine when the engine reads ahead of streams. A read the overlay
+// serves in part still counts for its stream: the stream is the client's
+// order of reads, wherever their blocks are.
+func (c *Chunker) ObserveRead(ctx context.Context, off, length int64) context.Context {
+	so, ok := c.e.(StreamObserver)
+	if !ok || c.check(off, length) != nil {
+		return ctx
+	}
+	return so.ObserveRead(ctx, off/c.bs, length/c.bs)
 }
 
 // ReadAt implements frontend.Device: blocks with a pending write are

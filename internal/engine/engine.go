@@ -284,4 +284,5 @@ func (e *Engine) abandon() {
 var (
 	_ chunker.UnappliedReader = (*volume.Volume)(nil)
 	_ chunker.WindowedEngine  = (*volume.Volume)(nil)
+	_ chunker.StreamObserver  = (*volume.Volume)(nil)
 )

@@ -52,6 +52,20 @@ type TryWriter interface {
 	TryWriteAt(p []byte, off int64) (bool, error)
 }
 
+// ReadObserver is implemented by devices that recognize sequential
+// streams of reads (to read ahead of them). A frontend that serves
+// requests concurrently calls ObserveRead for each read in the order the
+// reads arrived, before it hands the read to a worker, and passes the
+// context it returns to that read's ReadAt: the goroutines serving the
+// reads run in any order, and reads seen in that order look like several
+// streams (docs/ARCHITECTURE.md §1, readahead).
+type ReadObserver interface {
+	// ObserveRead notes a read of length bytes at off as it arrives and
+	// returns ctx, or a context derived from it that carries what was
+	// observed to the ReadAt of exactly that read.
+	ObserveRead(ctx context.Context, off, length int64) context.Context
+}
+
 // WindowWriter is implemented by devices that build their chunks in
 // windows of memory of one size (the read cache's): a frontend that
 // reads a large write's payload into such windows hands them over, and

@@ -148,6 +148,15 @@ func (d *device) TryWriteAt(p []byte, off int64) (bool, error) {
 	return done, err
 }
 
+// ObserveRead forwards to the device when it is a
+// frontend.ReadObserver.
+func (d *device) ObserveRead(ctx context.Context, off, length int64) context.Context {
+	if ro, ok := d.Device.(frontend.ReadObserver); ok {
+		return ro.ObserveRead(ctx, off, length)
+	}
+	return ctx
+}
+
 // PayloadWindow forwards to the device when it is a
 // frontend.WindowWriter; otherwise it takes no windows.
 func (d *device) PayloadWindow() []byte {

@@ -92,11 +92,17 @@ func (m *vmodel) verify(tb testing.TB, dev frontend.Device, upTo, step int64) {
 // verifyRange is verify of [from, upTo).
 func (m *vmodel) verifyRange(tb testing.TB, dev frontend.Device, from, upTo, step int64) {
 	tb.Helper()
+	m.verifyRangeCtx(tb, context.Background(), dev, from, upTo, step)
+}
+
+// verifyRangeCtx is verifyRange with the reads' context.
+func (m *vmodel) verifyRangeCtx(tb testing.TB, ctx context.Context, dev frontend.Device, from, upTo, step int64) {
+	tb.Helper()
 	buf := make([]byte, step*m.bs)
 	want := make([]byte, m.bs)
 	for b := from; b < upTo; b += step {
 		n := min(step, upTo-b)
-		if err := dev.ReadAt(context.Background(), buf[:n*m.bs], b*m.bs); err != nil {
+		if err := dev.ReadAt(ctx, buf[:n*m.bs], b*m.bs); err != nil {
 			tb.Fatalf("read blocks %d+%d: %v", b, n, err)
 		}
 		m.mu.Lock()

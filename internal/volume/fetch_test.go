@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/bs3/bs3/internal/cache"
+	"github.com/bs3/bs3/internal/frontend"
 	"github.com/bs3/bs3/internal/store"
 	"github.com/bs3/bs3/internal/store/mem"
 	"github.com/bs3/bs3/internal/testutil/enginetest"
@@ -344,4 +345,44 @@ func TestFailedFetchKeepsNothing(t *testing.T) {
 	}
 	st.fail.Store(false)
 	m.verifyRange(t, e.Dev, 0, 256, 16)
+}
+
+// TestStreamObservedOnArrival: large reads observed as they arrive
+// (frontend.ReadObserver, as the NBD server does) are one stream, in
+// whatever order they then reach the engine. Here each batch of eight
+// 1 MiB reads is read last first, as Go's scheduler tends to run the
+// goroutines serving them: taken in that order, the reads jumped past the
+// stream's slack and began new streams, which planned the same blocks'
+// readahead again.
+func TestStreamObservedOnArrival(t *testing.T) {
+	const (
+		blocks = 16384 // 64 MiB
+		n      = 256   // 1 MiB reads
+		depth  = 8
+	)
+	e, m, rc := fetchEngine(t, mem.New(), blocks)
+	ro, ok := frontend.Device(e.Dev).(frontend.ReadObserver)
+	if !ok {
+		t.Fatal("the engine's device does not observe reads")
+	}
+	bs := m.bs
+	s0 := rc.Stats()
+	for b0 := int64(0); b0 < blocks; b0 += depth * n {
+		ctxs := make([]context.Context, depth)
+		for i := range ctxs {
+			ctxs[i] = ro.ObserveRead(context.Background(), (b0+int64(i)*n)*bs, n*bs)
+		}
+		for i := depth - 1; i >= 0; i-- {
+			m.verifyRangeCtx(t, ctxs[i], e.Dev, b0+int64(i)*n, b0+int64(i+1)*n, n)
+		}
+	}
+	s := rc.Stats()
+	planned, starts := s.RAPlannedBytes-s0.RAPlannedBytes, s.RAStarts-s0.RAStarts
+	t.Logf("%d MiB read in 1 MiB reads, %d at a time, last first: %d prefetches planned %d MiB", blocks*bs>>20, depth, starts, planned>>20)
+	if planned == 0 {
+		t.Fatal("no readahead: the reads were not taken for a stream")
+	}
+	if planned > blocks*bs {
+		t.Fatalf("readahead planned %d MiB for a %d MiB read: want each block planned once, by one stream", planned>>20, blocks*bs>>20)
+	}
 }

@@ -279,8 +279,12 @@ func (c *conn) handle(req request) bool {
 		if !ok {
 			return false
 		}
+		ctx := c.s.devCtx
+		if c.s.ro != nil {
+			ctx = c.s.ro.ObserveRead(ctx, off, n)
+		}
 		c.dispatch(func() {
-			err := c.s.readAt(c.s.devCtx, buf.b, off)
+			err := c.s.readAt(ctx, buf.b, off)
 			if e := c.errno(err, req, "read"); e != 0 {
 				c.reply(req.handle, e, nil)
 			} else {

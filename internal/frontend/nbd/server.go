@@ -142,8 +142,11 @@ type Server struct {
 	tw frontend.TryWriter
 	// ww, when the device takes payloads in its windows of winSize
 	// bytes: writes of a window or more are read into them.
-	ww        frontend.WindowWriter
-	winSize   int64
+	ww      frontend.WindowWriter
+	winSize int64
+	// ro, when the device reads ahead of streams: each read is observed
+	// by the reader in the order it arrived (frontend.ReadObserver).
+	ro        frontend.ReadObserver
 	export    string
 	size      int64
 	blockSize int64
@@ -228,6 +231,7 @@ func New(dev frontend.Device, o Options) (*Server, error) {
 	}
 	s.buffered = newBudget(maxBuffered)
 	s.tw, _ = dev.(frontend.TryWriter)
+	s.ro, _ = dev.(frontend.ReadObserver)
 	if ww, ok := dev.(frontend.WindowWriter); ok {
 		if w := ww.PayloadWindow(); w != nil {
 			s.ww, s.winSize = ww, int64(len(w))
