@@ -53,7 +53,9 @@ func (p *pool) get(n int, win int64) []byte {
 		return b[:n]
 	}
 	p.mu.Unlock()
-	return make([]byte, n, win)
+	b := make([]byte, n, win)
+	prefault(b[:win])
+	return b
 }
 
 // put returns b to the pool, or leaves it to the garbage collector when
