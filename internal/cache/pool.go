@@ -53,9 +53,7 @@ func (p *pool) get(n int, win int64) []byte {
 		return b[:n]
 	}
 	p.mu.Unlock()
-	b := make([]byte, n, win)
-	prefault(b[:win])
-	return b
+	return make([]byte, n, win)
 }
 
 // put returns b to the pool, or leaves it to the garbage collector when
