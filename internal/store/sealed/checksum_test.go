@@ -161,13 +161,16 @@ func TestFramedMatchesSealed(t *testing.T) {
 				t.Fatal(err)
 			}
 			fp := new(framedPut)
-			crc := s.frame(fp, name, pieces, salt)
+			crc, plain := s.frame(fp, name, pieces, salt)
 			got := store.Join(fp.pieces)
 			if !bytes.Equal(got, want) {
 				t.Fatalf("%d bytes in %d pieces: framed form differs from the sealed one", size, len(pieces))
 			}
 			if crc != crc32c.Checksum(want) {
 				t.Fatalf("%d bytes in %d pieces: checksum %08x, stored bytes have %08x", size, len(pieces), crc, crc32c.Checksum(want))
+			}
+			if plain != crc32c.Checksum(body) {
+				t.Fatalf("%d bytes in %d pieces: plaintext checksum %08x, body has %08x", size, len(pieces), plain, crc32c.Checksum(body))
 			}
 			// Nothing is copied: every piece is the caller's memory or
 			// the framing's.
@@ -215,5 +218,54 @@ func TestFramedPutVerifiedByMinIO(t *testing.T) {
 	got := make([]byte, len(body))
 	if n, err := s.GetRange(ctx, name, 0, got); err != nil || n != len(body) || !bytes.Equal(got, body) {
 		t.Fatalf("read back %d bytes (%v), equal %v", n, err, bytes.Equal(got[:n], body[:n]))
+	}
+}
+
+// TestFramedPutRefusesChangedData: a body whose bytes no longer match the
+// checksum taken when they came in (damaged in memory on the way) is
+// refused with ErrCorrupt and nothing is stored, whether given in pieces
+// or whole; a body that matches is stored.
+func TestFramedPutRefusesChangedData(t *testing.T) {
+	ctx := context.Background()
+	srv := minio.Start(t)
+	raw := srv.Store(t, srv.Bucket(t))
+	s := newChecksummed(t, raw)
+	body := make([]byte, 256<<10+123)
+	for i := range body {
+		body[i] = byte(i*13 + i>>9)
+	}
+	pieces := [][]byte{body[:1000], body[1000 : 64<<10], body[64<<10:]}
+	crc := crc32c.Checksum(body)
+
+	ok := store.DataName(1)
+	if err := s.PutV(store.WithPiecesCRC32C(ctx, pieces, crc), ok, pieces, true); err != nil {
+		t.Fatalf("PutV with the right checksum: %v", err)
+	}
+	got := make([]byte, len(body))
+	if n, err := s.GetRange(ctx, ok, 0, got); err != nil || n != len(body) || !bytes.Equal(got, body) {
+		t.Fatalf("read back %d bytes (%v)", n, err)
+	}
+
+	for _, at := range []int{0, 999, 1000, 70000, len(body) - 1} {
+		damaged := bytes.Clone(body)
+		damaged[at] ^= 0x10
+		dp := [][]byte{damaged[:1000], damaged[1000 : 64<<10], damaged[64<<10:]}
+		name := store.DataName(int64(100 + at))
+		err := s.PutV(store.WithPiecesCRC32C(ctx, dp, crc), name, dp, true)
+		if !errors.Is(err, store.ErrCorrupt) {
+			t.Fatalf("byte %d changed after its checksum was taken: PutV returned %v, want ErrCorrupt", at, err)
+		}
+		if _, err := raw.Size(ctx, name); !errors.Is(err, store.ErrNotFound) {
+			t.Fatalf("byte %d changed: the object was stored anyway (size: %v)", at, err)
+		}
+		// Put (one slice, its checksum from WithBodyCRC32C) takes the
+		// same path.
+		err = s.Put(store.WithBodyCRC32C(ctx, damaged, crc), name, damaged, true)
+		if !errors.Is(err, store.ErrCorrupt) {
+			t.Fatalf("byte %d changed: Put returned %v, want ErrCorrupt", at, err)
+		}
+		if _, err := raw.Size(ctx, name); !errors.Is(err, store.ErrNotFound) {
+			t.Fatalf("byte %d changed: Put stored the object anyway (size: %v)", at, err)
+		}
 	}
 }

@@ -3,6 +3,7 @@ package sealed
 import (
 	"context"
 	"encoding/binary"
+	"fmt"
 	"sync"
 
 	"github.com/bs3/bs3/internal/crc32c"
@@ -17,6 +18,14 @@ import (
 // checksum of the whole stored object, which the S3 store sends as the
 // payload checksum, are both combined from that one pass instead of
 // reading the segment again for each.
+//
+// The same pass also checks the plaintext against the checksum it was
+// given when it came in (store.WithPiecesCRC32C: the engine's, taken as
+// each write's data was read from its frontend): the tags seal whatever
+// bytes are in memory now, so a byte damaged between the frontend and
+// here (a memory fault, a buffer reused too early) would otherwise be
+// stored under a valid tag and read back as wrong data for good. A
+// mismatch is store.ErrCorrupt and nothing is stored.
 
 // segShift combines a checksum with that of a full segment's body.
 var segShift = crc32c.NewShifter(SegmentSize)
@@ -44,7 +53,11 @@ func (s *Store) putFramed(ctx context.Context, vw store.VectorWriter, name strin
 		fp.pieces = fp.pieces[:0]
 		framedPuts.Put(fp)
 	}()
-	crc := s.frame(fp, name, body, salt)
+	crc, plain := s.frame(fp, name, body, salt)
+	if want, ok := store.PiecesCRC32C(ctx, body); ok && want != plain {
+		return fmt.Errorf("seal %s: %w: the data changed in memory after it was written (CRC32C %08x when it came in, %08x now); not stored",
+			name, store.ErrCorrupt, want, plain)
+	}
 	return vw.PutV(store.WithPiecesCRC32C(ctx, fp.pieces, crc), name, fp.pieces, ifAbsent)
 }
 
@@ -52,8 +65,9 @@ func (s *Store) putFramed(ctx context.Context, vw store.VectorWriter, name strin
 // sealed with salt under the checksum-only framing, byte for byte what
 // sealInto writes, and returns the CRC32C of those stored bytes. The
 // segments' bodies are body's own memory: a segment that spans pieces is
-// stored from its parts, never gathered.
-func (s *Store) frame(fp *framedPut, name string, body [][]byte, salt [saltSize]byte) uint32 {
+// stored from its parts, never gathered. It also returns the CRC32C of
+// the plaintext, combined from the segments' checksums.
+func (s *Store) frame(fp *framedPut, name string, body [][]byte, salt [saltSize]byte) (stored, plain uint32) {
 	total := store.PiecesLen(body)
 	segs := max(1, (total+SegmentSize-1)/SegmentSize)
 	fp.frame = grow(fp.frame, segs*(tagSize+saltSize))
@@ -68,7 +82,7 @@ func (s *Store) frame(fp *framedPut, name string, body [][]byte, salt [saltSize]
 	// The tag's checksum covers salt | nonce | associated data | body:
 	// the salt's part is the same for every segment.
 	saltCRC := crc32c.Checksum(salt[:])
-	stored := saltCRC // of the stored bytes so far
+	stored = saltCRC // of the stored bytes so far
 	var nb [24]byte
 	ad := s.ad(name)
 	p, in := 0, 0 // the piece and the offset in it where the next segment starts
@@ -93,9 +107,11 @@ func (s *Store) frame(fp *framedPut, name string, body [][]byte, salt [saltSize]
 		if n == SegmentSize {
 			tagCRC = segShift.Combine(prefix, bodyCRC)
 			stored = segShift.Combine(stored, bodyCRC)
+			plain = segShift.Combine(plain, bodyCRC)
 		} else {
 			tagCRC = crc32c.Combine(prefix, bodyCRC, int64(n))
 			stored = crc32c.Combine(stored, bodyCRC, int64(n))
+			plain = crc32c.Combine(plain, bodyCRC, int64(n))
 		}
 		at := saltSize + i*(tagSize+saltSize)
 		t := fp.frame[at : at+tagSize]
@@ -108,7 +124,7 @@ func (s *Store) frame(fp *framedPut, name string, body [][]byte, salt [saltSize]
 		fp.pieces = append(fp.pieces, framing)
 		stored = crc32c.Update(stored, framing)
 	}
-	return stored
+	return stored, plain
 }
 
 // grow returns b resized to n bytes, reusing its memory when it is large

@@ -59,6 +59,10 @@ type Options struct {
 	// compressed store with its default codec. Benchmarks use it to
 	// measure the write path users run; it overrides Key.
 	DaemonStack bool
+	// Wrappers wrap the store above everything else (the daemon's stack
+	// with DaemonStack): what the object proxy calls. Tests put faults
+	// there.
+	Wrappers []engine.StoreWrapper
 }
 
 // buffers is the chunker's buffer count and the volume's MaxInflight
@@ -93,6 +97,7 @@ func New(st store.Store, o Options) (*Engine, error) {
 		d := engine.FromConfig(config.Default(), false, zerolog.Nop())
 		eo.Key, eo.Wrappers = d.Key, d.Wrappers
 	}
+	eo.Wrappers = append(eo.Wrappers, o.Wrappers...)
 	if o.Cache == nil && !o.NoCache {
 		eo.Cache = &cache.Options{MemoryBytes: 64 << 20, Window: cache.DefaultWindow, FetchSize: 256 << 10}
 	}
