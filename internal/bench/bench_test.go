@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"os"
+	"path/filepath"
 	"runtime"
 	"strconv"
 	"sync"
@@ -47,6 +48,16 @@ func scale() float64 {
 }
 
 func scaled(n int64) int64 { return max(int64(float64(n)*scale()), 16*mib) }
+
+// nbdListen is where a benchmark's NBD server listens: TCP on loopback,
+// or with BS3_BENCH_NBD=unix a unix socket in a temporary directory (the
+// README's other local set-up, which costs the kernel less per byte).
+func nbdListen(b *testing.B) string {
+	if os.Getenv("BS3_BENCH_NBD") == "unix" {
+		return "unix:" + filepath.Join(b.TempDir(), "nbd.sock")
+	}
+	return "127.0.0.1:0"
+}
 
 // cpuSeconds is the user and system CPU time of this process so far.
 func cpuSeconds() (user, sys float64) {

@@ -3,9 +3,11 @@ package bench
 import (
 	"context"
 	"fmt"
+	"io/fs"
 	"math/rand/v2"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"runtime"
 	"runtime/debug"
 	"slices"
@@ -219,6 +221,14 @@ func BenchmarkFragmentedRead(b *testing.B) {
 		// Its disk writes (windows read from the oldest segments are
 		// written again) would otherwise run on into the next pass.
 		dc.Close()
+		// What this machine's disk gives for reads like the pass's, right
+		// after it: the disk tier cannot serve faster than its disk
+		// (beyond what the page cache still holds), while raw GETs of
+		// freshly written objects come from MinIO's page cache.
+		disk, err := diskReadMBps(dir, workers, 64<<10, fillBytes)
+		if err != nil {
+			b.Fatal(err)
+		}
 
 		// The cold read through NBD, as the issue states it: fio's nbd
 		// engine, 1 MiB reads at iodepth = readers, a fresh cache. It runs
@@ -273,6 +283,7 @@ func BenchmarkFragmentedRead(b *testing.B) {
 		b.Logf("  cold cache    %8.1f MB/s (%.2f of raw 1 MiB, %.2f of raw 4 MiB)  %d GETs, %d MiB fetched for %d MiB returned, %d page faults, %.2f CPU-s/GiB", cold, cold/raw, cold/raw4, g1-g0, (s1.FetchedBytes-s0.FetchedBytes)>>20, (s1.ReturnedBytes-s0.ReturnedBytes)>>20, coldFaults, coldCPU[0]+coldCPU[1])
 		b.Logf("  warm cache    %8.1f MB/s (%.2f of raw 1 MiB)  %d GETs, hits %d misses %d, %d MiB held", warm, warm/raw, g2-g1, s2.Hits-s1.Hits, s2.Misses-s1.Misses, warmHeld>>20)
 		b.Logf("  disk-warm     %8.1f MB/s (%.2f of raw 1 MiB, %.2f of raw 4 MiB)  %d GETs, %d disk hits, %d page faults, %.2f CPU-s/GiB; the fill reads wrote %v windows", diskWarm, diskWarm/raw, diskWarm/raw4, g4-g3, ds.DiskHits, diskFaults, diskCPU[0]+diskCPU[1], fills)
+		b.Logf("  the disk      %8.1f MB/s: O_DIRECT 64 KiB reads of the cache's segment files in random order, %d at once, just after (disk-warm at %.2f of it; raw 4 MiB GETs at %.2f of it)", disk, workers, diskWarm/disk, raw4/disk)
 		var ratios []float64
 		for i, p := range nbdPasses {
 			fmt.Printf("  cold via NBD  %8.1f MB/s (%.2f of raw 4 MiB %.1f MB/s just before)  fio --ioengine=nbd, iodepth %d; %d GETs; bs3 %d page faults, %.2f CPU-s/GiB (run %d)\n", p.mbps, p.mbps/p.raw4, p.raw4, workers, p.gets, p.faults, p.bs3, i+1)
@@ -429,4 +440,63 @@ func nbdRuns() int {
 		}
 	}
 	return 3
+}
+
+// diskReadMBps reads up to limit bytes of the segment files under dir
+// with O_DIRECT in size-byte reads, in random order, over workers
+// goroutines, and returns the MB/s: the disk's own speed for the disk
+// tier's reads, with the page cache out of the way.
+func diskReadMBps(dir string, workers int, size, limit int64) (float64, error) {
+	type piece struct {
+		f   *os.File
+		off int64
+	}
+	var pieces []piece
+	var files []*os.File
+	defer func() {
+		for _, f := range files {
+			f.Close()
+		}
+	}()
+	err := filepath.WalkDir(dir, func(path string, d fs.DirEntry, err error) error {
+		if err != nil || d.IsDir() || !strings.HasSuffix(path, ".seg") {
+			return err
+		}
+		f, err := os.OpenFile(path, os.O_RDONLY|syscall.O_DIRECT, 0)
+		if err != nil {
+			return fmt.Errorf("open %s with O_DIRECT: %w", path, err)
+		}
+		files = append(files, f)
+		fi, err := f.Stat()
+		if err != nil {
+			return err
+		}
+		for off := int64(0); off+size <= fi.Size(); off += size {
+			pieces = append(pieces, piece{f, off})
+		}
+		return nil
+	})
+	if err != nil {
+		return 0, err
+	}
+	rand.New(rand.NewPCG(5, 6)).Shuffle(len(pieces), func(i, j int) { pieces[i], pieces[j] = pieces[j], pieces[i] })
+	pieces = pieces[:min(int64(len(pieces)), limit/size)]
+	if len(pieces) == 0 {
+		return 0, fmt.Errorf("no segment files under %s", dir)
+	}
+	// O_DIRECT wants aligned memory: anonymous mappings are page-aligned.
+	bufs := make([][]byte, workers)
+	for w := range bufs {
+		m, err := syscall.Mmap(-1, 0, int(size), syscall.PROT_READ|syscall.PROT_WRITE, syscall.MAP_ANON|syscall.MAP_PRIVATE)
+		if err != nil {
+			return 0, err
+		}
+		defer syscall.Munmap(m)
+		bufs[w] = m
+	}
+	d, err := parallel(workers, int64(len(pieces)), func(w int, i int64) error {
+		_, err := pieces[i].f.ReadAt(bufs[w], pieces[i].off)
+		return err
+	})
+	return mbps(int64(len(pieces))*size, d), err
 }

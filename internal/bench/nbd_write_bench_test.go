@@ -77,7 +77,7 @@ func BenchmarkNBDWrite(b *testing.B) {
 	// to the S3 store, to see what the stack costs.
 	daemonStack := os.Getenv("BS3_BENCH_STACK") != "raw"
 	e := enginetest.Open(b, openStore(), enginetest.Options{Size: devSize, BlockSize: 4096, Buffers: daemonBuffers(), DaemonStack: daemonStack})
-	s, err := nbd.New(e.Dev, nbd.Options{Listen: "127.0.0.1:0", Export: "bs3", Logger: zerolog.Nop()})
+	s, err := nbd.New(e.Dev, nbd.Options{Listen: nbdListen(b), Export: "bs3", Logger: zerolog.Nop()})
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -128,6 +128,7 @@ func BenchmarkNBDWrite(b *testing.B) {
 	rnd := scaled(512*mib) / mib * mib
 	// Sub-benchmarks, so one job can run alone (-bench 'NBDWrite/rand').
 	var results []result
+	var nullSeqCPU [2]float64 // CPU-s/GiB of bs3's NBD server over a null device, sequential job
 	b.Run("seq", func(b *testing.B) {
 		args := []string{"--rw=write", "--bs=1m", "--iodepth=8", fmt.Sprintf("--size=%d", seq)}
 		results = append(results, run(b, "nbd-1m-seq-write-qd8", seq, args...))
@@ -136,12 +137,15 @@ func BenchmarkNBDWrite(b *testing.B) {
 		// first touch, costly on a VM), which a daemon pays once; this
 		// pass is the CPU per GiB after that.
 		results = append(results, run(b, "nbd-1m-seq-write-qd8-again", seq, args...))
+		// The same job on bs3's NBD server over a null device: the CPU
+		// that receiving the payloads alone costs this process.
+		_, nullSeqCPU = nullWrite(b, devSize, "null-1m-seq-write-qd8", seq, args...)
 	})
 	var nbdkitMBps, nullRandMBps float64 // the same random job on nbdkit memory, on bs3's server over a null device
 	b.Run("rand", func(b *testing.B) {
 		args := []string{"--rw=randwrite", "--bs=4k", "--iodepth=32", fmt.Sprintf("--size=%d", int64(devSize))}
 		results = append(results, run(b, "nbd-4k-rand-write-qd32", rnd, args...))
-		nullRandMBps = nullWrite(b, devSize, "null-4k-rand-write-qd32", rnd, args...)
+		nullRandMBps, _ = nullWrite(b, devSize, "null-4k-rand-write-qd32", rnd, args...)
 		if _, err := exec.LookPath("nbdkit"); err == nil {
 			nbdkitMBps = nbdkitWrite(b, devSize, "nbdkit-4k-rand-write-qd32", rnd, args...)
 		}
@@ -161,6 +165,25 @@ func BenchmarkNBDWrite(b *testing.B) {
 		}
 		fmt.Println(r)
 		fmt.Println(r.side.String(r))
+	}
+	if nullSeqCPU[0]+nullSeqCPU[1] > 0 {
+		// A floor for bs3's CPU per GiB written: it must receive the
+		// payloads (the null server's cost) and send them to the store
+		// (the raw client's cost, which skips the NBD side entirely).
+		// What bs3 spends above their sum is the engine's own work.
+		raw := rawCPU
+		if rawPut2 > rawPut {
+			raw = rawCPU2
+		}
+		floor := nullSeqCPU[0] + nullSeqCPU[1] + raw[0] + raw[1]
+		fmt.Printf("%-44s CPU-s/GiB user %.2f sys %.2f: receiving the sequential job on bs3's NBD server over a null device; with the raw client's %.2f to send it, a floor of %.2f CPU-s/GiB for any bs3",
+			"null-1m-seq-write-qd8", nullSeqCPU[0], nullSeqCPU[1], raw[0]+raw[1], floor)
+		for _, r := range results {
+			if r.name == "nbd-1m-seq-write-qd8-again" {
+				fmt.Printf("; bs3 spent %.2f, %.2f above it", r.cpuPerGiB[0]+r.cpuPerGiB[1], r.cpuPerGiB[0]+r.cpuPerGiB[1]-floor)
+			}
+		}
+		fmt.Println()
 	}
 	if nullRandMBps > 0 {
 		// What the client and bs3's NBD server reach with nothing behind
@@ -212,23 +235,24 @@ func fioNBDWrite(b *testing.B, uri, name string, n int64, args ...string) float6
 }
 
 // nullWrite runs the fio job on bs3's NBD server over a null device of
-// size bytes (writes discarded, no engine, no store) and returns its MB/s:
-// what the client and the server alone reach.
-func nullWrite(b *testing.B, size int64, name string, n int64, args ...string) float64 {
+// size bytes (writes discarded, no engine, no store) and returns its MB/s
+// and this process's user and system CPU-s per GiB: what the client and
+// the server alone reach, and what receiving the payloads costs.
+func nullWrite(b *testing.B, size int64, name string, n int64, args ...string) (float64, [2]float64) {
 	b.Helper()
 	dropPageCache(b) // its sync also waits out MinIO's writeback of the job before
-	s, err := nbd.New(null.New(size, 4096), nbd.Options{Listen: "127.0.0.1:0", Export: "null", Logger: zerolog.Nop()})
+	s, err := nbd.New(null.New(size, 4096), nbd.Options{Listen: nbdListen(b), Export: "null", Logger: zerolog.Nop()})
 	if err != nil {
 		b.Fatal(err)
 	}
 	go s.Serve()
-	start := time.Now()
+	cpu, start := startCPU(), time.Now()
 	fioNBDWrite(b, s.URI(), name, n, args...)
-	d := time.Since(start)
+	d, c := time.Since(start), cpu.perGiB(n)
 	if err := s.Close(); err != nil {
 		b.Fatal(err)
 	}
-	return mbps(n, d)
+	return mbps(n, d), c
 }
 
 // randMBps is the random write job's MB/s among results (0 if absent).
