@@ -139,7 +139,9 @@ func cacheDelta(s0, s1 cache.Stats, gets uint64) string {
 // second pass is the one compared (target: at least 0.5× nbdkit). The
 // passes on the two alternate, and bs3's are compared with nbdkit's better
 // one, because the rest of the machine's load shifts from pass to pass.
-// BS3_BENCH_SCALE scales the duration of each pass (20 s at 1, at least 5 s).
+// BS3_BENCH_SCALE scales the duration of each pass (20 s at 1, at least 5 s);
+// BS3_BENCH_PROFILE=dir writes profiles of bs3's second pass there
+// (hotwarm.cpu, ...).
 //
 //	go test -run '^$' -bench HotSet -benchtime 1x ./internal/bench/
 func BenchmarkHotSet(b *testing.B) {
@@ -191,7 +193,9 @@ func BenchmarkHotSet(b *testing.B) {
 	s1, g1 := rc.Stats(), e.Objs.Stats().Get.Attempts
 	kit1 := fioHotRead(b, kitTarget, hot, d)
 	s1b, g1b := rc.Stats(), e.Objs.Stats().Get.Attempts
+	stop := startProfiles(b, os.Getenv("BS3_BENCH_PROFILE"), "hotwarm")
 	warm := fioHotRead(b, target, hot, d)
+	stop()
 	s2, g2 := rc.Stats(), e.Objs.Stats().Get.Attempts
 	kit2 := fioHotRead(b, kitTarget, hot, d)
 	ceiling := max(kit1.IOPS, kit2.IOPS)

@@ -42,6 +42,15 @@ type conn struct {
 	slots chan struct{}
 	// inflight counts dispatched requests not yet replied to.
 	inflight sync.WaitGroup
+	// Dispatched requests run on workers that live as long as the
+	// connection: an idle one waits on work, and dispatch starts another
+	// only when none is idle (at most the slots, plus the reader's
+	// flushes). Why not a goroutine per request: each new goroutine grew
+	// its stack again on the device's read path (copied twice per
+	// request), which took a fifth of the CPU of cached 4 KiB reads.
+	work    chan func()
+	quit    chan struct{} // closed when the connection ends: idle workers return
+	workers sync.WaitGroup
 
 	// Replies: one goroutine at a time writes (the sender); replies
 	// without data that complete meanwhile are appended to batch and
@@ -90,6 +99,8 @@ func (s *Server) newConn(nc net.Conn) *conn {
 		ctx:    ctx,
 		cancel: cancel,
 		slots:  make(chan struct{}, maxInFlight),
+		work:   make(chan func()),
+		quit:   make(chan struct{}),
 	}
 	c.wcond = sync.NewCond(&c.wmu)
 	return c
@@ -166,6 +177,8 @@ func (c *conn) serve() {
 	// dispatched, still go out before close.
 	c.flushReplies()
 	c.inflight.Wait()
+	close(c.quit)
+	c.workers.Wait()
 	c.log.Debug().Msg("connection closed")
 }
 
@@ -481,10 +494,27 @@ func (c *conn) errno(err error, req request, op string) uint32 {
 // dispatch runs fn on a worker goroutine; the caller has taken a slot.
 func (c *conn) dispatch(fn func()) {
 	c.inflight.Add(1)
-	go func() {
-		defer c.inflight.Done()
+	select {
+	case c.work <- fn: // an idle worker took it
+	default:
+		c.workers.Add(1)
+		go c.worker(fn)
+	}
+}
+
+// worker runs fn, then whatever dispatch hands it, until the connection
+// ends.
+func (c *conn) worker(fn func()) {
+	defer c.workers.Done()
+	for {
 		fn()
-	}()
+		c.inflight.Done()
+		select {
+		case fn = <-c.work:
+		case <-c.quit:
+			return
+		}
+	}
 }
 
 // buffer is a request's share of the payload budget with its payload
@@ -645,10 +675,19 @@ func (c *conn) acquireSlot() {
 
 func (c *conn) releaseSlot() { <-c.slots }
 
+// batchDataMax is the largest read reply that is copied into the batch
+// when another goroutine is sending, instead of waiting for its turn to
+// write on its own: copying 16 KiB costs less than a write and the
+// wake-up of a waiter. In-flight requests bound what a batch can hold
+// (maxInFlight × 16 KiB).
+const batchDataMax = 16 << 10
+
 // reply sends a simple reply (with data for a successful read). It returns
 // false once the connection can no longer send, so the reader stops. A
-// reply without data may be handed to the goroutine that is sending and
-// go out in its next write; NBD replies may come in any order.
+// reply without data, or with at most batchDataMax bytes of it, may be
+// handed to the goroutine that is sending and go out in its next write
+// (the data copied: the caller may reuse it at once); NBD replies may
+// come in any order.
 func (c *conn) reply(handle uint64, errno uint32, data []byte) bool {
 	hdr := replyHeader(handle, errno)
 	c.wmu.Lock()
@@ -656,12 +695,17 @@ func (c *conn) reply(handle uint64, errno uint32, data []byte) bool {
 	if c.werr != nil {
 		return false
 	}
-	if data == nil {
+	switch {
+	case data == nil:
 		c.batch = append(c.batch, hdr[:]...)
 		if c.sending {
 			return true // the sender writes it with its next batch
 		}
-	} else {
+	case c.sending && len(data) <= batchDataMax:
+		c.batch = append(c.batch, hdr[:]...)
+		c.batch = append(c.batch, data...)
+		return true
+	default:
 		c.waiting++
 		for c.sending {
 			c.wcond.Wait()

@@ -11,12 +11,14 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
 	"github.com/bs3/bs3/internal/frontend"
+	"github.com/bs3/bs3/internal/testutil"
 )
 
 func TestCommandsReachDevice(t *testing.T) {
@@ -643,4 +645,124 @@ func TestRepliesMixedInFlight(t *testing.T) {
 		t.Fatal("writes did not all land")
 	}
 	c.disconnect()
+}
+
+// sendingConns is the number of connections whose replies are being
+// written right now (tests).
+func (s *Server) sendingConns() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	n := 0
+	for c := range s.conns {
+		c.wmu.Lock()
+		if c.sending {
+			n++
+		}
+		c.wmu.Unlock()
+	}
+	return n
+}
+
+// Small read replies that complete while a large reply is being written
+// go into the sender's batch, copied: their requests end (budget and slot
+// returned) without waiting for the socket, and once the client reads,
+// every reply arrives whole with its own data, the small ones after the
+// large one.
+func TestSmallRepliesBatchedBehindLargeOne(t *testing.T) {
+	const (
+		bs    = 4096
+		big   = 32 << 20 // far more than the socket buffers: its write blocks until the client reads
+		small = 48
+	)
+	dev := newMemDevice(64<<20, bs)
+	content := pattern(64<<20, 11)
+	copy(dev.data, content)
+	srv := startServer(t, dev, Options{})
+	c := connect(t, srv.Addr(), "bs3")
+
+	c.send(0, 0, 1, 0, big, nil)
+	testutil.WaitWithin(t, ioDeadline, "the large reply to be written", func() bool { return srv.sendingConns() == 1 })
+	type want struct{ off, n int }
+	wants := map[uint64]want{}
+	for i := range small {
+		w := want{off: big + i*3*bs, n: bs * (1 + i%4)} // 4 to 16 KiB
+		wants[uint64(100+i)] = w
+		c.send(0, 0, uint64(100+i), uint64(w.off), uint32(w.n), nil)
+	}
+	// Only the large read still holds its buffer: the small ones have
+	// replied into the batch and returned theirs.
+	testutil.WaitWithin(t, ioDeadline, "the small reads to end while the large reply is still being written", func() bool {
+		return srv.buffered.used.Load() == big && dev.reads.Load() == small+1
+	})
+	if srv.sendingConns() != 1 {
+		t.Fatal("the large reply was written before the client read it")
+	}
+
+	if e, h := c.recvReply(); e != 0 || h != 1 {
+		t.Fatalf("first reply: handle %d error %d, want the large read's", h, e)
+	}
+	if got := c.readN(big); !bytes.Equal(got, content[:big]) {
+		t.Fatal("the large read returned wrong data")
+	}
+	for range small {
+		e, h := c.recvReply()
+		w, ok := wants[h]
+		if e != 0 || !ok {
+			t.Fatalf("reply handle %d error %d: not a pending small read", h, e)
+		}
+		delete(wants, h)
+		if got := c.readN(w.n); !bytes.Equal(got, content[w.off:w.off+w.n]) {
+			t.Fatalf("small read %d returned wrong data", h)
+		}
+	}
+	c.disconnect()
+}
+
+// goroutineID is the calling goroutine's number, from its stack header.
+func goroutineID() string {
+	b := make([]byte, 64)
+	b = b[:runtime.Stack(b, false)]
+	f := strings.Fields(string(b))
+	if len(f) < 2 || f[0] != "goroutine" {
+		return ""
+	}
+	return f[1]
+}
+
+// Requests run on workers that outlive them: one after another they
+// reuse the same few goroutines (a goroutine per request grew a new stack
+// each time), and the workers end with their connection.
+func TestWorkersReusedAndEndWithConnection(t *testing.T) {
+	const bs, n = 4096, 200
+	dev := newMemDevice(8<<20, bs)
+	var mu sync.Mutex
+	ids := map[string]int{}
+	dev.setHook(func(op string, _, _ int64) error {
+		if op == "read" {
+			mu.Lock()
+			ids[goroutineID()]++
+			mu.Unlock()
+		}
+		return nil
+	})
+	srv := startServer(t, dev, Options{})
+	before := runtime.NumGoroutine()
+	c := connect(t, srv.Addr(), "bs3")
+	for i := range n {
+		if e, _ := c.readAt(uint64(i%64)*bs, bs); e != 0 {
+			t.Fatalf("read %d: error %d", i, e)
+		}
+	}
+	mu.Lock()
+	distinct := len(ids)
+	mu.Unlock()
+	// A worker may not be back waiting when the next request comes in
+	// (then another starts), but most requests find one idle.
+	if distinct > n/10 {
+		t.Fatalf("%d sequential reads ran on %d goroutines; want a few reused workers", n, distinct)
+	}
+	c.disconnect()
+	testutil.WaitWithin(t, ioDeadline, "the connection and its workers to end", func() bool {
+		return srv.activeConns() == 0 && runtime.NumGoroutine() <= before
+	})
 }
