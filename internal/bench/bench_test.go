@@ -232,7 +232,9 @@ func rawPuts(b *testing.B, ctx context.Context, st store.Store, total int64) (in
 	return n, mbps(n*4*mib, d), cpu.perGiB(n * 4 * mib)
 }
 
-// BenchmarkThroughput is the report of `make bench`.
+// BenchmarkThroughput is the report of `make bench`. With
+// BS3_BENCH_PROFILE=dir it writes CPU, block, mutex and allocation
+// profiles of the raw PUT baseline and of the two write jobs there.
 func BenchmarkThroughput(b *testing.B) {
 	ctx := context.Background()
 	srv := minio.Start(b)
@@ -261,7 +263,9 @@ func BenchmarkThroughput(b *testing.B) {
 	// below, each from a dropped page cache (dropPageCache).
 	seqBytes := scaled(2 * gib)
 	dropPageCache(b)
+	stop := startProfiles(b, os.Getenv("BS3_BENCH_PROFILE"), "raw-put")
 	rawObjects, rawPut, rawPutCPU := rawPuts(b, ctx, raw, seqBytes)
+	stop()
 	rawGet1M := func() float64 {
 		n := rawObjects * 4
 		d, err := parallel(8, n, func(w int, i int64) error {
@@ -318,6 +322,7 @@ func BenchmarkThroughput(b *testing.B) {
 		buf[i] = byte(i)
 	}
 	dropPageCache(b)
+	stop = startProfiles(b, os.Getenv("BS3_BENCH_PROFILE"), "seq-write")
 	cpu := startCPU()
 	start := time.Now()
 	for off := int64(0); off < seqBytes; off += int64(len(buf)) {
@@ -329,6 +334,7 @@ func BenchmarkThroughput(b *testing.B) {
 		b.Fatal(err)
 	}
 	d = time.Since(start)
+	stop()
 	results = append(results, result{name: fmt.Sprintf("seq write 128 KiB x %d MiB", seqBytes/mib), mbps: mbps(seqBytes, d), rawMBps: rawPut,
 		cpuPerGiB: cpu.perGiB(seqBytes), rawCPU: rawPutCPU})
 
@@ -350,6 +356,7 @@ func BenchmarkThroughput(b *testing.B) {
 	nBlocks := randBytes / (4 * kib)
 	written := make([]int64, nBlocks)
 	dropPageCache(b)
+	stop = startProfiles(b, os.Getenv("BS3_BENCH_PROFILE"), "random-write")
 	cpu = startCPU()
 	d, err = parallel(8, nBlocks, func(w int, i int64) error {
 		blk := rand.Int64N(seqBytes / (4 * kib)) // inside the sequential region: the 1 MiB reads afterwards see fragmentation
@@ -365,6 +372,7 @@ func BenchmarkThroughput(b *testing.B) {
 	if err := drain(ctx, dev); err != nil {
 		b.Fatal(err)
 	}
+	stop()
 	results = append(results, result{name: fmt.Sprintf("random write 4 KiB x %d MiB over 8 GiB", randBytes/mib), mbps: mbps(randBytes, d), rawMBps: rawPut,
 		cpuPerGiB: cpu.perGiB(randBytes), rawCPU: rawPutCPU})
 
