@@ -1,6 +1,7 @@
 package chunker
 
 import (
+	"fmt"
 	"math/rand/v2"
 	"testing"
 )
@@ -9,7 +10,16 @@ import (
 // to a few chunks, and drops of whole chunks; after every step each block
 // maps to its newest write, extents are ordered and disjoint, and lookups
 // of any range see exactly the blocks inside it.
+//
+// It runs with the index's default leaves and with leaves of eight
+// extents, which split and merge at almost every step.
 func TestOverlayModel(t *testing.T) {
+	for _, leafMax := range []int{ovLeafMax, 8} {
+		t.Run(fmt.Sprintf("leaves-%d", leafMax), func(t *testing.T) { testOverlayModel(t, leafMax) })
+	}
+}
+
+func testOverlayModel(t *testing.T, leafMax int) {
 	const bs, blocks = 512, 300
 	type ref struct {
 		p   *pending
@@ -17,7 +27,7 @@ func TestOverlayModel(t *testing.T) {
 	}
 	for seed := uint64(0); seed < 20; seed++ {
 		rng := rand.New(rand.NewPCG(seed, 9))
-		o := newOverlay(bs)
+		o := newOverlayLeaves(bs, leafMax)
 		model := make([]ref, blocks)
 		ps := make([]*pending, 4)
 		ends := make([]int64, len(ps)) // next data offset per chunk
@@ -62,6 +72,7 @@ func TestOverlayModel(t *testing.T) {
 					model[b] = ref{p, o}
 				}
 			}
+			checkIndex(t, o.t)
 			// Whole range: ordered, disjoint, equal to the model.
 			got := make([]ref, blocks)
 			prevEnd := int64(-1)
@@ -103,6 +114,95 @@ func TestOverlayModel(t *testing.T) {
 			if covered != want {
 				t.Fatalf("seed %d step %d: [%d,%d) covers %d blocks, want %d", seed, step, lo, hi, covered, want)
 			}
+		}
+	}
+}
+
+// checkIndex fails unless x's structure is consistent: no empty or
+// overfull leaf, keys equal to the extents' starts and strictly
+// increasing across leaves, each leaf's first key in firsts, and the
+// count right.
+func checkIndex(t *testing.T, x *ovIndex) {
+	t.Helper()
+	if len(x.firsts) != len(x.leaves) {
+		t.Fatalf("%d firsts for %d leaves", len(x.firsts), len(x.leaves))
+	}
+	n, prev := 0, int64(-1)
+	for li, l := range x.leaves {
+		if len(l.e) == 0 || len(l.e) > x.leafMax || len(l.keys) != len(l.e) {
+			t.Fatalf("leaf %d: %d extents, %d keys (at most %d)", li, len(l.e), len(l.keys), x.leafMax)
+		}
+		if x.firsts[li] != l.e[0].start {
+			t.Fatalf("leaf %d: first key %d, extent starts at %d", li, x.firsts[li], l.e[0].start)
+		}
+		for i, e := range l.e {
+			if l.keys[i] != e.start || e.start <= prev {
+				t.Fatalf("leaf %d entry %d: key %d, start %d after %d", li, i, l.keys[i], e.start, prev)
+			}
+			prev = e.start
+		}
+		n += len(l.e)
+	}
+	if n != x.len() {
+		t.Fatalf("%d extents in leaves, len says %d", n, x.len())
+	}
+}
+
+// The index alone against a sorted set: random inserts and deletes of
+// keys with small leaves (splits, merges and emptied leaves at every
+// turn), its structure checked after every step and seek and floor
+// checked against the model.
+func TestOVIndexModel(t *testing.T) {
+	for _, leafMax := range []int{4, 8, ovLeafMax} {
+		rng := rand.New(rand.NewPCG(uint64(leafMax), 3))
+		x := newOVIndex(leafMax)
+		model := map[int64]bool{}
+		const keys = 600
+		for step := 0; step < 20000; step++ {
+			k := rng.Int64N(keys)
+			// Grow for a while, then shrink, then mix: leaves fill and empty.
+			insert := rng.IntN(10) < []int{8, 2, 5}[step/4000%3]
+			p, found := x.find(k)
+			if found != model[k] {
+				t.Fatalf("leaves %d step %d: find(%d) = %v, model %v", leafMax, step, k, found, model[k])
+			}
+			switch {
+			case insert && !found:
+				x.insertAt(x.seek(k), ovExt{start: k, n: 1})
+				model[k] = true
+			case !insert && found:
+				x.deleteAt(p)
+				delete(model, k)
+			}
+			checkIndex(t, x)
+			if x.len() != len(model) {
+				t.Fatalf("leaves %d step %d: len %d, model %d", leafMax, step, x.len(), len(model))
+			}
+			// seek: the smallest key >= q; floor: the largest <= q.
+			q := rng.Int64N(keys+2) - 1
+			want, wantFloor := int64(-1), int64(-1)
+			for k := range model {
+				if k >= q && (want < 0 || k < want) {
+					want = k
+				}
+				if k <= q && k > wantFloor {
+					wantFloor = k
+				}
+			}
+			got := int64(-1)
+			if s := x.seek(q); x.valid(s) {
+				got = x.at(s).start
+			}
+			gotFloor := int64(-1)
+			if f, ok := x.floor(q); ok {
+				gotFloor = x.at(f).start
+			}
+			if got != want || gotFloor != wantFloor {
+				t.Fatalf("leaves %d step %d: seek(%d) = %d, floor %d; want %d, %d", leafMax, step, q, got, gotFloor, want, wantFloor)
+			}
+		}
+		if leafMax < ovLeafMax && len(x.leaves) < 2 {
+			t.Fatalf("leaves %d: the index never had two leaves", leafMax)
 		}
 	}
 }
