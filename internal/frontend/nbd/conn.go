@@ -65,6 +65,12 @@ type conn struct {
 	spare     []byte     // the previous batch's buffer, for reuse (wmu)
 	werr      error      // first reply write error; later replies are dropped (wmu)
 	wdeadline time.Time  // write deadline last set by armWrite (the sender)
+	// The sender's write in progress, kept here so that no reply
+	// allocates: a header and a slice list on the stack would escape
+	// through net.Buffers.WriteTo (the sender).
+	sendHdr [replySize]byte
+	iovs    [2][]byte
+	iov     net.Buffers
 }
 
 // readBufferSize is the request reader's buffer: one socket read takes
@@ -719,7 +725,8 @@ func (c *conn) reply(handle uint64, errno uint32, data []byte) bool {
 	var err error
 	if data != nil {
 		c.wmu.Unlock()
-		err = c.sendLocked(hdr[:], data)
+		c.sendHdr = hdr
+		err = c.sendLocked(c.sendHdr[:], data)
 		c.wmu.Lock()
 	}
 	return c.drainLocked(err, handle)
@@ -815,11 +822,15 @@ func (c *conn) sendLocked(hdr, data []byte) error {
 			return err
 		}
 		k := min(len(data), ioPiece)
-		bufs := net.Buffers{data[:k]}
+		n := 0
 		if first {
-			bufs = net.Buffers{hdr, data[:k]}
+			c.iovs[0], n = hdr, 1
 		}
-		if _, err := bufs.WriteTo(c.nc); err != nil {
+		c.iovs[n] = data[:k]
+		c.iov = c.iovs[:n+1]
+		_, err := c.iov.WriteTo(c.nc)
+		c.iovs = [2][]byte{} // hold no reference to the data
+		if err != nil {
 			if errors.Is(err, os.ErrDeadlineExceeded) && !c.stopping.Load() {
 				return fmt.Errorf("%w: reply not read within %v (%v)", errStalled, c.s.stall, err)
 			}
