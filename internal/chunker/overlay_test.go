@@ -193,8 +193,12 @@ func TestOVIndexModel(t *testing.T) {
 			if s := x.seek(q); x.valid(s) {
 				got = x.at(s).start
 			}
+			// floor as overlay.each finds it: the entry seek lands on if
+			// it starts at q, else the one before.
 			gotFloor := int64(-1)
-			if f, ok := x.floor(q); ok {
+			if s := x.seek(q); x.valid(s) && x.at(s).start == q {
+				gotFloor = q
+			} else if f, ok := x.prev(s); ok {
 				gotFloor = x.at(f).start
 			}
 			if got != want || gotFloor != wantFloor {

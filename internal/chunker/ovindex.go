@@ -1,10 +1,12 @@
 package chunker
 
+import "slices"
+
 // ovIndex is the overlay's ordered set of extents, keyed by their first
 // block (extents are disjoint, so the key is unique): a sorted list of
 // leaves, each a sorted slice of at most leafMax extents, with the first
 // key of every leaf in a slice of its own. A lookup is two binary
-// searches over plain int64 keys, an insert or delete moves at most one
+// searches over plain int64 keys (slices.BinarySearch), an insert or delete moves at most one
 // leaf's entries (and, when a leaf splits, merges or empties, the leaf
 // list).
 //
@@ -33,8 +35,8 @@ type ovLeaf struct {
 	e    []ovExt
 }
 
-func newOVLeaf(max int) *ovLeaf {
-	return &ovLeaf{keys: make([]int64, 0, max+1), e: make([]ovExt, 0, max+1)}
+func newOVLeaf(leafMax int) *ovLeaf {
+	return &ovLeaf{keys: make([]int64, 0, leafMax+1), e: make([]ovExt, 0, leafMax+1)}
 }
 
 // ovPos is a position in the index: entry i of leaf li. The position
@@ -75,35 +77,21 @@ func (x *ovIndex) prev(p ovPos) (ovPos, bool) {
 // seek is the position of the first extent whose start is >= key (past
 // the end if there is none).
 func (x *ovIndex) seek(key int64) ovPos {
-	// The last leaf whose first key is <= key: the only one that can
-	// hold the answer, or whose end is followed by it.
-	lo, hi := 0, len(x.firsts)
-	for lo < hi {
-		m := int(uint(lo+hi) >> 1)
-		if x.firsts[m] <= key {
-			lo = m + 1
-		} else {
-			hi = m
-		}
+	// A leaf that starts at key holds the answer first; otherwise the
+	// last leaf that starts before key holds it or is followed by it.
+	li, found := slices.BinarySearch(x.firsts, key)
+	if found {
+		return ovPos{li, 0}
 	}
-	if lo == 0 {
+	if li == 0 {
 		return ovPos{0, 0} // before every leaf (or the index is empty)
 	}
-	li := lo - 1
-	keys := x.leaves[li].keys
-	lo, hi = 0, len(keys)
-	for lo < hi {
-		m := int(uint(lo+hi) >> 1)
-		if keys[m] < key {
-			lo = m + 1
-		} else {
-			hi = m
-		}
-	}
-	if lo == len(keys) {
+	li--
+	i, _ := slices.BinarySearch(x.leaves[li].keys, key)
+	if i == len(x.leaves[li].keys) {
 		return ovPos{li + 1, 0}
 	}
-	return ovPos{li, lo}
+	return ovPos{li, i}
 }
 
 // insertAt inserts e at p, which must be where e.start sorts (seek's
@@ -158,7 +146,6 @@ func (x *ovIndex) deleteAt(p ovPos) {
 		r := x.leaves[p.li+1]
 		if len(l.e)+len(r.e) <= x.leafMax*3/4 {
 			l.keys, l.e = append(l.keys, r.keys...), append(l.e, r.e...)
-			clear(r.e)
 			x.leaves = deleteSlot(x.leaves, p.li+1)
 			x.firsts = deleteSlot(x.firsts, p.li+1)
 		}
@@ -169,15 +156,6 @@ func (x *ovIndex) deleteAt(p ovPos) {
 func (x *ovIndex) find(key int64) (ovPos, bool) {
 	p := x.seek(key)
 	return p, x.valid(p) && x.at(p).start == key
-}
-
-// floor is the position of the last extent whose start is <= key.
-func (x *ovIndex) floor(key int64) (ovPos, bool) {
-	p := x.seek(key)
-	if x.valid(p) && x.at(p).start == key {
-		return p, true
-	}
-	return x.prev(p)
 }
 
 func insertSlot[T any](s []T, i int, v T) []T {
